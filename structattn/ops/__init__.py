@@ -1,0 +1,29 @@
+"""The math core: smoothed max operators and the smoothed Viterbi (no fairseq, matplotlib or Triton imports)."""
+
+from .smoothed_max import (
+    REGULARIZERS,
+    SmoothedMax,
+    argmax_omega,
+    jacobian_product,
+    max_argmax_omega,
+    max_omega,
+    smoothed_max,
+    sparsemax,
+)
+from .viterbi import SmoothedViterbi, ViterbiMarginals, viterbi_hvp, viterbi_marginals, viterbi_value
+
+__all__ = [
+    "REGULARIZERS",
+    "SmoothedMax",
+    "SmoothedViterbi",
+    "ViterbiMarginals",
+    "argmax_omega",
+    "jacobian_product",
+    "max_argmax_omega",
+    "max_omega",
+    "smoothed_max",
+    "sparsemax",
+    "viterbi_hvp",
+    "viterbi_marginals",
+    "viterbi_value",
+]
