@@ -275,3 +275,19 @@ def test_lengths_as_list_and_int32():
     a = viterbi_marginals(theta, [4, 2])
     b = viterbi_marginals(theta, torch.tensor([4, 2], dtype=torch.int32))
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
+@pytest.mark.parametrize("reg", REGS)
+def test_cuda_equals_cpu(reg):
+    theta = rand_theta(16, 40, 2, seed=3, scale=2.0, dtype=torch.float32)
+    lengths = rand_lengths(16, 40, seed=3)
+    Z = rand_theta(16, 40, 2, seed=4, dtype=torch.float32)
+    tc = theta.cuda().requires_grad_()
+    E = viterbi_marginals(tc, lengths.cuda(), reg)
+    (H,) = torch.autograd.grad((E * Z.cuda()).sum(), tc)
+    t = theta.clone().requires_grad_()
+    E0 = viterbi_marginals(t, lengths, reg)
+    (H0,) = torch.autograd.grad((E0 * Z).sum(), t)
+    torch.testing.assert_close(E.cpu(), E0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(H.cpu(), H0, rtol=1e-4, atol=1e-5)
