@@ -17,16 +17,36 @@ and all-zero marginals.
 
 The passes below are written with plain differentiable tensor ops so that the same code serves as the
 backward of a backward (third derivatives, ``gradgradcheck`` of the marginals) when autograd records it.
+
+Backends. The same passes also exist as fast kernels (:mod:`structattn.ops.kernels`): a C kernel for CPU tensors
+and a fused Triton kernel for CUDA tensors (S = 2), each running one whole pass over all chains per call. They are
+picked automatically (``backend="auto"``) and agree with the reference to float rounding; ``backend="reference"``
+on a call, :func:`set_default_backend`, :func:`viterbi_backend` or ``STRUCTATTN_VITERBI_BACKEND=reference`` force
+the tensor code. Third derivatives always run the differentiable reference code.
 """
 
 from __future__ import annotations
+
+import contextlib
+import os
 
 import torch
 from torch import Tensor
 
 from .smoothed_max import _jacobian_product, _max_argmax, check_reg_gamma
 
-__all__ = ["viterbi_value", "viterbi_marginals", "viterbi_hvp", "SmoothedViterbi", "ViterbiMarginals"]
+__all__ = [
+    "viterbi_value",
+    "viterbi_marginals",
+    "viterbi_hvp",
+    "SmoothedViterbi",
+    "ViterbiMarginals",
+    "BACKENDS",
+    "set_default_backend",
+    "get_default_backend",
+    "viterbi_backend",
+    "resolve_backend",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -176,6 +196,146 @@ def _hvp_from_theta(theta, Z, mask, reg, gamma):
     return _hvp(Q, U, r, Z, mask, reg, gamma)[1]
 
 
+# ---- backends --------------------------------------------------------------------------------------------------
+# Every backend implements the same four passes on (θ, lengths) with identical semantics:
+#   forward(θ, lengths, reg, γ) -> (value, Q, r)            marginals(...) -> (value, Q, r, E, U)
+#   backward(Q, r, lengths) -> (E, U)                        hvp(Q, U, r, Z, lengths, reg, γ) -> (⟨E, Z⟩, Ė)
+# "reference" is the tensor code above (any device, any S); "cpu" is C via ctypes (structattn.ops.kernels.cpu);
+# "triton" is a fused CUDA kernel for S = 2 (structattn.ops.kernels.triton_viterbi). The fast ones exist because
+# the reference costs ≈10 tiny tensor ops × T steps × 3 passes, which dominates an attention step.
+
+BACKENDS = ("auto", "reference", "cpu", "triton")
+_ENV_BACKEND = "STRUCTATTN_VITERBI_BACKEND"
+
+
+def _check_backend_name(name) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_default_backend = _check_backend_name(os.environ.get(_ENV_BACKEND, "auto") or "auto")
+
+
+def set_default_backend(name: str) -> str:
+    """Set the backend used when a call passes ``backend=None`` (the default); returns the previous one.
+
+    ``set_default_backend("reference")`` forces the plain tensor code everywhere in the process (also inside
+    :mod:`structattn.attention` and the fairseq plugin, which do not pass ``backend``). The initial default is
+    ``"auto"``, or the value of the environment variable ``STRUCTATTN_VITERBI_BACKEND`` if set at import."""
+    global _default_backend
+    prev = _default_backend
+    _default_backend = _check_backend_name(name)
+    return prev
+
+
+def get_default_backend() -> str:
+    return _default_backend
+
+
+@contextlib.contextmanager
+def viterbi_backend(name: str):
+    """Context manager: ``with viterbi_backend("reference"): ...`` runs the block with that default backend."""
+    prev = set_default_backend(name)
+    try:
+        yield
+    finally:
+        set_default_backend(prev)
+
+
+class _Reference:
+    """The tensor-op passes above behind the backend interface (lengths → step mask)."""
+
+    @staticmethod
+    def forward(theta, lengths, reg, gamma):
+        return _forward(theta, _step_mask(lengths, theta.shape[1]), reg, gamma)
+
+    @staticmethod
+    def backward(Q, r, lengths):
+        return _backward(Q, r, _step_mask(lengths, Q.shape[1]))
+
+    @staticmethod
+    def marginals(theta, lengths, reg, gamma):
+        mask = _step_mask(lengths, theta.shape[1])
+        value, Q, r = _forward(theta, mask, reg, gamma)
+        E, U = _backward(Q, r, mask)
+        return value, Q, r, E, U
+
+    @staticmethod
+    def hvp(Q, U, r, Z, lengths, reg, gamma):
+        return _hvp(Q, U, r, Z, _step_mask(lengths, Q.shape[1]), reg, gamma)
+
+
+_FAST_DTYPES = (torch.float32, torch.float64)
+
+
+def _triton_usable_device(theta: Tensor) -> bool:
+    # On CPU tensors Triton runs only through its interpreter (TRITON_INTERPRET=1, read when triton is imported).
+    return theta.is_cuda or (theta.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def resolve_backend(backend, theta: Tensor) -> str:
+    """The concrete backend ("reference" | "cpu" | "triton") that a call with ``backend`` on ``theta`` (already in
+    its compute dtype) uses. ``None`` means the process default (:func:`set_default_backend`).
+
+    ``"auto"``: CUDA tensors with S = 2 → "triton" if Triton imports, CPU tensors → "cpu" if the C kernel
+    compiles, anything else (or on failure, with a one-time warning for the C kernel) → "reference". An explicit
+    "cpu"/"triton" that cannot serve ``theta`` raises instead of silently falling back."""
+    name = _default_backend if backend is None else _check_backend_name(backend)
+    S = theta.shape[-1]
+    if name == "reference":
+        return name
+    if name == "auto":
+        if theta.dtype not in _FAST_DTYPES:
+            return "reference"
+        if theta.is_cuda:
+            if S == 2:
+                from .kernels import triton_viterbi
+
+                if triton_viterbi.available():
+                    return "triton"
+            return "reference"
+        if theta.device.type == "cpu":
+            from .kernels import cpu
+
+            return "cpu" if cpu.available() else "reference"
+        return "reference"
+    if theta.dtype not in _FAST_DTYPES:
+        raise TypeError(f"backend={name!r} supports float32/float64 (and half via float32), got {theta.dtype}")
+    if name == "cpu":
+        if theta.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs a CPU tensor, got device {theta.device}")
+        from .kernels import cpu
+
+        if not cpu.available():
+            raise RuntimeError(f"backend='cpu' is unavailable: {cpu.unavailable_reason()}")
+        return name
+    # triton
+    if not _triton_usable_device(theta):
+        raise ValueError(
+            f"backend='triton' needs a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got {theta.device}"
+        )
+    if S != 2:
+        raise ValueError(f"backend='triton' is specialised to S=2 states, got S={S}; use 'auto' or 'reference'")
+    from .kernels import triton_viterbi
+
+    if not triton_viterbi.available():
+        raise RuntimeError(f"backend='triton' is unavailable: {triton_viterbi.unavailable_reason()}")
+    return name
+
+
+def _impl(name: str):
+    if name == "reference":
+        return _Reference
+    if name == "cpu":
+        from .kernels import cpu
+
+        return cpu
+    from .kernels import triton_viterbi
+
+    return triton_viterbi
+
+
 # ---- autograd.Functions ------------------------------------------------------------------------------------------
 
 
@@ -184,51 +344,53 @@ class _ViterbiValueFunction(torch.autograd.Function):
     (``create_graph=True``), E comes from :class:`_ViterbiMarginalsFunction`, whose backward is Alg. 4."""
 
     @staticmethod
-    def forward(ctx, theta, mask, reg, gamma):
+    def forward(ctx, theta, lengths, reg, gamma, backend):
         with torch.no_grad():
-            value, Q, r = _forward(theta, mask, reg, gamma)
-        ctx.reg, ctx.gamma = reg, gamma
-        ctx.save_for_backward(theta, Q, r, mask)
+            value, Q, r = _impl(backend).forward(theta, lengths, reg, gamma)
+        ctx.reg, ctx.gamma, ctx.backend = reg, gamma, backend
+        ctx.save_for_backward(theta, Q, r, lengths)
         return value
 
     @staticmethod
     def backward(ctx, g):
-        theta, Q, r, mask = ctx.saved_tensors
+        theta, Q, r, lengths = ctx.saved_tensors
         if torch.is_grad_enabled():
-            E = _ViterbiMarginalsFunction.apply(theta, mask, ctx.reg, ctx.gamma)
+            E = _ViterbiMarginalsFunction.apply(theta, lengths, ctx.reg, ctx.gamma, ctx.backend)
         else:
-            E, _ = _backward(Q, r, mask)
-        return g[:, None, None, None] * E, None, None, None
+            E, _ = _impl(ctx.backend).backward(Q, r, lengths)
+        return g[:, None, None, None] * E, None, None, None, None
 
 
 class _ViterbiMarginalsFunction(torch.autograd.Function):
     """E = ∇Vit_Ω(θ) (Alg. 3) with backward ∇²Vit_Ω(θ)·Z (Alg. 4; the Hessian is symmetric)."""
 
     @staticmethod
-    def forward(ctx, theta, mask, reg, gamma):
+    def forward(ctx, theta, lengths, reg, gamma, backend):
         with torch.no_grad():
-            _, Q, r = _forward(theta, mask, reg, gamma)
-            E, U = _backward(Q, r, mask)
-        ctx.reg, ctx.gamma = reg, gamma
-        ctx.save_for_backward(theta, Q, U, r, mask)
+            _, Q, r, E, U = _impl(backend).marginals(theta, lengths, reg, gamma)
+        ctx.reg, ctx.gamma, ctx.backend = reg, gamma, backend
+        ctx.save_for_backward(theta, Q, U, r, lengths)
         return E
 
     @staticmethod
     def backward(ctx, Z):
-        theta, Q, U, r, mask = ctx.saved_tensors
+        theta, Q, U, r, lengths = ctx.saved_tensors
         if torch.is_grad_enabled():
-            # A third derivative was asked for: rerun Alg. 3 + 4 with autograd recording (rare; tests only).
+            # A third derivative was asked for: rerun Alg. 3 + 4 in the differentiable reference code with autograd
+            # recording, whatever the backend (rare; tests only).
             with torch.enable_grad():
-                Edot = _hvp_from_theta(theta, Z, mask, ctx.reg, ctx.gamma)
+                Edot = _hvp_from_theta(theta, Z, _step_mask(lengths, theta.shape[1]), ctx.reg, ctx.gamma)
         else:
-            Edot = _hvp(Q, U, r, Z, mask, ctx.reg, ctx.gamma)[1]
-        return Edot, None, None, None
+            Edot = _impl(ctx.backend).hvp(Q, U, r, Z.to(Q.dtype), lengths, ctx.reg, ctx.gamma)[1]
+        return Edot, None, None, None, None
 
 
 # ---- public functions ------------------------------------------------------------------------------------------
 
 
-def viterbi_value(theta: Tensor, lengths=None, reg: str = "entropy", gamma: float = 1.0) -> Tensor:
+def viterbi_value(
+    theta: Tensor, lengths=None, reg: str = "entropy", gamma: float = 1.0, *, backend: str | None = None
+) -> Tensor:
     """Smoothed Viterbi value Vit_Ω(θ) (ICML 2018 §3.1, App. B.2, Alg. 3 forward).
 
     Solves the smoothed Bellman recursion v_0 = 0_S, v_{t,i} = max_Ω(θ_{t,i} + v_{t−1}), Vit_Ω(θ) = max_Ω(v_T),
@@ -239,6 +401,9 @@ def viterbi_value(theta: Tensor, lengths=None, reg: str = "entropy", gamma: floa
         lengths: optional (B,) integer tensor in [0, T]; steps t ≥ lengths[b] are right padding and are ignored.
         reg: ``"entropy"`` or ``"l2"``.
         gamma: temperature γ > 0.
+        backend: ``None`` (the process default, see :func:`set_default_backend`), ``"auto"``, ``"reference"``
+            (plain tensor ops), ``"cpu"`` (C kernel) or ``"triton"`` (CUDA, S = 2); see :func:`resolve_backend`.
+            All give the same numbers up to float rounding.
 
     Returns:
         (B,) values, in θ's dtype (float16/bfloat16 are computed in float32). Differentiable: the gradient is
@@ -250,11 +415,13 @@ def viterbi_value(theta: Tensor, lengths=None, reg: str = "entropy", gamma: floa
         TypeError: on a non-float θ or non-integer ``lengths``.
     """
     theta_c, lengths, gamma, out_dtype = _prepare(theta, lengths, reg, gamma)
-    mask = _step_mask(lengths, theta_c.shape[1])
-    return _ViterbiValueFunction.apply(theta_c, mask, reg, gamma).to(out_dtype)
+    name = resolve_backend(backend, theta_c)
+    return _ViterbiValueFunction.apply(theta_c, lengths, reg, gamma, name).to(out_dtype)
 
 
-def viterbi_marginals(theta: Tensor, lengths=None, reg: str = "entropy", gamma: float = 1.0) -> Tensor:
+def viterbi_marginals(
+    theta: Tensor, lengths=None, reg: str = "entropy", gamma: float = 1.0, *, backend: str | None = None
+) -> Tensor:
     """Smoothed Viterbi marginals E = ∇Vit_Ω(θ) ∈ conv(Y) (ICML 2018 Prop. 3, App. B.2, Alg. 3).
 
     ``E[b, t, i, j]`` is the expected indicator of the move j → i at step t under the random walk of Prop. 3
@@ -265,21 +432,22 @@ def viterbi_marginals(theta: Tensor, lengths=None, reg: str = "entropy", gamma: 
     backward computes the Hessian-vector product ∇²Vit_Ω(θ)·Z with Alg. 4 (custom backward).
     """
     theta_c, lengths, gamma, out_dtype = _prepare(theta, lengths, reg, gamma)
-    mask = _step_mask(lengths, theta_c.shape[1])
-    return _ViterbiMarginalsFunction.apply(theta_c, mask, reg, gamma).to(out_dtype)
+    name = resolve_backend(backend, theta_c)
+    return _ViterbiMarginalsFunction.apply(theta_c, lengths, reg, gamma, name).to(out_dtype)
 
 
-def viterbi_hvp(theta: Tensor, Z: Tensor, lengths=None, reg: str = "entropy", gamma: float = 1.0):
+def viterbi_hvp(
+    theta: Tensor, Z: Tensor, lengths=None, reg: str = "entropy", gamma: float = 1.0, *, backend: str | None = None
+):
     """Directional derivative ⟨∇Vit_Ω(θ), Z⟩ (B,) and Hessian product ∇²Vit_Ω(θ)·Z (B, T, S, S) by Alg. 4,
     without autograd. Same arguments as :func:`viterbi_value` plus the direction ``Z`` of θ's shape."""
     theta_c, lengths, gamma, out_dtype = _prepare(theta, lengths, reg, gamma)
     if not isinstance(Z, Tensor) or Z.shape != theta.shape:
         raise ValueError(f"Z must be a tensor of theta's shape {tuple(theta.shape)}")
-    mask = _step_mask(lengths, theta_c.shape[1])
+    impl = _impl(resolve_backend(backend, theta_c))
     with torch.no_grad():
-        _, Q, r = _forward(theta_c, mask, reg, gamma)
-        _, U = _backward(Q, r, mask)
-        dot, Edot = _hvp(Q, U, r, Z.to(theta_c.dtype), mask, reg, gamma)
+        _, Q, r, _, U = impl.marginals(theta_c, lengths, reg, gamma)
+        dot, Edot = impl.hvp(Q, U, r, Z.to(theta_c.dtype), lengths, reg, gamma)
     return dot.to(out_dtype), Edot.to(out_dtype)
 
 

@@ -1,0 +1,298 @@
+"""C source of the CPU Viterbi kernels (compiled once per user by :mod:`structattn.ops.kernels.cpu`).
+
+The body is written once with ``real``/``SFX``/``EXP``/``LOG`` placeholders and instantiated for float and double,
+so float32 inputs are computed in float32 exactly like the reference tensor code (same shift by the row max,
+same operation order), and float64 in float64. One call runs one whole pass (Alg. 3 forward, Alg. 3 forward +
+backward, or Alg. 4) over all B chains: that removes the ≈10 small tensor ops × T steps × 3 passes of the
+reference path, which dominate its cost at attention sizes (S = 2, T ≤ a few hundred).
+
+Semantics mirror :mod:`structattn.ops.viterbi`: a chain of length L uses steps t < L only; its padded steps get
+Q = E = Ė = 0, and U (the adjoint of v) is carried through padding like the reference does.
+"""
+
+# Kept as a Python string (not a .c file) so that it ships with the package without package-data settings.
+_BODY = r"""
+/* ---- max_Omega and its gradient on one row x[0..S-1]; returns the value, writes q = argmax ------------------ */
+
+static real maxarg2_SFX(real x0, real x1, int l2, real g, real *q0, real *q1)
+{
+    /* Shift by the max like smoothed_max._max_argmax: values grow linearly in T, the shifted ones stay O(spread). */
+    real m = x0 >= x1 ? x0 : x1;
+    real a = x0 - m, b = x1 - m;
+    real ya = a / g, yb = b / g;
+    if (!l2) {
+        real mx = ya >= yb ? ya : yb;
+        real lse = LOG(EXP(ya - mx) + EXP(yb - mx)) + mx;
+        *q0 = EXP(ya - lse);
+        *q1 = EXP(yb - lse);
+        return g * lse + m;
+    } else {
+        /* projection of a 2-vector on the simplex: q1 = clip((1 + y1 - y0)/2, 0, 1) */
+        real p1 = ((real)1.0 + yb - ya) * (real)0.5;
+        p1 = p1 < (real)0.0 ? (real)0.0 : (p1 > (real)1.0 ? (real)1.0 : p1);
+        real p0 = (real)1.0 - p1;
+        *q0 = p0;
+        *q1 = p1;
+        return (p0 * a + p1 * b) - (real)(0.5 * (double)g) * (p0 * p0 + p1 * p1) + m;
+    }
+}
+
+static void sort_desc_SFX(real *z, int n)
+{
+    for (int i = 1; i < n; i++) {
+        real key = z[i];
+        int j = i - 1;
+        while (j >= 0 && z[j] < key) { z[j + 1] = z[j]; j--; }
+        z[j + 1] = key;
+    }
+}
+
+/* general S; y and z are scratch rows of length S */
+static real maxarg_SFX(const real *x, int S, int l2, real g, real *q, real *y, real *z)
+{
+    real m = x[0];
+    for (int k = 1; k < S; k++) if (x[k] > m) m = x[k];
+    for (int k = 0; k < S; k++) y[k] = (x[k] - m) / g;
+    if (!l2) {
+        real mx = y[0];
+        for (int k = 1; k < S; k++) if (y[k] > mx) mx = y[k];
+        real s = 0;
+        for (int k = 0; k < S; k++) s += EXP(y[k] - mx);
+        real lse = LOG(s) + mx;
+        for (int k = 0; k < S; k++) q[k] = EXP(y[k] - lse);
+        return g * lse + m;
+    }
+    /* sparsemax(y) by sorting: tau = (sum of the k_sup largest - 1)/k_sup */
+    for (int k = 0; k < S; k++) z[k] = y[k];
+    sort_desc_SFX(z, S);
+    real c = 0, csup = 0;
+    int ksup = 0;
+    for (int k = 0; k < S; k++) {
+        c += z[k];
+        if (z[k] * (real)(k + 1) > c - (real)1.0) { ksup++; }
+    }
+    c = 0;
+    for (int k = 0; k < ksup; k++) c += z[k];
+    csup = c - (real)1.0;
+    real tau = csup / (real)ksup;
+    real val = 0, sq = 0;
+    for (int k = 0; k < S; k++) {
+        real qk = y[k] - tau;
+        q[k] = qk > 0 ? qk : (real)0.0;
+    }
+    for (int k = 0; k < S; k++) val += q[k] * (x[k] - m);
+    for (int k = 0; k < S; k++) sq += q[k] * q[k];
+    return val - (real)(0.5 * (double)g) * sq + m;
+}
+
+/* J_Omega(q) x  (Hessian of max_Omega at the point whose gradient is q) */
+static void jac_SFX(const real *q, const real *x, int S, int l2, real g, real *out)
+{
+    if (!l2) {
+        real s = 0;
+        for (int k = 0; k < S; k++) s += q[k] * x[k];
+        for (int k = 0; k < S; k++) out[k] = (q[k] * x[k] - q[k] * s) / g;
+    } else {
+        real s = 0, n = 0;
+        for (int k = 0; k < S; k++) if (q[k] > 0) { s += x[k]; n += 1; }
+        for (int k = 0; k < S; k++) out[k] = q[k] > 0 ? (x[k] - s / n) / g : (real)0.0 / g;
+    }
+}
+
+static inline int64_t chain_len_SFX(const int64_t *lens, int64_t b, int64_t T)
+{
+    return lens ? lens[b] : T;
+}
+
+/* ---- Alg. 3 forward: value (B), Q (B,T,S,S), r (B,S) ----------------------------------------------------------- */
+
+void vit_forward_SFX(int64_t B, int64_t T, int64_t S, const real *theta, const int64_t *lens, int l2, double gd,
+                     real *value, real *Q, real *r)
+{
+    real g = (real)gd;
+    const int64_t TSS = T * S * S;
+    if (S == 2) {
+        for (int64_t b = 0; b < B; b++) {
+            const real *th = theta + b * TSS;
+            real *Qb = Q + b * TSS;
+            int64_t L = chain_len_SFX(lens, b, T);
+            real v0 = 0, v1 = 0;
+            for (int64_t t = 0; t < L; t++) {
+                const real *h = th + 4 * t;
+                real *q = Qb + 4 * t;
+                real n0 = maxarg2_SFX(h[0] + v0, h[1] + v1, l2, g, q + 0, q + 1);
+                real n1 = maxarg2_SFX(h[2] + v0, h[3] + v1, l2, g, q + 2, q + 3);
+                v0 = n0; v1 = n1;
+            }
+            memset(Qb + 4 * L, 0, sizeof(real) * 4 * (T - L));
+            value[b] = maxarg2_SFX(v0, v1, l2, g, r + 2 * b, r + 2 * b + 1);
+        }
+        return;
+    }
+    real v[S], vn[S], x[S], y[S], z[S];
+    for (int64_t b = 0; b < B; b++) {
+        const real *th = theta + b * TSS;
+        real *Qb = Q + b * TSS;
+        int64_t L = chain_len_SFX(lens, b, T);
+        for (int64_t k = 0; k < S; k++) v[k] = 0;
+        for (int64_t t = 0; t < L; t++) {
+            for (int64_t i = 0; i < S; i++) {
+                const real *h = th + (t * S + i) * S;
+                for (int64_t j = 0; j < S; j++) x[j] = h[j] + v[j];
+                vn[i] = maxarg_SFX(x, (int)S, l2, g, Qb + (t * S + i) * S, y, z);
+            }
+            for (int64_t k = 0; k < S; k++) v[k] = vn[k];
+        }
+        memset(Qb + L * S * S, 0, sizeof(real) * S * S * (T - L));
+        value[b] = maxarg_SFX(v, (int)S, l2, g, r + b * S, y, z);
+    }
+}
+
+/* ---- Alg. 3 backward: E (B,T,S,S), U (B,T,S) with U[:, t] = u_{t+1} --------------------------------------------- */
+
+void vit_backward_SFX(int64_t B, int64_t T, int64_t S, const real *Q, const real *r, const int64_t *lens,
+                      real *E, real *U)
+{
+    const int64_t TSS = T * S * S;
+    if (S == 2) {
+        for (int64_t b = 0; b < B; b++) {
+            const real *Qb = Q + b * TSS;
+            real *Eb = E + b * TSS, *Ub = U + b * T * 2;
+            int64_t L = chain_len_SFX(lens, b, T);
+            real u0 = r[2 * b], u1 = r[2 * b + 1];
+            for (int64_t t = T - 1; t >= L; t--) {
+                Ub[2 * t] = u0; Ub[2 * t + 1] = u1;
+            }
+            memset(Eb + 4 * L, 0, sizeof(real) * 4 * (T - L));
+            for (int64_t t = L - 1; t >= 0; t--) {
+                const real *q = Qb + 4 * t;
+                real *e = Eb + 4 * t;
+                Ub[2 * t] = u0; Ub[2 * t + 1] = u1;
+                e[0] = q[0] * u0; e[1] = q[1] * u0;
+                e[2] = q[2] * u1; e[3] = q[3] * u1;
+                u0 = e[0] + e[2];
+                u1 = e[1] + e[3];
+            }
+        }
+        return;
+    }
+    real u[S], un[S];
+    for (int64_t b = 0; b < B; b++) {
+        const real *Qb = Q + b * TSS;
+        real *Eb = E + b * TSS, *Ub = U + b * T * S;
+        int64_t L = chain_len_SFX(lens, b, T);
+        for (int64_t k = 0; k < S; k++) u[k] = r[b * S + k];
+        for (int64_t t = T - 1; t >= L; t--)
+            for (int64_t k = 0; k < S; k++) Ub[t * S + k] = u[k];
+        memset(Eb + L * S * S, 0, sizeof(real) * S * S * (T - L));
+        for (int64_t t = L - 1; t >= 0; t--) {
+            for (int64_t k = 0; k < S; k++) { Ub[t * S + k] = u[k]; un[k] = 0; }
+            for (int64_t i = 0; i < S; i++) {
+                const real *q = Qb + (t * S + i) * S;
+                real *e = Eb + (t * S + i) * S;
+                for (int64_t j = 0; j < S; j++) { e[j] = q[j] * u[i]; un[j] += e[j]; }
+            }
+            for (int64_t k = 0; k < S; k++) u[k] = un[k];
+        }
+    }
+}
+
+/* ---- Alg. 3 forward + backward in one call (the marginals) --------------------------------------------------- */
+
+void vit_marginals_SFX(int64_t B, int64_t T, int64_t S, const real *theta, const int64_t *lens, int l2, double gd,
+                       real *value, real *Q, real *r, real *E, real *U)
+{
+    vit_forward_SFX(B, T, S, theta, lens, l2, gd, value, Q, r);
+    vit_backward_SFX(B, T, S, Q, r, lens, E, U);
+}
+
+/* ---- Alg. 4: dot (B) = <E, Z>, Edot (B,T,S,S) = Hessian(theta) Z ----------------------------------------------
+   The tangent Qdot of step t is written into Edot[t] by the forward sweep and consumed in place by the reverse
+   sweep (Edot[t] depends on Qdot[t] only), so no workspace is needed. */
+
+void vit_hvp_SFX(int64_t B, int64_t T, int64_t S, const real *Q, const real *U, const real *r, const real *Z,
+                 const int64_t *lens, int l2, double gd, real *dot, real *Edot)
+{
+    real g = (real)gd;
+    const int64_t TSS = T * S * S;
+    if (S == 2) {
+        for (int64_t b = 0; b < B; b++) {
+            const real *Qb = Q + b * TSS, *Zb = Z + b * TSS, *Ub = U + b * T * 2;
+            real *Db = Edot + b * TSS;
+            int64_t L = chain_len_SFX(lens, b, T);
+            real w0 = 0, w1 = 0; /* vdot */
+            for (int64_t t = 0; t < L; t++) {
+                const real *q = Qb + 4 * t, *zz = Zb + 4 * t;
+                real *d = Db + 4 * t;
+                real x[4] = {zz[0] + w0, zz[1] + w1, zz[2] + w0, zz[3] + w1};
+                real n0 = q[0] * x[0] + q[1] * x[1];
+                real n1 = q[2] * x[2] + q[3] * x[3];
+                jac_SFX(q, x, 2, l2, g, d);
+                jac_SFX(q + 2, x + 2, 2, l2, g, d + 2);
+                w0 = n0; w1 = n1;
+            }
+            const real *rb = r + 2 * b;
+            real wv[2] = {w0, w1}, ud[2];
+            dot[b] = rb[0] * w0 + rb[1] * w1;
+            jac_SFX(rb, wv, 2, l2, g, ud);
+            memset(Db + 4 * L, 0, sizeof(real) * 4 * (T - L));
+            real a0 = ud[0], a1 = ud[1]; /* udot */
+            for (int64_t t = L - 1; t >= 0; t--) {
+                const real *q = Qb + 4 * t, *u = Ub + 2 * t;
+                real *d = Db + 4 * t;
+                d[0] = q[0] * a0 + d[0] * u[0];
+                d[1] = q[1] * a0 + d[1] * u[0];
+                d[2] = q[2] * a1 + d[2] * u[1];
+                d[3] = q[3] * a1 + d[3] * u[1];
+                a0 = d[0] + d[2];
+                a1 = d[1] + d[3];
+            }
+        }
+        return;
+    }
+    real w[S], wn[S], x[S], a[S], an[S];
+    for (int64_t b = 0; b < B; b++) {
+        const real *Qb = Q + b * TSS, *Zb = Z + b * TSS, *Ub = U + b * T * S;
+        real *Db = Edot + b * TSS;
+        int64_t L = chain_len_SFX(lens, b, T);
+        for (int64_t k = 0; k < S; k++) w[k] = 0;
+        for (int64_t t = 0; t < L; t++) {
+            for (int64_t i = 0; i < S; i++) {
+                const real *q = Qb + (t * S + i) * S, *zz = Zb + (t * S + i) * S;
+                real s = 0;
+                for (int64_t j = 0; j < S; j++) { x[j] = zz[j] + w[j]; s += q[j] * x[j]; }
+                wn[i] = s;
+                jac_SFX(q, x, (int)S, l2, g, Db + (t * S + i) * S);
+            }
+            for (int64_t k = 0; k < S; k++) w[k] = wn[k];
+        }
+        const real *rb = r + b * S;
+        real s = 0;
+        for (int64_t k = 0; k < S; k++) s += rb[k] * w[k];
+        dot[b] = s;
+        jac_SFX(rb, w, (int)S, l2, g, a);
+        memset(Db + L * S * S, 0, sizeof(real) * S * S * (T - L));
+        for (int64_t t = L - 1; t >= 0; t--) {
+            const real *u = Ub + t * S;
+            for (int64_t k = 0; k < S; k++) an[k] = 0;
+            for (int64_t i = 0; i < S; i++) {
+                const real *q = Qb + (t * S + i) * S;
+                real *d = Db + (t * S + i) * S;
+                for (int64_t j = 0; j < S; j++) { d[j] = q[j] * a[i] + d[j] * u[i]; an[j] += d[j]; }
+            }
+            for (int64_t k = 0; k < S; k++) a[k] = an[k];
+        }
+    }
+}
+"""
+
+_HEADER = "#include <math.h>\n#include <stdint.h>\n#include <string.h>\n"
+
+
+def source() -> str:
+    """The full C translation unit: the body instantiated for float (``_f32``) and double (``_f64``)."""
+    parts = [_HEADER]
+    for real, sfx, exp, log in (("float", "f32", "expf", "logf"), ("double", "f64", "exp", "log")):
+        body = _BODY.replace("_SFX", "_" + sfx).replace("EXP(", exp + "(").replace("LOG(", log + "(")
+        parts.append(f"#define real {real}\n{body}\n#undef real\n")
+    return "".join(parts)

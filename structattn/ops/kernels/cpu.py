@@ -1,0 +1,204 @@
+"""CPU fast path: plain C kernels (one call per pass over all chains) loaded with ctypes.
+
+Why C through ctypes: at attention sizes (S = 2, T ≤ a few hundred, B ≤ a few hundred) the work of one pass is a
+few hundred thousand flops, far below the cost of the ≈10 tensor-op launches × T steps of the reference path.
+A ~200-line C file compiles with the system C compiler in well under a second and needs no Python headers, no
+torch headers and no build system (torch.utils.cpp_extension takes ~1 min). The shared object is cached per user
+under ``$XDG_CACHE_HOME/structattn/kernels`` (default ``~/.cache``), keyed by a hash of source, flags and
+compiler; ``STRUCTATTN_KERNEL_CACHE`` overrides the folder. If no compiler works, :func:`available` returns
+False, a one-time warning says why, and :mod:`structattn.ops.viterbi` uses the reference path.
+
+All functions take contiguous float32/float64 CPU tensors and return new tensors; they do not validate (the
+public functions in :mod:`structattn.ops.viterbi` do).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+
+import torch
+from torch import Tensor
+
+from ._cpu_source import source
+
+__all__ = ["available", "load", "forward", "marginals", "backward", "hvp", "library_path"]
+
+_CFLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno"]
+_lock = threading.Lock()
+_lib = None
+_error: str | None = None
+_warned = False
+
+
+def _cache_dir() -> str:
+    override = os.environ.get("STRUCTATTN_KERNEL_CACHE")
+    if override:
+        return override
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "structattn", "kernels")
+
+
+def _compiler() -> str | None:
+    for cand in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cand and shutil.which(cand):
+            return cand
+    return None
+
+
+def library_path() -> str | None:
+    """Where the compiled library is (or would be) cached; None if there is no C compiler."""
+    cc = _compiler()
+    if cc is None:
+        return None
+    key = hashlib.sha256(
+        "\0".join([source(), " ".join(_CFLAGS), cc, platform.machine(), sys.platform]).encode()
+    ).hexdigest()[:16]
+    return os.path.join(_cache_dir(), f"viterbi_{key}.so")
+
+
+def _compile(path: str, cc: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    # Build into a private temp dir, then rename: concurrent processes (several workers, pytest -n) never see
+    # a half-written library.
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+        src = os.path.join(tmp, "viterbi.c")
+        out = os.path.join(tmp, "viterbi.so")
+        with open(src, "w") as f:
+            f.write(source())
+        proc = subprocess.run([cc, *_CFLAGS, src, "-o", out, "-lm"], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
+        os.replace(out, path)
+
+
+def _declare(lib) -> None:
+    i64, ptr, c_int, c_double = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.c_double
+    for sfx in ("f32", "f64"):
+        getattr(lib, f"vit_forward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, c_int, c_double, ptr, ptr, ptr]
+        getattr(lib, f"vit_backward_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
+        getattr(lib, f"vit_marginals_{sfx}").argtypes = [i64, i64, i64, ptr, ptr, c_int, c_double] + [ptr] * 5
+        getattr(lib, f"vit_hvp_{sfx}").argtypes = [i64, i64, i64] + [ptr] * 5 + [c_int, c_double, ptr, ptr]
+        for name in ("forward", "backward", "marginals", "hvp"):
+            getattr(lib, f"vit_{name}_{sfx}").restype = None
+
+
+def load():
+    """Compile (first use only) and load the library. Returns it, or None (with a one-time warning) if that is
+    impossible."""
+    global _lib, _error, _warned
+    if _lib is not None or _error is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _error is not None:
+            return _lib
+        try:
+            path = library_path()
+            if path is None:
+                raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
+            if not os.path.exists(path):
+                _compile(path, _compiler())
+            lib = ctypes.CDLL(path)
+            _declare(lib)
+            _lib = lib
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the reference path
+            _error = f"{type(exc).__name__}: {exc}"
+    if _lib is None and not _warned:
+        _warned = True
+        warnings.warn(
+            f"structattn: the C Viterbi kernel is unavailable ({_error}); using the slower reference path. "
+            "Install a C compiler (gcc) or set CC to enable it.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return _lib
+
+
+def available() -> bool:
+    """True if the C kernels are compiled and loaded (compiling them on first call)."""
+    return load() is not None
+
+
+def unavailable_reason() -> str | None:
+    load()
+    return _error
+
+
+def _fn(name: str, dtype: torch.dtype):
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"the C Viterbi kernel is unavailable: {_error}")
+    if dtype == torch.float32:
+        return getattr(lib, f"vit_{name}_f32")
+    if dtype == torch.float64:
+        return getattr(lib, f"vit_{name}_f64")
+    raise TypeError(f"the C Viterbi kernel supports float32 and float64, got {dtype}")
+
+
+def _p(x: Tensor | None):
+    return None if x is None else x.data_ptr()
+
+
+def _lens(lengths: Tensor | None) -> Tensor | None:
+    return None if lengths is None else lengths.to(device="cpu", dtype=torch.int64).contiguous()
+
+
+def forward(theta: Tensor, lengths: Tensor | None, reg: str, gamma: float):
+    """Alg. 3 forward: (value (B,), Q (B,T,S,S), r (B,S))."""
+    theta = theta.contiguous()
+    B, T, S, _ = theta.shape
+    lens = _lens(lengths)
+    value = theta.new_empty(B)
+    Q = theta.new_empty(B, T, S, S)
+    r = theta.new_empty(B, S)
+    _fn("forward", theta.dtype)(B, T, S, _p(theta), _p(lens), int(reg == "l2"), gamma, _p(value), _p(Q), _p(r))
+    return value, Q, r
+
+
+def backward(Q: Tensor, r: Tensor, lengths: Tensor | None):
+    """Alg. 3 backward: (E (B,T,S,S), U (B,T,S))."""
+    Q, r = Q.contiguous(), r.contiguous()
+    B, T, S, _ = Q.shape
+    lens = _lens(lengths)
+    E = torch.empty_like(Q)
+    U = Q.new_empty(B, T, S)
+    _fn("backward", Q.dtype)(B, T, S, _p(Q), _p(r), _p(lens), _p(E), _p(U))
+    return E, U
+
+
+def marginals(theta: Tensor, lengths: Tensor | None, reg: str, gamma: float):
+    """Alg. 3 forward + backward in one call: (value, Q, r, E, U)."""
+    theta = theta.contiguous()
+    B, T, S, _ = theta.shape
+    lens = _lens(lengths)
+    value = theta.new_empty(B)
+    Q = theta.new_empty(B, T, S, S)
+    r = theta.new_empty(B, S)
+    E = theta.new_empty(B, T, S, S)
+    U = theta.new_empty(B, T, S)
+    _fn("marginals", theta.dtype)(
+        B, T, S, _p(theta), _p(lens), int(reg == "l2"), gamma, _p(value), _p(Q), _p(r), _p(E), _p(U)
+    )
+    return value, Q, r, E, U
+
+
+def hvp(Q: Tensor, U: Tensor, r: Tensor, Z: Tensor, lengths: Tensor | None, reg: str, gamma: float):
+    """Alg. 4: (⟨E, Z⟩ (B,), ∇²Vit_Ω(θ)·Z (B,T,S,S)) from the saved forward/backward quantities."""
+    Q, U, r = Q.contiguous(), U.contiguous(), r.contiguous()
+    Z = Z.to(Q.dtype).contiguous()
+    B, T, S, _ = Q.shape
+    lens = _lens(lengths)
+    dot = Q.new_empty(B)
+    Edot = torch.empty_like(Q)
+    _fn("hvp", Q.dtype)(
+        B, T, S, _p(Q), _p(U), _p(r), _p(Z), _p(lens), int(reg == "l2"), gamma, _p(dot), _p(Edot)
+    )
+    return dot, Edot
