@@ -1,0 +1,327 @@
+"""Fused Triton kernels for the smoothed Viterbi with S = 2 states (CUDA; CPU tensors only via the interpreter).
+
+One launch per pass: :func:`marginals` runs Alg. 3 forward and backward in a single kernel, :func:`hvp` runs both
+sweeps of Alg. 4 in a single kernel. Each program owns a block of chains (one lane per chain) and walks the T steps
+sequentially, holding v, u, v̇, u̇ (two scalars each per chain) in registers; at S = 2 every max_Ω, ∇max_Ω and J_Ω
+is a closed form (no sort, no reduction). The arithmetic mirrors the reference tensor code
+(:mod:`structattn.ops.viterbi`) operation by operation, so results agree to float rounding. ``tl.exp``/``tl.log``
+on CUDA use the fast hardware approximations for float32 (≈1–2 ulp); float64 uses libdevice.
+
+``triton`` is imported when this module is imported, which :mod:`structattn.ops.viterbi` does only when a CUDA
+tensor (or ``backend="triton"``) is seen. Tests run the kernels on CPU through ``TRITON_INTERPRET=1``, which
+triton reads when it is first imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+try:  # pragma: no cover - depends on the environment
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR = None
+except Exception as exc:  # noqa: BLE001
+    triton = None
+    tl = None
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+__all__ = ["available", "unavailable_reason", "forward", "backward", "marginals", "hvp"]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def available() -> bool:
+    """True when triton imports and can run here (a CUDA device, or the interpreter)."""
+    return unavailable_reason() is None
+
+
+def unavailable_reason() -> str | None:
+    if _IMPORT_ERROR is not None:
+        return f"triton does not import ({_IMPORT_ERROR})"
+    if not (torch.cuda.is_available() or _interpreting()):
+        return "no CUDA device (and TRITON_INTERPRET is not 1)"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _maxarg2(x0, x1, g, L2: tl.constexpr):
+        # max_Ω(x0, x1) and its gradient, after shifting by the max (values grow linearly in T).
+        m = tl.maximum(x0, x1)
+        a = x0 - m
+        b = x1 - m
+        ya = a / g
+        yb = b / g
+        if L2:
+            p1 = (1.0 + yb - ya) * 0.5
+            p1 = tl.minimum(tl.maximum(p1, 0.0), 1.0)
+            p0 = 1.0 - p1
+            val = (p0 * a + p1 * b) - (0.5 * g) * (p0 * p0 + p1 * p1) + m
+        else:
+            mx = tl.maximum(ya, yb)
+            lse = tl.log(tl.exp(ya - mx) + tl.exp(yb - mx)) + mx
+            p0 = tl.exp(ya - lse)
+            p1 = tl.exp(yb - lse)
+            val = g * lse + m
+        return val, p0, p1
+
+    @triton.jit
+    def _jac2(q0, q1, x0, x1, g, L2: tl.constexpr):
+        # J_Ω(q)·x, the Hessian of max_Ω at the point whose gradient is q.
+        if L2:
+            s0 = q0 > 0
+            s1 = q1 > 0
+            ssum = tl.where(s0, x0, 0.0) + tl.where(s1, x1, 0.0)
+            # n ≥ 1 on real lanes (q sums to 1); the clamp only keeps masked-off lanes from computing 0/0.
+            n = tl.maximum(s0.to(x0.dtype) + s1.to(x0.dtype), 1.0)
+            o0 = tl.where(s0, (x0 - ssum / n) / g, 0.0)
+            o1 = tl.where(s1, (x1 - ssum / n) / g, 0.0)
+        else:
+            s = q0 * x0 + q1 * x1
+            o0 = (q0 * x0 - q0 * s) / g
+            o1 = (q1 * x1 - q1 * s) / g
+        return o0, o1
+
+    @triton.jit
+    def _vit_kernel(
+        theta_ptr, lens_ptr, gamma_ptr, value_ptr, Q_ptr, r_ptr, E_ptr, U_ptr, B, T,
+        HAS_LENS: tl.constexpr, L2: tl.constexpr, FWD: tl.constexpr, BWD: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """Alg. 3 for a block of chains: forward (value, Q, r) if FWD, backward (E, U) if BWD (from the Q, r just
+        written, or given)."""
+        bidx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        bm = bidx < B
+        b64 = bidx.to(tl.int64)
+        if HAS_LENS:
+            L = tl.load(lens_ptr + b64, mask=bm, other=0)
+        else:
+            L = tl.zeros([BLOCK], dtype=tl.int64) + T
+        g = tl.load(gamma_ptr)
+        qbase = Q_ptr + b64 * T * 4
+        if FWD:
+            tbase = theta_ptr + b64 * T * 4
+            v0 = tl.zeros([BLOCK], dtype=g.dtype)
+            v1 = tl.zeros([BLOCK], dtype=g.dtype)
+            for t in range(0, T):
+                act = t < L
+                lm = bm & act
+                h0 = tl.load(tbase + 4 * t + 0, mask=lm, other=0.0)
+                h1 = tl.load(tbase + 4 * t + 1, mask=lm, other=0.0)
+                h2 = tl.load(tbase + 4 * t + 2, mask=lm, other=0.0)
+                h3 = tl.load(tbase + 4 * t + 3, mask=lm, other=0.0)
+                n0, q00, q01 = _maxarg2(h0 + v0, h1 + v1, g, L2)
+                n1, q10, q11 = _maxarg2(h2 + v0, h3 + v1, g, L2)
+                tl.store(qbase + 4 * t + 0, tl.where(act, q00, 0.0), mask=bm)
+                tl.store(qbase + 4 * t + 1, tl.where(act, q01, 0.0), mask=bm)
+                tl.store(qbase + 4 * t + 2, tl.where(act, q10, 0.0), mask=bm)
+                tl.store(qbase + 4 * t + 3, tl.where(act, q11, 0.0), mask=bm)
+                v0 = tl.where(act, n0, v0)
+                v1 = tl.where(act, n1, v1)
+            val, r0, r1 = _maxarg2(v0, v1, g, L2)
+            tl.store(value_ptr + b64, val, mask=bm)
+            tl.store(r_ptr + 2 * b64, r0, mask=bm)
+            tl.store(r_ptr + 2 * b64 + 1, r1, mask=bm)
+        if BWD:
+            tl.debug_barrier()
+            u0 = tl.load(r_ptr + 2 * b64, mask=bm, other=0.0)
+            u1 = tl.load(r_ptr + 2 * b64 + 1, mask=bm, other=0.0)
+            ebase = E_ptr + b64 * T * 4
+            ubase = U_ptr + b64 * T * 2
+            for k in range(0, T):
+                t = T - 1 - k
+                act = t < L
+                lm = bm & act
+                tl.store(ubase + 2 * t, u0, mask=bm)
+                tl.store(ubase + 2 * t + 1, u1, mask=bm)
+                q00 = tl.load(qbase + 4 * t + 0, mask=lm, other=0.0)
+                q01 = tl.load(qbase + 4 * t + 1, mask=lm, other=0.0)
+                q10 = tl.load(qbase + 4 * t + 2, mask=lm, other=0.0)
+                q11 = tl.load(qbase + 4 * t + 3, mask=lm, other=0.0)
+                e00 = q00 * u0
+                e01 = q01 * u0
+                e10 = q10 * u1
+                e11 = q11 * u1
+                tl.store(ebase + 4 * t + 0, tl.where(act, e00, 0.0), mask=bm)
+                tl.store(ebase + 4 * t + 1, tl.where(act, e01, 0.0), mask=bm)
+                tl.store(ebase + 4 * t + 2, tl.where(act, e10, 0.0), mask=bm)
+                tl.store(ebase + 4 * t + 3, tl.where(act, e11, 0.0), mask=bm)
+                u0 = tl.where(act, e00 + e10, u0)
+                u1 = tl.where(act, e01 + e11, u1)
+
+    @triton.jit
+    def _hvp_kernel(
+        Q_ptr, U_ptr, r_ptr, Z_ptr, lens_ptr, gamma_ptr, dot_ptr, D_ptr, B, T,
+        HAS_LENS: tl.constexpr, L2: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """Alg. 4 for a block of chains. The tangent Q̇_t is parked in Ė[t] by the forward sweep and consumed in
+        place by the reverse sweep (Ė_t depends on Q̇_t only)."""
+        bidx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        bm = bidx < B
+        b64 = bidx.to(tl.int64)
+        if HAS_LENS:
+            L = tl.load(lens_ptr + b64, mask=bm, other=0)
+        else:
+            L = tl.zeros([BLOCK], dtype=tl.int64) + T
+        g = tl.load(gamma_ptr)
+        qbase = Q_ptr + b64 * T * 4
+        zbase = Z_ptr + b64 * T * 4
+        dbase = D_ptr + b64 * T * 4
+        ubase = U_ptr + b64 * T * 2
+        w0 = tl.zeros([BLOCK], dtype=g.dtype)
+        w1 = tl.zeros([BLOCK], dtype=g.dtype)
+        for t in range(0, T):
+            act = t < L
+            lm = bm & act
+            q00 = tl.load(qbase + 4 * t + 0, mask=lm, other=0.0)
+            q01 = tl.load(qbase + 4 * t + 1, mask=lm, other=0.0)
+            q10 = tl.load(qbase + 4 * t + 2, mask=lm, other=0.0)
+            q11 = tl.load(qbase + 4 * t + 3, mask=lm, other=0.0)
+            x00 = tl.load(zbase + 4 * t + 0, mask=lm, other=0.0) + w0
+            x01 = tl.load(zbase + 4 * t + 1, mask=lm, other=0.0) + w1
+            x10 = tl.load(zbase + 4 * t + 2, mask=lm, other=0.0) + w0
+            x11 = tl.load(zbase + 4 * t + 3, mask=lm, other=0.0) + w1
+            n0 = q00 * x00 + q01 * x01
+            n1 = q10 * x10 + q11 * x11
+            d00, d01 = _jac2(q00, q01, x00, x01, g, L2)
+            d10, d11 = _jac2(q10, q11, x10, x11, g, L2)
+            tl.store(dbase + 4 * t + 0, tl.where(act, d00, 0.0), mask=bm)
+            tl.store(dbase + 4 * t + 1, tl.where(act, d01, 0.0), mask=bm)
+            tl.store(dbase + 4 * t + 2, tl.where(act, d10, 0.0), mask=bm)
+            tl.store(dbase + 4 * t + 3, tl.where(act, d11, 0.0), mask=bm)
+            w0 = tl.where(act, n0, w0)
+            w1 = tl.where(act, n1, w1)
+        r0 = tl.load(r_ptr + 2 * b64, mask=bm, other=0.0)
+        r1 = tl.load(r_ptr + 2 * b64 + 1, mask=bm, other=0.0)
+        tl.store(dot_ptr + b64, r0 * w0 + r1 * w1, mask=bm)
+        a0, a1 = _jac2(r0, r1, w0, w1, g, L2)
+        tl.debug_barrier()
+        for k in range(0, T):
+            t = T - 1 - k
+            act = t < L
+            lm = bm & act
+            q00 = tl.load(qbase + 4 * t + 0, mask=lm, other=0.0)
+            q01 = tl.load(qbase + 4 * t + 1, mask=lm, other=0.0)
+            q10 = tl.load(qbase + 4 * t + 2, mask=lm, other=0.0)
+            q11 = tl.load(qbase + 4 * t + 3, mask=lm, other=0.0)
+            d00 = tl.load(dbase + 4 * t + 0, mask=lm, other=0.0)
+            d01 = tl.load(dbase + 4 * t + 1, mask=lm, other=0.0)
+            d10 = tl.load(dbase + 4 * t + 2, mask=lm, other=0.0)
+            d11 = tl.load(dbase + 4 * t + 3, mask=lm, other=0.0)
+            u0 = tl.load(ubase + 2 * t, mask=lm, other=0.0)
+            u1 = tl.load(ubase + 2 * t + 1, mask=lm, other=0.0)
+            e00 = q00 * a0 + d00 * u0
+            e01 = q01 * a0 + d01 * u0
+            e10 = q10 * a1 + d10 * u1
+            e11 = q11 * a1 + d11 * u1
+            tl.store(dbase + 4 * t + 0, e00, mask=lm)
+            tl.store(dbase + 4 * t + 1, e01, mask=lm)
+            tl.store(dbase + 4 * t + 2, e10, mask=lm)
+            tl.store(dbase + 4 * t + 3, e11, mask=lm)
+            a0 = tl.where(act, e00 + e10, a0)
+            a1 = tl.where(act, e01 + e11, a1)
+
+
+def _block(B: int) -> int:
+    # One lane per chain; 128 lanes = 4 warps. The interpreter runs whole blocks with numpy, so keep them small
+    # there (fewer wasted lanes on tiny test batches).
+    return 16 if _interpreting() else 128
+
+
+def _check(x: Tensor) -> None:
+    if unavailable_reason() is not None:
+        raise RuntimeError(f"the Triton Viterbi kernel is unavailable: {unavailable_reason()}")
+    if x.shape[-1] != 2:
+        raise ValueError(f"the Triton Viterbi kernel is specialised to S=2, got S={x.shape[-1]}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"the Triton Viterbi kernel supports float32/float64, got {x.dtype}")
+
+
+def _lens(lengths: Tensor | None, like: Tensor):
+    if lengths is None:
+        return like, False  # dummy pointer, never read (HAS_LENS=False)
+    return lengths.to(device=like.device, dtype=torch.int64).contiguous(), True
+
+
+def _gamma(gamma: float, like: Tensor) -> Tensor:
+    # Passed through memory in θ's dtype: a Python float argument would be lowered to float32.
+    return torch.full((1,), gamma, dtype=like.dtype, device=like.device)
+
+
+def _run_vit(theta, Q, r, lengths, reg, gamma, fwd: bool, bwd: bool, value=None, E=None, U=None):
+    B, T = Q.shape[0], Q.shape[1]
+    if B == 0:
+        return
+    ref = theta if theta is not None else Q
+    lens, has = _lens(lengths, ref)
+    dummy = Q
+    BLOCK = _block(B)
+    grid = (triton.cdiv(B, BLOCK),)
+    _vit_kernel[grid](
+        theta if theta is not None else dummy, lens, _gamma(gamma, ref),
+        value if value is not None else dummy, Q, r,
+        E if E is not None else dummy, U if U is not None else dummy,
+        B, T, HAS_LENS=has, L2=(reg == "l2"), FWD=fwd, BWD=bwd, BLOCK=BLOCK, num_warps=4,
+    )
+
+
+def forward(theta: Tensor, lengths: Tensor | None, reg: str, gamma: float):
+    """Alg. 3 forward, one launch: (value (B,), Q (B,T,2,2), r (B,2))."""
+    _check(theta)
+    theta = theta.contiguous()
+    B, T = theta.shape[:2]
+    value = theta.new_empty(B)
+    Q = theta.new_empty(B, T, 2, 2)
+    r = theta.new_empty(B, 2)
+    _run_vit(theta, Q, r, lengths, reg, gamma, True, False, value=value)
+    return value, Q, r
+
+
+def backward(Q: Tensor, r: Tensor, lengths: Tensor | None):
+    """Alg. 3 backward, one launch: (E (B,T,2,2), U (B,T,2))."""
+    _check(Q)
+    Q, r = Q.contiguous(), r.contiguous()
+    B, T = Q.shape[:2]
+    E = torch.empty_like(Q)
+    U = Q.new_empty(B, T, 2)
+    _run_vit(None, Q, r, lengths, "entropy", 1.0, False, True, E=E, U=U)
+    return E, U
+
+
+def marginals(theta: Tensor, lengths: Tensor | None, reg: str, gamma: float):
+    """Alg. 3 forward + backward in one launch: (value, Q, r, E, U)."""
+    _check(theta)
+    theta = theta.contiguous()
+    B, T = theta.shape[:2]
+    value = theta.new_empty(B)
+    Q = theta.new_empty(B, T, 2, 2)
+    r = theta.new_empty(B, 2)
+    E = theta.new_empty(B, T, 2, 2)
+    U = theta.new_empty(B, T, 2)
+    _run_vit(theta, Q, r, lengths, reg, gamma, True, True, value=value, E=E, U=U)
+    return value, Q, r, E, U
+
+
+def hvp(Q: Tensor, U: Tensor, r: Tensor, Z: Tensor, lengths: Tensor | None, reg: str, gamma: float):
+    """Alg. 4 (both sweeps) in one launch: (⟨E, Z⟩ (B,), ∇²Vit_Ω(θ)·Z (B,T,2,2))."""
+    _check(Q)
+    Q, U, r = Q.contiguous(), U.contiguous(), r.contiguous()
+    Z = Z.to(Q.dtype).contiguous()
+    B, T = Q.shape[:2]
+    dot = Q.new_empty(B)
+    Edot = torch.empty_like(Q)
+    if B == 0:
+        return dot, Edot
+    lens, has = _lens(lengths, Q)
+    BLOCK = _block(B)
+    _hvp_kernel[(triton.cdiv(B, BLOCK),)](
+        Q, U, r, Z, lens, _gamma(gamma, Q), dot, Edot, B, T,
+        HAS_LENS=has, L2=(reg == "l2"), BLOCK=BLOCK, num_warps=4,
+    )
+    return dot, Edot
