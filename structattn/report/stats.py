@@ -1,0 +1,127 @@
+"""Sparsity statistics of attention matrices (the quantities behind the paper's Fig. 4/8 remark that ℓ2 maps
+are sparse and structured).
+
+For a matrix A (target rows × source columns) we count, with *exact* zeros (A == 0, no threshold):
+
+* zero fraction: #{(i, j): A_ij = 0} / #cells;
+* support size of row i: #{j: A_ij ≠ 0};
+* segments of row i: the number of maximal runs of consecutive non-zero cells (1 for a contiguous block,
+  0 for an all-zero row; the segmentation attention of Mensch & Blondel §5 tends to give few segments);
+* empty rows: rows with no non-zero cell (possible with ℓ2 Viterbi attention, where all p(y_t = 1) can be 0).
+
+Dump-level numbers pool over cells (zero fraction) or over target rows (means), i.e. long sentences weigh more.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+__all__ = ["row_support", "row_segments", "matrix_stats", "dump_stats", "select_records", "STAT_COLUMNS"]
+
+# (key, column title, format) in the order tables show them
+STAT_COLUMNS = [
+    ("n_sentences", "sentences", "{:d}"),
+    ("n_rows", "target rows", "{:d}"),
+    ("zero_fraction", "exact zeros", "{:.3f}"),
+    ("mean_support", "support/row", "{:.2f}"),
+    ("mean_relative_support", "support/src len", "{:.3f}"),
+    ("mean_segments", "segments/row", "{:.2f}"),
+    ("empty_rows", "empty rows", "{:d}"),
+]
+
+
+def _as_matrix(a) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 2:
+        raise ValueError(f"attention must be a 2-D matrix, got shape {a.shape}")
+    return a
+
+
+def row_support(a) -> np.ndarray:
+    """Number of exactly non-zero cells in each row."""
+    return (_as_matrix(a) != 0).sum(axis=1)
+
+
+def row_segments(a) -> np.ndarray:
+    """Number of maximal runs of consecutive non-zero cells in each row."""
+    nz = _as_matrix(a) != 0
+    if nz.shape[1] == 0:
+        return np.zeros(nz.shape[0], dtype=np.int64)
+    starts = nz[:, 1:] & ~nz[:, :-1]
+    return nz[:, 0].astype(np.int64) + starts.sum(axis=1)
+
+
+def _trim_eos(a: np.ndarray, src_tokens, tgt_tokens, eos: str) -> np.ndarray:
+    if len(tgt_tokens) and tgt_tokens[-1] == eos:
+        a = a[:-1]
+    if len(src_tokens) and src_tokens[-1] == eos:
+        a = a[:, :-1]
+    return a
+
+
+def matrix_stats(a) -> dict:
+    """Statistics of one matrix (see the module docstring)."""
+    a = _as_matrix(a)
+    T, S = a.shape
+    support = row_support(a)
+    segments = row_segments(a)
+    cells = T * S
+    return {
+        "n_rows": int(T),
+        "n_cols": int(S),
+        "zero_fraction": float((a == 0).sum() / cells) if cells else float("nan"),
+        "mean_support": float(support.mean()) if T else float("nan"),
+        "mean_relative_support": float((support / S).mean()) if T and S else float("nan"),
+        "mean_segments": float(segments.mean()) if T else float("nan"),
+        "empty_rows": int((support == 0).sum()),
+    }
+
+
+def select_records(records: Iterable, nbest_rank: int | None = 0) -> list:
+    """Records of one n-best rank (default: the final hypotheses, rank 0); ``None`` keeps all."""
+    return [r for r in records if nbest_rank is None or r.nbest_rank == nbest_rank]
+
+
+def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bool = False, eos: str = "</s>") -> dict:
+    """Pooled statistics over the records of a dump.
+
+    ``exclude_eos`` drops the final EOS row and the EOS source column before counting. Returns the keys of
+    :data:`STAT_COLUMNS` plus ``n_records`` and ``n_cells``; means are NaN when there is no row.
+    """
+    chosen = select_records(records, nbest_rank)
+    n_cells = zeros = 0
+    supports, rel_supports, segments = [], [], []
+    for r in chosen:
+        a = np.asarray(r.attention)
+        if exclude_eos:
+            a = _trim_eos(a, r.src_tokens, r.tgt_tokens, eos)
+        n_cells += a.size
+        zeros += int((a == 0).sum())
+        if a.shape[0]:
+            sup = row_support(a)
+            supports.append(sup)
+            rel_supports.append(sup / a.shape[1] if a.shape[1] else np.full(a.shape[0], np.nan))
+            segments.append(row_segments(a))
+    sup = np.concatenate(supports) if supports else np.zeros(0)
+    rel = np.concatenate(rel_supports) if rel_supports else np.zeros(0)
+    seg = np.concatenate(segments) if segments else np.zeros(0)
+    nan = float("nan")
+    return {
+        "n_sentences": len({r.id for r in chosen}),
+        "n_records": len(chosen),
+        "n_rows": int(sup.size),
+        "n_cells": int(n_cells),
+        "zero_fraction": zeros / n_cells if n_cells else nan,
+        "mean_support": float(sup.mean()) if sup.size else nan,
+        "mean_relative_support": float(rel.mean()) if rel.size else nan,
+        "mean_segments": float(seg.mean()) if seg.size else nan,
+        "empty_rows": int((sup == 0).sum()),
+    }
+
+
+def format_stat(value, fmt: str) -> str:
+    if isinstance(value, float) and value != value:
+        return "n/a"
+    return fmt.format(value)
