@@ -1,0 +1,289 @@
+"""Attention layers over a padded source: softmax, sparsemax and smoothed-Viterbi segmentation attention.
+
+Mensch & Blondel, "Differentiable Dynamic Programming for Structured Prediction and Attention", ICML 2018, §5 and
+App. C.3. Given encoder states X = (x_1, …, x_T) and the decoder state z, an attention layer produces weights
+w ∈ △^T over the *real* source positions and the context c = Xᵀw. All three layers score positions with the same
+bilinear form s_t = x_t·(M z) (fairseq's LSTM attention, Luong et al. 2015 "general"):
+
+* softmax   — w = softmax(s)                                 (argmax of ⟨w, s⟩ + H(w) over △^T)
+* sparsemax — w = sparsemax(s) = argmin_{w ∈ △^T} ‖w − s‖²     (Martins & Astudillo 2016; sparse)
+* viterbi   — segmentation attention (§5): a 2-state chain y_t ∈ {0, 1} ("attend to x_t") with potentials
+
+      θ[t, 1, j] = s_t + T[1, j],    θ[t, 0, j] = T[0, j]      (T ∈ R^{2×2} a learned transition matrix),
+
+  E = ∇Vit_Ω(θ) (:func:`structattn.viterbi_marginals`) and w_t ∝ p(y_t = 1) = Σ_j E[t, 1, j]. With Ω = −γH this
+  is the CRF segmentation attention of Kim et al. (2017); with Ω = (γ/2)‖·‖² the marginals are sparse.
+
+Padding. Every function takes ``padding_mask`` (B, T), True at padded positions, in *any* layout (left-padded,
+right-padded, or even holes). Padded positions get weight exactly 0 and do not change the others: for the Viterbi
+chain the real positions are compacted (stable, order-preserving) to the front, the chain runs over them only
+(``lengths`` of :func:`~structattn.viterbi_marginals`), and the marginals are scattered back to their columns. A row
+with no real position at all gets all-zero weights (and context 0).
+
+Fallback of the Viterbi attention. With ℓ2 (and, after float underflow, even with entropy) the smoothed Viterbi can
+put all its mass on the path y = 0…0, so p(y_t = 1) = 0 for every t and w_t ∝ p(y_t = 1) is 0/0. The weights then
+fall back to softmax(s) over the real positions: a proper distribution that still depends on the scores, so the
+gradient w.r.t. M stays non-zero and training can leave the degenerate region (the ℓ2 chain itself has zero
+derivative there). The switch is discontinuous; :func:`viterbi_attention` with ``return_marginals=True`` exposes
+p(y_t = 1) so callers can count how often it happens.
+
+Initialisation (:class:`ViterbiAttention`). θ/γ is what matters (for entropy p ∝ exp(⟨Y, θ⟩/γ); ℓ2 collapses to a
+hard, zero-derivative Viterbi when |θ| ≫ γ, App. C.3). M starts at U(−a, a) with a = γ·√(3/(d_x d_z)), so that
+for encoder/decoder states with entries in [−1, 1] (LSTM outputs) the initial score std is at most γ, whatever γ
+and the sizes; T starts at 0 (no preference between attending or not, nor for contiguity).
+
+This module does not import fairseq; the fairseq glue lives in ``user_dir/``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from .ops.smoothed_max import check_reg_gamma, sparsemax
+from .ops.viterbi import viterbi_marginals
+
+__all__ = [
+    "ATTENTIONS",
+    "PAPER_GAMMA",
+    "bilinear_scores",
+    "softmax_attention",
+    "sparsemax_attention",
+    "segmentation_potentials",
+    "viterbi_attention",
+    "SoftmaxAttention",
+    "SparsemaxAttention",
+    "ViterbiAttention",
+    "build_attention",
+]
+
+ATTENTIONS = ("softmax", "sparsemax", "viterbi")
+
+#: Temperatures used in the paper (App. C.3): γ = 2 for negentropy, γ = 10 for squared ℓ2.
+PAPER_GAMMA = {"entropy": 2.0, "l2": 10.0}
+
+
+# ---- input checks -------------------------------------------------------------------------------------------------
+
+
+def _check_scores(scores: Tensor, padding_mask: Tensor | None, name: str = "scores") -> Tensor | None:
+    if not isinstance(scores, Tensor) or not scores.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point torch.Tensor")
+    if scores.dim() != 2:
+        raise ValueError(f"{name} must have shape (B, T), got {tuple(scores.shape)}")
+    if padding_mask is None:
+        return None
+    if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
+        raise TypeError("padding_mask must be a bool tensor (True at padded positions)")
+    if padding_mask.shape != scores.shape:
+        raise ValueError(
+            f"padding_mask must have the shape of {name} {tuple(scores.shape)}, got {tuple(padding_mask.shape)}"
+        )
+    if not bool(padding_mask.any()):
+        return None  # no padding: take the unmasked path
+    return padding_mask
+
+
+def bilinear_scores(query: Tensor, keys: Tensor, proj: nn.Linear | Tensor) -> Tensor:
+    """s[b, t] = keys[b, t] · (M query[b]) with M = ``proj`` (a Linear d_z → d_x, or its (d_x, d_z) weight).
+
+    query (B, d_z), keys (B, T, d_x) → (B, T)."""
+    mz = proj(query) if isinstance(proj, nn.Module) else query @ proj.t()
+    return torch.bmm(keys, mz.unsqueeze(2)).squeeze(2)
+
+
+# ---- the three normalisers ------------------------------------------------------------------------------------------
+
+
+def softmax_attention(scores: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    """w = softmax(s) over the real positions of each row (the maximiser of ⟨w, s⟩ + H(w) on △).
+
+    Args:
+        scores: (B, T) scores s.
+        padding_mask: optional (B, T) bool, True at padded positions (any layout).
+
+    Returns:
+        (B, T) weights: non-negative, summing to 1 over real positions, exactly 0 on padding (all 0 on a row that
+        has no real position).
+    """
+    padding_mask = _check_scores(scores, padding_mask)
+    if padding_mask is None:
+        return torch.softmax(scores, dim=-1)
+    # A finite fill (not −inf) keeps all-padding rows free of NaN, in the value and in the gradient.
+    filled = scores.masked_fill(padding_mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(filled, dim=-1).masked_fill(padding_mask, 0.0)
+
+
+def sparsemax_attention(scores: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    """w = sparsemax(s) = argmin_{w ∈ △} ‖w − s‖² over the real positions of each row (Martins & Astudillo 2016).
+
+    Same arguments and guarantees as :func:`softmax_attention`; the weights are typically sparse.
+    """
+    padding_mask = _check_scores(scores, padding_mask)
+    if padding_mask is None:
+        return sparsemax(scores)
+    real = ~padding_mask
+    # The threshold τ of the projection satisfies τ ≥ max(s) − 1, so any entry below max(s) − 1 is outside the
+    # support and does not move τ: filling padding with max_real − 2 is the same as removing it.
+    top = scores.detach().masked_fill(padding_mask, float("-inf")).amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    filled = torch.where(padding_mask, top - 2.0, scores)
+    w = sparsemax(filled)
+    return w.masked_fill(~real, 0.0)
+
+
+def segmentation_potentials(scores: Tensor, transitions: Tensor) -> Tensor:
+    """θ (B, T, 2, 2) of the segmentation attention (§5): θ[t, 1, j] = s_t + T[1, j], θ[t, 0, j] = T[0, j].
+
+    ``transitions`` is T, of shape (2, 2) or (B, 2, 2); T[i, j] scores state j at t−1 → state i at t."""
+    if transitions.shape[-2:] != (2, 2) or transitions.dim() not in (2, 3):
+        raise ValueError(f"transitions must have shape (2, 2) or (B, 2, 2), got {tuple(transitions.shape)}")
+    if transitions.dim() == 3 and transitions.shape[0] != scores.shape[0]:
+        raise ValueError(f"transitions has batch size {transitions.shape[0]}, scores has {scores.shape[0]}")
+    unary = torch.stack((torch.zeros_like(scores), scores), dim=-1)  # (B, T, 2): state 0 has no unary score
+    trans = transitions if transitions.dim() == 2 else transitions[:, None]
+    return unary.unsqueeze(-1) + trans.to(scores.dtype)
+
+
+def viterbi_attention(
+    scores: Tensor,
+    transitions: Tensor,
+    padding_mask: Tensor | None = None,
+    reg: str = "entropy",
+    gamma: float = 1.0,
+    return_marginals: bool = False,
+):
+    """Smoothed-Viterbi segmentation attention, w_t ∝ p_{θ,Ω}(y_t = 1) = Σ_j ∇Vit_Ω(θ)[t, 1, j] (ICML 2018 §5).
+
+    θ is built by :func:`segmentation_potentials`; the chain runs over the real positions only (padding in any
+    layout is compacted away and the result scattered back). If p(y_t = 1) = 0 for every real t (possible for
+    ``reg="l2"``), the row falls back to softmax(s) over its real positions (see the module docstring).
+
+    Args:
+        scores: (B, T) unary scores s_t (e.g. x_t·M·z).
+        transitions: (2, 2) or (B, 2, 2) transition matrix T.
+        padding_mask: optional (B, T) bool, True at padded positions.
+        reg: ``"entropy"`` (Ω = −γH) or ``"l2"`` (Ω = (γ/2)‖·‖²).
+        gamma: temperature γ > 0.
+        return_marginals: also return p(y_t = 1) (B, T) (before normalisation and fallback).
+
+    Returns:
+        (B, T) weights (and the marginals if asked): non-negative, summing to 1 over real positions, exactly 0 on
+        padding. Differentiable w.r.t. ``scores`` and ``transitions`` (the backward of the marginals is the
+        Hessian-vector product of Alg. 4).
+    """
+    gamma = check_reg_gamma(reg, gamma)
+    padding_mask = _check_scores(scores, padding_mask)
+    if not isinstance(transitions, Tensor):
+        raise TypeError("transitions must be a torch.Tensor")
+    B, T = scores.shape
+    if padding_mask is None:
+        theta = segmentation_potentials(scores, transitions)
+        p = viterbi_marginals(theta, None, reg, gamma)[:, :, 1, :].sum(-1)
+    else:
+        # Compact real positions to the front (stable sort keeps their order), so that the chain sees exactly the
+        # unpadded sentence whatever the padding side; padded scores are zeroed (they may be ±inf/NaN-filled by
+        # the caller) and are ignored by viterbi_marginals through `lengths`.
+        order = torch.sort(padding_mask.to(torch.uint8), dim=1, stable=True).indices
+        lengths = (~padding_mask).sum(1)
+        compact = scores.masked_fill(padding_mask, 0.0).gather(1, order)
+        theta = segmentation_potentials(compact, transitions)
+        p_compact = viterbi_marginals(theta, lengths, reg, gamma)[:, :, 1, :].sum(-1)
+        p = torch.zeros_like(p_compact).scatter(1, order, p_compact)
+    total = p.sum(-1, keepdim=True)
+    ok = total > torch.finfo(p.dtype).tiny
+    # A safe denominator: dividing by 0 in the branch that torch.where discards would still put NaN in the gradient.
+    w = p / torch.where(ok, total, torch.ones_like(total))
+    if not bool(ok.all()):
+        w = torch.where(ok, w, softmax_attention(scores, padding_mask))
+    return (w, p) if return_marginals else w
+
+
+# ---- modules ------------------------------------------------------------------------------------------------------
+
+
+class _BilinearAttention(nn.Module):
+    """Shared part: scores s_t = x_t·(M z), weights from :meth:`normalize`, context c = Σ_t w_t x_t."""
+
+    def __init__(self, query_dim: int, source_dim: int):
+        super().__init__()
+        for name, v in (("query_dim", query_dim), ("source_dim", source_dim)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        self.query_dim, self.source_dim = query_dim, source_dim
+        self.proj = nn.Linear(query_dim, source_dim, bias=False)  # M (d_x × d_z)
+        # fairseq's LSTM attention initialisation (fairseq.models.lstm.Linear).
+        nn.init.uniform_(self.proj.weight, -0.1, 0.1)
+
+    def normalize(self, scores: Tensor, padding_mask: Tensor | None) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, query: Tensor, keys: Tensor, padding_mask: Tensor | None = None):
+        """query (B, d_z), keys (B, T, d_x), padding_mask (B, T) bool or None → (context (B, d_x), weights (B, T))."""
+        if query.dim() != 2 or keys.dim() != 3 or query.shape[0] != keys.shape[0]:
+            raise ValueError(f"expected query (B, d_z) and keys (B, T, d_x), got {tuple(query.shape)}, "
+                             f"{tuple(keys.shape)}")
+        if query.shape[1] != self.query_dim or keys.shape[2] != self.source_dim:
+            raise ValueError(f"{type(self).__name__} was built for d_z={self.query_dim}, d_x={self.source_dim}; "
+                             f"got d_z={query.shape[1]}, d_x={keys.shape[2]}")
+        scores = bilinear_scores(query, keys, self.proj)
+        w = self.normalize(scores, padding_mask)
+        context = torch.bmm(w.unsqueeze(1).to(keys.dtype), keys).squeeze(1)
+        return context, w
+
+    def extra_repr(self) -> str:
+        return f"query_dim={self.query_dim}, source_dim={self.source_dim}"
+
+
+class SoftmaxAttention(_BilinearAttention):
+    """Bilinear softmax attention w = softmax(x_t·M·z) (fairseq's LSTM ``AttentionLayer`` scoring); see
+    :func:`softmax_attention`."""
+
+    def normalize(self, scores, padding_mask):
+        return softmax_attention(scores, padding_mask)
+
+
+class SparsemaxAttention(_BilinearAttention):
+    """Bilinear sparsemax attention w = sparsemax(x_t·M·z); see :func:`sparsemax_attention`."""
+
+    def normalize(self, scores, padding_mask):
+        return sparsemax_attention(scores, padding_mask)
+
+
+class ViterbiAttention(_BilinearAttention):
+    """Segmentation attention with smoothed Viterbi marginals (ICML 2018 §5, App. C.3); see
+    :func:`viterbi_attention`. Parameters: M (``proj``) and the 2×2 transition matrix T (``transitions``)."""
+
+    def __init__(self, query_dim: int, source_dim: int, reg: str = "entropy", gamma: float | None = None):
+        super().__init__(query_dim, source_dim)
+        if gamma is None:
+            if reg not in PAPER_GAMMA:
+                check_reg_gamma(reg, 1.0)  # raises the standard error
+            gamma = PAPER_GAMMA[reg]
+        self.gamma = check_reg_gamma(reg, gamma)
+        self.reg = reg
+        self.transitions = nn.Parameter(torch.zeros(2, 2))
+        # Score std ≤ γ at init for states in [−1, 1]^d (see the module docstring): never start in the collapsed,
+        # zero-derivative regime of ℓ2, nor in a temperature-dependent one.
+        a = self.gamma * math.sqrt(3.0 / (query_dim * source_dim))
+        nn.init.uniform_(self.proj.weight, -a, a)
+
+    def normalize(self, scores, padding_mask):
+        return viterbi_attention(scores, self.transitions, padding_mask, self.reg, self.gamma)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", reg={self.reg!r}, gamma={self.gamma}"
+
+
+def build_attention(kind: str, query_dim: int, source_dim: int, reg: str = "entropy", gamma: float | None = None):
+    """Factory: ``kind`` in :data:`ATTENTIONS`; ``reg``/``gamma`` are used by ``"viterbi"`` only (γ = None takes
+    the paper's value, :data:`PAPER_GAMMA`)."""
+    if kind == "softmax":
+        return SoftmaxAttention(query_dim, source_dim)
+    if kind == "sparsemax":
+        return SparsemaxAttention(query_dim, source_dim)
+    if kind == "viterbi":
+        return ViterbiAttention(query_dim, source_dim, reg, gamma)
+    raise ValueError(f"attention must be one of {ATTENTIONS}, got {kind!r}")
