@@ -32,7 +32,7 @@ from ._cpu_source import source
 
 __all__ = ["available", "load", "forward", "marginals", "backward", "hvp", "library_path"]
 
-_CFLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno"]
+_CFLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-Werror=implicit-function-declaration"]
 _lock = threading.Lock()
 _lib = None
 _error: str | None = None
@@ -106,7 +106,13 @@ def load():
                 raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
             if not os.path.exists(path):
                 _compile(path, _compiler())
-            lib = ctypes.CDLL(path)
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                # A corrupt or foreign cached file: rebuild once.
+                os.remove(path)
+                _compile(path, _compiler())
+                lib = ctypes.CDLL(path)
             _declare(lib)
             _lib = lib
         except Exception as exc:  # noqa: BLE001 - any failure means: use the reference path

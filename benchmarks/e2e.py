@@ -1,0 +1,135 @@
+"""End-to-end training speed: fairseq-train tokens/s (wps) and peak memory per attention, as ratios to softmax.
+
+Small synthetic translation data (a deterministic word mapping + local reordering, so attention has something to
+learn) is generated and binarised once; then one fairseq-train process per attention trains the same model
+(``--arch structattn_lstm`` with 256-dim layers) for the same number of updates on CPU with the same seed. wps is
+the median of fairseq's ``train_inner`` logs after the first interval (which includes start-up); peak memory is
+the child's maximum resident set size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+CONFIGS = [
+    ("softmax", ["--attention", "softmax"]),
+    ("sparsemax", ["--attention", "sparsemax"]),
+    ("viterbi -H", ["--attention", "viterbi", "--attention-reg", "entropy"]),
+    ("viterbi l2", ["--attention", "viterbi", "--attention-reg", "l2"]),
+]
+
+
+def _bin(name: str) -> str:
+    cand = os.path.join(os.path.dirname(sys.executable), name)
+    return cand if os.path.exists(cand) else name
+
+
+def make_data(workdir: str, n_train: int = 3000, n_valid: int = 100, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    vocab = [f"w{i}" for i in range(60)]
+    mapping = {w: f"v{(7 * i + 3) % 60}" for i, w in enumerate(vocab)}
+    raw = os.path.join(workdir, "raw")
+    os.makedirs(raw, exist_ok=True)
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        with open(os.path.join(raw, f"{split}.src"), "w") as fs, open(os.path.join(raw, f"{split}.tgt"), "w") as ft:
+            for _ in range(n):
+                src = [rng.choice(vocab) for _ in range(rng.randint(5, 40))]
+                tgt = [mapping[w] for w in src]
+                for i in range(0, len(tgt) - 1, 3):  # local swaps: a non-monotone but segmentable alignment
+                    tgt[i], tgt[i + 1] = tgt[i + 1], tgt[i]
+                fs.write(" ".join(src) + "\n")
+                ft.write(" ".join(tgt) + "\n")
+    dest = os.path.join(workdir, "data-bin")
+    subprocess.run(
+        [_bin("fairseq-preprocess"), "--source-lang", "src", "--target-lang", "tgt",
+         "--trainpref", os.path.join(raw, "train"), "--validpref", os.path.join(raw, "valid"),
+         "--destdir", dest, "--workers", "1"],
+        check=True, capture_output=True, text=True,
+    )
+    return dest
+
+
+_WRAPPER = (
+    "import resource, subprocess, sys\n"
+    "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+    "sys.stdout.write(p.stdout); sys.stderr.write(p.stderr)\n"
+    "print('MAXRSS_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr)\n"
+    "sys.exit(p.returncode)\n"
+)
+
+
+def train_once(data: str, extra: list[str], updates: int, threads: int, log_interval: int) -> dict:
+    cmd = [
+        _bin("fairseq-train"), data, "--user-dir", os.path.join(ROOT, "user_dir"), "--arch", "structattn_lstm",
+        "--task", "translation", "--encoder-embed-dim", "256", "--encoder-hidden-size", "256",
+        "--decoder-embed-dim", "256", "--decoder-hidden-size", "256", "--decoder-out-embed-dim", "256",
+        "--optimizer", "adam", "--lr", "1e-3", "--clip-norm", "1.0", "--criterion", "cross_entropy",
+        "--max-tokens", "1500", "--max-update", str(updates), "--cpu", "--seed", "1", "--num-workers", "0",
+        "--no-save", "--disable-validation", "--log-format", "json", "--log-interval", str(log_interval),
+        "--no-progress-bar", *extra,
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    p = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, env=env, cwd=ROOT)
+    log = p.stdout + p.stderr
+    if p.returncode != 0:
+        raise RuntimeError(f"fairseq-train failed ({' '.join(extra)}):\n{log[-4000:]}")
+    wps = []
+    for line in log.splitlines():
+        if '"wps"' in line and "train_inner" in line:
+            try:
+                wps.append(float(json.loads(line[line.index("{"):])["wps"]))
+            except (ValueError, KeyError):
+                pass
+    maxrss = [int(x.split()[1]) for x in log.splitlines() if x.startswith("MAXRSS_KB")]
+    if len(wps) < 2:
+        raise RuntimeError(f"could not read wps from the fairseq-train log:\n{log[-3000:]}")
+    return {"wps": statistics.median(wps[1:]), "n_logs": len(wps) - 1, "maxrss_mb": maxrss[-1] / 1024}
+
+
+def run(quick: bool = False, threads: int = 1, updates: int | None = None, workdir: str | None = None) -> dict:
+    updates = updates or (60 if quick else 200)
+    log_interval = 10 if quick else 20
+    own = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="structattn-e2e-")
+    try:
+        data = make_data(workdir)
+        res = {}
+        for name, extra in CONFIGS:
+            res[name] = train_once(data, extra, updates, threads, log_interval)
+            r = res[name]
+            print(f"  e2e {name:12s} wps {r['wps']:8.0f}  peak RSS {r['maxrss_mb']:7.0f} MB  "
+                  f"({r['n_logs']} log intervals)", flush=True)
+    finally:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+    base = res["softmax"]
+    lines = [
+        f"`fairseq-train --arch structattn_lstm` (1-layer biLSTM encoder 2×256, 1-layer 256 decoder with input "
+        f"feeding), synthetic data (3000 pairs, 5–40 tokens), `--max-tokens 1500`, {updates} updates, CPU, "
+        f"OMP_NUM_THREADS={threads}; wps = median of `train_inner` logs every {log_interval} updates after the first.",
+        "",
+        "| attention | wps | wps / softmax | peak RSS (MB) | RSS / softmax |",
+        "|---|---|---|---|---|",
+    ]
+    for name, r in res.items():
+        lines.append(f"| {name} | {r['wps']:.0f} | {r['wps'] / base['wps']:.2f} | {r['maxrss_mb']:.0f} | "
+                     f"{r['maxrss_mb'] / base['maxrss_mb']:.2f} |")
+    worst = min(res[n]["wps"] / base["wps"] for n in ("viterbi -H", "viterbi l2"))
+    lines += ["", f"Target ≥ 0.9× softmax tokens/s: worst Viterbi ratio {worst:.2f} → "
+                  f"{'met' if worst >= 0.9 else 'MISSED'}."]
+    return {"results": res, "markdown": "\n".join(lines)}
+
+
+if __name__ == "__main__":
+    print(run(quick="--quick" in sys.argv)["markdown"])
