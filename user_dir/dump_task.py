@@ -377,6 +377,14 @@ class StructAttnTranslationTask(TranslationTask):
                 "--dump-attention: saw %d sentences, the batch sampler holds %d (sharded generation?)",
                 len(self._expected), self._batch_ids_total,
             )
+        if self._dataset_size is not None and len(self._written) < self._dataset_size:
+            logger.warning(
+                "--dump-attention: %d of the %d sentences of the subset were in no batch, so fairseq-generate did "
+                "not translate them (too long for the model without --skip-invalid-size-inputs-valid-test, or "
+                "fairseq drops the sentences beyond the last multiple of --required-batch-size-multiple (default "
+                "8) when --batch-size is set); the dump holds the %d translated ones",
+                self._dataset_size - len(self._written), self._dataset_size, len(self._written),
+            )
         if not w.header_written:  # an empty subset: still a complete (empty) dump
             w.write_header(self._metadata(None))
         summary = {

@@ -1,0 +1,121 @@
+"""Helpers for the fairseq plugin tests: toy data, the real fairseq CLIs through subprocess, log parsing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+USER_DIR = ROOT / "user_dir"
+
+# (name, extra fairseq-train arguments) of the four attention variants.
+VARIANTS = [
+    ("softmax", ["--attention", "softmax"]),
+    ("sparsemax", ["--attention", "sparsemax"]),
+    ("viterbi-entropy", ["--attention", "viterbi", "--attention-reg", "entropy"]),
+    ("viterbi-l2", ["--attention", "viterbi", "--attention-reg", "l2"]),
+]
+
+
+def make_toy_data(raw: Path, task: str = "reverse", n_train: int = 600, n_valid: int = 60, n_test: int = 12,
+                  vocab: int = 10, min_len: int = 3, max_len: int = 7, seed: int = 0) -> dict:
+    """Write {train,valid,test}.{src,tgt}: random token sequences and their copy or reversal. Returns statistics
+    of the target side (unigram entropy in bits per target token, EOS included) for loss thresholds."""
+    if task not in ("copy", "reverse"):
+        raise ValueError(task)
+    rng = random.Random(seed)
+    words = [f"w{i}" for i in range(vocab)]
+    raw.mkdir(parents=True, exist_ok=True)
+    counts = Counter()
+    for split, n in (("train", n_train), ("valid", n_valid), ("test", n_test)):
+        src_lines, tgt_lines = [], []
+        for _ in range(n):
+            sent = [rng.choice(words) for _ in range(rng.randint(min_len, max_len))]
+            tgt = sent if task == "copy" else sent[::-1]
+            src_lines.append(" ".join(sent))
+            tgt_lines.append(" ".join(tgt))
+            if split == "train":
+                counts.update(tgt + ["</s>"])
+        (raw / f"{split}.src").write_text("\n".join(src_lines) + "\n")
+        (raw / f"{split}.tgt").write_text("\n".join(tgt_lines) + "\n")
+    total = sum(counts.values())
+    entropy = -sum(c / total * math.log2(c / total) for c in counts.values())
+    return {"unigram_entropy_bits": entropy}
+
+
+def cli_env() -> dict:
+    """The environment for the CLIs: one thread (CI has 2 shared cores) and, on purpose, none of the variables
+    that would switch torch.load back to weights_only=False: checkpoints must load without them."""
+    env = dict(os.environ)
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
+    env.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    return env
+
+
+def run_cli(name: str, *args, cwd=None, check: bool = True, timeout: int = 600, stdin: str | None = None):
+    """Run ``python -m fairseq_cli.<name> args…`` with the test interpreter; raise with the output on failure."""
+    cmd = [sys.executable, "-m", f"fairseq_cli.{name}", *[str(a.resolve() if isinstance(a, Path) else a) for a in args]]
+    proc = subprocess.run(cmd, cwd=cwd or ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout,
+                          input=stdin)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout ---\n{proc.stdout[-6000:]}\n"
+            f"--- stderr ---\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def preprocess(raw: Path, dest: Path):
+    return run_cli(
+        "preprocess", "--source-lang", "src", "--target-lang", "tgt", "--trainpref", raw / "train",
+        "--validpref", raw / "valid", "--testpref", raw / "test", "--destdir", dest, "--joined-dictionary",
+        "--workers", "1",
+    )
+
+
+def train_args(data: Path, save_dir: Path, variant_args, max_update: int, extra=()) -> list:
+    """fairseq-train arguments for a tiny CPU model (embed 32, hidden 32)."""
+    return [
+        data, "--user-dir", USER_DIR, "--arch", "structattn_lstm", *variant_args,
+        "--encoder-embed-dim", "32", "--encoder-hidden-size", "32", "--decoder-embed-dim", "32",
+        "--decoder-hidden-size", "32", "--decoder-out-embed-dim", "32", "--dropout", "0.0",
+        "--optimizer", "adam", "--lr", "0.01", "--clip-norm", "1.0", "--batch-size", "32",
+        "--max-update", str(max_update), "--save-dir", save_dir, "--seed", "1", "--cpu", "--num-workers", "0",
+        "--no-progress-bar", "--log-format", "json", "--log-interval", "10", "--no-epoch-checkpoints",
+        "--criterion", "cross_entropy", *[str(e) for e in extra],
+    ]
+
+
+def train(data: Path, save_dir: Path, variant_args, max_update: int, extra=()):
+    return run_cli("train", *train_args(data, save_dir, variant_args, max_update, extra))
+
+
+_JSON = re.compile(r"\|\s*(train_inner|valid|train)\s*\|\s*(\{.*\})\s*$")
+
+
+def parse_log(text: str) -> dict:
+    """{'train_inner': [...], 'valid': [...], 'train': [...]} of the JSON records of a fairseq-train log."""
+    out = {"train_inner": [], "valid": [], "train": []}
+    for line in text.splitlines():
+        m = _JSON.search(line)
+        if m:
+            out[m.group(1)].append(json.loads(m.group(2)))
+    return out
+
+
+def hypotheses(generate_stdout: str) -> dict:
+    """{sentence id: hypothesis string} from fairseq-generate's H- lines."""
+    hyps = {}
+    for line in generate_stdout.splitlines():
+        if line.startswith("H-"):
+            idx, _score, text = (line.split("\t") + ["", ""])[:3]
+            hyps[int(idx[2:])] = text
+    return hyps

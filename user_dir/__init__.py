@@ -1,0 +1,8 @@
+"""fairseq plugin for structattn: load with ``--user-dir user_dir`` (see docs/plugin.md).
+
+One import per feature; add a line to register more (tasks, criteria, ...).
+"""
+
+from . import checkpoint_compat  # noqa: F401  (torch.load allow-list for fairseq checkpoints, torch >= 2.6)
+from . import structattn_lstm  # noqa: F401  (model `structattn_lstm` and its architectures)
+from . import dump_task  # noqa: F401  (task `structattn_translation`: --dump-attention for fairseq-generate)

@@ -1,0 +1,54 @@
+"""Let fairseq 0.12 load its own checkpoints under torch >= 2.6 (``torch.load`` defaults to ``weights_only=True``).
+
+fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` calls ``torch.load(f, map_location=...)`` with no
+``weights_only`` argument, so on torch >= 2.6 the restricted unpickler refuses anything that is not a tensor or a
+plain container. Instead of switching that safety off (``weights_only=False`` / TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD),
+importing this module adds to torch's allow-list exactly the non-tensor globals found in checkpoints written by
+fairseq-train 0.12 (found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` and by loading, for
+``structattn_lstm`` trained with and without ``--eval-bleu``, last/best/interval checkpoints):
+
+* ``argparse.Namespace`` — the model configuration of models declared with ``add_args`` (``cfg.model``);
+* with ``--eval-bleu``, the BLEU count meters in ``extra_state.metrics`` hold integer numpy arrays:
+  ``numpy.ndarray``, ``numpy._core.multiarray._reconstruct`` (``numpy.core.multiarray._reconstruct`` in files
+  written under numpy 1.x), ``numpy.dtype`` and the dtype class of numpy's default integer (``Int64DType``).
+
+Everything else in a fairseq checkpoint (dicts, lists, OrderedDict, tensors, numbers, strings) is already allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+
+def fairseq_checkpoint_globals() -> list:
+    """The allow-list entries (objects, or (object, pickled name) pairs) registered by :func:`register`."""
+    try:
+        reconstruct = np._core.multiarray._reconstruct  # numpy >= 2
+    except AttributeError:  # pragma: no cover - numpy 1.x
+        reconstruct = np.core.multiarray._reconstruct
+    entries = [
+        argparse.Namespace,
+        np.ndarray,
+        np.dtype,
+        type(np.array([0]).dtype),  # numpy.dtypes.Int64DType on Linux: what np.array(list of ints) produces
+        reconstruct,
+    ]
+    name = f"{reconstruct.__module__}.{reconstruct.__name__}"
+    for alias in ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"):
+        if alias != name:
+            entries.append((reconstruct, alias))
+    return entries
+
+
+def register() -> None:
+    """Add :func:`fairseq_checkpoint_globals` to ``torch.serialization``'s safe globals (idempotent)."""
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is None:  # torch < 2.4 has no allow-list and defaults to weights_only=False anyway
+        return
+    add(fairseq_checkpoint_globals())
+
+
+register()

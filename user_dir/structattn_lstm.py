@@ -1,0 +1,290 @@
+"""fairseq model ``structattn_lstm``: fairseq's LSTM encoder-decoder with a selectable attention layer.
+
+Mensch & Blondel, ICML 2018, §5 and App. C.3: an LSTM encoder-decoder with input feeding whose attention is
+softmax, sparsemax or the smoothed-Viterbi segmentation attention (:mod:`structattn.attention`, which holds all the
+maths). This file is glue only: it subclasses ``fairseq.models.lstm`` and replaces nothing but
+
+* the attention layer of the decoder (:class:`StructAttnLayer`), and
+* the encoder's padding handling, so that encoder states, the padding mask and therefore the returned attention
+  are laid out like the ``src_tokens`` the model was given (fairseq's ``LSTMEncoder`` silently switches left
+  padding to right padding, which is why fairseq's own alignment output mis-indexes, fairseq issue #3625).
+
+Options (``fairseq-train --user-dir user_dir --arch structattn_lstm --help`` lists them):
+``--attention {softmax,sparsemax,viterbi}``, ``--attention-reg {entropy,l2}`` and ``--attention-gamma FLOAT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+import torch
+from fairseq import utils
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.lstm import Linear, LSTMDecoder, LSTMEncoder, LSTMModel
+from fairseq.models.lstm import base_architecture as lstm_base_architecture
+from torch import Tensor, nn
+
+from structattn.attention import ATTENTIONS, PAPER_GAMMA, build_attention
+from structattn.ops.smoothed_max import REGULARIZERS
+
+DEFAULT_ATTENTION = "viterbi"
+DEFAULT_REG = "entropy"
+
+
+def _positive_float(text: str) -> float:
+    """argparse type for --attention-gamma: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not (value > 0.0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def resolve_attention_args(args) -> tuple[str, str, Optional[float]]:
+    """Validate the attention options on ``args`` (also for models built without the command line) and fill in
+    γ's paper default (2 for entropy, 10 for ℓ2) when the Viterbi attention is used without --attention-gamma."""
+    attention = getattr(args, "attention", DEFAULT_ATTENTION)
+    reg = getattr(args, "attention_reg", DEFAULT_REG)
+    gamma = getattr(args, "attention_gamma", None)
+    if attention not in ATTENTIONS:
+        raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}; got {attention!r}")
+    if reg not in REGULARIZERS:
+        raise ValueError(f"--attention-reg must be one of {', '.join(REGULARIZERS)}; got {reg!r}")
+    if gamma is not None:
+        try:
+            gamma = _positive_float(str(gamma))
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"--attention-gamma {exc}") from None
+    if attention == "viterbi" and gamma is None:
+        gamma = PAPER_GAMMA[reg]
+        args.attention_gamma = gamma  # recorded in the checkpoint's config
+    return attention, reg, gamma
+
+
+class StructAttnLayer(nn.Module):
+    """Drop-in replacement for ``fairseq.models.lstm.AttentionLayer``: same call and output, any attention.
+
+    ``forward(input, source_hids, encoder_padding_mask)`` with input (bsz, d_z), source_hids (srclen, bsz, d_x),
+    encoder_padding_mask (srclen, bsz) bool → (tanh(W_out [context; input]) (bsz, d_out), weights (srclen, bsz)).
+    """
+
+    def __init__(self, input_embed_dim, source_embed_dim, output_embed_dim, attention, reg, gamma):
+        super().__init__()
+        self.attention = build_attention(attention, input_embed_dim, source_embed_dim, reg, gamma)
+        self.output_proj = Linear(input_embed_dim + source_embed_dim, output_embed_dim, bias=False)
+
+    def forward(self, input: Tensor, source_hids: Tensor, encoder_padding_mask: Optional[Tensor]):
+        mask = None
+        if encoder_padding_mask is not None and encoder_padding_mask.numel() > 0:
+            mask = encoder_padding_mask.t()
+        context, weights = self.attention(input, source_hids.transpose(0, 1), mask)
+        x = torch.tanh(self.output_proj(torch.cat((context, input), dim=1)))
+        return x, weights.t().to(input.dtype)
+
+
+class StructAttnLSTMEncoder(LSTMEncoder):
+    """fairseq's ``LSTMEncoder`` that keeps the caller's padding layout.
+
+    ``src_tokens`` may be left-padded (fairseq's default), right-padded or mixed. The LSTM runs on the real tokens
+    (packed), and the outputs and ``encoder_padding_mask`` are returned in the columns of ``src_tokens``: output
+    row t belongs to ``src_tokens[:, t]`` (0 on padding). Batches need not be sorted by length.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.left_pad = False  # the parent's left→right conversion is replaced by the layout-preserving one below
+
+    def forward(self, src_tokens: Tensor, src_lengths: Tensor, enforce_sorted: bool = False):
+        pad = src_tokens.eq(self.padding_idx)  # (bsz, srclen)
+        lengths = (~pad).sum(1)
+        if bool((lengths == 0).any()):
+            raise ValueError("structattn_lstm: a source sentence has no token (every position is padding)")
+        order = None
+        seqlen = src_tokens.size(1)
+        if bool(pad.any()):
+            # Real tokens first, in order (stable sort): the right-padded view that pack_padded_sequence needs,
+            # cut to the longest sentence (the parent asserts that its output is as long as its input).
+            order = torch.sort(pad.to(torch.uint8), dim=1, stable=True).indices
+            src_tokens = src_tokens.gather(1, order)[:, : int(lengths.max())]
+        x, final_hiddens, final_cells, _ = super().forward(src_tokens, lengths, enforce_sorted=enforce_sorted)
+        if x.size(0) < seqlen:
+            x = torch.cat((x, x.new_zeros(seqlen - x.size(0), x.size(1), x.size(2))), 0)
+        if order is not None:
+            # Scatter the states back to their original columns: x[t] ↔ src_tokens[:, t] of the caller.
+            index = order.t().unsqueeze(2).expand_as(x)
+            x = torch.zeros_like(x).scatter(0, index, x)
+        x = x.masked_fill(pad.t().unsqueeze(2), 0.0)
+        return tuple((x, final_hiddens, final_cells, pad.t()))
+
+
+class StructAttnLSTMDecoder(LSTMDecoder):
+    """fairseq's ``LSTMDecoder`` (input feeding, incremental decoding, beam reordering unchanged) whose attention
+    layer is :class:`StructAttnLayer` (softmax, sparsemax or smoothed-Viterbi segmentation attention).
+
+    Attention contract: the returned ``attn`` (bsz, tgt_len, src_len) is indexed like the ``src_tokens`` given to
+    the model — column j is the weight of ``src_tokens[:, j]``, exactly 0 on padding columns — for left- and
+    right-padded sources alike (unlike fairseq's ``lstm``, whose columns follow its internal right padding).
+    As in fairseq, ``attn`` is returned in eval mode only (None while training).
+    """
+
+    def __init__(self, *args, attention_type=DEFAULT_ATTENTION, attention_reg=DEFAULT_REG, attention_gamma=None,
+                 **kwargs):
+        kwargs["attention"] = True
+        super().__init__(*args, **kwargs)
+        self.attention = StructAttnLayer(
+            self.hidden_size, self.encoder_output_units, self.hidden_size, attention_type, attention_reg,
+            attention_gamma,
+        )
+
+
+@register_model("structattn_lstm")
+class StructAttnLSTMModel(LSTMModel):
+    """LSTM encoder-decoder with softmax / sparsemax / smoothed-Viterbi segmentation attention (ICML 2018 §5)."""
+
+    @staticmethod
+    def add_args(parser):
+        LSTMModel.add_args(parser)
+        parser.add_argument(
+            "--attention", choices=ATTENTIONS, metavar="{" + ",".join(ATTENTIONS) + "}",
+            help="attention layer: softmax (fairseq's bilinear attention), sparsemax (sparse projection of the "
+                 "same scores) or viterbi (segmentation attention with smoothed Viterbi marginals, Mensch & "
+                 f"Blondel 2018 §5); default: {DEFAULT_ATTENTION}",
+        )
+        parser.add_argument(
+            "--attention-reg", choices=REGULARIZERS, metavar="{" + ",".join(REGULARIZERS) + "}",
+            help="regulariser of the smoothed max in the Viterbi attention: entropy (dense, CRF marginals) or l2 "
+                 f"(sparse); only used with --attention viterbi; default: {DEFAULT_REG}",
+        )
+        parser.add_argument(
+            "--attention-gamma", type=_positive_float, metavar="FLOAT",
+            help="temperature gamma > 0 of the Viterbi attention (smaller is sparser; l2 turns into hard, "
+                 "non-differentiable Viterbi when gamma is too small); default: the paper's 2 for entropy, "
+                 "10 for l2; only used with --attention viterbi",
+        )
+
+    @classmethod
+    def build_model(cls, args, task):
+        structattn_lstm(args)
+        attention, reg, gamma = resolve_attention_args(args)
+        if not utils.eval_bool(args.decoder_attention):
+            raise ValueError("structattn_lstm always uses attention: do not pass --decoder-attention 0/False")
+        # fairseq builds and checks the embeddings (pretrained, frozen, shared); we reuse them and build our own
+        # encoder/decoder around them with the same settings.
+        base = super().build_model(args, task)
+        encoder = StructAttnLSTMEncoder(
+            dictionary=task.source_dictionary,
+            embed_dim=args.encoder_embed_dim,
+            hidden_size=args.encoder_hidden_size,
+            num_layers=args.encoder_layers,
+            dropout_in=args.encoder_dropout_in,
+            dropout_out=args.encoder_dropout_out,
+            bidirectional=args.encoder_bidirectional,
+            pretrained_embed=base.encoder.embed_tokens,
+            max_source_positions=base.encoder.max_source_positions,
+        )
+        decoder = StructAttnLSTMDecoder(
+            dictionary=task.target_dictionary,
+            embed_dim=args.decoder_embed_dim,
+            hidden_size=args.decoder_hidden_size,
+            out_embed_dim=args.decoder_out_embed_dim,
+            num_layers=args.decoder_layers,
+            dropout_in=args.decoder_dropout_in,
+            dropout_out=args.decoder_dropout_out,
+            encoder_output_units=encoder.output_units,
+            pretrained_embed=base.decoder.embed_tokens,
+            share_input_output_embed=args.share_decoder_input_output_embed,
+            adaptive_softmax_cutoff=(
+                utils.eval_str_list(args.adaptive_softmax_cutoff, type=int)
+                if args.criterion == "adaptive_loss"
+                else None
+            ),
+            max_target_positions=base.decoder.max_target_positions,
+            attention_type=attention,
+            attention_reg=reg,
+            attention_gamma=gamma,
+        )
+        return cls(encoder, decoder)
+
+
+def _arch_from_argv(argv):
+    for i, a in enumerate(argv):
+        if a in ("--arch", "-a") and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--arch="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _install_help_hook():
+    """Make ``fairseq-train --arch structattn_lstm --help`` list the model's options.
+
+    fairseq 0.12 parses ``--help`` before it adds the model-specific options (so ``--help`` never shows them, for
+    any model). When ``--help`` is on the command line with one of our architectures, this adds the options of
+    :class:`StructAttnLSTMModel` to the training parser up front; argparse then prints them and exits, so the
+    second, regular registration never happens. Without ``--help`` nothing changes."""
+    import fairseq.options as fairseq_options
+
+    original = fairseq_options.add_model_args
+    if getattr(original, "_structattn_help_hook", False):
+        return
+
+    def add_model_args(parser):
+        group = original(parser)
+        argv = sys.argv[1:]
+        if "-h" in argv or "--help" in argv:
+            from fairseq.models import ARCH_MODEL_REGISTRY
+
+            arch = _arch_from_argv(argv)
+            if arch is not None and ARCH_MODEL_REGISTRY.get(arch) is StructAttnLSTMModel:
+                StructAttnLSTMModel.add_args(parser.add_argument_group(
+                    f"Model-specific configuration (--arch {arch})", argument_default=argparse.SUPPRESS))
+        return group
+
+    add_model_args._structattn_help_hook = True
+    fairseq_options.add_model_args = add_model_args
+
+
+_install_help_hook()
+
+
+def _attention_defaults(args):
+    args.attention = getattr(args, "attention", DEFAULT_ATTENTION)
+    args.attention_reg = getattr(args, "attention_reg", DEFAULT_REG)
+    args.attention_gamma = getattr(args, "attention_gamma", None)
+
+
+@register_model_architecture("structattn_lstm", "structattn_lstm")
+def structattn_lstm(args):
+    """Small, CPU-friendly defaults: 64-dim embeddings, 1-layer bidirectional encoder (2×64), 1-layer decoder (64)."""
+    _attention_defaults(args)
+    args.dropout = getattr(args, "dropout", 0.1)
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 64)
+    args.encoder_hidden_size = getattr(args, "encoder_hidden_size", args.encoder_embed_dim)
+    args.encoder_layers = getattr(args, "encoder_layers", 1)
+    args.encoder_bidirectional = getattr(args, "encoder_bidirectional", True)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 64)
+    args.decoder_hidden_size = getattr(args, "decoder_hidden_size", args.decoder_embed_dim)
+    args.decoder_layers = getattr(args, "decoder_layers", 1)
+    args.decoder_out_embed_dim = getattr(args, "decoder_out_embed_dim", 64)
+    lstm_base_architecture(args)
+
+
+@register_model_architecture("structattn_lstm", "structattn_lstm_paper")
+def structattn_lstm_paper(args):
+    """App. C.3 (OpenNMT-py setting): 2-layer bidirectional LSTM encoder with 500 units per direction, 2-layer
+    500-unit decoder with input feeding, 500-dim embeddings, dropout 0.3."""
+    _attention_defaults(args)
+    args.dropout = getattr(args, "dropout", 0.3)
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 500)
+    args.encoder_hidden_size = getattr(args, "encoder_hidden_size", 500)
+    args.encoder_layers = getattr(args, "encoder_layers", 2)
+    args.encoder_bidirectional = getattr(args, "encoder_bidirectional", True)
+    args.decoder_embed_dim = getattr(args, "decoder_embed_dim", 500)
+    args.decoder_hidden_size = getattr(args, "decoder_hidden_size", 500)
+    args.decoder_layers = getattr(args, "decoder_layers", 2)
+    args.decoder_out_embed_dim = getattr(args, "decoder_out_embed_dim", 500)
+    structattn_lstm(args)
