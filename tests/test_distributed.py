@@ -279,3 +279,45 @@ def test_docs_show_the_tested_flags():
     assert " ".join(CPU_DDP_FLAGS) in text
     assert "torchrun --standalone --nproc_per_node 2 $(which fairseq-train)" in text
     assert "--nnodes 2 --node_rank" in text and "--master_addr" in text
+
+
+def _guard():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_structattn_distributed_guard", USER_DIR / "distributed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.check_data_parallel_launch
+
+
+@pytest.mark.skipif(not (USER_DIR / "distributed.py").exists(), reason="user_dir/distributed.py is not there")
+def test_launch_guard_names_the_fix_when_torchrun_ranks_would_train_alone():
+    """``torchrun --nproc_per_node 2 fairseq-train … --cpu`` without the flags: fairseq stays single-process
+    (distributed world size 1) while torchrun says WORLD_SIZE=2. The guard must refuse, naming the tested flags."""
+    import torch.distributed as dist
+
+    check = _guard()
+    assert not dist.is_initialized()
+    check({})  # plain single-process run
+    check({"WORLD_SIZE": "1", "RANK": "0"})
+    check({"WORLD_SIZE": "not-a-number"})
+    with pytest.raises(RuntimeError) as err:
+        check({"WORLD_SIZE": "2", "RANK": "1"})
+    message = str(err.value)
+    assert "rank 1 of WORLD_SIZE=2" in message
+    assert " ".join(CPU_DDP_FLAGS) + " --distributed-world-size 2" in message
+    assert "--distributed-world-size 2" in message.split("on CPU")[0]  # the GPU fix
+
+
+@pytest.mark.slow
+def test_naive_cpu_launch_fails_loudly_instead_of_training_alone(copy_data):
+    """The launch a new user tries first (issue 8): without the flags, fairseq would start 2 independent runs.
+    ``structattn_lstm`` refuses to build its model there, naming the fix."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "fairseq_cli.train", "bin", *TRAIN_ARGS, "--cpu", "--distributed-backend", "gloo"],
+        cwd=copy_data, env=_env(), capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0, log[-3000:]
+    assert "WORLD_SIZE=2" in log and " ".join(CPU_DDP_FLAGS) in log, log[-3000:]
+    assert "num_updates" not in log, "a rank started training alone"
