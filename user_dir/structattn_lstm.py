@@ -29,6 +29,8 @@ from torch import Tensor, nn
 from structattn.attention import ATTENTIONS, PAPER_GAMMA, build_attention
 from structattn.ops.smoothed_max import REGULARIZERS
 
+from .distributed import check_data_parallel_launch
+
 DEFAULT_ATTENTION = "viterbi"
 DEFAULT_REG = "entropy"
 
@@ -168,6 +170,7 @@ class StructAttnLSTMModel(LSTMModel):
 
     @classmethod
     def build_model(cls, args, task):
+        check_data_parallel_launch()  # torchrun ranks that fairseq left single-process: fail, naming the fix
         structattn_lstm(args)
         attention, reg, gamma = resolve_attention_args(args)
         if not utils.eval_bool(args.decoder_attention):
