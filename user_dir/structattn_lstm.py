@@ -93,7 +93,9 @@ class StructAttnLSTMEncoder(LSTMEncoder):
 
     ``src_tokens`` may be left-padded (fairseq's default), right-padded or mixed. The LSTM runs on the real tokens
     (packed), and the outputs and ``encoder_padding_mask`` are returned in the columns of ``src_tokens``: output
-    row t belongs to ``src_tokens[:, t]`` (0 on padding). Batches need not be sorted by length.
+    row t belongs to ``src_tokens[:, t]`` (0 on padding). Batches need not be sorted by length. The lengths are
+    read off the padding of ``src_tokens`` (``src_lengths`` is accepted for fairseq's interface; in fairseq's data
+    pipeline the two always agree).
     """
 
     def __init__(self, *args, **kwargs):
