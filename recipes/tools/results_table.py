@@ -1,0 +1,245 @@
+"""Collect a recipe run (scores, training logs, attention statistics, commands) into a Markdown RESULTS file.
+
+Reads, for every variant ``V`` in ``<work>/runs/V/``: ``score.json`` (and ``score.multiref.json``) written by
+``sacrebleu -f json``, ``train.log`` (``fairseq-train --log-format json``) and ``attention_stats.json``
+(``structattn-stats --json``); the data sizes from ``<work>/data``; the commands from ``<work>/stamps``.
+Nothing is estimated: a missing file is shown as "–" and listed under "Missing".
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+from pathlib import Path
+
+_JSON = re.compile(r"\|\s*(train|valid|train_inner)\s*\|\s*(\{.*\})\s*$")
+_STOP = re.compile(r"exceeded --stop-time-hours|stop.time", re.I)
+
+LABELS = {
+    "softmax": "softmax",
+    "sparsemax": "sparsemax",
+    "viterbi-entropy": "Viterbi −H (negentropy)",
+    "viterbi-l2": "Viterbi ℓ2²",
+}
+
+
+def read_scores(path: Path) -> dict:
+    """``sacrebleu -m bleu chrf -f json`` output → {"BLEU": record, "chrF2": record}."""
+    data = json.loads(path.read_text())
+    if isinstance(data, dict):
+        data = [data]
+    return {rec["name"]: rec for rec in data}
+
+
+def parse_train_log(path: Path) -> dict:
+    """Training summary from a ``--log-format json`` log (possibly several resumed runs appended)."""
+    epochs, inner, valid = {}, [], []
+    stopped_by_time = False
+    for line in path.read_text(errors="replace").splitlines():
+        m = _JSON.search(line)
+        if m:
+            try:
+                rec = json.loads(m.group(2))
+            except json.JSONDecodeError:
+                continue
+            kind = m.group(1)
+            if kind == "train":
+                epochs[int(rec["epoch"])] = rec  # a resumed run re-logs an epoch: keep the last
+            elif kind == "valid":
+                valid.append(rec)
+            else:
+                inner.append(rec)
+        elif "stop-time-hours" in line or "stop_time_hours" in line:
+            stopped_by_time = stopped_by_time or "exceeded" in line
+    out = {"stopped_by_time": stopped_by_time}
+    if not epochs:
+        return out
+    prev_updates, tokens, compute = 0, 0.0, 0.0
+    for ep in sorted(epochs):
+        rec = epochs[ep]
+        upd = int(float(rec["train_num_updates"]))
+        tokens += float(rec["train_wpb"]) * (upd - prev_updates)
+        compute += float(rec.get("train_train_wall", 0))
+        prev_updates = upd
+    last = epochs[max(epochs)]
+    out.update(updates=prev_updates, epochs=max(epochs), target_tokens=tokens, compute_s=compute,
+               wall_s=float(last.get("train_wall", 0)),
+               tokens_per_s=tokens / compute if compute > 0 else None,
+               final_train_loss=float(last["train_loss"]))
+    if valid:
+        out["best_valid_loss"] = min(float(v["valid_loss"]) for v in valid)
+    return out
+
+
+def fmt(x, spec="{:.1f}"):
+    return "–" if x is None else spec.format(x)
+
+
+def line_count(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
+def token_count(path: Path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return sum(len(line.split()) for line in f)
+    except OSError:
+        return None
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
+
+
+def collect(work: Path, variants):
+    rows, missing = [], []
+    for v in variants:
+        run = work / "runs" / v
+        row = {"variant": v}
+        for key, name in (("single", "score.json"), ("multi", "score.multiref.json")):
+            p = run / name
+            if p.is_file():
+                row[key] = read_scores(p)
+            elif key == "single" or (work / "data" / "raw" / "test.kjv.en").is_file():
+                missing.append(str(p))
+        p = run / "train.log"
+        row["train"] = parse_train_log(p) if p.is_file() else {}
+        if not p.is_file():
+            missing.append(str(p))
+        p = run / "attention_stats.json"
+        if p.is_file():
+            stats = json.loads(p.read_text())
+            row["stats"] = stats[0] if isinstance(stats, list) else stats
+        else:
+            missing.append(str(p))
+        stamp = work / "stamps" / f"train.{v}.done"
+        row["train_cmd"] = stamp.read_text().strip() if stamp.is_file() else None
+        rows.append(row)
+    return rows, missing
+
+
+def render(work: Path, rows, missing, args) -> str:
+    raw, spm = work / "data" / "raw", work / "data" / "spm"
+    corpus_info = {}
+    if (raw / "corpus.json").is_file():
+        corpus_info = json.loads((raw / "corpus.json").read_text())
+    sizes = {s: line_count(raw / f"{s}.fr") for s in ("train", "valid", "test")}
+    toks = {f"{s}.{l}": token_count(spm / f"{s}.{l}") for s in ("train", "test") for l in ("fr", "en")}
+    has_multi = any("multi" in r for r in rows)
+    out = [f"# Results: {args.corpus} fr→en ({args.size} size)", ""]
+    out.append(f"Generated by `recipes/tools/results_table.py` on {datetime.datetime.now():%Y-%m-%d %H:%M} from the "
+               f"run in `{work}`. Every number below is read from that run's files; nothing is estimated.")
+    out.append("")
+    out.append(f"* Machine: {machine()}; torch threads per job: {args.threads}.")
+    if args.note:
+        out.append(f"* Note: {args.note}")
+    out.append(f"* Data: {sizes['train']} training / {sizes['valid']} validation / {sizes['test']} test pairs; "
+               f"sentencepiece tokens train fr {toks['train.fr']}, en {toks['train.en']}; test fr {toks['test.fr']}.")
+    if corpus_info.get("valid_books"):
+        out.append(f"* Split by whole books: validation books {corpus_info['valid_books']}, test books "
+                   f"{corpus_info['test_books']} (numbers 1 = Genesis … 66 = Revelation), the rest train. Source "
+                   f"{corpus_info.get('source')}, reference {corpus_info.get('target')}"
+                   + (f", second reference {corpus_info['second_reference']}" if has_multi else "") + ".")
+    out.append(f"* Model: `--arch {args.arch}`; identical data, optimiser, batch and update budget for every "
+               f"variant (full commands below).")
+    out.append("")
+    head = ["attention", "BLEU (WEB)"] + (["BLEU (WEB+KJV)"] if has_multi else []) + [
+        "chrF2 (WEB)", "updates", "epochs", "train wall", "tokens/s", "exact zeros", "support/row",
+        "segments/row"]
+    out.append("| " + " | ".join(head) + " |")
+    out.append("|" + "---|" * len(head))
+    sigs = set()
+    for r in rows:
+        t, s = r.get("train", {}), r.get("stats", {})
+        single = r.get("single", {})
+        bleu = single.get("BLEU", {}).get("score")
+        chrf = single.get("chrF2", {}).get("score")
+        for rec in single.values():
+            sigs.add(f"{rec['name']} (1 ref): `{rec['signature']}`")
+        cells = [LABELS.get(r["variant"], r["variant"]), fmt(bleu)]
+        if has_multi:
+            mb = r.get("multi", {}).get("BLEU", {})
+            if mb:
+                sigs.add(f"BLEU (2 refs): `{mb['signature']}`")
+            cells.append(fmt(mb.get("score")))
+        wall = t.get("wall_s")
+        cells += [fmt(chrf), fmt(t.get("updates"), "{}") + (" (time cap)" if t.get("stopped_by_time") else ""),
+                  fmt(t.get("epochs"), "{}"), "–" if wall is None else f"{wall / 60:.1f} min",
+                  fmt(t.get("tokens_per_s"), "{:.0f}"), fmt(s.get("zero_fraction"), "{:.3f}"),
+                  fmt(s.get("mean_support"), "{:.2f}"), fmt(s.get("mean_segments"), "{:.2f}")]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out.append("Columns: BLEU/chrF2 by sacrebleu on detokenised output (sentencepiece decode + Moses detok) against "
+               "the untokenised reference(s); *train wall* = fairseq's wall clock for the whole training (validation "
+               "included); *tokens/s* = target tokens per second of training steps; *exact zeros* = fraction of "
+               "attention cells that are exactly 0, *support/row* = non-zero source positions per target token, "
+               "*segments/row* = contiguous non-zero blocks per target token (`structattn-stats`, test set, EOS "
+               "included). \"(time cap)\" marks a training stopped by `--stop-time-hours` before its update budget.")
+    out.append("")
+    out.append("Signatures:")
+    out.append("")
+    out += [f"* {s}" for s in sorted(sigs)]
+    out.append("")
+    report = work / "report" / "index.html"
+    if report.is_file():
+        out.append(f"Attention report (side-by-side maps of the first test sentences): `{report}`.")
+        out.append("")
+    out.append("## Commands")
+    out.append("")
+    out.append("```bash")
+    out.append(args.invocation or "bash recipes/offline_fr_en.sh")
+    out.append("```")
+    out.append("")
+    out.append("Training commands as run (from the step stamps):")
+    out.append("")
+    for r in rows:
+        if r["train_cmd"]:
+            cmd = r["train_cmd"].split(" 2>&1 ")[0]
+            out += ["```bash", cmd, "```"]
+    if missing:
+        out += ["", "## Missing", ""] + [f"* `{m}`" for m in missing]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", required=True, type=Path)
+    p.add_argument("--variants", nargs="+", required=True)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--corpus", default="bible")
+    p.add_argument("--size", default="?")
+    p.add_argument("--arch", default="?")
+    p.add_argument("--threads", default="?")
+    p.add_argument("--invocation", help="the recipe command line to print")
+    p.add_argument("--note", default=os.environ.get("STRUCTATTN_RESULTS_NOTE", ""),
+                   help="free text (e.g. machine load) for the header; default $STRUCTATTN_RESULTS_NOTE")
+    args = p.parse_args(argv)
+    if not (args.work / "runs").is_dir():
+        p.error(f"{args.work}/runs does not exist: run the recipe first")
+    rows, missing = collect(args.work, args.variants)
+    if not any("single" in r for r in rows):
+        p.error("no variant has a score.json yet: nothing to tabulate")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(args.work, rows, missing, args))
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
