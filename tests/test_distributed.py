@@ -321,3 +321,27 @@ def test_naive_cpu_launch_fails_loudly_instead_of_training_alone(copy_data):
     assert proc.returncode != 0, log[-3000:]
     assert "WORLD_SIZE=2" in log and " ".join(CPU_DDP_FLAGS) in log, log[-3000:]
     assert "num_updates" not in log, "a rank started training alone"
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_resume_from_checkpoint_without_extra_flags(copy_data):
+    """Rerunning the documented 2-rank command over an existing checkpoint_last.pt resumes: rank 0 loads the file
+    and broadcasts the state (incl. the OmegaConf config) to rank 1 through torch.load — which needs the plugin's
+    allow-list (user_dir/checkpoint_compat.py), not ``--load-checkpoint-on-all-dp-ranks``."""
+    save = copy_data / "ddp-resume"
+    common = [a for a in TRAIN_ARGS if a != "--no-save"] + ATTENTIONS["viterbi-entropy"] + [
+        "--save-dir", str(save), "--no-epoch-checkpoints"]
+
+    def launch(max_update):
+        args = list(common)
+        args[args.index("--max-update") + 1] = str(max_update)
+        return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                     "-m", "fairseq_cli.train", "bin", *args, *CPU_DDP_FLAGS, "--distributed-world-size", "2"],
+                    cwd=copy_data)
+
+    launch(2)
+    assert (save / "checkpoint_last.pt").exists()
+    log = launch(4)
+    assert re.search(r"loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 2 updates\)", log, re.I), log[-4000:]
+    assert "num_updates 4" in log or re.search(r"num_updates\D+4\b", log), log[-4000:]
+    assert "Unsupported global" not in log

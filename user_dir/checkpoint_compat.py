@@ -12,14 +12,26 @@ fairseq-train 0.12 (found with ``torch.serialization.get_unsafe_globals_in_check
   ``numpy.ndarray``, ``numpy._core.multiarray._reconstruct`` (``numpy.core.multiarray._reconstruct`` in files
   written under numpy 1.x), ``numpy.dtype`` and the dtype class of numpy's default integer (``Int64DType``).
 
+* in data-parallel training, rank 0 loads the checkpoint and sends the state to the other ranks through
+  ``torch.save``/``torch.load`` (``fairseq.distributed.utils.broadcast_object``); that state holds the OmegaConf
+  config, whose pickle names ``omegaconf.DictConfig``, ``ListConfig``, ``base.ContainerMetadata``,
+  ``base.Metadata``, ``nodes.AnyNode``, ``typing.Any``, ``collections.defaultdict`` and the builtin types
+  ``dict``, ``list`` and ``int`` (as metadata ``ref_type``/``object_type`` values); the tensors themselves travel
+  separately and are replaced in that pickle by ``fairseq.distributed.utils._TensorPlaceholder``.
+
 Everything else in a fairseq checkpoint (dicts, lists, OrderedDict, tensors, numbers, strings) is already allowed.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import typing
 
 import numpy as np
+import omegaconf
+import omegaconf.base
+import omegaconf.nodes
 import torch
 
 
@@ -35,7 +47,24 @@ def fairseq_checkpoint_globals() -> list:
         np.dtype,
         type(np.array([0]).dtype),  # numpy.dtypes.Int64DType on Linux: what np.array(list of ints) produces
         reconstruct,
+        # the OmegaConf config broadcast from rank 0 when a data-parallel run resumes
+        omegaconf.DictConfig,
+        omegaconf.ListConfig,
+        omegaconf.base.ContainerMetadata,
+        omegaconf.base.Metadata,
+        omegaconf.nodes.AnyNode,
+        typing.Any,
+        collections.defaultdict,
+        dict,
+        list,
+        int,
     ]
+    try:  # fairseq is always there when fairseq loads a checkpoint; keep this module importable without it
+        from fairseq.distributed.utils import _TensorPlaceholder
+
+        entries.append(_TensorPlaceholder)
+    except ImportError:  # pragma: no cover
+        pass
     name = f"{reconstruct.__module__}.{reconstruct.__name__}"
     for alias in ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"):
         if alias != name:
