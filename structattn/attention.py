@@ -183,15 +183,18 @@ def viterbi_attention(
         theta = segmentation_potentials(scores, transitions)
         p = viterbi_marginals(theta, None, reg, gamma)[:, :, 1, :].sum(-1)
     else:
-        # Compact real positions to the front (stable sort keeps their order), so that the chain sees exactly the
-        # unpadded sentence whatever the padding side; padded scores are zeroed (they may be ±inf/NaN-filled by
-        # the caller) and are ignored by viterbi_marginals through `lengths`.
-        order = torch.sort(padding_mask.to(torch.uint8), dim=1, stable=True).indices
-        lengths = (~padding_mask).sum(1)
-        compact = scores.masked_fill(padding_mask, 0.0).gather(1, order)
+        # Compact real positions to the front, in order, so that the chain sees exactly the unpadded sentence
+        # whatever the padding side: column t goes to `dest[b, t]` (its rank among the real positions, padding
+        # after them). One cumsum and a scatter: a sort here cost more than the whole Viterbi kernel. Padded
+        # scores are zeroed (callers may fill them with ±inf/NaN) and ignored by viterbi_marginals via `lengths`.
+        real = ~padding_mask
+        rank = real.cumsum(1)
+        lengths = rank[:, -1]
+        pads_before = torch.arange(1, T + 1, device=scores.device) - rank
+        dest = torch.where(real, rank - 1, lengths[:, None] + pads_before - 1)
+        compact = torch.zeros_like(scores).scatter(1, dest, scores.masked_fill(padding_mask, 0.0))
         theta = segmentation_potentials(compact, transitions)
-        p_compact = viterbi_marginals(theta, lengths, reg, gamma)[:, :, 1, :].sum(-1)
-        p = torch.zeros_like(p_compact).scatter(1, order, p_compact)
+        p = viterbi_marginals(theta, lengths, reg, gamma)[:, :, 1, :].sum(-1).gather(1, dest)
     total = p.sum(-1, keepdim=True)
     ok = total > torch.finfo(p.dtype).tiny
     # A safe denominator: dividing by 0 in the branch that torch.where discards would still put NaN in the gradient.
