@@ -36,7 +36,7 @@ usage: bash recipes/offline_fr_en.sh [options]
   --stop-hours H       wall-clock cap per training (fairseq --stop-time-hours; 0 = none; small preset 0.35)
   --gamma-entropy G    temperature of Viterbi −H attention (default: the paper's 2)
   --gamma-l2 G         temperature of Viterbi ℓ2 attention (default: the paper's 10)
-  --beam N             beam size (default 5)
+  --beam N             beam size (default 5; tiny preset 1)
   --threads N          torch threads for training/decoding (default: $OMP_NUM_THREADS or 2)
   --builtin-lstm       use fairseq's own --arch lstm (softmax only, no plugin; for plumbing checks)
   --no-report          skip the HTML attention report
@@ -47,10 +47,12 @@ EOF
 
 invocation="bash recipes/offline_fr_en.sh$(printf ' %q' "$@")"
 dim="" stop_hours=""
+max_len_b=""
 corpus=bible size=small variants="softmax sparsemax viterbi-entropy viterbi-l2" work="" results=""
-max_train="" max_test="" max_update="" max_epoch="" arch=structattn_lstm gamma_ent=2 gamma_l2=10 beam=5
+max_train="" max_test="" max_update="" max_epoch="" arch=structattn_lstm gamma_ent=2 gamma_l2=10 beam=""
 threads="${OMP_NUM_THREADS:-2}" builtin=0 report=1 dry=0 force=0
 while [ $# -gt 0 ]; do
+  case "$1" in --builtin-lstm|--no-report|--dry-run|--force|-h|--help) ;; --*) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; } ;; esac
   case "$1" in
     --corpus) corpus="$2"; shift 2 ;;
     --size) size="$2"; shift 2 ;;
@@ -85,13 +87,15 @@ case "$corpus" in bible|libreoffice) ;; *) die "--corpus must be bible or libreo
 # Size presets: train/test pairs, updates, epochs, sentencepiece vocabulary, tokens per batch, model width (with
 # --arch structattn_lstm) and a wall-clock safety cap in hours (0 = none; a capped run is flagged in RESULTS.md).
 case "$size" in
-  tiny)  p_train=300  p_test=40  p_update=30    p_epoch=100 spm_vocab=500  max_tokens=2000 p_dim=32  p_hours=0 ;;
-  quick) p_train=4000 p_test=200 p_update=300   p_epoch=100 spm_vocab=2000 max_tokens=4000 p_dim=64  p_hours=0 ;;
-  small) p_train=0    p_test=0   p_update=1000  p_epoch=100 spm_vocab=8000 max_tokens=6000 p_dim=128 p_hours=0.35 ;;
+  tiny)  p_train=300  p_test=40  p_update=30    p_epoch=100 spm_vocab=500  max_tokens=2000 p_dim=32  p_hours=0
+         p_beam=1 max_len_b=5 ;;
+  quick) p_train=4000 p_test=200 p_update=200   p_epoch=100 spm_vocab=2000 max_tokens=4000 p_dim=64  p_hours=0 ;;
+  small) p_train=0    p_test=0   p_update=600   p_epoch=100 spm_vocab=8000 max_tokens=6000 p_dim=128 p_hours=0.35 ;;
   full)  p_train=0    p_test=0   p_update=0     p_epoch=30  spm_vocab=8000 max_tokens=6000 p_dim=256 p_hours=0 ;;
   *) die "--size must be tiny, quick, small or full, not '$size'" ;;
 esac
 max_train="${max_train:-$p_train}" max_test="${max_test:-$p_test}"
+beam="${beam:-${p_beam:-5}}" max_len_b="${max_len_b:-10}"
 max_update="${max_update:-$p_update}" max_epoch="${max_epoch:-$p_epoch}" dim="${dim:-$p_dim}"
 stop_hours="${stop_hours:-$p_hours}"
 for v in max_train max_test max_update max_epoch beam threads dim; do
@@ -214,7 +218,7 @@ for v in $variants; do
   step "train.$v" "mkdir -p '$run' && fairseq-train '$bin' $flags $train_common --save-dir '$run/checkpoints' \
 2>&1 | tee -a '$run/train.log' | $py '$tools/progress.py' --max-update $max_update --name $v"
   step "generate.$v" "fairseq-generate '$bin' $gen_task --path '$run/checkpoints/checkpoint_best.pt' \
---gen-subset test --beam $beam --batch-size 32 --required-batch-size-multiple 1 --max-len-a 1.5 --max-len-b 10 --num-workers 0 $dump \
+--gen-subset test --beam $beam --batch-size 32 --required-batch-size-multiple 1 --max-len-a 1.5 --max-len-b $max_len_b --num-workers 0 $dump \
 > '$run/generate.test.txt' 2> >(tee '$run/generate.log' | grep --line-buffered -E 'Translated|Error|error' >&2)"
   step "detok.$v" "$py '$tools/textproc.py' hyp --expected $n_test < '$run/generate.test.txt' \
 | $py '$tools/textproc.py' detok --lang en --model '$spm/spm.model' > '$run/hyp.test.en'"
