@@ -52,7 +52,7 @@ corpus=bible size=small variants="softmax sparsemax viterbi-entropy viterbi-l2" 
 max_train="" max_test="" max_update="" max_epoch="" arch=structattn_lstm gamma_ent=2 gamma_l2=10 beam=""
 threads="${OMP_NUM_THREADS:-2}" builtin=0 report=1 dry=0 force=0
 while [ $# -gt 0 ]; do
-  case "$1" in --builtin-lstm|--no-report|--dry-run|--force|-h|--help) ;; --*) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; } ;; esac
+  case "$1" in --corpus|--size|--variants|--work|--results|--max-train|--max-test|--max-update|--max-epoch|--arch|--dim|--stop-hours|--gamma-entropy|--gamma-l2|--beam|--threads) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; } ;; esac
   case "$1" in
     --corpus) corpus="$2"; shift 2 ;;
     --size) size="$2"; shift 2 ;;

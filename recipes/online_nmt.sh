@@ -36,7 +36,7 @@ corpus="" direction="" variants="softmax viterbi-entropy viterbi-l2" work="" sub
 threads="${OMP_NUM_THREADS:-$(nproc)}"
 invocation="bash recipes/online_nmt.sh$(printf ' %q' "$@")"
 while [ $# -gt 0 ]; do
-  case "$1" in --dry-run|--force|-h|--help) ;; --*) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; } ;; esac
+  case "$1" in --corpus|--direction|--variants|--work|--subset|--epochs|--threads) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; } ;; esac
   case "$1" in
     --corpus) corpus="${2:-}"; shift 2 ;;
     --direction) direction="${2:-}"; shift 2 ;;
@@ -103,7 +103,6 @@ sacrebleu -t wmt13 -l $src-$tgt --echo src > '$raw/valid.$src' && sacrebleu -t w
   pool=$(( subset > 0 ? subset * 13 / 10 : 0 ))
   step pool "$py '$tools/paper_setup.py' select --src '$raw/train.fr' --tgt '$raw/train.en' --max-len 50 --n $pool \
 --out-src '$raw/pool.fr' --out-tgt '$raw/pool.en'"
-  mkdir -p "$tok" 2>/dev/null || true
   for l in fr en; do step "tok.pool.$l" "mkdir -p '$tok' && $py '$tools/textproc.py' tok --lang $l < '$raw/pool.$l' > '$tok/pool.$l'"; done
   step select "$py '$tools/paper_setup.py' select --src '$tok/pool.fr' --tgt '$tok/pool.en' --max-len 50 --n $subset \
 --out-src '$tok/train.fr' --out-tgt '$tok/train.en'"
