@@ -1,0 +1,122 @@
+"""Early checks of fairseq command lines that load this plugin: one clear line instead of a traceback, before
+any work is done and before any file is created or removed.
+
+fairseq 0.12 finds most bad inputs only deep inside a run, as a traceback (a missing data directory or checkpoint
+in ``os.listdir``/``torch.load``; ``--bf16`` as an ``AttributeError`` about ``xla_device``; ``--fp16 --cpu`` as
+"Torch not compiled with CUDA enabled"), and ``--dump-attention`` given to fairseq-train was only noticed at the
+second batch iterator, after the dump's temporary file had been created. The plugin wraps
+``fairseq.options.parse_args_and_arch`` (which fairseq-train/-generate/-interactive call right after importing
+``--user-dir``) and checks the parsed arguments there. A failed check prints ``<prog>: error: <message>`` to
+stderr and exits with status 2, like argparse. Nothing changes for command lines that pass the checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+import torch
+
+
+def _kind(args) -> str:
+    """Which fairseq CLI parsed ``args``: "train", "interactive", "generate" or "other" (told apart by the
+    option groups each parser has)."""
+    if hasattr(args, "max_update"):
+        return "train"
+    if hasattr(args, "buffer_size"):
+        return "interactive"
+    if hasattr(args, "beam"):
+        return "generate"
+    return "other"
+
+
+def _local_paths(paths: str) -> list[str]:
+    if not paths or "://" in paths:  # remote (s3://, manifold://): left to fairseq's PathManager
+        return []
+    return [p for p in paths.split(os.pathsep) if p]
+
+
+def check_dump_destination(path: str) -> str | None:
+    """Why ``path`` cannot receive an attention dump (None if it can). Probes by creating and removing a file
+    next to it, so that read-only directories are caught whatever the permission bits say (root, ACLs,
+    immutable or read-only mounts). An existing ``path`` is left untouched."""
+    if os.path.isdir(path):
+        return f"--dump-attention {path!r} is a directory; give a file name"
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        return f"--dump-attention {path!r}: directory {directory!r} does not exist"
+    probe = os.path.join(directory, f".{os.path.basename(path)}.probe-{os.getpid()}")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as e:
+        return f"--dump-attention {path!r}: cannot create files in {directory!r} ({e.strerror})"
+    os.close(fd)
+    os.unlink(probe)
+    return None
+
+
+def check_args(args) -> str | None:
+    """The first problem found in the parsed fairseq arguments, as a one-line message (None if none)."""
+    kind = _kind(args)
+    task = getattr(args, "task", None)
+    if task in ("translation", "structattn_translation") and isinstance(getattr(args, "data", None), str):
+        for p in _local_paths(args.data):
+            if not os.path.isdir(p):
+                what = "does not exist" if not os.path.exists(p) else "is not a directory"
+                return (f"data directory {p!r} {what} (give the --destdir of fairseq-preprocess)")
+    if kind in ("generate", "interactive") and isinstance(getattr(args, "path", None), str):
+        for p in _local_paths(args.path):
+            if not os.path.isfile(p):
+                return f"--path: checkpoint file {p!r} not found"
+    dump = getattr(args, "dump_attention", None)
+    if dump:
+        if kind != "generate":
+            return ("--dump-attention works with fairseq-generate only (one pass over --gen-subset); remove it "
+                    f"from this fairseq-{kind} command")
+        problem = check_dump_destination(dump)
+        if problem:
+            return problem
+    if kind == "train":
+        # fairseq 0.12: --bf16 (and --memory-efficient-bf16) sets --tpu and the trainer then asks torch_xla for
+        # the device, on any machine; --fp16's FP16Optimizer keeps its fp32 master weights on CUDA.
+        if getattr(args, "bf16", False) and importlib.util.find_spec("torch_xla") is None:
+            return ("--bf16 is not supported here: in fairseq 0.12 it implies --tpu and needs torch_xla (TPU only, "
+                    "also on GPUs); use --fp16 on a GPU, or --memory-efficient-fp16 on CPU (see docs/reliability.md)")
+        if getattr(args, "fp16", False) and not getattr(args, "memory_efficient_fp16", False):
+            if getattr(args, "cpu", False) or not torch.cuda.is_available():
+                return ("--fp16 needs a CUDA GPU (fairseq's FP16Optimizer keeps fp32 master weights on it); on CPU "
+                        "use --memory-efficient-fp16, or train in float32")
+    return None
+
+
+def _fail(parser: argparse.ArgumentParser, message: str):
+    sys.stderr.write(f"{parser.prog}: error: {message}\n")
+    sys.exit(2)
+
+
+def install() -> None:
+    """Wrap ``fairseq.options.parse_args_and_arch`` once (idempotent)."""
+    import fairseq.options as fairseq_options
+
+    original = fairseq_options.parse_args_and_arch
+    if getattr(original, "_structattn_checks", False):
+        return
+
+    def parse_args_and_arch(parser, input_args=None, parse_known=False, suppress_defaults=False,
+                            modify_parser=None):
+        result = original(parser, input_args=input_args, parse_known=parse_known,
+                          suppress_defaults=suppress_defaults, modify_parser=modify_parser)
+        if not suppress_defaults:  # partial namespaces (validate's overrides) are not checked
+            args = result[0] if parse_known else result
+            message = check_args(args)
+            if message:
+                _fail(parser, message)
+        return result
+
+    parse_args_and_arch._structattn_checks = True
+    fairseq_options.parse_args_and_arch = parse_args_and_arch
+
+
+install()
