@@ -66,11 +66,18 @@ def sparsemax(x: Tensor) -> Tensor:
     """
     S = x.shape[-1]
     if S == 1:
-        return torch.ones_like(x)
+        # The constant 1, but still a function of x (zero gradient), so that backward through a one-element row
+        # (a one-token source) works like for any other length instead of failing for lack of a graph.
+        return torch.where(torch.ones_like(x, dtype=torch.bool), torch.ones_like(x), x)
     if S == 2:
         # q1 = clip((1 + x1 - x0)/2, 0, 1): the projection of a 2-vector, no sort needed.
         q1 = ((1.0 + x[..., 1] - x[..., 0]) * 0.5).clamp(0.0, 1.0)
         return torch.stack((1.0 - q1, q1), dim=-1)
+    # sparsemax(x − c) = sparsemax(x): work on x − max(x) (≤ 0, largest entry exactly 0). Without the shift the
+    # cumulative sums of large entries (|x| ~ 1e4 in float32) lose the digits of τ, and the weights no longer sum
+    # to 1; near the float maximum the support test even fails for every k. The shift is detached: the Jacobian of
+    # sparsemax annihilates constant vectors, so the gradient is unchanged.
+    x = x - x.detach().amax(dim=-1, keepdim=True)
     z, _ = torch.sort(x, dim=-1, descending=True)
     k = torch.arange(1, S + 1, device=x.device, dtype=x.dtype)
     cssv = z.cumsum(-1) - 1.0
