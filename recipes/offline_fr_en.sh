@@ -40,6 +40,7 @@ usage: bash recipes/offline_fr_en.sh [options]
   --threads N          torch threads for training/decoding (default: $OMP_NUM_THREADS or 2)
   --builtin-lstm       use fairseq's own --arch lstm (softmax only, no plugin; for plumbing checks)
   --no-report          skip the HTML attention report
+  --report-sentences N test sentences shown in the report (default 20; tiny preset 2)
   --dry-run            print the commands instead of running them
   --force              re-run every step (ignore stamps; training still resumes from checkpoint_last.pt)
 EOF
@@ -47,12 +48,12 @@ EOF
 
 invocation="bash recipes/offline_fr_en.sh$(printf ' %q' "$@")"
 dim="" stop_hours=""
-max_len_b=""
+max_len_b="" report_n=""
 corpus=bible size=small variants="softmax sparsemax viterbi-entropy viterbi-l2" work="" results=""
 max_train="" max_test="" max_update="" max_epoch="" arch=structattn_lstm gamma_ent=2 gamma_l2=10 beam=""
 threads="${OMP_NUM_THREADS:-2}" builtin=0 report=1 dry=0 force=0
 while [ $# -gt 0 ]; do
-  case "$1" in --corpus|--size|--variants|--work|--results|--max-train|--max-test|--max-update|--max-epoch|--arch|--dim|--stop-hours|--gamma-entropy|--gamma-l2|--beam|--threads) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; } ;; esac
+  case "$1" in --corpus|--size|--variants|--work|--results|--max-train|--max-test|--max-update|--max-epoch|--arch|--dim|--stop-hours|--gamma-entropy|--gamma-l2|--beam|--threads|--report-sentences) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; } ;; esac
   case "$1" in
     --corpus) corpus="$2"; shift 2 ;;
     --size) size="$2"; shift 2 ;;
@@ -72,6 +73,7 @@ while [ $# -gt 0 ]; do
     --threads) threads="$2"; shift 2 ;;
     --builtin-lstm) builtin=1; shift ;;
     --no-report) report=0; shift ;;
+    --report-sentences) report_n="$2"; shift 2 ;;
     --dry-run) dry=1; shift ;;
     --force) force=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -88,20 +90,21 @@ case "$corpus" in bible|libreoffice) ;; *) die "--corpus must be bible or libreo
 # --arch structattn_lstm) and a wall-clock safety cap in hours (0 = none; a capped run is flagged in RESULTS.md).
 case "$size" in
   tiny)  p_train=300  p_test=40  p_update=30    p_epoch=100 spm_vocab=500  max_tokens=2000 p_dim=32  p_hours=0
-         p_beam=1 max_len_b=5 ;;
+         p_beam=1 max_len_b=5 p_report=2 ;;
   quick) p_train=4000 p_test=200 p_update=200   p_epoch=100 spm_vocab=2000 max_tokens=4000 p_dim=64  p_hours=0 ;;
   small) p_train=0    p_test=0   p_update=600   p_epoch=100 spm_vocab=8000 max_tokens=6000 p_dim=128 p_hours=0.35 ;;
   full)  p_train=0    p_test=0   p_update=0     p_epoch=30  spm_vocab=8000 max_tokens=6000 p_dim=256 p_hours=0 ;;
   *) die "--size must be tiny, quick, small or full, not '$size'" ;;
 esac
 max_train="${max_train:-$p_train}" max_test="${max_test:-$p_test}"
-beam="${beam:-${p_beam:-5}}" max_len_b="${max_len_b:-10}"
+beam="${beam:-${p_beam:-5}}" report_n="${report_n:-${p_report:-20}}" max_len_b="${max_len_b:-10}"
 max_update="${max_update:-$p_update}" max_epoch="${max_epoch:-$p_epoch}" dim="${dim:-$p_dim}"
 stop_hours="${stop_hours:-$p_hours}"
-for v in max_train max_test max_update max_epoch beam threads dim; do
+for v in max_train max_test max_update max_epoch beam threads dim report_n; do
   is_uint "${!v}" || die "--${v//_/-} must be a non-negative integer, not '${!v}'"
 done
 [ "$beam" -ge 1 ] || die "--beam must be >= 1"
+[ "$report_n" -ge 1 ] || die "--report-sentences must be >= 1"
 [ "$threads" -ge 1 ] || die "--threads must be >= 1"
 [ "$max_update" -gt 0 ] || [ "$max_epoch" -gt 0 ] || die "--max-update and --max-epoch cannot both be 0"
 is_pos "$gamma_ent" || die "--gamma-entropy must be a positive number, not '$gamma_ent'"
@@ -126,11 +129,14 @@ raw="$work/data/raw" tok="$work/data/tok" spm="$work/data/spm" bin="$work/data/b
 
 say() { echo "[$(date '+%H:%M:%S')] $*" | tee -a "$log" >&2; }
 
-# step NAME COMMAND: run COMMAND (a bash string, pipefail on) unless stamps/NAME holds exactly this command.
+# step NAME COMMAND: run COMMAND (a bash string, pipefail on) unless stamps/NAME holds exactly this command and no
+# earlier step of the same chain (data; one variant's train → generate → … → stats) ran in this invocation: a step
+# that ran makes everything downstream of it stale (redo=1).
+redo=0
 step() {
   local name="$1" cmd="$2" stamp="$work/stamps/$1.done"
   if [ "$dry" = 1 ]; then printf '# %s\n%s\n\n' "$name" "$cmd"; return 0; fi
-  if [ "$force" = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$cmd" ]; then
+  if [ "$force" = 0 ] && [ "$redo" = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$cmd" ]; then
     say "skip $name (done; delete $stamp to redo)"; return 0
   fi
   say "run  $name"
@@ -144,6 +150,7 @@ step() {
   fi
   say "done $name in $(( $(date +%s) - t0 ))s"
   printf '%s' "$cmd" > "$stamp"
+  redo=1
 }
 
 # ---------------------------------------------------------------------------------------------------- data
@@ -168,6 +175,14 @@ for split in train valid test; do
 done
 step preprocess "rm -rf '$bin' && fairseq-preprocess --source-lang fr --target-lang en --trainpref '$spm/train' \
 --validpref '$spm/valid' --testpref '$spm/test' --destdir '$bin' --joined-dictionary --workers 1"
+
+data_redo=$redo
+if [ "$data_redo" = 1 ] && [ "$dry" = 0 ] && [ -d "$work/runs" ]; then
+  # Checkpoints of other data must not be resumed: keep them aside rather than deleting anyone's work.
+  stale="$work/runs.stale-$(date +%Y%m%d-%H%M%S)"
+  mv "$work/runs" "$stale"
+  say "the data changed: previous models moved to $stale"
+fi
 
 # ---------------------------------------------------------------------------------------------------- models
 warmup=200
@@ -206,7 +221,9 @@ variant_flags() {
 # route (no plugin) needs the old behaviour for the checkpoints this script itself wrote.
 [ "$builtin" = 1 ] && export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
 n_test=$( [ "$dry" = 1 ] && echo '$(wc -l < test.fr)' || wc -l < "$raw/test.fr")
+any_redo=$data_redo
 for v in $variants; do
+  redo=$data_redo
   run="$work/runs/$v"
   flags="$(variant_flags "$v")"
   gen_task="--task translation"
@@ -228,20 +245,20 @@ for v in $variants; do
     step "bleu2.$v" "sacrebleu '$raw/test.en' '$raw/test.$refs_extra' -i '$run/hyp.test.en' -m bleu chrf -f json \
 > '$run/score.multiref.json'"
   fi
+  if [ "$builtin" = 0 ]; then
+    step "stats.$v" "structattn-stats '$v=$run/attention.jsonl' --json > '$run/attention_stats.json'"
+  fi
+  [ "$redo" = 1 ] && any_redo=1
 done
 
 # ---------------------------------------------------------------------------------------------------- report
-# Attention sparsity and the HTML report come last, so that the trainings never wait on them.
-if [ "$builtin" = 0 ]; then
-  for v in $variants; do
-    step "stats.$v" "structattn-stats '$v=$work/runs/$v/attention.jsonl' --json > '$work/runs/$v/attention_stats.json'"
-  done
-fi
+redo=$any_redo
 if [ "$builtin" = 0 ] && [ "$report" = 1 ]; then
   dumps=""; for v in $variants; do dumps="$dumps '$v=$work/runs/$v/attention.jsonl'"; done
-  step report "structattn-report $dumps -o '$work/report' --force --max-sentences 20 \
+  step report "structattn-report $dumps -o '$work/report' --force --max-sentences $report_n \
 --title 'structattn: $corpus fr-en, test set'"
 fi
+redo=1  # the table is cheap: always rebuilt from the files
 step results "$py '$tools/results_table.py' --work '$work' --variants $variants --out '$results' \
 --corpus $corpus --size $size --arch $( [ "$builtin" = 1 ] && echo lstm || echo "$arch" ) --threads $threads \
 --invocation $(printf '%q' "$invocation")"
