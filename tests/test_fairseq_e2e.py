@@ -14,7 +14,7 @@ pytest.importorskip("fairseq")
 
 pytestmark = pytest.mark.slow
 
-MAX_UPDATE = 300
+MAX_UPDATE = 500
 
 
 @pytest.fixture(scope="module")
