@@ -195,7 +195,9 @@ def main(argv=None):
                 f_en.write(tgt + "\n")
     if not pairs["test"] or not pairs["train"]:
         p.error(f"too few pairs extracted from {root}: {counters}")
-    info = {"corpus": "libreoffice", "packages": list(PACKAGES), "license": "MPL-2.0", "pairs": pairs,
+    debs = sorted(Path(d).name for d in glob.glob(str(args.cache_dir / "debs" / "*.deb"))) if not args.help_root else []
+    info = {"corpus": "libreoffice", "packages": list(PACKAGES), "debs": debs,
+            "help_root": str(root), "license": "MPL-2.0", "pairs": pairs,
             "counters": counters, "min_words": args.min_words, "limits": limits,
             "split": "by HTML file: sha1(path) % 100 < 3 test, < 5 valid"}
     (args.out / "corpus.json").write_text(json.dumps(info, indent=1) + "\n")
