@@ -109,6 +109,7 @@ done
 [ "$max_update" -gt 0 ] || [ "$max_epoch" -gt 0 ] || die "--max-update and --max-epoch cannot both be 0"
 is_pos "$gamma_ent" || die "--gamma-entropy must be a positive number, not '$gamma_ent'"
 is_pos "$gamma_l2" || die "--gamma-l2 must be a positive number, not '$gamma_l2'"
+[ "$stop_hours" = 0 ] || is_pos "$stop_hours" || die "--stop-hours must be 0 or a positive number, not '$stop_hours'"
 for v in $variants; do
   case "$v" in softmax|sparsemax|viterbi-entropy|viterbi-l2) ;;
     *) die "unknown variant '$v' (choose from: softmax sparsemax viterbi-entropy viterbi-l2)" ;; esac
@@ -120,14 +121,13 @@ fi
 
 work="${work:-$here/${corpus}_fr_en/work}"
 results="${results:-$work/RESULTS.md}"
-mkdir -p "$work/stamps"
-work="$(cd "$work" && pwd)"
+if [ "$dry" = 0 ]; then mkdir -p "$work/stamps"; work="$(cd "$work" && pwd)"; fi
 log="$work/pipeline.log"
 export OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" PYTHONUNBUFFERED=1
 py="${PYTHON:-python}"
 raw="$work/data/raw" tok="$work/data/tok" spm="$work/data/spm" bin="$work/data/bin"
 
-say() { echo "[$(date '+%H:%M:%S')] $*" | tee -a "$log" >&2; }
+say() { echo "[$(date '+%H:%M:%S')] $*" >&2; [ "$dry" = 1 ] || echo "[$(date '+%H:%M:%S')] $*" >> "$log"; }
 
 # step NAME COMMAND: run COMMAND (a bash string, pipefail on) unless stamps/NAME holds exactly this command and no
 # earlier step of the same chain (data; one variant's train → generate → … → stats) ran in this invocation: a step
@@ -156,10 +156,10 @@ step() {
 # ---------------------------------------------------------------------------------------------------- data
 if [ "$corpus" = bible ]; then
   step prepare "$py '$tools/bible_corpus.py' --out '$raw' --max-train $max_train --max-test $max_test"
-  refs_extra=kjv.en   # second English reference (King James) for multi-reference BLEU
+  refs_extra=kjv.en ref_label=WEB  # second English reference (King James) for multi-reference BLEU
 else
   step prepare "$py '$tools/libreoffice_corpus.py' --out '$raw' --max-train $max_train --max-test $max_test"
-  refs_extra=""
+  refs_extra="" ref_label=LibreOffice
 fi
 for split in train valid test; do
   for l in fr en; do
@@ -260,7 +260,7 @@ if [ "$builtin" = 0 ] && [ "$report" = 1 ]; then
 fi
 redo=1  # the table is cheap: always rebuilt from the files
 step results "$py '$tools/results_table.py' --work '$work' --variants $variants --out '$results' \
---corpus $corpus --size $size --arch $( [ "$builtin" = 1 ] && echo lstm || echo "$arch" ) --threads $threads \
+--corpus $corpus --ref-label $ref_label --size $size --arch $( [ "$builtin" = 1 ] && echo lstm || echo "$arch" ) --threads $threads \
 --invocation $(printf '%q' "$invocation")"
 if [ "$dry" = 0 ]; then
   say "results: $results"

@@ -348,6 +348,8 @@ def test_iwslt14_dry_run():
     ("recipes/offline_fr_en.sh", ["--gamma-l2", "0"], "--gamma-l2 must be a positive number"),
     ("recipes/offline_fr_en.sh", ["--gamma-entropy", "abc"], "--gamma-entropy must be a positive number"),
     ("recipes/offline_fr_en.sh", ["--builtin-lstm"], "--builtin-lstm only has softmax"),
+    ("recipes/offline_fr_en.sh", ["--stop-hours", "soon"], "--stop-hours must be 0 or a positive number"),
+    ("recipes/offline_fr_en.sh", ["--report-sentences", "0"], "--report-sentences must be >= 1"),
     ("recipes/offline_fr_en.sh", ["--max-update", "0", "--max-epoch", "0"], "cannot both be 0"),
 ])
 def test_script_argument_errors(script, args, message):
@@ -357,6 +359,7 @@ def test_script_argument_errors(script, args, message):
 
 def test_offline_dry_run_identical_budgets(tmp_path):
     out = _sh("recipes/bible_fr_en/run.sh", "--dry-run", "--work", tmp_path / "w").stdout
+    assert not (tmp_path / "w").exists()  # a dry run writes nothing
     trains = [line for line in out.splitlines() if "fairseq-train" in line]
     assert len(trains) == 4
     import re
@@ -367,4 +370,7 @@ def test_offline_dry_run_identical_budgets(tmp_path):
     assert "--attention-reg entropy --attention-gamma 2 " in trains[2]
     assert "--attention-reg l2 --attention-gamma 10 " in trains[3]
     assert out.count("--dump-attention") == 4 and "structattn-report" in out and "structattn-stats" in out
-    assert "test.kjv.en" in out  # multi-reference BLEU
+    assert "test.kjv.en" in out and "--ref-label WEB" in out  # multi-reference BLEU
+    lo = _sh("recipes/libreoffice_fr_en/run.sh", "--dry-run", "--size", "quick").stdout
+    assert "libreoffice_corpus.py" in lo and "kjv" not in lo and "--ref-label LibreOffice" in lo
+    assert "--max-update 200 " in lo and "--encoder-embed-dim 64 " in lo
