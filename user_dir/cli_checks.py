@@ -46,12 +46,12 @@ def check_dump_destination(path: str) -> str | None:
         return f"--dump-attention {path!r} is a directory; give a file name"
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
-        return f"--dump-attention {path!r}: directory {directory!r} does not exist"
+        return f"cannot write attention dump {path!r}: directory {directory!r} does not exist"
     probe = os.path.join(directory, f".{os.path.basename(path)}.probe-{os.getpid()}")
     try:
         fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as e:
-        return f"--dump-attention {path!r}: cannot create files in {directory!r} ({e.strerror})"
+        return f"cannot write attention dump {path!r}: cannot create files in {directory!r} ({e.strerror})"
     os.close(fd)
     os.unlink(probe)
     return None
