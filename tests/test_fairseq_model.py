@@ -228,7 +228,7 @@ def _parse(*extra):
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             args = options.parse_args_and_arch(
-                parser, ["/nonexistent-data", "--user-dir", str(ROOT / "user_dir"), "--arch", "structattn_lstm",
+                parser, [str(ROOT), "--user-dir", str(ROOT / "user_dir"), "--arch", "structattn_lstm",
                          *extra])
             code = None
         except SystemExit as exc:
