@@ -217,3 +217,16 @@ def test_report_clis_on_missing_and_damaged_dumps(bad_dumps, tmp_path, capsys, c
         assert len(err.strip().splitlines()) == 1, f"{name}: {err!r}"
         assert not out.exists(), f"{name}: partial output"
         assert not [p for p in os.listdir(tmp_path) if p.startswith(".")], f"{name}: staging folder left"
+
+
+def test_checks_only_apply_to_command_lines_that_load_the_plugin(tmp_path):
+    """Once imported, the plugin's parse hook stays in fairseq for the whole process; command lines without
+    --user-dir user_dir (other tools, other tests) must parse exactly as before."""
+    pytest.importorskip("fairseq")
+    sys.path.insert(0, str(ROOT))
+    import user_dir.cli_checks  # noqa: F401  (installs the hook)
+    from fairseq import options
+
+    args = options.parse_args_and_arch(options.get_training_parser(), [str(tmp_path / "nodata"), "--arch", "lstm",
+                                                                      "--fp16", "--cpu"])
+    assert args.data == str(tmp_path / "nodata") and args.fp16

@@ -91,6 +91,14 @@ def check_args(args) -> str | None:
     return None
 
 
+def _loads_this_plugin(args) -> bool:
+    user_dir = getattr(args, "user_dir", None)
+    if not user_dir:
+        return False
+    here = os.path.dirname(os.path.realpath(__file__))
+    return os.path.realpath(os.path.expanduser(str(user_dir))) == here
+
+
 def _fail(parser: argparse.ArgumentParser, message: str):
     sys.stderr.write(f"{parser.prog}: error: {message}\n")
     sys.exit(2)
@@ -108,8 +116,10 @@ def install() -> None:
                             modify_parser=None):
         result = original(parser, input_args=input_args, parse_known=parse_known,
                           suppress_defaults=suppress_defaults, modify_parser=modify_parser)
-        if not suppress_defaults:  # partial namespaces (validate's overrides) are not checked
-            args = result[0] if parse_known else result
+        args = result[0] if parse_known else result
+        # Only command lines that load this plugin (the wrapper stays installed for the whole process once the
+        # plugin is imported); partial namespaces (validate's overrides) are not checked.
+        if not suppress_defaults and _loads_this_plugin(args):
             message = check_args(args)
             if message:
                 _fail(parser, message)
