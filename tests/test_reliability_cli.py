@@ -230,3 +230,27 @@ def test_checks_only_apply_to_command_lines_that_load_the_plugin(tmp_path):
     args = options.parse_args_and_arch(options.get_training_parser(), [str(tmp_path / "nodata"), "--arch", "lstm",
                                                                       "--fp16", "--cpu"])
     assert args.data == str(tmp_path / "nodata") and args.fp16
+
+
+@pytest.mark.slow
+def test_interactive_translates_empty_blank_and_500_token_lines(tmp_path):
+    """What users type: an empty line, a line of spaces and a 500-token line in one batch with a short one. Each
+    gets a hypothesis (fairseq appends EOS, so an 'empty' source is one token); nothing fails."""
+    pytest.importorskip("fairseq")
+    import random
+
+    from fairseq_helpers import make_toy_data, preprocess, run_cli, train
+
+    make_toy_data(tmp_path / "raw", n_train=64, n_valid=8, n_test=4)
+    preprocess(tmp_path / "raw", tmp_path / "bin")
+    train(tmp_path / "bin", tmp_path / "ck", ["--attention", "viterbi", "--attention-reg", "l2"], 2,
+          ["--disable-validation"])
+    rng = random.Random(0)
+    long_line = " ".join(f"w{rng.randrange(10)}" for _ in range(500))
+    proc = run_cli("interactive", tmp_path / "bin", "--user-dir", USER_DIR, "--path", tmp_path / "ck" /
+                   "checkpoint_last.pt", "--source-lang", "src", "--target-lang", "tgt", "--cpu", "--beam", "2",
+                   "--buffer-size", "4", "--batch-size", "4", "--max-len-b", "10",
+                   stdin=f"\nw1 w2\n{long_line}\n   \n")
+    hyps = {int(line.split("\t")[0][2:]): line for line in proc.stdout.splitlines() if line.startswith("H-")}
+    assert sorted(hyps) == [0, 1, 2, 3], proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
