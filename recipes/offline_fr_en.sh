@@ -40,7 +40,7 @@ usage: bash recipes/offline_fr_en.sh [options]
   --threads N          torch threads for training/decoding (default: $OMP_NUM_THREADS or 2)
   --builtin-lstm       use fairseq's own --arch lstm (softmax only, no plugin; for plumbing checks)
   --no-report          skip the HTML attention report
-  --report-sentences N test sentences shown in the report (default 20; tiny preset 2)
+  --report-sentences N test sentences shown in the report (default 20; tiny 2, quick 6)
   --dry-run            print the commands instead of running them
   --force              re-run every step (ignore stamps; training still resumes from checkpoint_last.pt)
 EOF
@@ -91,7 +91,8 @@ case "$corpus" in bible|libreoffice) ;; *) die "--corpus must be bible or libreo
 case "$size" in
   tiny)  p_train=300  p_test=40  p_update=30    p_epoch=100 spm_vocab=500  max_tokens=2000 p_dim=32  p_hours=0
          p_beam=1 max_len_b=5 p_report=2 ;;
-  quick) p_train=4000 p_test=200 p_update=200   p_epoch=100 spm_vocab=2000 max_tokens=4000 p_dim=64  p_hours=0 ;;
+  quick) p_train=4000 p_test=200 p_update=200   p_epoch=100 spm_vocab=2000 max_tokens=4000 p_dim=64  p_hours=0
+         p_report=6 ;;
   small) p_train=0    p_test=0   p_update=600   p_epoch=100 spm_vocab=8000 max_tokens=6000 p_dim=128 p_hours=0.35 ;;
   full)  p_train=0    p_test=0   p_update=0     p_epoch=30  spm_vocab=8000 max_tokens=6000 p_dim=256 p_hours=0 ;;
   *) die "--size must be tiny, quick, small or full, not '$size'" ;;
