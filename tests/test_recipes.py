@@ -223,7 +223,7 @@ def test_results_table_renders_measured_numbers(tmp_path):
     text = out.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| Viterbi ℓ2²"))
     assert "| 12.3 |" in row and "| 40.5 |" in row and "| 0.812 |" in row and "| 2.50 |" in row
-    assert "| 60 |" in row and "10.0 min" in row and "| 140 |" in row
+    assert "| 60 |" in row and "8.3 min" in row and "| 140 |" in row
     assert "`nrefs:1|bleu-sig`" in text
     assert "runs/softmax/score.json" in text  # listed as missing, not invented
     assert text.splitlines()[0] == "# Results: bible fr→en (? size)"

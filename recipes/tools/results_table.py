@@ -167,7 +167,7 @@ def render(work: Path, rows, missing, args) -> str:
     out.append("")
     r1, r2 = args.ref_label, args.ref2_label
     head = ["attention", f"BLEU ({r1})"] + ([f"BLEU ({r1}+{r2})"] if has_multi else []) + [
-        f"chrF2 ({r1})", "updates", "epochs", "train wall", "tokens/s", "exact zeros", "support/row",
+        f"chrF2 ({r1})", "updates", "epochs", "train time", "tokens/s", "exact zeros", "support/row",
         "segments/row"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
@@ -185,7 +185,7 @@ def render(work: Path, rows, missing, args) -> str:
             if mb:
                 sigs.add(f"BLEU (2 refs): `{mb['signature']}`")
             cells.append(fmt(mb.get("score")))
-        wall = t.get("wall_s")
+        wall = t.get("compute_s")
         cells += [fmt(chrf), fmt(t.get("updates"), "{}") + (" (time cap)" if t.get("stopped_by_time") else ""),
                   fmt(t.get("epochs"), "{}"), "–" if wall is None else f"{wall / 60:.1f} min",
                   fmt(t.get("tokens_per_s"), "{:.0f}"), fmt(s.get("zero_fraction"), "{:.3f}"),
@@ -193,8 +193,9 @@ def render(work: Path, rows, missing, args) -> str:
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     out.append("Columns: BLEU/chrF2 by sacrebleu on detokenised output (sentencepiece decode + Moses detok) against "
-               "the untokenised reference(s); *train wall* = fairseq's wall clock for the whole training (validation "
-               "included); *tokens/s* = target tokens per second of training steps; *exact zeros* = fraction of "
+               "the untokenised reference(s); *train time* = fairseq's time spent in training steps, summed over epochs "
+               "(validation, checkpointing and start-up excluded; robust to interrupted and resumed runs); *tokens/s* = "
+               "target tokens per second of training steps; *exact zeros* = fraction of "
                "attention cells that are exactly 0, *support/row* = non-zero source positions per target token, "
                "*segments/row* = contiguous non-zero blocks per target token (`structattn-stats`, test set, EOS "
                "included). \"(time cap)\" marks a training stopped by `--stop-time-hours` before its update budget.")
