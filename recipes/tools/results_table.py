@@ -107,6 +107,15 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
+def _last_train_command(work: Path, variant: str):
+    """The last training command of ``variant`` in work/commands.sh (every command the recipe ran, in order)."""
+    log = work / "commands.sh"
+    if not log.is_file():
+        return None
+    hits = [line for line in log.read_text().splitlines() if "fairseq-train" in line and f"/runs/{variant}/" in line]
+    return hits[-1].strip() if hits else None
+
+
 def collect(work: Path, variants):
     rows, missing = [], []
     for v in variants:
@@ -129,7 +138,7 @@ def collect(work: Path, variants):
         else:
             missing.append(str(p))
         stamp = work / "stamps" / f"train.{v}.done"
-        row["train_cmd"] = stamp.read_text().strip() if stamp.is_file() else None
+        row["train_cmd"] = stamp.read_text().strip() if stamp.is_file() else _last_train_command(work, v)
         rows.append(row)
     return rows, missing
 
@@ -214,7 +223,7 @@ def render(work: Path, rows, missing, args) -> str:
     out.append(args.invocation or "bash recipes/offline_fr_en.sh")
     out.append("```")
     out.append("")
-    out.append("Training commands as run (from the step stamps):")
+    out.append("Training commands as run (from the step stamps, else the last one in commands.sh):")
     out.append("")
     for r in rows:
         if r["train_cmd"]:
