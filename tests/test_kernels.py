@@ -80,7 +80,9 @@ def compare_backends(backend, theta, Z, lengths, reg, gamma, what):
 
 # ---- the C kernel -------------------------------------------------------------------------------------------------
 
-needs_c = pytest.mark.skipif(not cpu.available(), reason=f"C kernel unavailable: {cpu.unavailable_reason()}")
+# Skip only when there is no C compiler at all (the documented fallback case). With a compiler, a kernel that fails
+# to build must fail these tests, not skip them.
+needs_c = pytest.mark.skipif(cpu._compiler() is None, reason="no C compiler on this machine ($CC, cc, gcc, clang)")
 
 
 @needs_c
