@@ -184,12 +184,6 @@ def _hvp(Q: Tensor, U: Tensor, r: Tensor, Z: Tensor, mask: Tensor | None, reg: s
     return dot, Edot
 
 
-def _marginals_from_theta(theta, mask, reg, gamma):
-    _, Q, r = _forward(theta, mask, reg, gamma)
-    E, _ = _backward(Q, r, mask)
-    return E
-
-
 def _hvp_from_theta(theta, Z, mask, reg, gamma):
     _, Q, r = _forward(theta, mask, reg, gamma)
     _, U = _backward(Q, r, mask)
