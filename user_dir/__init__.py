@@ -3,6 +3,10 @@
 One import per feature; add a line to register more (tasks, criteria, ...).
 """
 
+from . import fairseq_patches
+
+fairseq_patches.install()  # every deliberate change to fairseq's behaviour, documented in that module
+
 from . import checkpoint_compat  # noqa: F401  (torch.load allow-list for fairseq checkpoints, torch >= 2.6)
 from . import structattn_lstm  # noqa: F401  (model `structattn_lstm` and its architectures)
 from . import dump_task  # noqa: F401  (task `structattn_translation`: --dump-attention for fairseq-generate)

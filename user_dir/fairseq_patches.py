@@ -1,0 +1,166 @@
+"""Deliberate changes to fairseq's behaviour, installed by :func:`install` when the plugin is loaded
+(``--user-dir user_dir`` imports ``user_dir/__init__.py``, which calls it).
+
+Each patch says what fairseq does, why we change it, and the fairseq version it was checked against. They are
+idempotent and process-wide: once fairseq has imported the plugin, every later use of fairseq in the process
+(training, validation, fairseq-generate) sees them.
+
+Checked against: fairseq 0.12.2 and ``fairseq-fixed`` 0.12.3.1 (the build that imports on Python 3.11; same
+``fairseq/data/iterators.py``), torch 2.13, CPython 3.11.
+
+Patches
+-------
+``prefetch thread closed at exit`` (:class:`ClosableBackgroundConsumer`)
+    *What fairseq does.* ``EpochBatchIterator`` wraps each epoch in a ``BufferedIterator`` (``--data-buffer-size``,
+    default 10) whose ``BackgroundConsumer`` — a *daemon* thread — collates batches ahead of the training loop.
+    Nothing ever stops that thread: when training stops in the middle of an epoch (``--max-update``,
+    ``--stop-time-hours``, early stopping) the process exits while it is still collating.
+
+    *What goes wrong.* At interpreter exit, CPython ≤ 3.13 ends a daemon thread that tries to take the GIL back with
+    ``pthread_exit``, which unwinds the thread's stack with a forced unwind. If the thread is inside torch's C++
+    code at that moment — collating calls tensor ops that release the GIL; a core dump of fairseq-train caught it
+    in ``THPVariable_dealloc`` → ``PyEval_RestoreThread`` → ``take_gil`` → ``PyThread_exit_thread``, Python stack
+    ``BackgroundConsumer.run`` → ``collate_tokens`` (``data_utils.py:70``) — the unwind meets a ``noexcept`` C++
+    frame and the C++ runtime calls ``std::terminate``: "terminate called without an active exception", SIGABRT,
+    exit status 134, *after* the checkpoint was written and "done training" was logged. It only happens mid-epoch
+    (at the end of an epoch the thread has already queued everything and returned) and only while the thread is
+    still filling its queue (with a full queue it waits on a plain lock, which exits harmlessly), so it depends on
+    timing: on a quiet 2-core machine ``--max-update 1`` aborted every time; under load, rarely
+    (``scripts/repro_exit_abort.sh`` counts it; docs/reliability.md has the numbers).
+
+    *What we do.* Upstream-style: the consumer thread becomes closable — it checks a stop flag after each batch it
+    queues — and an ``atexit`` hook closes every live consumer before the interpreter starts finalising (CPython
+    runs ``atexit`` callbacks while daemon threads still run normally). Closing sets the flag, empties the queue so
+    that a thread blocked on a full queue wakes up, and joins it (the batch being collated finishes first, so the
+    thread never sits in torch code when the process exits). Prefetching is unchanged during training; the
+    batch-queue contents are only ever dropped at exit, after fairseq has finished.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import queue
+import threading
+import time
+import weakref
+
+logger = logging.getLogger(__name__)
+
+CHECKED_FAIRSEQ_VERSIONS = ("0.12.2", "0.12.3.1")
+"""fairseq versions whose code the patches below were read against (others get a warning, and the patches)."""
+
+CLOSE_TIMEOUT_S = 60.0
+"""How long the exit hook waits for one prefetch thread to finish the batch it is collating."""
+
+_installed = False
+
+
+def install() -> None:
+    """Install every patch of this module (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    import fairseq
+
+    if fairseq.__version__ not in CHECKED_FAIRSEQ_VERSIONS:
+        logger.warning("structattn: fairseq %s is not one of the versions its fairseq patches were checked "
+                       "against (%s); see user_dir/fairseq_patches.py", fairseq.__version__,
+                       ", ".join(CHECKED_FAIRSEQ_VERSIONS))
+    _install_closable_prefetch()
+    _installed = True
+
+
+# --- prefetch thread closed at exit ------------------------------------------------------------------------------
+
+_live_consumers: "weakref.WeakSet[threading.Thread]" = weakref.WeakSet()
+
+
+def _consumer_class():
+    """The closable subclass of fairseq's ``BackgroundConsumer`` (built lazily: this module imports without
+    fairseq)."""
+    from fairseq.data import iterators
+
+    base = getattr(iterators, "_StructattnOriginalBackgroundConsumer", iterators.BackgroundConsumer)
+
+    class ClosableBackgroundConsumer(base):
+        """fairseq's prefetch thread with a :meth:`close`: the same loop as ``BackgroundConsumer.run`` (0.12.x),
+        plus a stop flag checked after each queued batch."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._stop_requested = threading.Event()
+            _live_consumers.add(self)
+
+        def run(self):
+            # Same statements as fairseq 0.12.x BackgroundConsumer.run, plus the two stop checks.
+            if self.cuda_device is not None:
+                import torch
+
+                torch.cuda.set_device(self.cuda_device)
+            try:
+                for item in self._source:
+                    self._queue.put(item)
+                    if self._stop_requested.is_set():
+                        return
+                    self.count += 1
+                    if self._max_len is not None and self.count >= self._max_len:
+                        break
+                self._queue.put(_sentinel())
+            except Exception as e:  # noqa: BLE001 - handed to the training loop, as fairseq does
+                if not self._stop_requested.is_set():
+                    self._queue.put(e)
+
+        def close(self, timeout: float = CLOSE_TIMEOUT_S) -> bool:
+            """Stop prefetching and wait for the thread to return; True if it did within ``timeout`` seconds.
+            Queued batches are dropped, so call it only when nobody will read this epoch any more."""
+            self._stop_requested.set()
+            deadline = time.monotonic() + timeout
+            while self.is_alive() and time.monotonic() < deadline:
+                _drain(self._queue)  # wakes a thread blocked on a full queue
+                self.join(0.05)
+            return not self.is_alive()
+
+    ClosableBackgroundConsumer.__module__ = __name__
+    ClosableBackgroundConsumer.__qualname__ = "ClosableBackgroundConsumer"
+    return ClosableBackgroundConsumer
+
+
+def _sentinel():
+    from fairseq.data import iterators
+
+    return iterators._sentinel
+
+
+def _drain(q: queue.Queue) -> None:
+    try:
+        while True:
+            q.get_nowait()
+    except queue.Empty:
+        pass
+
+
+def close_prefetch_threads(timeout: float = CLOSE_TIMEOUT_S) -> int:
+    """Close every live prefetch thread (the ``atexit`` hook; also callable directly). Returns how many were
+    still running and had to be stopped; logs any that did not stop within ``timeout`` seconds."""
+    stopped = 0
+    for consumer in list(_live_consumers):
+        if consumer.is_alive():
+            stopped += 1
+            if not consumer.close(timeout):
+                logger.warning("structattn: a fairseq prefetch thread did not stop within %.0f s; the process may "
+                               "abort at exit (see user_dir/fairseq_patches.py)", timeout)
+    return stopped
+
+
+def _install_closable_prefetch() -> None:
+    from fairseq.data import iterators
+
+    if getattr(iterators.BackgroundConsumer, "_structattn_closable", False):
+        return
+    iterators._StructattnOriginalBackgroundConsumer = iterators.BackgroundConsumer
+    cls = _consumer_class()
+    cls._structattn_closable = True
+    # BufferedIterator._create_consumer looks the class up in the module's globals at call time.
+    iterators.BackgroundConsumer = cls
+    atexit.register(close_prefetch_threads)
