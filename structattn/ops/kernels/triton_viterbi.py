@@ -228,10 +228,23 @@ if triton is not None:
             a1 = tl.where(act, e01 + e11, a1)
 
 
+#: Input dtypes the kernels are compiled for (half precision is upcast to float32 by structattn.ops.viterbi).
+DTYPES = (torch.float32, torch.float64)
+_NUM_WARPS = 4
+
+
 def _block(B: int) -> int:
     # One lane per chain; 128 lanes = 4 warps. The interpreter runs whole blocks with numpy, so keep them small
     # there (fewer wasted lanes on tiny test batches).
-    return 16 if _interpreting() else 128
+    return 16 if _interpreting() else 32 * _NUM_WARPS
+
+
+def _launch(kernel, n_chains: int, args: tuple, constexprs: dict) -> None:
+    """Launch ``kernel`` over ``n_chains`` chains, one lane each. Every launch in this module goes through here, so
+    that tests/test_triton_aot.py can record the (kernel, argument types, constexprs, num_warps) that the wrappers
+    below really produce and compile exactly those ahead of time for sm_80/sm_90: a new variant cannot be missed."""
+    BLOCK = _block(n_chains)
+    kernel[(triton.cdiv(n_chains, BLOCK),)](*args, **constexprs, BLOCK=BLOCK, num_warps=_NUM_WARPS)
 
 
 def _check(x: Tensor) -> None:
@@ -239,8 +252,8 @@ def _check(x: Tensor) -> None:
         raise RuntimeError(f"the Triton Viterbi kernel is unavailable: {unavailable_reason()}")
     if x.shape[-1] != 2:
         raise ValueError(f"the Triton Viterbi kernel is specialised to S=2, got S={x.shape[-1]}")
-    if x.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"the Triton Viterbi kernel supports float32/float64, got {x.dtype}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"the Triton Viterbi kernel supports {', '.join(map(str, DTYPES))}, got {x.dtype}")
 
 
 def _lens(lengths: Tensor | None, like: Tensor):
@@ -261,13 +274,12 @@ def _run_vit(theta, Q, r, lengths, reg, gamma, fwd: bool, bwd: bool, value=None,
     ref = theta if theta is not None else Q
     lens, has = _lens(lengths, ref)
     dummy = Q
-    BLOCK = _block(B)
-    grid = (triton.cdiv(B, BLOCK),)
-    _vit_kernel[grid](
-        theta if theta is not None else dummy, lens, _gamma(gamma, ref),
-        value if value is not None else dummy, Q, r,
-        E if E is not None else dummy, U if U is not None else dummy,
-        B, T, HAS_LENS=has, L2=(reg == "l2"), FWD=fwd, BWD=bwd, BLOCK=BLOCK, num_warps=4,
+    _launch(
+        _vit_kernel, B,
+        (theta if theta is not None else dummy, lens, _gamma(gamma, ref),
+         value if value is not None else dummy, Q, r,
+         E if E is not None else dummy, U if U is not None else dummy, B, T),
+        dict(HAS_LENS=has, L2=(reg == "l2"), FWD=fwd, BWD=bwd),
     )
 
 
@@ -319,9 +331,5 @@ def hvp(Q: Tensor, U: Tensor, r: Tensor, Z: Tensor, lengths: Tensor | None, reg:
     if B == 0:
         return dot, Edot
     lens, has = _lens(lengths, Q)
-    BLOCK = _block(B)
-    _hvp_kernel[(triton.cdiv(B, BLOCK),)](
-        Q, U, r, Z, lens, _gamma(gamma, Q), dot, Edot, B, T,
-        HAS_LENS=has, L2=(reg == "l2"), BLOCK=BLOCK, num_warps=4,
-    )
+    _launch(_hvp_kernel, B, (Q, U, r, Z, lens, _gamma(gamma, Q), dot, Edot, B, T), dict(HAS_LENS=has, L2=(reg == "l2")))
     return dot, Edot
