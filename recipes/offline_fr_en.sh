@@ -134,6 +134,13 @@ say() { echo "[$(date '+%H:%M:%S')] $*" >&2; [ "$dry" = 1 ] || echo "[$(date '+%
 # earlier step of the same chain (data; one variant's train → generate → … → stats) ran in this invocation: a step
 # that ran makes everything downstream of it stale (redo=1).
 redo=0
+# train_finished NAME STATUS LOG-OFFSET START: true (with a loud report) if a training step that exited non-zero had
+# finished first — fairseq's abort at exit after a mid-epoch stop (tools/train_exit.py); false with the reason if not.
+train_finished() {
+  local run="$work/runs/${1#train.}"
+  "$py" "$tools/train_exit.py" --name "$1" --status "$2" --offset "$3" --since "$4" --log "$run/train.log" \
+    --checkpoint "$run/checkpoints/checkpoint_last.pt" 2>&1 | tee -a "$log" >&2
+}
 step() {
   local name="$1" cmd="$2" stamp="$work/stamps/$1.done"
   if [ "$dry" = 1 ]; then printf '# %s\n%s\n\n' "$name" "$cmd"; return 0; fi
@@ -142,8 +149,11 @@ step() {
   fi
   say "run  $name"
   echo "$cmd" >> "$work/commands.sh"
-  local t0; t0=$(date +%s)
-  if ! bash -o pipefail -c "$cmd"; then
+  local t0 rc=0 log0=0; t0=$(date +%s)
+  case "$name" in train.*) log0=$(stat -c %s "$work/runs/${name#train.}/train.log" 2>/dev/null || echo 0) ;; esac
+  bash -o pipefail -c "$cmd" || rc=$?
+  if [ "$rc" != 0 ]; then case "$name" in train.*) train_finished "$name" "$rc" "$log0" "$t0" && rc=0 ;; esac; fi
+  if [ "$rc" != 0 ]; then
     say "FAILED $name (command in $work/commands.sh)"
     case "$name" in train.*) say "hint: training resumes from $work/runs/${name#train.}/checkpoints/checkpoint_last.pt;" \
       "after changing model settings delete that folder" ;; esac

@@ -80,7 +80,13 @@ step() {
   if [ "$dry" = 1 ]; then printf '# %s\n%s\n\n' "$name" "$cmd"; return 0; fi
   if [ "$force" = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$cmd" ]; then say "skip $name"; return 0; fi
   say "run  $name"; echo "$cmd" >> "$work/commands.sh"
-  bash -o pipefail -c "$cmd" || { say "FAILED $name (command in $work/commands.sh)"; exit 1; }
+  local t0 rc=0 log0=0 run; t0=$(date +%s) run="$work/runs/${name#train.}"
+  case "$name" in train.*) log0=$(stat -c %s "$run/train.log" 2>/dev/null || echo 0) ;; esac
+  bash -o pipefail -c "$cmd" || rc=$?
+  if [ "$rc" != 0 ]; then case "$name" in train.*)  # finished, then died at exit? (tools/train_exit.py)
+    "$py" "$here/tools/train_exit.py" --name "$name" --status "$rc" --offset "$log0" --since "$t0" \
+      --log "$run/train.log" --checkpoint "$run/checkpoints/checkpoint_last.pt" && rc=0 ;; esac; fi
+  [ "$rc" = 0 ] || { say "FAILED $name (command in $work/commands.sh)"; exit 1; }
   printf '%s' "$cmd" > "$stamp"; say "done $name"
 }
 fetch() { # fetch NAME URL: resumable download with a progress bar

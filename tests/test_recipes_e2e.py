@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,13 +20,24 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(work: Path, *extra: str, timeout: int = 300) -> str:
+def _run(work: Path, *extra: str, timeout: int = 300, path_prefix: Path | None = None, expect: int = 0) -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    if path_prefix is not None:
+        env["PATH"] = f"{path_prefix}{os.pathsep}{env['PATH']}"
     cmd = ["bash", "recipes/bible_fr_en/run.sh", "--size", "tiny", "--max-train", "300", "--max-test", "16",
            "--variants", "softmax viterbi-l2", "--work", str(work), "--threads", "1", *extra]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    assert (r.returncode == 0) == (expect == 0), r.stdout[-3000:] + r.stderr[-5000:]
     return r.stderr + r.stdout
+
+
+def _fake_fairseq_train(folder: Path, body: str) -> Path:
+    """A `fairseq-train` earlier on PATH than the real one, to play fairseq's abort at exit (issue 11)."""
+    folder.mkdir(exist_ok=True)
+    exe = folder / "fairseq-train"
+    exe.write_text(f"#!/usr/bin/env bash\n{body}\n")
+    exe.chmod(0o755)
+    return folder
 
 
 @pytest.mark.slow
@@ -73,3 +85,21 @@ def test_bible_recipe_end_to_end(tmp_path):
     for name in ("generate", "detok", "bleu", "bleu2", "stats"):
         assert f"run  {name}.softmax" in more, name
     assert not re.search(r"run  \S+\.viterbi-l2", more) and "run  report" in more
+
+    # fairseq-train that finishes and then aborts at exit (status 134): the recipe says so loudly, keeps the model
+    # and goes on to generate and score it -- once, no retry.
+    real = shutil.which("fairseq-train")
+    aborting = _fake_fairseq_train(tmp_path / "abort_after", f"'{real}' \"$@\" || exit $?\n"
+                                   "echo 'terminate called without an active exception' >&2; exit 134")
+    late = _run(work, "--max-update", "14", "--variants", "softmax", path_prefix=aborting)
+    assert "exited with status 134 (SIGABRT) AFTER it finished" in late
+    assert "checkpoint_last.pt holds update 14, the last one logged" in late
+    assert late.count("run  train.softmax") == 1 and "run  bleu.softmax" in late
+    assert (work / "stamps" / "train.softmax.done").is_file()
+
+    # One that dies the same way before training: the recipe stops with the reason and keeps no stamp of it.
+    early = _fake_fairseq_train(tmp_path / "abort_before",
+                                "echo 'terminate called without an active exception' >&2; exit 134")
+    failed = _run(work, "--max-update", "16", "--variants", "softmax", path_prefix=early, expect=1)
+    assert "fairseq-train failed with status 134 (SIGABRT): the log of this attempt has no 'done training'" in failed
+    assert "FAILED train.softmax" in failed and "run  generate.softmax" not in failed
