@@ -10,6 +10,15 @@ Checked against: fairseq 0.12.2 and ``fairseq-fixed`` 0.12.3.1 (the build that i
 
 Patches
 -------
+Installed here (this module): the prefetch-thread fix below. Installed by :func:`install` from their own modules,
+where their code and documentation live (issue 15 moves them here):
+
+* ``checkpoint allow-list`` — ``user_dir/checkpoint_compat.py``: fairseq's ``torch.load`` refuses its own
+  checkpoints under torch >= 2.6 (``weights_only``); we allow-list exactly the non-tensor globals they hold.
+* ``command-line checks`` — ``user_dir/cli_checks.py``: wraps ``fairseq.options.parse_args_and_arch`` to reject bad
+  command lines in one line before any work.
+* ``--help lists model options`` — ``user_dir/structattn_lstm.py`` wraps ``fairseq.options.add_model_args``.
+
 ``prefetch thread closed at exit`` (:class:`ClosableBackgroundConsumer`)
     *What fairseq does.* ``EpochBatchIterator`` wraps each epoch in a ``BufferedIterator`` (``--data-buffer-size``,
     default 10) whose ``BackgroundConsumer`` — a *daemon* thread — collates batches ahead of the training loop.
@@ -68,6 +77,10 @@ def install() -> None:
                        "against (%s); see user_dir/fairseq_patches.py", fairseq.__version__,
                        ", ".join(CHECKED_FAIRSEQ_VERSIONS))
     _install_closable_prefetch()
+    from . import checkpoint_compat, cli_checks
+
+    checkpoint_compat.register()
+    cli_checks.install()
     _installed = True
 
 
