@@ -54,8 +54,10 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 # ---- input checks ---------------------------------------------------------------------------------------------
 
 
-def _prepare(theta: Tensor, lengths, reg: str, gamma: float, check_finite: bool = True):
-    """Validate inputs; return (θ in a compute dtype, lengths as int64 tensor or None, gamma, output dtype)."""
+def _prepare(theta: Tensor, lengths, reg: str, gamma: float):
+    """Validate what is known without reading tensor data (so that torch.compile traces it without a graph break);
+    return (θ in a compute dtype, lengths as an int64 tensor on θ's device or None, gamma, output dtype). The checks
+    that read the data (finite θ, lengths in [0, T]) run inside the value/marginals ops (:func:`_check_values`)."""
     gamma = check_reg_gamma(reg, gamma)
     if not isinstance(theta, Tensor):
         raise TypeError(f"theta must be a torch.Tensor, got {type(theta).__name__}")
@@ -70,21 +72,12 @@ def _prepare(theta: Tensor, lengths, reg: str, gamma: float, check_finite: bool 
     if theta.dtype in _LOW_PRECISION:
         # Half precision cannot hold values that grow linearly in T nor tiny marginals: compute in float32.
         theta = theta.float()
-    if check_finite and theta.numel() > 0:
-        bad = ~torch.isfinite(theta.detach())
-        if bool(bad.any()):
-            idx = tuple(int(i) for i in bad.nonzero()[0])
-            n = int(bad.sum())
-            raise ValueError(
-                f"theta contains {n} non-finite value(s) (NaN or ±inf), first at index {idx}: "
-                f"{theta[idx].item()}; Vit_Ω needs finite potentials (mask padding with `lengths` instead)"
-            )
     if lengths is not None:
-        lengths = _check_lengths(lengths, B, T, theta.device)
+        lengths = _check_lengths(lengths, B, theta.device)
     return theta, lengths, gamma, out_dtype
 
 
-def _check_lengths(lengths, B: int, T: int, device) -> Tensor | None:
+def _check_lengths(lengths, B: int, device) -> Tensor:
     if not isinstance(lengths, Tensor):
         try:
             lengths = torch.as_tensor(lengths)
@@ -94,13 +87,29 @@ def _check_lengths(lengths, B: int, T: int, device) -> Tensor | None:
         raise TypeError(f"lengths must have an integer dtype, got {lengths.dtype}")
     if lengths.dim() != 1 or lengths.shape[0] != B:
         raise ValueError(f"lengths must have shape ({B},), got {tuple(lengths.shape)}")
-    if lengths.numel() > 0:
-        lo, hi = int(lengths.min()), int(lengths.max())
-        if lo < 0 or hi > T:
-            raise ValueError(f"lengths must lie in [0, T={T}], got values in [{lo}, {hi}]")
-        if lo == T:  # no padding at all: take the cheaper unmasked path
-            return None
     return lengths.to(device=device, dtype=torch.long)
+
+
+def _check_values(theta: Tensor, lengths: Tensor | None) -> Tensor | None:
+    """The data-dependent checks, run by the value and marginals ops on real tensors (also under torch.compile,
+    where the op bodies run at run time): θ finite, lengths in [0, T] (the kernels index with them). Returns
+    ``lengths``, or None when no chain is padded (the kernels' cheaper unmasked path)."""
+    if theta.numel() > 0:
+        bad = ~torch.isfinite(theta)
+        if bool(bad.any()):
+            idx = tuple(int(i) for i in bad.nonzero()[0])
+            n = int(bad.sum())
+            raise ValueError(
+                f"theta contains {n} non-finite value(s) (NaN or ±inf), first at index {idx}: "
+                f"{theta[idx].item()}; Vit_Ω needs finite potentials (mask padding with `lengths` instead)"
+            )
+    if lengths is None or lengths.numel() == 0:
+        return lengths
+    T = theta.shape[1]
+    lo, hi = int(lengths.min()), int(lengths.max())
+    if lo < 0 or hi > T:
+        raise ValueError(f"lengths must lie in [0, T={T}], got values in [{lo}, {hi}]")
+    return None if lo == T else lengths
 
 
 def _step_mask(lengths: Tensor | None, T: int) -> Tensor | None:
@@ -263,11 +272,6 @@ class _Reference:
 _FAST_DTYPES = (torch.float32, torch.float64)
 
 
-def _triton_usable_device(theta: Tensor) -> bool:
-    # On CPU tensors Triton runs only through its interpreter (TRITON_INTERPRET=1, read when triton is imported).
-    return theta.is_cuda or (theta.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
-
-
 def resolve_backend(backend, theta: Tensor) -> str:
     """The concrete backend ("reference" | "cpu" | "triton") that a call with ``backend`` on ``theta`` (already in
     its compute dtype) uses. ``None`` means the process default (:func:`set_default_backend`).
@@ -276,38 +280,50 @@ def resolve_backend(backend, theta: Tensor) -> str:
     compiles, anything else (or on failure, with a one-time warning for the C kernel) → "reference". An explicit
     "cpu"/"triton" that cannot serve ``theta`` raises instead of silently falling back."""
     name = _default_backend if backend is None else _check_backend_name(backend)
-    S = theta.shape[-1]
+    return _resolve(name, theta.device.type, theta.dtype, int(theta.shape[-1]), _interpreting())
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# torch.compile: the answer depends only on these constants, but finding it may compile the C kernel (a subprocess,
+# a lock) or import Triton, which Dynamo cannot trace. assume_constant_result makes Dynamo call it at trace time and
+# bake the answer into the graph (the default backend is a global that Dynamo guards on, so changing it recompiles).
+@torch.compiler.assume_constant_result
+def _resolve(name: str, device_type: str, dtype: torch.dtype, S: int, interpreting: bool) -> str:
     if name == "reference":
         return name
     if name == "auto":
-        if theta.dtype not in _FAST_DTYPES:
+        if dtype not in _FAST_DTYPES:
             return "reference"
-        if theta.is_cuda:
+        if device_type == "cuda":
             if S == 2:
                 from .kernels import triton_viterbi
 
                 if triton_viterbi.available():
                     return "triton"
             return "reference"
-        if theta.device.type == "cpu":
+        if device_type == "cpu":
             from .kernels import cpu
 
             return "cpu" if cpu.available() else "reference"
         return "reference"
-    if theta.dtype not in _FAST_DTYPES:
-        raise TypeError(f"backend={name!r} supports float32/float64 (and half via float32), got {theta.dtype}")
+    if dtype not in _FAST_DTYPES:
+        raise TypeError(f"backend={name!r} supports float32/float64 (and half via float32), got {dtype}")
     if name == "cpu":
-        if theta.device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs a CPU tensor, got device {theta.device}")
+        if device_type != "cpu":
+            raise ValueError(f"backend='cpu' needs a CPU tensor, got device {device_type}")
         from .kernels import cpu
 
         if not cpu.available():
             raise RuntimeError(f"backend='cpu' is unavailable: {cpu.unavailable_reason()}")
         return name
     # triton
-    if not _triton_usable_device(theta):
+    # On CPU tensors Triton runs only through its interpreter (TRITON_INTERPRET=1, read when triton is imported).
+    if not (device_type == "cuda" or (device_type == "cpu" and interpreting)):
         raise ValueError(
-            f"backend='triton' needs a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got {theta.device}"
+            f"backend='triton' needs a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got device {device_type}"
         )
     if S != 2:
         raise ValueError(f"backend='triton' is specialised to S=2 states, got S={S}; use 'auto' or 'reference'")
@@ -330,53 +346,136 @@ def _impl(name: str):
     return triton_viterbi
 
 
-# ---- autograd.Functions ------------------------------------------------------------------------------------------
+# ---- custom ops ----------------------------------------------------------------------------------------------------
+# The passes are torch.library custom ops (namespace ``structattn``) rather than autograd.Functions around ctypes or
+# Triton calls, so that torch.compile / torch.export see them as single opaque nodes with known output shapes (the
+# fake implementations) and known derivatives (register_autograd), instead of breaking the graph on code they cannot
+# trace. Each op takes the concrete ``backend`` chosen by resolve_backend (a constant of the graph) and runs it; the
+# per-device kernels check that the backend belongs to the device: on CPU the C kernel ("cpu"; "triton" only under
+# TRITON_INTERPRET=1), on CUDA the Triton kernel, and the reference tensor code anywhere.
+#
+#   structattn::viterbi_value      θ → (Vit_Ω(θ), Q, r)               Alg. 3 forward     backward: g·E (below)
+#   structattn::viterbi_marginals  θ → (E, Q, U, r)                    Alg. 3 fwd + bwd   backward: ∇²Vit_Ω(θ)·Z
+#   structattn::viterbi_backward   (Q, r) → (E, U)                     Alg. 3 backward sweep (value's first-order
+#                                                                      backward: no second forward pass)
+#   structattn::viterbi_hvp        (Q, U, r, Z) → (⟨E, Z⟩, ∇²Vit_Ω·Z)  Alg. 4
+#
+# Q, U, r are the intermediates of Alg. 3 that the backward passes reuse; they are returned (not differentiable) so
+# that autograd can save them. Derivatives: value' = marginals op when the gradient must itself be differentiable
+# (create_graph), else the backward sweep from the saved Q, r; marginals' = the HVP op, or, for a third derivative,
+# the differentiable reference passes rerun with autograd recording (rare; tests only).
+
+_NS = "structattn"
+_DEVICE_BACKENDS = {"cpu": ("cpu", "reference", "triton"), "cuda": ("triton", "reference")}
 
 
-class _ViterbiValueFunction(torch.autograd.Function):
-    """Vit_Ω(θ) with backward g·∇Vit_Ω(θ) = g·E (Alg. 3). When the backward is itself recorded
-    (``create_graph=True``), E comes from :class:`_ViterbiMarginalsFunction`, whose backward is Alg. 4."""
-
-    @staticmethod
-    def forward(ctx, theta, lengths, reg, gamma, backend):
-        with torch.no_grad():
-            value, Q, r = _impl(backend).forward(theta, lengths, reg, gamma)
-        ctx.reg, ctx.gamma, ctx.backend = reg, gamma, backend
-        ctx.save_for_backward(theta, Q, r, lengths)
-        return value
-
-    @staticmethod
-    def backward(ctx, g):
-        theta, Q, r, lengths = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            E = _ViterbiMarginalsFunction.apply(theta, lengths, ctx.reg, ctx.gamma, ctx.backend)
-        else:
-            E, _ = _impl(ctx.backend).backward(Q, r, lengths)
-        return g[:, None, None, None] * E, None, None, None, None
+def _backend_for(device: torch.device, backend: str):
+    allowed = _DEVICE_BACKENDS.get(device.type, ("reference",))
+    if backend not in allowed:
+        raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors (allowed: {allowed})")
+    return _impl(backend)
 
 
-class _ViterbiMarginalsFunction(torch.autograd.Function):
-    """E = ∇Vit_Ω(θ) (Alg. 3) with backward ∇²Vit_Ω(θ)·Z (Alg. 4; the Hessian is symmetric)."""
+@torch.library.custom_op(f"{_NS}::viterbi_value", mutates_args=())
+def _value_op(
+    theta: Tensor, lengths: Tensor | None, reg: str, gamma: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Alg. 3 forward: (Vit_Ω(θ) (B,), Q (B,T,S,S), r = ∇max_Ω(v_T) (B,S))."""
+    impl = _backend_for(theta.device, backend)
+    lengths = _check_values(theta, lengths)
+    value, Q, r = impl.forward(theta, lengths, reg, gamma)
+    return value, Q, r
 
-    @staticmethod
-    def forward(ctx, theta, lengths, reg, gamma, backend):
-        with torch.no_grad():
-            _, Q, r, E, U = _impl(backend).marginals(theta, lengths, reg, gamma)
-        ctx.reg, ctx.gamma, ctx.backend = reg, gamma, backend
-        ctx.save_for_backward(theta, Q, U, r, lengths)
-        return E
 
-    @staticmethod
-    def backward(ctx, Z):
-        theta, Q, U, r, lengths = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # A third derivative was asked for: rerun Alg. 3 + 4 in the differentiable reference code with autograd
-            # recording, whatever the backend (rare; tests only).
-            with torch.enable_grad():
-                Edot = _hvp_from_theta(theta, Z, _step_mask(lengths, theta.shape[1]), ctx.reg, ctx.gamma)
-        else:
-            Edot = _impl(ctx.backend).hvp(Q, U, r, Z.to(Q.dtype), lengths, ctx.reg, ctx.gamma)[1]
-        return Edot, None, None, None, None
+@torch.library.custom_op(f"{_NS}::viterbi_marginals", mutates_args=())
+def _marginals_op(
+    theta: Tensor, lengths: Tensor | None, reg: str, gamma: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Alg. 3 forward + backward: (E = ∇Vit_Ω(θ) (B,T,S,S), Q (B,T,S,S), U (B,T,S), r (B,S))."""
+    impl = _backend_for(theta.device, backend)
+    lengths = _check_values(theta, lengths)
+    _, Q, r, E, U = impl.marginals(theta, lengths, reg, gamma)
+    return E, Q, U, r
+
+
+@torch.library.custom_op(f"{_NS}::viterbi_backward", mutates_args=())
+def _backward_op(Q: Tensor, r: Tensor, lengths: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
+    """Alg. 3 backward sweep from the saved Q, r: (E (B,T,S,S), U (B,T,S))."""
+    return _backend_for(Q.device, backend).backward(Q, r, lengths)
+
+
+@torch.library.custom_op(f"{_NS}::viterbi_hvp", mutates_args=())
+def _hvp_op(
+    Q: Tensor, U: Tensor, r: Tensor, Z: Tensor, lengths: Tensor | None, reg: str, gamma: float, backend: str
+) -> tuple[Tensor, Tensor]:
+    """Alg. 4 from the saved Q, U, r: (⟨E, Z⟩ (B,), ∇²Vit_Ω(θ)·Z (B,T,S,S))."""
+    return _backend_for(Q.device, backend).hvp(Q, U, r, Z.to(Q.dtype), lengths, reg, gamma)
+
+
+@_value_op.register_fake
+def _(theta, lengths, reg, gamma, backend):
+    B, T, S, _ = theta.shape
+    return theta.new_empty(B), theta.new_empty(B, T, S, S), theta.new_empty(B, S)
+
+
+@_marginals_op.register_fake
+def _(theta, lengths, reg, gamma, backend):
+    B, T, S, _ = theta.shape
+    return theta.new_empty(B, T, S, S), theta.new_empty(B, T, S, S), theta.new_empty(B, T, S), theta.new_empty(B, S)
+
+
+@_backward_op.register_fake
+def _(Q, r, lengths, backend):
+    B, T, S, _ = Q.shape
+    return torch.empty_like(Q), Q.new_empty(B, T, S)
+
+
+@_hvp_op.register_fake
+def _(Q, U, r, Z, lengths, reg, gamma, backend):
+    return Q.new_empty(Q.shape[0]), torch.empty_like(Q)
+
+
+def _value_setup(ctx, inputs, output):
+    theta, lengths, reg, gamma, backend = inputs
+    _, Q, r = output
+    ctx.reg, ctx.gamma, ctx.backend = reg, gamma, backend
+    ctx.save_for_backward(theta, Q, r, lengths)
+
+
+def _value_backward(ctx, g, gQ, gr):
+    """∂Vit_Ω/∂θ = E (Alg. 3). Q and r are intermediates, not differentiated through (gQ, gr are ignored)."""
+    theta, Q, r, lengths = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True: E must be differentiable in θ, so it comes from the marginals op (its backward is
+        # Alg. 4) instead of the sweep over the saved Q, r (whose derivative in θ autograd cannot see).
+        E = _marginals_op(theta, lengths, ctx.reg, ctx.gamma, ctx.backend)[0]
+    else:
+        E = _backward_op(Q, r, lengths, ctx.backend)[0]
+    return g[:, None, None, None] * E, None, None, None, None
+
+
+def _marginals_setup(ctx, inputs, output):
+    theta, lengths, reg, gamma, backend = inputs
+    _, Q, U, r = output
+    ctx.reg, ctx.gamma, ctx.backend = reg, gamma, backend
+    ctx.save_for_backward(theta, Q, U, r, lengths)
+
+
+def _marginals_backward(ctx, Z, gQ, gU, gr):
+    """Z ↦ ∇²Vit_Ω(θ)·Z (Alg. 4; the Hessian is symmetric). Q, U, r are not differentiated through."""
+    theta, Q, U, r, lengths = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # A third derivative was asked for: rerun Alg. 3 + 4 in the differentiable reference code with autograd
+        # recording, whatever the backend (rare; tests only).
+        with torch.enable_grad():
+            Edot = _hvp_from_theta(theta, Z, _step_mask(lengths, theta.shape[1]), ctx.reg, ctx.gamma)
+    else:
+        Edot = _hvp_op(Q, U, r, Z, lengths, ctx.reg, ctx.gamma, ctx.backend)[1]
+    return Edot, None, None, None, None
+
+
+_value_op.register_autograd(_value_backward, setup_context=_value_setup)
+_marginals_op.register_autograd(_marginals_backward, setup_context=_marginals_setup)
 
 
 # ---- public functions ------------------------------------------------------------------------------------------
@@ -410,7 +509,7 @@ def viterbi_value(
     """
     theta_c, lengths, gamma, out_dtype = _prepare(theta, lengths, reg, gamma)
     name = resolve_backend(backend, theta_c)
-    return _ViterbiValueFunction.apply(theta_c, lengths, reg, gamma, name).to(out_dtype)
+    return _value_op(theta_c, lengths, reg, gamma, name)[0].to(out_dtype)
 
 
 def viterbi_marginals(
@@ -427,7 +526,7 @@ def viterbi_marginals(
     """
     theta_c, lengths, gamma, out_dtype = _prepare(theta, lengths, reg, gamma)
     name = resolve_backend(backend, theta_c)
-    return _ViterbiMarginalsFunction.apply(theta_c, lengths, reg, gamma, name).to(out_dtype)
+    return _marginals_op(theta_c, lengths, reg, gamma, name)[0].to(out_dtype)
 
 
 def viterbi_hvp(
@@ -438,10 +537,10 @@ def viterbi_hvp(
     theta_c, lengths, gamma, out_dtype = _prepare(theta, lengths, reg, gamma)
     if not isinstance(Z, Tensor) or Z.shape != theta.shape:
         raise ValueError(f"Z must be a tensor of theta's shape {tuple(theta.shape)}")
-    impl = _impl(resolve_backend(backend, theta_c))
+    name = resolve_backend(backend, theta_c)
     with torch.no_grad():
-        _, Q, r, _, U = impl.marginals(theta_c, lengths, reg, gamma)
-        dot, Edot = impl.hvp(Q, U, r, Z.to(theta_c.dtype), lengths, reg, gamma)
+        _, Q, U, r = _marginals_op(theta_c, lengths, reg, gamma, name)
+        dot, Edot = _hvp_op(Q, U, r, Z.to(theta_c.dtype), lengths, reg, gamma, name)
     return dot.to(out_dtype), Edot.to(out_dtype)
 
 
