@@ -73,15 +73,22 @@ def test_backend_must_belong_to_the_device():
         torch.ops.structattn.viterbi_value(theta, None, "entropy", 1.0, "auto")
 
 
-def test_value_backward_is_the_marginals_op_and_marginals_backward_the_hvp_op():
+@pytest.mark.parametrize("entry", ["op", "eager"])
+def test_value_backward_is_the_marginals_pass_and_marginals_backward_the_hvp(entry):
     """First derivatives come from the sweep over saved intermediates, gradients of gradients from the marginals
-    op (whose backward is Alg. 4): E·g and ∇²Vit_Ω·Z, matching viterbi_marginals / viterbi_hvp."""
+    pass (whose backward is Alg. 4): g·E and ∇²Vit_Ω·Z, matching viterbi_marginals / viterbi_hvp. ``op`` calls
+    structattn::viterbi_value (what a compiled graph runs), ``eager`` the public function (its autograd.Function
+    twin, built from the same derivative functions)."""
     theta, Z, lengths = _case(seed=1)
     th = theta.clone().requires_grad_(True)
-    v = viterbi_value(th, lengths, "entropy", 0.5)
+    if entry == "op":
+        v = torch.ops.structattn.viterbi_value(th, lengths, "entropy", 0.5, "cpu")[0]
+    else:
+        v = viterbi_value(th, lengths, "entropy", 0.5)
     (g,) = torch.autograd.grad(v.sum(), th, create_graph=True)
     torch.testing.assert_close(g, viterbi_marginals(theta, lengths, "entropy", 0.5), rtol=0, atol=1e-13)
-    assert g.grad_fn is not None and "viterbi_marginals" in type(g.grad_fn.next_functions[1][0]).__name__
+    marginals_node = type(g.grad_fn.next_functions[1][0]).__name__
+    assert ("viterbi_marginals" if entry == "op" else "_MarginalsFunction") in marginals_node, marginals_node
     (h,) = torch.autograd.grad(g, th, Z)
     torch.testing.assert_close(h, viterbi_hvp(theta, Z, lengths, "entropy", 0.5)[1], rtol=0, atol=1e-12)
 
@@ -132,3 +139,17 @@ def test_export():
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert "structattn.viterbi_marginals.default" in targets, targets
     torch.testing.assert_close(ep.module()(theta, lengths), M()(theta, lengths), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reg", ["entropy", "l2"])
+def test_op_gradcheck_and_gradgradcheck(reg):
+    """Through the ops alone: value' (marginals op), value'' (HVP op) and marginals'' (the differentiable
+    reference rerun) agree with finite differences."""
+    theta, _, lengths = _case(B=3, T=3, seed=4)
+    theta = theta * 0.3  # keep ℓ2 away from its kinks, where finite differences are meaningless
+    th = theta.clone().requires_grad_(True)
+    value = lambda t: torch.ops.structattn.viterbi_value(t, lengths, reg, 1.0, "cpu")[0]  # noqa: E731
+    marginals = lambda t: torch.ops.structattn.viterbi_marginals(t, lengths, reg, 1.0, "cpu")[0]  # noqa: E731
+    assert torch.autograd.gradcheck(value, (th,))
+    assert torch.autograd.gradgradcheck(value, (th,))
+    assert torch.autograd.gradgradcheck(marginals, (th,))

@@ -23,6 +23,14 @@ and a fused Triton kernel for CUDA tensors (S = 2), each running one whole pass 
 picked automatically (``backend="auto"``) and agree with the reference to float rounding; ``backend="reference"``
 on a call, :func:`set_default_backend`, :func:`viterbi_backend` or ``STRUCTATTN_VITERBI_BACKEND=reference`` force
 the tensor code. Third derivatives always run the differentiable reference code.
+
+torch.compile / torch.export. The passes are also ``torch.library`` custom ops, ``structattn::viterbi_value``,
+``::viterbi_marginals``, ``::viterbi_backward`` (the Alg. 3 backward sweep) and ``::viterbi_hvp`` (Alg. 4), with fake
+kernels and registered derivatives (value' = marginals, marginals' = HVP). Inside a graph being compiled or exported
+the public functions call the ops, so Dynamo traces them without a graph break (``fullgraph=True``); in eager mode they
+call autograd.Functions built from the same implementation and derivative functions, which skip torch.library's
+~30 µs of Python per call. The data-dependent input checks (finite θ, lengths in [0, T]) run inside the ops, at run
+time, in both modes.
 """
 
 from __future__ import annotations
@@ -287,10 +295,6 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# torch.compile: the answer depends only on these constants, but finding it may compile the C kernel (a subprocess,
-# a lock) or import Triton, which Dynamo cannot trace. assume_constant_result makes Dynamo call it at trace time and
-# bake the answer into the graph (the default backend is a global that Dynamo guards on, so changing it recompiles).
-@torch.compiler.assume_constant_result
 def _resolve(name: str, device_type: str, dtype: torch.dtype, S: int, interpreting: bool) -> str:
     if name == "reference":
         return name
@@ -332,6 +336,15 @@ def _resolve(name: str, device_type: str, dtype: torch.dtype, S: int, interpreti
     if not triton_viterbi.available():
         raise RuntimeError(f"backend='triton' is unavailable: {triton_viterbi.unavailable_reason()}")
     return name
+
+
+# torch.compile: the answer depends only on the arguments, but finding it may compile the C kernel (a subprocess, a
+# lock) or import Triton, which Dynamo cannot trace. The marker is what torch.compiler.assume_constant_result sets
+# (torch/_dynamo/decorators.py); calling that would import torch._dynamo (and Triton) with structattn. Dynamo then
+# calls _resolve at trace time and bakes the answer into the graph (the default backend is a global that Dynamo
+# guards on, so changing it recompiles). tests/test_custom_ops.py compiles with fullgraph=True, which fails if this
+# marker stops working.
+_resolve._dynamo_marked_constant = True
 
 
 def _impl(name: str):
@@ -376,8 +389,7 @@ def _backend_for(device: torch.device, backend: str):
     return _impl(backend)
 
 
-@torch.library.custom_op(f"{_NS}::viterbi_value", mutates_args=())
-def _value_op(
+def _value_impl(
     theta: Tensor, lengths: Tensor | None, reg: str, gamma: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Alg. 3 forward: (Vit_Ω(θ) (B,), Q (B,T,S,S), r = ∇max_Ω(v_T) (B,S))."""
@@ -387,8 +399,7 @@ def _value_op(
     return value, Q, r
 
 
-@torch.library.custom_op(f"{_NS}::viterbi_marginals", mutates_args=())
-def _marginals_op(
+def _marginals_impl(
     theta: Tensor, lengths: Tensor | None, reg: str, gamma: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Alg. 3 forward + backward: (E = ∇Vit_Ω(θ) (B,T,S,S), Q (B,T,S,S), U (B,T,S), r (B,S))."""
@@ -398,18 +409,24 @@ def _marginals_op(
     return E, Q, U, r
 
 
-@torch.library.custom_op(f"{_NS}::viterbi_backward", mutates_args=())
-def _backward_op(Q: Tensor, r: Tensor, lengths: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
+_value_op = torch.library.custom_op(f"{_NS}::viterbi_value", _value_impl, mutates_args=())
+_marginals_op = torch.library.custom_op(f"{_NS}::viterbi_marginals", _marginals_impl, mutates_args=())
+
+
+def _backward_impl(Q: Tensor, r: Tensor, lengths: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
     """Alg. 3 backward sweep from the saved Q, r: (E (B,T,S,S), U (B,T,S))."""
     return _backend_for(Q.device, backend).backward(Q, r, lengths)
 
 
-@torch.library.custom_op(f"{_NS}::viterbi_hvp", mutates_args=())
-def _hvp_op(
+def _hvp_impl(
     Q: Tensor, U: Tensor, r: Tensor, Z: Tensor, lengths: Tensor | None, reg: str, gamma: float, backend: str
 ) -> tuple[Tensor, Tensor]:
     """Alg. 4 from the saved Q, U, r: (⟨E, Z⟩ (B,), ∇²Vit_Ω(θ)·Z (B,T,S,S))."""
     return _backend_for(Q.device, backend).hvp(Q, U, r, Z.to(Q.dtype), lengths, reg, gamma)
+
+
+_backward_op = torch.library.custom_op(f"{_NS}::viterbi_backward", _backward_impl, mutates_args=())
+_hvp_op = torch.library.custom_op(f"{_NS}::viterbi_hvp", _hvp_impl, mutates_args=())
 
 
 @_value_op.register_fake
@@ -435,22 +452,33 @@ def _(Q, U, r, Z, lengths, reg, gamma, backend):
     return Q.new_empty(Q.shape[0]), torch.empty_like(Q)
 
 
+# ---- derivatives ---------------------------------------------------------------------------------------------------
+# Written once, parametrised by how the passes they need are called: as ops when registered with the ops (inside a
+# compiled graph, AOTAutograd traces the backward with fake tensors and needs the ops' fake kernels), or directly in
+# the eager twins below.
+
+
 def _value_setup(ctx, inputs, output):
     theta, lengths, reg, gamma, backend = inputs
     _, Q, r = output
     ctx.reg, ctx.gamma, ctx.backend = reg, gamma, backend
+    # Q, r are saved intermediates: no gradient flows into them, and none is materialised as zeros.
+    ctx.mark_non_differentiable(Q, r)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(theta, Q, r, lengths)
 
 
-def _value_backward(ctx, g, gQ, gr):
-    """∂Vit_Ω/∂θ = E (Alg. 3). Q and r are intermediates, not differentiated through (gQ, gr are ignored)."""
+def _value_grad(ctx, g, marginals, backward_pass):
+    """∂Vit_Ω/∂θ · g = g·E (Alg. 3)."""
+    if g is None:  # grads are not materialised: the value did not reach the loss
+        return None, None, None, None, None
     theta, Q, r, lengths = ctx.saved_tensors
     if torch.is_grad_enabled():
-        # create_graph=True: E must be differentiable in θ, so it comes from the marginals op (its backward is
-        # Alg. 4) instead of the sweep over the saved Q, r (whose derivative in θ autograd cannot see).
-        E = _marginals_op(theta, lengths, ctx.reg, ctx.gamma, ctx.backend)[0]
+        # create_graph=True: E must be differentiable in θ, so it comes from the marginals pass (whose backward is
+        # Alg. 4) instead of the sweep over the saved Q, r (whose dependence on θ autograd cannot see).
+        E = marginals(theta, lengths, ctx.reg, ctx.gamma, ctx.backend)[0]
     else:
-        E = _backward_op(Q, r, lengths, ctx.backend)[0]
+        E = backward_pass(Q, r, lengths, ctx.backend)[0]
     return g[:, None, None, None] * E, None, None, None, None
 
 
@@ -458,11 +486,15 @@ def _marginals_setup(ctx, inputs, output):
     theta, lengths, reg, gamma, backend = inputs
     _, Q, U, r = output
     ctx.reg, ctx.gamma, ctx.backend = reg, gamma, backend
+    ctx.mark_non_differentiable(Q, U, r)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(theta, Q, U, r, lengths)
 
 
-def _marginals_backward(ctx, Z, gQ, gU, gr):
-    """Z ↦ ∇²Vit_Ω(θ)·Z (Alg. 4; the Hessian is symmetric). Q, U, r are not differentiated through."""
+def _marginals_grad(ctx, Z, hvp_pass):
+    """Z ↦ ∇²Vit_Ω(θ)·Z (Alg. 4; the Hessian is symmetric)."""
+    if Z is None:  # grads are not materialised: the marginals did not reach the loss
+        return None, None, None, None, None
     theta, Q, U, r, lengths = ctx.saved_tensors
     if torch.is_grad_enabled():
         # A third derivative was asked for: rerun Alg. 3 + 4 in the differentiable reference code with autograd
@@ -470,12 +502,57 @@ def _marginals_backward(ctx, Z, gQ, gU, gr):
         with torch.enable_grad():
             Edot = _hvp_from_theta(theta, Z, _step_mask(lengths, theta.shape[1]), ctx.reg, ctx.gamma)
     else:
-        Edot = _hvp_op(Q, U, r, Z, lengths, ctx.reg, ctx.gamma, ctx.backend)[1]
+        Edot = hvp_pass(Q, U, r, Z, lengths, ctx.reg, ctx.gamma, ctx.backend)[1]
     return Edot, None, None, None, None
 
 
-_value_op.register_autograd(_value_backward, setup_context=_value_setup)
-_marginals_op.register_autograd(_marginals_backward, setup_context=_marginals_setup)
+_value_op.register_autograd(lambda ctx, g, gQ, gr: _value_grad(ctx, g, _marginals_op, _backward_op),
+                            setup_context=_value_setup)
+_marginals_op.register_autograd(lambda ctx, Z, gQ, gU, gr: _marginals_grad(ctx, Z, _hvp_op),
+                                setup_context=_marginals_setup)
+
+
+# ---- eager entry points ----------------------------------------------------------------------------------------------
+# torch.library's Python layers around a custom op (dispatch, the generated autograd.Function, argument binding) add
+# ~0.1 ms to a Viterbi attention forward + backward at B=64, T=50 on CPU, +25 % of the normaliser (measured with
+# benchmarks/normalizer.py). Outside a graph being compiled or exported, the public functions therefore enter through
+# these autograd.Functions, built from the same implementations, setup and derivative functions as the ops.
+
+
+class _ValueFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, theta, lengths, reg, gamma, backend):
+        out = _value_impl(theta, lengths, reg, gamma, backend)
+        _value_setup(ctx, (theta, lengths, reg, gamma, backend), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g, gQ, gr):
+        return _value_grad(ctx, g, _MarginalsFunction.apply, _backward_impl)
+
+
+class _MarginalsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, theta, lengths, reg, gamma, backend):
+        out = _marginals_impl(theta, lengths, reg, gamma, backend)
+        _marginals_setup(ctx, (theta, lengths, reg, gamma, backend), out)
+        return out
+
+    @staticmethod
+    def backward(ctx, Z, gQ, gU, gr):
+        return _marginals_grad(ctx, Z, _hvp_impl)
+
+
+def _value(theta, lengths, reg, gamma, backend):
+    if torch.compiler.is_compiling():
+        return _value_op(theta, lengths, reg, gamma, backend)
+    return _ValueFunction.apply(theta, lengths, reg, gamma, backend)
+
+
+def _marginals(theta, lengths, reg, gamma, backend):
+    if torch.compiler.is_compiling():
+        return _marginals_op(theta, lengths, reg, gamma, backend)
+    return _MarginalsFunction.apply(theta, lengths, reg, gamma, backend)
 
 
 # ---- public functions ------------------------------------------------------------------------------------------
@@ -509,7 +586,7 @@ def viterbi_value(
     """
     theta_c, lengths, gamma, out_dtype = _prepare(theta, lengths, reg, gamma)
     name = resolve_backend(backend, theta_c)
-    return _value_op(theta_c, lengths, reg, gamma, name)[0].to(out_dtype)
+    return _value(theta_c, lengths, reg, gamma, name)[0].to(out_dtype)
 
 
 def viterbi_marginals(
@@ -526,7 +603,7 @@ def viterbi_marginals(
     """
     theta_c, lengths, gamma, out_dtype = _prepare(theta, lengths, reg, gamma)
     name = resolve_backend(backend, theta_c)
-    return _marginals_op(theta_c, lengths, reg, gamma, name)[0].to(out_dtype)
+    return _marginals(theta_c, lengths, reg, gamma, name)[0].to(out_dtype)
 
 
 def viterbi_hvp(
@@ -539,8 +616,9 @@ def viterbi_hvp(
         raise ValueError(f"Z must be a tensor of theta's shape {tuple(theta.shape)}")
     name = resolve_backend(backend, theta_c)
     with torch.no_grad():
-        _, Q, U, r = _marginals_op(theta_c, lengths, reg, gamma, name)
-        dot, Edot = _hvp_op(Q, U, r, Z.to(theta_c.dtype), lengths, reg, gamma, name)
+        _, Q, U, r = _marginals(theta_c, lengths, reg, gamma, name)
+        hvp = _hvp_op if torch.compiler.is_compiling() else _hvp_impl
+        dot, Edot = hvp(Q, U, r, Z.to(theta_c.dtype), lengths, reg, gamma, name)
     return dot.to(out_dtype), Edot.to(out_dtype)
 
 
