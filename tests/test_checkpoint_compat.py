@@ -1,5 +1,6 @@
 """The plugin's torch.load allow-list covers the state a data-parallel resume broadcasts from rank 0 (the
-OmegaConf config inside it), with torch's default weights_only=True loader and nothing unsafe switched on."""
+OmegaConf config inside it), with torch's default weights_only=True loader and nothing unsafe switched on; it is
+in force only inside fairseq's checkpoint loaders (or ``allow_fairseq_checkpoints()``), not for the whole process."""
 
 import io
 import subprocess
@@ -16,10 +17,14 @@ parser = options.get_training_parser()
 args = options.parse_args_and_arch(parser, ['/tmp', '--arch', 'lstm', '--task', 'translation'])
 state = {'cfg': convert_namespace_to_omegaconf(args), 'model': {'w': torch.ones(2)}}
 buf = io.BytesIO(); torch.save(state, buf)
+import contextlib
+import user_dir  # loading the plugin must not widen torch.load for the whole process
+scope = contextlib.nullcontext()
 if sys.argv[1] == 'plugin':
-    import user_dir.checkpoint_compat  # noqa: F401
+    scope = user_dir.checkpoint_compat.allow_fairseq_checkpoints()
 try:
-    out = torch.load(io.BytesIO(buf.getvalue()), map_location='cpu')
+    with scope:
+        out = torch.load(io.BytesIO(buf.getvalue()), map_location='cpu')
 except Exception as exc:
     print('REFUSED', type(exc).__name__)
 else:
@@ -37,5 +42,19 @@ def _run(mode):
 
 
 def test_broadcast_state_loads_only_with_plugin():
-    assert _run("plain") == "REFUSED UnpicklingError"
+    assert _run("plain") == "REFUSED UnpicklingError"  # even with the plugin imported: no process-wide widening
     assert _run("plugin") == "LOADED"
+
+
+def test_fairseq_checkpoint_loaders_run_inside_the_allow_list():
+    """Loading the plugin wraps exactly fairseq's checkpoint loaders (user_dir/fairseq_patches.py)."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT))
+    import user_dir  # noqa: F401
+    from user_dir.fairseq_patches import CHECKPOINT_LOADERS
+
+    for module_name, name in CHECKPOINT_LOADERS:
+        fn = getattr(importlib.import_module(module_name), name)
+        assert getattr(fn, "_structattn_allow_list", False), (module_name, name)
+        assert fn.__wrapped__.__module__ == module_name  # the original, wrapped once

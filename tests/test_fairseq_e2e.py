@@ -108,7 +108,8 @@ def test_generate_works_on_a_copied_checkpoint_without_env_vars(data, tmp_path):
     probe = (
         "import torch, sys; sys.path.insert(0, sys.argv[2]);\n"
         "try:\n    torch.load(sys.argv[1]); print('LOADED')\nexcept Exception as e: print('REFUSED', type(e).__name__)\n"
-        "import user_dir.checkpoint_compat\ntorch.load(sys.argv[1]); print('LOADED-WITH-PLUGIN')\n"
+        "from user_dir.checkpoint_compat import allow_fairseq_checkpoints\n"
+        "with allow_fairseq_checkpoints():\n    torch.load(sys.argv[1]); print('LOADED-WITH-PLUGIN')\n"
     )
     out = subprocess.run([sys.executable, "-c", probe, str(ck), str(USER_DIR.parent)], env=cli_env(),
                          capture_output=True, text=True, timeout=120)

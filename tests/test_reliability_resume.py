@@ -77,9 +77,10 @@ def _run(args, kill_at=None):
 
 def _load(path):
     sys.path.insert(0, str(ROOT))
-    import user_dir.checkpoint_compat  # noqa: F401  (torch.load allow-list for fairseq checkpoints)
+    from user_dir.checkpoint_compat import allow_fairseq_checkpoints
 
-    return torch.load(path, map_location="cpu")
+    with allow_fairseq_checkpoints():
+        return torch.load(path, map_location="cpu")
 
 
 def _tensors(obj, prefix=""):

@@ -3,8 +3,9 @@
 fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` calls ``torch.load(f, map_location=...)`` with no
 ``weights_only`` argument, so on torch >= 2.6 the restricted unpickler refuses anything that is not a tensor or a
 plain container. Instead of switching that safety off (``weights_only=False`` / TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD),
-importing this module adds to torch's allow-list exactly the non-tensor globals found in checkpoints written by
-fairseq-train 0.12 (found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` and by loading, for
+the plugin allows exactly the non-tensor globals found in checkpoints written by fairseq-train 0.12, and only
+while fairseq loads a checkpoint (:func:`allow_fairseq_checkpoints`, entered around fairseq's loaders by
+``user_dir/fairseq_patches.py``; torch's allow-list for the rest of the process is left as it was) (found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` and by loading, for
 ``structattn_lstm`` trained with and without ``--eval-bleu``, last/best/interval checkpoints):
 
 * ``argparse.Namespace`` — the model configuration of models declared with ``add_args`` (``cfg.model``);
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import typing
 
 import numpy as np
@@ -72,12 +74,17 @@ def fairseq_checkpoint_globals() -> list:
     return entries
 
 
-def register() -> None:
-    """Add :func:`fairseq_checkpoint_globals` to ``torch.serialization``'s safe globals (idempotent)."""
-    add = getattr(torch.serialization, "add_safe_globals", None)
-    if add is None:  # torch < 2.4 has no allow-list and defaults to weights_only=False anyway
+@contextlib.contextmanager
+def allow_fairseq_checkpoints():
+    """Within the block, ``torch.load`` (``weights_only=True``) also accepts :func:`fairseq_checkpoint_globals`.
+
+    Use it to load a fairseq checkpoint outside fairseq's CLIs::
+
+        with allow_fairseq_checkpoints():
+            state = torch.load("checkpoint_best.pt", map_location="cpu")
+    """
+    if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5: no scoped allow-list, nothing to widen
+        yield
         return
-    add(fairseq_checkpoint_globals())
-
-
-register()
+    with torch.serialization.safe_globals(fairseq_checkpoint_globals()):
+        yield

@@ -10,14 +10,22 @@ Checked against: fairseq 0.12.2 and ``fairseq-fixed`` 0.12.3.1 (the build that i
 
 Patches
 -------
-Installed here (this module): the prefetch-thread fix below. Installed by :func:`install` from their own modules,
-where their code and documentation live (issue 15 moves them here):
+Installed here (this module): the two below. Installed by :func:`install` from their own modules, where their code
+and documentation live:
 
-* ``checkpoint allow-list`` — ``user_dir/checkpoint_compat.py``: fairseq's ``torch.load`` refuses its own
-  checkpoints under torch >= 2.6 (``weights_only``); we allow-list exactly the non-tensor globals they hold.
 * ``command-line checks`` — ``user_dir/cli_checks.py``: wraps ``fairseq.options.parse_args_and_arch`` to reject bad
   command lines in one line before any work.
 * ``--help lists model options`` — ``user_dir/structattn_lstm.py`` wraps ``fairseq.options.add_model_args``.
+
+``checkpoints load under torch's weights-only unpickler`` (:func:`_install_checkpoint_loading`)
+    *What fairseq does.* ``checkpoint_utils.load_checkpoint_to_cpu`` (every CLI's checkpoint loading, and
+    ``load_model_ensemble_and_task``), ``checkpoint_utils.load_ema_from_checkpoint`` and, in data-parallel runs,
+    ``distributed.utils._broadcast_object_slow`` (rank 0 sends the loaded state to the others) call ``torch.load``
+    without ``weights_only``; since torch 2.6 that means the restricted unpickler, which refuses fairseq's own
+    checkpoints (``argparse.Namespace``, OmegaConf configs, numpy meters).
+    *What we do.* Run those three functions inside :func:`user_dir.checkpoint_compat.allow_fairseq_checkpoints`,
+    which allows exactly the globals fairseq checkpoints hold (listed and justified in that module) for the
+    duration of the call, rather than turning the safety off or widening torch's allow-list for the whole process.
 
 ``prefetch thread closed at exit`` (:class:`ClosableBackgroundConsumer`)
     *What fairseq does.* ``EpochBatchIterator`` wraps each epoch in a ``BufferedIterator`` (``--data-buffer-size``,
@@ -76,12 +84,49 @@ def install() -> None:
         logger.warning("structattn: fairseq %s is not one of the versions its fairseq patches were checked "
                        "against (%s); see user_dir/fairseq_patches.py", fairseq.__version__,
                        ", ".join(CHECKED_FAIRSEQ_VERSIONS))
+    _install_checkpoint_loading()
     _install_closable_prefetch()
-    from . import checkpoint_compat, cli_checks
+    from . import cli_checks
 
-    checkpoint_compat.register()
     cli_checks.install()
     _installed = True
+
+
+# --- checkpoints load under torch's weights-only unpickler ---------------------------------------------------------
+
+def _scoped_allow_list(fn):
+    """``fn`` run inside :func:`checkpoint_compat.allow_fairseq_checkpoints`."""
+    import functools
+
+    from .checkpoint_compat import allow_fairseq_checkpoints
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with allow_fairseq_checkpoints():
+            return fn(*args, **kwargs)
+
+    wrapper._structattn_allow_list = True
+    return wrapper
+
+
+CHECKPOINT_LOADERS = (
+    ("fairseq.checkpoint_utils", "load_checkpoint_to_cpu"),
+    ("fairseq.checkpoint_utils", "load_ema_from_checkpoint"),
+    ("fairseq.distributed.utils", "_broadcast_object_slow"),
+)
+"""The fairseq functions that call ``torch.load`` on checkpoint state (module, name), checked in 0.12.x."""
+
+
+def _install_checkpoint_loading() -> None:
+    import importlib
+
+    for module_name, name in CHECKPOINT_LOADERS:
+        module = importlib.import_module(module_name)
+        fn = getattr(module, name)
+        if not getattr(fn, "_structattn_allow_list", False):
+            # Callers look these up as module attributes at call time (checkpoint_utils.load_checkpoint_to_cpu,
+            # the module-global call in load_model_ensemble_and_task and broadcast_object), so this reaches them.
+            setattr(module, name, _scoped_allow_list(fn))
 
 
 # --- prefetch thread closed at exit ------------------------------------------------------------------------------
