@@ -342,16 +342,32 @@ def read_dump(path: str | os.PathLike, sort: bool = True) -> tuple[dict, list[At
     :class:`IncompleteDumpError` for an unfinished file and :class:`DumpError` for anything malformed.
     """
     path = os.fspath(path)
+    lines = _complete_lines(path)
+    header, footer = _checked_envelope(path, lines)
+    records = [_parse_record(path, k, line) for k, line in enumerate(lines[1:-1], start=2)]
+    _check_unique(path, records)
+    if sort:
+        records.sort(key=lambda r: (r.id, r.nbest_rank))
+    metadata = dict(header.get("metadata") or {})
+    metadata["summary"] = footer.get("summary") or {}
+    return metadata, records
+
+
+def _complete_lines(path: str) -> list[bytes]:
+    """The file's lines; the writer ends every line, the footer included, with a newline, so a missing final
+    newline means a cut-off write."""
     with open(path, "rb") as fh:
-        lines = fh.read().split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    else:
-        # the footer is always newline-terminated: a missing final newline means a cut-off write
-        if lines:
-            raise IncompleteDumpError(f"{path}: truncated (no final newline); the writer did not finish")
+        lines = fh.read().split(b"\n")  # never empty: b"".split(b"\n") == [b""]
+    if lines[-1] != b"":
+        raise IncompleteDumpError(f"{path}: truncated (no final newline); the writer did not finish")
+    lines.pop()
     if not lines:
         raise IncompleteDumpError(f"{path}: empty file; the writer did not finish")
+    return lines
+
+
+def _checked_envelope(path: str, lines: list[bytes]) -> tuple[dict, dict]:
+    """(header, footer) after checking the format, version, completion footer, record count and checksum."""
     header = _loads(lines[0], path, 1)
     if header.get("format") != FORMAT_NAME:
         raise DumpError(f"{path}: not a structattn attention dump (format={header.get('format')!r})")
@@ -370,42 +386,38 @@ def read_dump(path: str | os.PathLike, sort: bool = True) -> tuple[dict, list[At
         sha.update(line + b"\n")
     if sha.hexdigest() != footer.get("sha256"):
         raise IncompleteDumpError(f"{path}: checksum mismatch; the file was modified or corrupted")
+    return header, footer
 
-    records = []
-    for k, line in enumerate(lines[1:-1], start=2):
-        obj = _loads(line, path, k)
-        if obj.get("type") != "record":
-            raise DumpError(f"{path}:{k}: unexpected entry type {obj.get('type')!r}")
-        try:
-            score = obj["score"]
-            rec = AttentionRecord(
-                id=int(obj["id"]),
-                nbest_rank=int(obj["nbest_rank"]),
-                src_tokens=list(obj["src_tokens"]),
-                tgt_tokens=list(obj["tgt_tokens"]),
-                src_text=obj["src_text"],
-                hyp_text=obj["hyp_text"],
-                attention=decode_matrix(obj["attention"]),
-                score=float(score),
-                extra=dict(obj.get("extra") or {}),
-            )
-        except KeyError as e:
-            raise DumpError(f"{path}:{k}: record lacks field {e}") from None
-        except DumpError as e:
-            raise DumpError(f"{path}:{k}: {e}") from None
-        try:
-            rec.validate()
-        except DumpError as e:
-            raise DumpError(f"{path}:{k}: {e}") from None
-        records.append(rec)
+
+def _parse_record(path: str, k: int, line: bytes) -> AttentionRecord:
+    """The validated record on line ``k`` (1-based); errors name the file and line."""
+    obj = _loads(line, path, k)
+    if obj.get("type") != "record":
+        raise DumpError(f"{path}:{k}: unexpected entry type {obj.get('type')!r}")
+    try:
+        rec = AttentionRecord(
+            id=int(obj["id"]),
+            nbest_rank=int(obj["nbest_rank"]),
+            src_tokens=list(obj["src_tokens"]),
+            tgt_tokens=list(obj["tgt_tokens"]),
+            src_text=obj["src_text"],
+            hyp_text=obj["hyp_text"],
+            attention=decode_matrix(obj["attention"]),
+            score=float(obj["score"]),
+            extra=dict(obj.get("extra") or {}),
+        )
+        rec.validate()
+    except KeyError as e:
+        raise DumpError(f"{path}:{k}: record lacks field {e}") from None
+    except DumpError as e:
+        raise DumpError(f"{path}:{k}: {e}") from None
+    return rec
+
+
+def _check_unique(path: str, records: list[AttentionRecord]) -> None:
     seen = set()
     for r in records:
         key = (r.id, r.nbest_rank)
         if key in seen:
             raise DumpError(f"{path}: duplicate record for sentence {r.id}, n-best rank {r.nbest_rank}")
         seen.add(key)
-    if sort:
-        records.sort(key=lambda r: (r.id, r.nbest_rank))
-    metadata = dict(header.get("metadata") or {})
-    metadata["summary"] = footer.get("summary") or {}
-    return metadata, records
