@@ -284,6 +284,7 @@ class StructAttnTranslationTask(TranslationTask):
         return hypos
 
     def _dump_batch(self, generator, sample, hypos):
+        """Write one record per (sentence, n-best rank) of a generated batch, un-padded exactly."""
         from fairseq.sequence_scorer import SequenceScorer
 
         w = self._dump_writer
@@ -291,62 +292,70 @@ class StructAttnTranslationTask(TranslationTask):
             w.write_header(self._metadata(generator))
         scoring_reference = isinstance(generator, SequenceScorer)
         nbest = 1 if scoring_reference else self._nbest()
-        pad = self.src_dict.pad()
         src_all = sample["net_input"]["src_tokens"].cpu()
         target = sample.get("target")
         for i, sid in enumerate(sample["id"].tolist()):
             src = src_all[i]
-            keep = src.ne(pad)
-            src_ids = src[keep]
-            src_tokens = [self.src_dict[int(t)] for t in src_ids]
-            src_bpe, src_text = self._text(self.src_dict, src_ids)
-            extra_common = {"src_bpe": src_bpe}
-            if target is not None:
-                ref = target[i].cpu()
-                extra_common["ref_text"] = self._text(self.tgt_dict, ref[ref.ne(self.tgt_dict.pad())])[1]
+            keep = src.ne(self.src_dict.pad())
+            ref = target[i].cpu() if target is not None else None
+            common = self._source_fields(src[keep], ref)
             for rank, hypo in enumerate(hypos[i][:nbest]):
-                att = hypo.get("attention")
-                if att is None or att.numel() == 0:
-                    raise RuntimeError(
-                        "--dump-attention: the model returned no attention (the decoder's second output must be "
-                        "the attention tensor (bsz, tgt_len, src_len) or a dict with 'attn')"
-                    )
-                tokens = hypo["tokens"].cpu()
-                att = att.detach().float().cpu()
-                if scoring_reference:
-                    # SequenceScorer: (padded target length x src_len), rows follow sample["target"]'s layout
-                    att = att[target[i].cpu().ne(self.tgt_dict.pad())]
-                else:
-                    att = att.t()  # SequenceGenerator: (src_len x tgt_len)
-                if att.shape != (len(tokens), src.numel()):
-                    raise RuntimeError(
-                        f"--dump-attention: sentence {sid}: attention shape {tuple(att.shape)} does not match "
-                        f"(hypothesis length, padded source length) = ({len(tokens)}, {src.numel()})"
-                    )
+                att = self._hypothesis_attention(hypo, sid, src.numel(), ref if scoring_reference else None)
                 pad_mass = float(att[:, ~keep].abs().sum(dim=1).max()) if (~keep).any() else 0.0
                 self._check_pad_mass(pad_mass, sid)
-                hyp_bpe, hyp_text = self._text(self.tgt_dict, tokens)
-                extra = dict(extra_common)
-                extra.update(
-                    hyp_bpe=hyp_bpe,
-                    pad_mass=pad_mass,
-                    positional_scores=[float(x) for x in hypo["positional_scores"].float().cpu().tolist()],
-                )
-                w.write(
-                    AttentionRecord(
-                        id=int(sid),
-                        nbest_rank=rank,
-                        src_tokens=src_tokens,
-                        tgt_tokens=[self.tgt_dict[int(t)] for t in tokens],
-                        src_text=src_text,
-                        hyp_text=hyp_text,
-                        attention=att[:, keep].numpy().astype(np.float32),
-                        score=float(hypo["score"]),
-                        extra=extra,
-                    )
-                )
+                w.write(self._record(int(sid), rank, hypo, att[:, keep], pad_mass, common))
                 self._written[int(sid)] = self._written.get(int(sid), 0) + 1
         w.flush()
+
+    def _source_fields(self, src_ids, ref):
+        """Source tokens and texts of one sentence (and its reference text, if the batch has targets)."""
+        src_bpe, src_text = self._text(self.src_dict, src_ids)
+        extra = {"src_bpe": src_bpe}
+        if ref is not None:
+            extra["ref_text"] = self._text(self.tgt_dict, ref[ref.ne(self.tgt_dict.pad())])[1]
+        return {"src_tokens": [self.src_dict[int(t)] for t in src_ids], "src_text": src_text, "extra": extra}
+
+    def _hypothesis_attention(self, hypo, sid, src_len, scored_ref):
+        """The hypothesis' attention as (hypothesis length, padded source length), float32 on CPU.
+
+        ``scored_ref``: the padded reference when fairseq's SequenceScorer produced ``hypo`` (rows then follow
+        the target's padded layout); None for SequenceGenerator output, which is (src_len x tgt_len)."""
+        att = hypo.get("attention")
+        if att is None or att.numel() == 0:
+            raise RuntimeError(
+                "--dump-attention: the model returned no attention (the decoder's second output must be "
+                "the attention tensor (bsz, tgt_len, src_len) or a dict with 'attn')"
+            )
+        att = att.detach().float().cpu()
+        att = att[scored_ref.ne(self.tgt_dict.pad())] if scored_ref is not None else att.t()
+        n_tokens = len(hypo["tokens"])
+        if att.shape != (n_tokens, src_len):
+            raise RuntimeError(
+                f"--dump-attention: sentence {sid}: attention shape {tuple(att.shape)} does not match "
+                f"(hypothesis length, padded source length) = ({n_tokens}, {src_len})"
+            )
+        return att
+
+    def _record(self, sid, rank, hypo, att, pad_mass, common):
+        tokens = hypo["tokens"].cpu()
+        hyp_bpe, hyp_text = self._text(self.tgt_dict, tokens)
+        extra = dict(common["extra"])
+        extra.update(
+            hyp_bpe=hyp_bpe,
+            pad_mass=pad_mass,
+            positional_scores=[float(x) for x in hypo["positional_scores"].float().cpu().tolist()],
+        )
+        return AttentionRecord(
+            id=sid,
+            nbest_rank=rank,
+            src_tokens=common["src_tokens"],
+            tgt_tokens=[self.tgt_dict[int(t)] for t in tokens],
+            src_text=common["src_text"],
+            hyp_text=hyp_text,
+            attention=att.numpy().astype(np.float32),
+            score=float(hypo["score"]),
+            extra=extra,
+        )
 
     def _check_pad_mass(self, pad_mass, sid):
         self._max_pad_mass = max(self._max_pad_mass, pad_mass)
