@@ -4,14 +4,11 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given  # examples per test: the profile in tests/conftest.py
 from hypothesis import strategies as st
 
 from structattn import viterbi_marginals, viterbi_value
 from structattn.ops.reference import viterbi_value_reference
-
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
 
 @st.composite
 def problems(draw, max_T=12, max_S=5, max_B=4):
@@ -28,7 +25,6 @@ def problems(draw, max_T=12, max_S=5, max_B=4):
     return theta, lengths, reg, gamma
 
 
-@SETTINGS
 @given(problems())
 def test_marginals_in_conv_Y(p):
     theta, lengths, reg, gamma = p
@@ -42,7 +38,6 @@ def test_marginals_in_conv_Y(p):
     assert (E <= 1 + 1e-12).all()
 
 
-@SETTINGS
 @given(problems())
 def test_padded_equals_unpadded(p):
     theta, lengths, reg, gamma = p
@@ -56,7 +51,6 @@ def test_padded_equals_unpadded(p):
         assert torch.allclose(E[b, :L], Eb[0], rtol=0, atol=1e-12)
 
 
-@SETTINGS
 @given(problems(), st.floats(0.0, 5.0))
 def test_value_monotone_in_theta(p, bump):
     theta, lengths, reg, gamma = p
@@ -72,7 +66,6 @@ def test_value_monotone_in_theta(p, bump):
     torch.testing.assert_close(vc, v0 + c * lengths.double(), rtol=1e-12, atol=1e-9)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problems(max_T=6, max_S=3, max_B=2))
 def test_gradient_of_value_equals_marginals(p):
     theta, lengths, reg, gamma = p

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given  # examples per test: the profile in tests/conftest.py
 from hypothesis import strategies as st
 
 from structattn import viterbi_marginals
@@ -254,10 +254,6 @@ def attention_problems(draw):
     return kind, scores, torch.stack(rows), trans, gamma
 
 
-HSETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-@HSETTINGS
 @given(attention_problems())
 def test_weights_in_simplex_over_real_positions(problem):
     kind, scores, pm, trans, gamma = problem
@@ -265,7 +261,6 @@ def test_weights_in_simplex_over_real_positions(problem):
     _assert_simplex(w, pm, torch.float64)
 
 
-@HSETTINGS
 @given(attention_problems())
 def test_padded_equals_unpadded(problem):
     kind, scores, pm, trans, gamma = problem
@@ -281,7 +276,6 @@ def test_padded_equals_unpadded(problem):
         torch.testing.assert_close(w[b, real], alone, rtol=1e-9, atol=1e-12)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(attention_problems(), st.integers(1, 5))
 def test_module_context_and_gradients_finite_and_padding_independent(problem, d):
     kind, scores, pm, _trans, gamma = problem
