@@ -53,8 +53,9 @@ def check_reg_gamma(reg: str, gamma: float) -> float:
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
         raise TypeError(f"gamma must be a real number, got {type(gamma).__name__}")
     gamma = float(gamma)
-    # Not math.isfinite: under torch.compile a float module attribute is traced symbolically, and Dynamo cannot put
-    # math.isfinite of it in a graph (a comparison just adds a guard). NaN fails both comparisons.
+    # Comparisons rather than math.isfinite: when Dynamo traces γ symbolically it cannot put math.isfinite in the
+    # graph (seen once in benchmarks/compiled.py: "torch.* op returned non-Tensor ... isfinite", not reproduced
+    # since), while a comparison only adds a guard. NaN fails both comparisons.
     if not (0.0 < gamma < math.inf):
         raise ValueError(f"gamma must be a finite number > 0, got {gamma}")
     return gamma
