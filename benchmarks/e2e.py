@@ -2,7 +2,8 @@
 
 Small synthetic translation data (a deterministic word mapping + local reordering, so attention has something to
 learn) is generated and binarised once; then one fairseq-train process per attention trains the same model
-(``--arch structattn_lstm`` with 256-dim layers) for the same number of updates on CPU with the same seed. wps is
+(``--arch structattn_lstm`` with 256-dim layers) for the same number of updates on CPU (or, with
+``device="cuda"``, on the GPU) with the same seed. wps is
 the median of fairseq's ``train_inner`` logs after the first interval (which includes start-up); peak memory is
 the child's maximum resident set size.
 """
@@ -69,15 +70,16 @@ _WRAPPER = (
 )
 
 
-def train_once(data: str, extra: list[str], updates: int, threads: int, log_interval: int) -> dict:
+def train_once(data: str, extra: list[str], updates: int, threads: int, log_interval: int,
+               device: str = "cpu") -> dict:
     cmd = [
         _bin("fairseq-train"), data, "--user-dir", os.path.join(ROOT, "user_dir"), "--arch", "structattn_lstm",
         "--task", "translation", "--encoder-embed-dim", "256", "--encoder-hidden-size", "256",
         "--decoder-embed-dim", "256", "--decoder-hidden-size", "256", "--decoder-out-embed-dim", "256",
         "--optimizer", "adam", "--lr", "1e-3", "--clip-norm", "1.0", "--criterion", "cross_entropy",
-        "--max-tokens", "1500", "--max-update", str(updates), "--cpu", "--seed", "1", "--num-workers", "0",
+        "--max-tokens", "1500", "--max-update", str(updates), "--seed", "1", "--num-workers", "0",
         "--no-save", "--disable-validation", "--log-format", "json", "--log-interval", str(log_interval),
-        "--no-progress-bar", *extra,
+        "--no-progress-bar", *(["--cpu"] if device == "cpu" else []), *extra,
     ]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     p = subprocess.run([sys.executable, "-c", _WRAPPER, *cmd], capture_output=True, text=True, env=env, cwd=ROOT)
@@ -97,7 +99,8 @@ def train_once(data: str, extra: list[str], updates: int, threads: int, log_inte
     return {"wps": statistics.median(wps[1:]), "n_logs": len(wps) - 1, "maxrss_mb": maxrss[-1] / 1024}
 
 
-def run(quick: bool = False, threads: int = 1, updates: int | None = None, workdir: str | None = None) -> dict:
+def run(quick: bool = False, threads: int = 1, updates: int | None = None, workdir: str | None = None,
+        device: str = "cpu") -> dict:
     updates = updates or (60 if quick else 200)
     log_interval = 10 if quick else 20
     own = workdir is None
@@ -106,7 +109,7 @@ def run(quick: bool = False, threads: int = 1, updates: int | None = None, workd
         data = make_data(workdir)
         res = {}
         for name, extra in CONFIGS:
-            res[name] = train_once(data, extra, updates, threads, log_interval)
+            res[name] = train_once(data, extra, updates, threads, log_interval, device)
             r = res[name]
             print(f"  e2e {name:12s} wps {r['wps']:8.0f}  peak RSS {r['maxrss_mb']:7.0f} MB  "
                   f"({r['n_logs']} log intervals)", flush=True)
@@ -116,7 +119,7 @@ def run(quick: bool = False, threads: int = 1, updates: int | None = None, workd
     base = res["softmax"]
     lines = [
         f"`fairseq-train --arch structattn_lstm` (1-layer biLSTM encoder 2×256, 1-layer 256 decoder with input "
-        f"feeding), synthetic data (3000 pairs, 5–40 tokens), `--max-tokens 1500`, {updates} updates, CPU, "
+        f"feeding), synthetic data (3000 pairs, 5–40 tokens), `--max-tokens 1500`, {updates} updates, {device}, "
         f"OMP_NUM_THREADS={threads}; wps = median of `train_inner` logs every {log_interval} updates after the first.",
         "",
         "| attention | wps | wps / softmax | peak RSS (MB) | RSS / softmax |",

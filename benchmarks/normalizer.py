@@ -1,6 +1,6 @@
 """Attention normaliser alone (no matmuls): scores (B, T) → weights, forward + backward, CPU, 1 thread.
 
-    python benchmarks/normalizer.py [--B 64] [--T 50] [--reps 300]
+    python benchmarks/normalizer.py [--B 64] [--T 50] [--reps 300] [--device cpu|cuda]
 
 Prints a markdown table of medians (interleaved repetitions), unpadded and with left padding (0–19 pads per row),
 plus the Viterbi −H normaliser on the reference tensor backend. This isolates what the structured attention adds
@@ -23,14 +23,24 @@ def main():
     ap.add_argument("--B", type=int, default=64)
     ap.add_argument("--T", type=int, default=50)
     ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
+    if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    cuda = torch.device(a.device).type == "cuda"
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    s = torch.randn(a.B, a.T, requires_grad=True)
-    tr = torch.zeros(2, 2, requires_grad=True)
+    s = torch.randn(a.B, a.T).to(a.device).requires_grad_(True)
+    tr = torch.zeros(2, 2, device=a.device, requires_grad=True)
     pm = torch.zeros(a.B, a.T, dtype=torch.bool)
     for b in range(a.B):
         pm[b, : b % min(20, a.T)] = True
+    pm = pm.to(a.device)
+
+    def sync():
+        if cuda:  # CUDA launches are asynchronous: time until the device has finished
+            torch.cuda.synchronize()
+
     fns = {
         "softmax": lambda m: softmax_attention(s, m),
         "sparsemax": lambda m: sparsemax_attention(s, m),
@@ -41,17 +51,22 @@ def main():
     for _ in range(a.reps):
         for k, f in fns.items():
             for key, m in (("none", None), ("pad", pm)):
+                sync()
                 t0 = time.perf_counter()
                 f(m).pow(2).sum().backward()
+                sync()
                 res[k][key].append(time.perf_counter() - t0)
     ref = []
     with viterbi_backend("reference"):
         for _ in range(max(a.reps // 3, 10)):
+            sync()
             t0 = time.perf_counter()
             viterbi_attention(s, tr, pm, "entropy", 2.0).pow(2).sum().backward()
+            sync()
             ref.append(time.perf_counter() - t0)
     base = statistics.median(res["softmax"]["pad"])
-    print(f"B={a.B}, T={a.T}, torch {torch.__version__}, 1 thread, medians of {a.reps} interleaved repetitions\n")
+    print(f"B={a.B}, T={a.T}, device {a.device}, torch {torch.__version__}, 1 thread, medians of {a.reps} "
+          "interleaved repetitions\n")
     print("| normaliser (fwd + bwd) | unpadded | left-padded | padded / softmax padded |")
     print("|---|---|---|---|")
     for k in fns:

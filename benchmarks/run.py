@@ -4,6 +4,7 @@
     python benchmarks/run.py              # step level, all shapes, + end-to-end fairseq-train (if fairseq imports)
     python benchmarks/run.py --quick      # step level at B=64, T=50 only, fewer repetitions, small e2e run
     python benchmarks/run.py --no-e2e     # step level only
+    python benchmarks/run.py --device cuda --quick --no-e2e   # step level on a GPU (scripts/gpu_check.sh)
 
 Step level: one decoder-step attention, forward + backward, with the modules of structattn.attention: bilinear
 scores s_t = x_t·(M z), weights, context c = Σ_t w_t x_t, then the gradient of a scalar loss of c w.r.t. x, z, M
@@ -72,7 +73,7 @@ class Step:
         self.name, self.module, self.x, self.z, self.backend = name, module, x, z, backend
         self.weights_fn = weights_fn
         self.inputs = [x, z, *params]
-        self.r = torch.randn(x.shape[0], x.shape[2], generator=torch.Generator().manual_seed(1))
+        self.r = torch.randn(x.shape[0], x.shape[2], generator=torch.Generator().manual_seed(1)).to(x.device)
 
     def forward(self):
         if self.weights_fn is None:
@@ -95,19 +96,19 @@ class Step:
         return torch.autograd.grad(loss, self.inputs)
 
 
-def build_steps(B, T, H, seed, with_naive=True, with_torch_struct=True):
+def build_steps(B, T, H, seed, with_naive=True, with_torch_struct=True, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    x = (torch.rand(B, T, H, generator=g) * 2 - 1).requires_grad_(True)
-    z = (torch.rand(B, H, generator=g) * 2 - 1).requires_grad_(True)
+    x = (torch.rand(B, T, H, generator=g) * 2 - 1).to(device).requires_grad_(True)
+    z = (torch.rand(B, H, generator=g) * 2 - 1).to(device).requires_grad_(True)
     steps = []
     for kind in ("softmax", "sparsemax"):
         torch.manual_seed(seed)
-        m = build_attention(kind, H, H)
+        m = build_attention(kind, H, H).to(device)
         steps.append(Step(kind, None, m, x, z, [m.proj.weight]))
     vit = {}
     for reg in ("entropy", "l2"):
         torch.manual_seed(seed)
-        m = build_attention("viterbi", H, H, reg, GAMMA[reg])
+        m = build_attention("viterbi", H, H, reg, GAMMA[reg]).to(device)
         with torch.no_grad():
             m.transitions.copy_(torch.tensor([[0.5, -0.5], [-0.5, 0.5]]))  # some contiguity, not the zero init
         vit[reg] = m
@@ -165,8 +166,14 @@ def check_agreement(steps):
     return worst
 
 
-def bench_shape(B, T, H, reps, warmup, seed=0, with_naive=True):
-    steps = build_steps(B, T, H, seed, with_naive=with_naive)
+def _sync(device):
+    # CUDA launches are asynchronous: time until the device has finished.
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_shape(B, T, H, reps, warmup, seed=0, with_naive=True, device="cpu"):
+    steps = build_steps(B, T, H, seed, with_naive=with_naive, device=device)
     agree = check_agreement(steps)
     times = {s.name: [] for s in steps}
     for _ in range(warmup):
@@ -174,8 +181,10 @@ def bench_shape(B, T, H, reps, warmup, seed=0, with_naive=True):
             s.run()
     for _ in range(reps):
         for s in steps:  # interleaved: machine noise hits every method alike
+            _sync(device)
             t0 = time.perf_counter()
             s.run()
+            _sync(device)
             times[s.name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     return med, agree
@@ -187,7 +196,8 @@ def bench_shape(B, T, H, reps, warmup, seed=0, with_naive=True):
 def run_e2e(args):
     import e2e  # benchmarks/e2e.py
 
-    return e2e.run(quick=args.quick, threads=args.threads, updates=args.e2e_updates, workdir=args.e2e_dir)
+    return e2e.run(quick=args.quick, threads=args.threads, updates=args.e2e_updates, workdir=args.e2e_dir,
+                   device=args.device)
 
 
 # ---- report -------------------------------------------------------------------------------------------------------
@@ -241,12 +251,17 @@ def main(argv=None):
     ap.add_argument("--e2e-updates", type=int, default=None, help="updates per fairseq-train run")
     ap.add_argument("--e2e-dir", default=None, help="work folder for the e2e data/checkpoints (default: a temp dir)")
     ap.add_argument("--no-naive", action="store_true", help="skip the slow naive tensor-API anchor")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the step-level tensors live and "
+                    "where fairseq-train runs")
     ap.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"))
     args = ap.parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
     torch.set_num_threads(args.threads)
     info = machine_info(args.threads)
-    probe = torch.zeros(1, 1, 2, 2)
+    probe = torch.zeros(1, 1, 2, 2, device=args.device)
     info["viterbi_backend"] = resolve_backend("auto", probe)
+    info["device"] = args.device
     print(f"# machine: {info}")
 
     results = {}
@@ -254,7 +269,8 @@ def main(argv=None):
         shapes = [(64, 50)] if args.quick else [(B, T) for B in (32, 64, 128) for T in (20, 50, 100)]
         reps = args.reps or (15 if args.quick else 25)
         for B, T in shapes:
-            med, agree = bench_shape(B, T, args.hidden, reps, warmup=3, with_naive=not args.no_naive)
+            med, agree = bench_shape(B, T, args.hidden, reps, warmup=3, with_naive=not args.no_naive,
+                                     device=args.device)
             results[(B, T)] = (med, agree)
             base = med["softmax"]
             print(f"\nB={B} T={T} H={args.hidden} (median of {reps}; Viterbi variants agree to {agree:.1e})")
@@ -279,15 +295,16 @@ def write_results(path, info, cmd, results, e2e_res, args):
         "",
         f"- machine: {info['cpu']}, {info['cores']} cores visible, CUDA: {info['cuda']}",
         f"- torch {info['torch']}, Python {info['python']}, `torch.set_num_threads({info['threads']})`",
-        f"- Viterbi backend chosen by `auto` on CPU: `{info['viterbi_backend']}`",
-        "- GPU numbers: **not measured yet** (no GPU in the session that produced this file); the Triton kernels "
-        "are tested for correctness through `TRITON_INTERPRET=1` only.",
-        "",
+        f"- device: {info['device']}; Viterbi backend chosen by `auto` there: `{info['viterbi_backend']}`",
     ]
+    if torch.device(info["device"]).type == "cpu":
+        out.append("- GPU numbers: **not measured yet** in this file (a CPU run); `scripts/gpu_check.sh` measures them "
+                   "on a GPU machine.")
+    out.append("")
     if results:
         out += [
             "## Step level (one decoder-step attention, forward + backward, hidden "
-            f"{args.hidden}, CPU)",
+            f"{args.hidden}, {info['device']})",
             "",
             "Median time per step and ratio to softmax measured in the same run (interleaved repetitions). "
             "Viterbi rows use γ = 2 (−H) and γ = 10 (ℓ2); the backward of the Viterbi rows includes the Alg. 4 "
