@@ -102,7 +102,8 @@ def train_once(data: str, extra: list[str], updates: int, threads: int, log_inte
 def run(quick: bool = False, threads: int = 1, updates: int | None = None, workdir: str | None = None,
         device: str = "cpu") -> dict:
     updates = updates or (60 if quick else 200)
-    log_interval = 10 if quick else 20
+    # wps is the median of the logs after the first, which includes start-up: keep ≥ 4 logs on short runs.
+    log_interval = min(10 if quick else 20, max(1, updates // 4))
     own = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="structattn-e2e-")
     try:

@@ -31,14 +31,20 @@ def test_ops_are_registered_in_the_structattn_namespace():
         assert op.default._schema.name == f"structattn::{name}"
 
 
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=_CUDA)])
 @pytest.mark.parametrize("reg", ["entropy", "l2"])
 @pytest.mark.parametrize("padded", [False, True])
 def test_opcheck(backend, reg, padded):
     """torch.library.opcheck: schema (no mutation, no aliasing), fake kernels agree with the real ones on shapes
-    and dtypes, autograd registration, and AOT dispatch with dynamic shapes (which runs the registered backward)."""
+    and dtypes, autograd registration, and AOT dispatch with dynamic shapes (which runs the registered backward).
+    ``triton`` runs on CUDA tensors (scripts/gpu_check.sh runs this file on a GPU)."""
     theta, Z, lengths = _case()
     lengths = lengths if padded else None
+    if backend == "triton":
+        theta, Z, lengths = theta.cuda(), Z.cuda(), None if lengths is None else lengths.cuda()
     th = theta.clone().requires_grad_(True)
     for op, args in (
         (V._value_op, (th, lengths, reg, 0.7, backend)),
