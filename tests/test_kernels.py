@@ -282,6 +282,18 @@ for shape in [(3, 1), (2, 0), (0, 3)]:
     theta, Z, lengths = tk.make_case(shape[0], shape[1], 2, 2.0, torch.float64, seed=n, with_lengths=shape[0] > 1)
     tk.compare_backends("triton", theta, Z, lengths, "entropy", 0.5, f"triton shape {shape}")
     tk.compare_backends("triton", theta, Z, None, "l2", 0.5, f"triton shape {shape}")
+# The Triton outputs are stored chain-minor (strides (1, …)); the custom ops' fake kernels must say so (opcheck
+# compares fake and real strides), or a compiled graph would mis-address them.
+theta, Z, lengths = tk.make_case(3, 4, 2, 1.0, torch.float64, seed=n)
+theta.requires_grad_(True)
+for reg, lens in itertools.product(["entropy", "l2"], [None, lengths]):
+    for op in (V._value_op, V._marginals_op):
+        assert set(torch.library.opcheck(op, (theta, lens, reg, 0.7, "triton")).values()) == {"SUCCESS"}
+    with torch.no_grad():
+        E, Q, U, r = V._marginals_op(theta, lens, reg, 0.7, "triton")
+    assert Q.stride()[0] == 1 and E.stride()[0] == 1 and U.stride()[0] == 1, (Q.stride(), E.stride(), U.stride())
+    assert set(torch.library.opcheck(V._backward_op, (Q, r, lens, "triton")).values()) == {"SUCCESS"}
+    assert set(torch.library.opcheck(V._hvp_op, (Q, U, r, Z, lens, reg, 0.7, "triton")).values()) == {"SUCCESS"}
 print("ok", n)
 """
 

@@ -429,27 +429,39 @@ _backward_op = torch.library.custom_op(f"{_NS}::viterbi_backward", _backward_imp
 _hvp_op = torch.library.custom_op(f"{_NS}::viterbi_hvp", _hvp_impl, mutates_args=())
 
 
+def _new(like: Tensor, backend: str, *shape: int) -> Tensor:
+    """An empty per-chain (B, …) output laid out as the backend lays it out: the Triton kernels store per-step
+    tensors chain-minor (a (B, …) view of a contiguous (…, B) buffer, see kernels.triton_viterbi.chain_minor), the
+    others batch-major. The fake kernels must reproduce the strides, not only the shapes."""
+    if backend == "triton" and len(shape) > 1:
+        buf = like.new_empty(*shape[1:], shape[0])
+        return buf.permute(buf.dim() - 1, *range(buf.dim() - 1))
+    return like.new_empty(*shape)
+
+
 @_value_op.register_fake
 def _(theta, lengths, reg, gamma, backend):
     B, T, S, _ = theta.shape
-    return theta.new_empty(B), theta.new_empty(B, T, S, S), theta.new_empty(B, S)
+    return theta.new_empty(B), _new(theta, backend, B, T, S, S), theta.new_empty(B, S)
 
 
 @_marginals_op.register_fake
 def _(theta, lengths, reg, gamma, backend):
     B, T, S, _ = theta.shape
-    return theta.new_empty(B, T, S, S), theta.new_empty(B, T, S, S), theta.new_empty(B, T, S), theta.new_empty(B, S)
+    return (_new(theta, backend, B, T, S, S), _new(theta, backend, B, T, S, S), _new(theta, backend, B, T, S),
+            theta.new_empty(B, S))
 
 
 @_backward_op.register_fake
 def _(Q, r, lengths, backend):
     B, T, S, _ = Q.shape
-    return torch.empty_like(Q), Q.new_empty(B, T, S)
+    return _new(Q, backend, B, T, S, S), _new(Q, backend, B, T, S)
 
 
 @_hvp_op.register_fake
 def _(Q, U, r, Z, lengths, reg, gamma, backend):
-    return Q.new_empty(Q.shape[0]), torch.empty_like(Q)
+    B, T, S, _ = Q.shape
+    return Q.new_empty(B), _new(Q, backend, B, T, S, S)
 
 
 # ---- derivatives ---------------------------------------------------------------------------------------------------

@@ -7,6 +7,13 @@ is a closed form (no sort, no reduction). The arithmetic mirrors the reference t
 (:mod:`structattn.ops.viterbi`) operation by operation, so results agree to float rounding. ``tl.exp``/``tl.log``
 on CUDA use the fast hardware approximations for float32 (≈1–2 ulp); float64 uses libdevice.
 
+Layout. The kernels address per-step tensors chain-minor: element (t, k) of chain b at (K·t + k)·B + b (θ, Q, E, Z, Ė
+with K = 4, U with K = 2), so that at every step the 32 lanes of a warp, which hold 32 consecutive chains, touch 32
+consecutive elements: one 128-byte transaction per warp load in float32, instead of 32 sectors 16·T bytes apart in the
+batch-major (B, T, 2, 2) layout. Outputs are returned as (B, T, …) views of their chain-minor buffers (no copy; the
+custom ops' fake kernels declare these strides); a batch-major input (θ, Z) costs one transposing copy
+(:func:`chain_minor`). docs/speed.md counts the bytes per chain step.
+
 ``triton`` is imported when this module is imported, which :mod:`structattn.ops.viterbi` does only when a CUDA
 tensor (or ``backend="triton"``) is seen. Tests run the kernels on CPU through ``TRITON_INTERPRET=1``, which
 triton reads when it is first imported.
@@ -99,29 +106,30 @@ if triton is not None:
         bidx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         bm = bidx < B
         b64 = bidx.to(tl.int64)
+        sB = B.to(tl.int64)  # chain-minor layout: element (t, k) of chain b at (K·t + k)·B + b
         if HAS_LENS:
             L = tl.load(lens_ptr + b64, mask=bm, other=0)
         else:
             L = tl.zeros([BLOCK], dtype=tl.int64) + T
         g = tl.load(gamma_ptr)
-        qbase = Q_ptr + b64 * T * 4
+        qbase = Q_ptr + b64
         if FWD:
-            tbase = theta_ptr + b64 * T * 4
+            tbase = theta_ptr + b64
             v0 = tl.zeros([BLOCK], dtype=g.dtype)
             v1 = tl.zeros([BLOCK], dtype=g.dtype)
             for t in range(0, T):
                 act = t < L
                 lm = bm & act
-                h0 = tl.load(tbase + 4 * t + 0, mask=lm, other=0.0)
-                h1 = tl.load(tbase + 4 * t + 1, mask=lm, other=0.0)
-                h2 = tl.load(tbase + 4 * t + 2, mask=lm, other=0.0)
-                h3 = tl.load(tbase + 4 * t + 3, mask=lm, other=0.0)
+                h0 = tl.load(tbase + (4 * t + 0) * sB, mask=lm, other=0.0)
+                h1 = tl.load(tbase + (4 * t + 1) * sB, mask=lm, other=0.0)
+                h2 = tl.load(tbase + (4 * t + 2) * sB, mask=lm, other=0.0)
+                h3 = tl.load(tbase + (4 * t + 3) * sB, mask=lm, other=0.0)
                 n0, q00, q01 = _maxarg2(h0 + v0, h1 + v1, g, L2)
                 n1, q10, q11 = _maxarg2(h2 + v0, h3 + v1, g, L2)
-                tl.store(qbase + 4 * t + 0, tl.where(act, q00, 0.0), mask=bm)
-                tl.store(qbase + 4 * t + 1, tl.where(act, q01, 0.0), mask=bm)
-                tl.store(qbase + 4 * t + 2, tl.where(act, q10, 0.0), mask=bm)
-                tl.store(qbase + 4 * t + 3, tl.where(act, q11, 0.0), mask=bm)
+                tl.store(qbase + (4 * t + 0) * sB, tl.where(act, q00, 0.0), mask=bm)
+                tl.store(qbase + (4 * t + 1) * sB, tl.where(act, q01, 0.0), mask=bm)
+                tl.store(qbase + (4 * t + 2) * sB, tl.where(act, q10, 0.0), mask=bm)
+                tl.store(qbase + (4 * t + 3) * sB, tl.where(act, q11, 0.0), mask=bm)
                 v0 = tl.where(act, n0, v0)
                 v1 = tl.where(act, n1, v1)
             val, r0, r1 = _maxarg2(v0, v1, g, L2)
@@ -132,26 +140,26 @@ if triton is not None:
             tl.debug_barrier()
             u0 = tl.load(r_ptr + 2 * b64, mask=bm, other=0.0)
             u1 = tl.load(r_ptr + 2 * b64 + 1, mask=bm, other=0.0)
-            ebase = E_ptr + b64 * T * 4
-            ubase = U_ptr + b64 * T * 2
+            ebase = E_ptr + b64
+            ubase = U_ptr + b64
             for k in range(0, T):
                 t = T - 1 - k
                 act = t < L
                 lm = bm & act
-                tl.store(ubase + 2 * t, u0, mask=bm)
-                tl.store(ubase + 2 * t + 1, u1, mask=bm)
-                q00 = tl.load(qbase + 4 * t + 0, mask=lm, other=0.0)
-                q01 = tl.load(qbase + 4 * t + 1, mask=lm, other=0.0)
-                q10 = tl.load(qbase + 4 * t + 2, mask=lm, other=0.0)
-                q11 = tl.load(qbase + 4 * t + 3, mask=lm, other=0.0)
+                tl.store(ubase + (2 * t) * sB, u0, mask=bm)
+                tl.store(ubase + (2 * t + 1) * sB, u1, mask=bm)
+                q00 = tl.load(qbase + (4 * t + 0) * sB, mask=lm, other=0.0)
+                q01 = tl.load(qbase + (4 * t + 1) * sB, mask=lm, other=0.0)
+                q10 = tl.load(qbase + (4 * t + 2) * sB, mask=lm, other=0.0)
+                q11 = tl.load(qbase + (4 * t + 3) * sB, mask=lm, other=0.0)
                 e00 = q00 * u0
                 e01 = q01 * u0
                 e10 = q10 * u1
                 e11 = q11 * u1
-                tl.store(ebase + 4 * t + 0, tl.where(act, e00, 0.0), mask=bm)
-                tl.store(ebase + 4 * t + 1, tl.where(act, e01, 0.0), mask=bm)
-                tl.store(ebase + 4 * t + 2, tl.where(act, e10, 0.0), mask=bm)
-                tl.store(ebase + 4 * t + 3, tl.where(act, e11, 0.0), mask=bm)
+                tl.store(ebase + (4 * t + 0) * sB, tl.where(act, e00, 0.0), mask=bm)
+                tl.store(ebase + (4 * t + 1) * sB, tl.where(act, e01, 0.0), mask=bm)
+                tl.store(ebase + (4 * t + 2) * sB, tl.where(act, e10, 0.0), mask=bm)
+                tl.store(ebase + (4 * t + 3) * sB, tl.where(act, e11, 0.0), mask=bm)
                 u0 = tl.where(act, e00 + e10, u0)
                 u1 = tl.where(act, e01 + e11, u1)
 
@@ -165,36 +173,37 @@ if triton is not None:
         bidx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         bm = bidx < B
         b64 = bidx.to(tl.int64)
+        sB = B.to(tl.int64)  # chain-minor layout: element (t, k) of chain b at (K·t + k)·B + b
         if HAS_LENS:
             L = tl.load(lens_ptr + b64, mask=bm, other=0)
         else:
             L = tl.zeros([BLOCK], dtype=tl.int64) + T
         g = tl.load(gamma_ptr)
-        qbase = Q_ptr + b64 * T * 4
-        zbase = Z_ptr + b64 * T * 4
-        dbase = D_ptr + b64 * T * 4
-        ubase = U_ptr + b64 * T * 2
+        qbase = Q_ptr + b64
+        zbase = Z_ptr + b64
+        dbase = D_ptr + b64
+        ubase = U_ptr + b64
         w0 = tl.zeros([BLOCK], dtype=g.dtype)
         w1 = tl.zeros([BLOCK], dtype=g.dtype)
         for t in range(0, T):
             act = t < L
             lm = bm & act
-            q00 = tl.load(qbase + 4 * t + 0, mask=lm, other=0.0)
-            q01 = tl.load(qbase + 4 * t + 1, mask=lm, other=0.0)
-            q10 = tl.load(qbase + 4 * t + 2, mask=lm, other=0.0)
-            q11 = tl.load(qbase + 4 * t + 3, mask=lm, other=0.0)
-            x00 = tl.load(zbase + 4 * t + 0, mask=lm, other=0.0) + w0
-            x01 = tl.load(zbase + 4 * t + 1, mask=lm, other=0.0) + w1
-            x10 = tl.load(zbase + 4 * t + 2, mask=lm, other=0.0) + w0
-            x11 = tl.load(zbase + 4 * t + 3, mask=lm, other=0.0) + w1
+            q00 = tl.load(qbase + (4 * t + 0) * sB, mask=lm, other=0.0)
+            q01 = tl.load(qbase + (4 * t + 1) * sB, mask=lm, other=0.0)
+            q10 = tl.load(qbase + (4 * t + 2) * sB, mask=lm, other=0.0)
+            q11 = tl.load(qbase + (4 * t + 3) * sB, mask=lm, other=0.0)
+            x00 = tl.load(zbase + (4 * t + 0) * sB, mask=lm, other=0.0) + w0
+            x01 = tl.load(zbase + (4 * t + 1) * sB, mask=lm, other=0.0) + w1
+            x10 = tl.load(zbase + (4 * t + 2) * sB, mask=lm, other=0.0) + w0
+            x11 = tl.load(zbase + (4 * t + 3) * sB, mask=lm, other=0.0) + w1
             n0 = q00 * x00 + q01 * x01
             n1 = q10 * x10 + q11 * x11
             d00, d01 = _jac2(q00, q01, x00, x01, g, L2)
             d10, d11 = _jac2(q10, q11, x10, x11, g, L2)
-            tl.store(dbase + 4 * t + 0, tl.where(act, d00, 0.0), mask=bm)
-            tl.store(dbase + 4 * t + 1, tl.where(act, d01, 0.0), mask=bm)
-            tl.store(dbase + 4 * t + 2, tl.where(act, d10, 0.0), mask=bm)
-            tl.store(dbase + 4 * t + 3, tl.where(act, d11, 0.0), mask=bm)
+            tl.store(dbase + (4 * t + 0) * sB, tl.where(act, d00, 0.0), mask=bm)
+            tl.store(dbase + (4 * t + 1) * sB, tl.where(act, d01, 0.0), mask=bm)
+            tl.store(dbase + (4 * t + 2) * sB, tl.where(act, d10, 0.0), mask=bm)
+            tl.store(dbase + (4 * t + 3) * sB, tl.where(act, d11, 0.0), mask=bm)
             w0 = tl.where(act, n0, w0)
             w1 = tl.where(act, n1, w1)
         r0 = tl.load(r_ptr + 2 * b64, mask=bm, other=0.0)
@@ -206,24 +215,24 @@ if triton is not None:
             t = T - 1 - k
             act = t < L
             lm = bm & act
-            q00 = tl.load(qbase + 4 * t + 0, mask=lm, other=0.0)
-            q01 = tl.load(qbase + 4 * t + 1, mask=lm, other=0.0)
-            q10 = tl.load(qbase + 4 * t + 2, mask=lm, other=0.0)
-            q11 = tl.load(qbase + 4 * t + 3, mask=lm, other=0.0)
-            d00 = tl.load(dbase + 4 * t + 0, mask=lm, other=0.0)
-            d01 = tl.load(dbase + 4 * t + 1, mask=lm, other=0.0)
-            d10 = tl.load(dbase + 4 * t + 2, mask=lm, other=0.0)
-            d11 = tl.load(dbase + 4 * t + 3, mask=lm, other=0.0)
-            u0 = tl.load(ubase + 2 * t, mask=lm, other=0.0)
-            u1 = tl.load(ubase + 2 * t + 1, mask=lm, other=0.0)
+            q00 = tl.load(qbase + (4 * t + 0) * sB, mask=lm, other=0.0)
+            q01 = tl.load(qbase + (4 * t + 1) * sB, mask=lm, other=0.0)
+            q10 = tl.load(qbase + (4 * t + 2) * sB, mask=lm, other=0.0)
+            q11 = tl.load(qbase + (4 * t + 3) * sB, mask=lm, other=0.0)
+            d00 = tl.load(dbase + (4 * t + 0) * sB, mask=lm, other=0.0)
+            d01 = tl.load(dbase + (4 * t + 1) * sB, mask=lm, other=0.0)
+            d10 = tl.load(dbase + (4 * t + 2) * sB, mask=lm, other=0.0)
+            d11 = tl.load(dbase + (4 * t + 3) * sB, mask=lm, other=0.0)
+            u0 = tl.load(ubase + (2 * t) * sB, mask=lm, other=0.0)
+            u1 = tl.load(ubase + (2 * t + 1) * sB, mask=lm, other=0.0)
             e00 = q00 * a0 + d00 * u0
             e01 = q01 * a0 + d01 * u0
             e10 = q10 * a1 + d10 * u1
             e11 = q11 * a1 + d11 * u1
-            tl.store(dbase + 4 * t + 0, e00, mask=lm)
-            tl.store(dbase + 4 * t + 1, e01, mask=lm)
-            tl.store(dbase + 4 * t + 2, e10, mask=lm)
-            tl.store(dbase + 4 * t + 3, e11, mask=lm)
+            tl.store(dbase + (4 * t + 0) * sB, e00, mask=lm)
+            tl.store(dbase + (4 * t + 1) * sB, e01, mask=lm)
+            tl.store(dbase + (4 * t + 2) * sB, e10, mask=lm)
+            tl.store(dbase + (4 * t + 3) * sB, e11, mask=lm)
             a0 = tl.where(act, e00 + e10, a0)
             a1 = tl.where(act, e01 + e11, a1)
 
@@ -267,69 +276,97 @@ def _gamma(gamma: float, like: Tensor) -> Tensor:
     return torch.full((1,), gamma, dtype=like.dtype, device=like.device)
 
 
+def new_chain_minor(B: int, *shape: int, like: Tensor) -> Tensor:
+    """An uninitialised (B, *shape) tensor stored chain-minor: a (B, …) view of a contiguous (*shape, B) buffer, so
+    that element [b, t, …] of consecutive chains b are neighbours in memory (see :func:`chain_minor`)."""
+    buf = like.new_empty(*shape, B)
+    return buf.permute(buf.dim() - 1, *range(buf.dim() - 1))
+
+
+def chain_minor(x: Tensor) -> Tensor:
+    """The contiguous (T, …, B) storage of a (B, T, …) tensor, which is what the kernels address: element (t, k) of
+    chain b at (K·t + k)·B + b, so that the lanes of a warp (consecutive chains) read and write consecutive
+    addresses at every step. No copy for the outputs of this module (already stored so); one transposing copy for
+    a batch-major input such as θ or Z."""
+    return x.permute(*range(1, x.dim()), 0).contiguous()
+
+
+def _out(x: Tensor) -> Tensor:
+    """The (T, …, B) storage of an output made by :func:`new_chain_minor`, written in place by a kernel."""
+    y = x.permute(*range(1, x.dim()), 0)
+    if not y.is_contiguous():  # a copy would silently drop the kernel's writes
+        raise RuntimeError("kernel output is not stored chain-minor")
+    return y
+
+
 def _run_vit(theta, Q, r, lengths, reg, gamma, fwd: bool, bwd: bool, value=None, E=None, U=None):
+    """Launch _vit_kernel. Q, E, U are chain-minor (B, …) views (:func:`new_chain_minor`); θ any layout."""
     B, T = Q.shape[0], Q.shape[1]
     if B == 0:
         return
     ref = theta if theta is not None else Q
     lens, has = _lens(lengths, ref)
-    dummy = Q
+    # Q is an output of the forward (FWD) or the input of the backward sweep (chain-minor if it came from here).
+    Qc = _out(Q) if fwd else chain_minor(Q)
+    dummy = Qc
     _launch(
         _vit_kernel, B,
-        (theta if theta is not None else dummy, lens, _gamma(gamma, ref),
-         value if value is not None else dummy, Q, r,
-         E if E is not None else dummy, U if U is not None else dummy, B, T),
+        (chain_minor(theta) if theta is not None else dummy, lens, _gamma(gamma, ref),
+         value if value is not None else dummy, Qc, r,
+         _out(E) if E is not None else dummy, _out(U) if U is not None else dummy, B, T),
         dict(HAS_LENS=has, L2=(reg == "l2"), FWD=fwd, BWD=bwd),
     )
 
 
 def forward(theta: Tensor, lengths: Tensor | None, reg: str, gamma: float):
-    """Alg. 3 forward, one launch: (value (B,), Q (B,T,2,2), r (B,2))."""
+    """Alg. 3 forward, one launch: (value (B,), Q (B,T,2,2) chain-minor, r (B,2))."""
     _check(theta)
-    theta = theta.contiguous()
     B, T = theta.shape[:2]
     value = theta.new_empty(B)
-    Q = theta.new_empty(B, T, 2, 2)
+    Q = new_chain_minor(B, T, 2, 2, like=theta)
     r = theta.new_empty(B, 2)
     _run_vit(theta, Q, r, lengths, reg, gamma, True, False, value=value)
     return value, Q, r
 
 
 def backward(Q: Tensor, r: Tensor, lengths: Tensor | None):
-    """Alg. 3 backward, one launch: (E (B,T,2,2), U (B,T,2))."""
+    """Alg. 3 backward, one launch: (E (B,T,2,2), U (B,T,2)), both chain-minor."""
     _check(Q)
-    Q, r = Q.contiguous(), r.contiguous()
+    r = r.contiguous()
     B, T = Q.shape[:2]
-    E = torch.empty_like(Q)
-    U = Q.new_empty(B, T, 2)
+    E = new_chain_minor(B, T, 2, 2, like=Q)
+    U = new_chain_minor(B, T, 2, like=Q)
     _run_vit(None, Q, r, lengths, "entropy", 1.0, False, True, E=E, U=U)
     return E, U
 
 
 def marginals(theta: Tensor, lengths: Tensor | None, reg: str, gamma: float):
-    """Alg. 3 forward + backward in one launch: (value, Q, r, E, U)."""
+    """Alg. 3 forward + backward in one launch: (value, Q, r, E, U); Q, E, U chain-minor."""
     _check(theta)
-    theta = theta.contiguous()
     B, T = theta.shape[:2]
     value = theta.new_empty(B)
-    Q = theta.new_empty(B, T, 2, 2)
+    Q = new_chain_minor(B, T, 2, 2, like=theta)
     r = theta.new_empty(B, 2)
-    E = theta.new_empty(B, T, 2, 2)
-    U = theta.new_empty(B, T, 2)
+    E = new_chain_minor(B, T, 2, 2, like=theta)
+    U = new_chain_minor(B, T, 2, like=theta)
     _run_vit(theta, Q, r, lengths, reg, gamma, True, True, value=value, E=E, U=U)
     return value, Q, r, E, U
 
 
 def hvp(Q: Tensor, U: Tensor, r: Tensor, Z: Tensor, lengths: Tensor | None, reg: str, gamma: float):
-    """Alg. 4 (both sweeps) in one launch: (⟨E, Z⟩ (B,), ∇²Vit_Ω(θ)·Z (B,T,2,2))."""
+    """Alg. 4 (both sweeps) in one launch: (⟨E, Z⟩ (B,), ∇²Vit_Ω(θ)·Z (B,T,2,2) chain-minor)."""
     _check(Q)
-    Q, U, r = Q.contiguous(), U.contiguous(), r.contiguous()
-    Z = Z.to(Q.dtype).contiguous()
+    r = r.contiguous()
     B, T = Q.shape[:2]
     dot = Q.new_empty(B)
-    Edot = torch.empty_like(Q)
+    Edot = new_chain_minor(B, T, 2, 2, like=Q)
     if B == 0:
         return dot, Edot
     lens, has = _lens(lengths, Q)
-    _launch(_hvp_kernel, B, (Q, U, r, Z, lens, _gamma(gamma, Q), dot, Edot, B, T), dict(HAS_LENS=has, L2=(reg == "l2")))
+    _launch(
+        _hvp_kernel, B,
+        (chain_minor(Q), chain_minor(U), r, chain_minor(Z.to(Q.dtype)), lens, _gamma(gamma, Q), dot,
+         _out(Edot), B, T),
+        dict(HAS_LENS=has, L2=(reg == "l2")),
+    )
     return dot, Edot
