@@ -1,4 +1,5 @@
-"""torch.compile(fullgraph=True) of the Viterbi attention and of a whole structattn_lstm decoder step (issue 13, item 1).
+"""torch.compile(fullgraph=True) of the Viterbi attention and of a whole structattn_lstm decoder step (issue 13,
+item 1).
 
 ``fullgraph=True`` turns any graph break into an error, so each test proves that Dynamo traces the code in one graph
 (the Viterbi passes enter it as the ``structattn::`` custom ops); the numbers, forward and backward, must be those of
