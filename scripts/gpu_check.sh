@@ -18,8 +18,8 @@ Usage: scripts/gpu_check.sh [options]
   --no-install     never install anything (a missing package fails the steps that need it)
   -h, --help       this text
 
-Steps: environment probe, install (editable structattn with the test and triton extras; fairseq built from its
-sdist with --no-build-isolation against the torch found, via scripts/install_fairseq.sh), CUDA tests (pytest on
+Steps: environment probe, install (editable structattn without touching the installed torch, pytest, triton;
+fairseq built from its sdist with --no-build-isolation against the torch found, via scripts/install_fairseq.sh), CUDA tests (pytest on
 the kernel, Viterbi, custom-op, mixed-precision and AOT test files), step-level benchmark (benchmarks/run.py
 --quick --no-e2e), normaliser benchmark (benchmarks/normalizer.py), fairseq-train for every attention
 (benchmarks/run.py --e2e-only), report (benchmarks/gpu_report.py).
@@ -140,8 +140,9 @@ if [ $gpu_ok -eq 1 ]; then
       set -e
       for n in "${need[@]}"; do
         case "$n" in
-          structattn) "$py" -m pip install -q -e ".[test]" ;;
-          triton) "$py" -m pip install -q -e ".[triton]" ;;
+          # --no-deps: never let pip replace the machine's (CUDA) torch with the version pinned in pyproject.toml.
+          structattn) "$py" -m pip install -q --no-deps -e . && "$py" -m pip install -q pytest hypothesis numpy ;;
+          triton) "$py" -m pip install -q triton ;;
           fairseq) PYTHON="$py" bash scripts/install_fairseq.sh ;;
         esac
       done
