@@ -18,11 +18,11 @@ Usage: scripts/gpu_check.sh [options]
   --no-install     never install anything (a missing package fails the steps that need it)
   -h, --help       this text
 
-Steps: environment probe, install (editable structattn without touching the installed torch, pytest, triton;
-fairseq built from its sdist with --no-build-isolation against the torch found, via scripts/install_fairseq.sh), CUDA tests (pytest on
-the kernel, Viterbi, custom-op, mixed-precision and AOT test files), step-level benchmark (benchmarks/run.py
---quick --no-e2e), normaliser benchmark (benchmarks/normalizer.py), fairseq-train for every attention
-(benchmarks/run.py --e2e-only), report (benchmarks/gpu_report.py).
+Steps: environment probe; install (editable structattn without touching the installed torch, pytest, triton;
+fairseq built from its sdist with --no-build-isolation against the torch found, via scripts/install_fairseq.sh);
+CUDA tests (pytest on the kernel, Viterbi, custom-op, mixed-precision and AOT test files); step-level benchmark
+(benchmarks/run.py --quick --no-e2e); normaliser benchmark (benchmarks/normalizer.py); fairseq-train for every
+attention (benchmarks/run.py --e2e-only); report (benchmarks/gpu_report.py).
 
 Exit status: 0 every step that ran passed; 1 a step failed; 2 usage error; 3 no CUDA device (report written,
 GPU steps skipped).
