@@ -62,6 +62,20 @@ def test_viterbi_attention_fullgraph_equals_eager(reg, mask):
         assert ref[1][0].sum() == 0, "the test meant to include a dead (fallback) row"
 
 
+def test_viterbi_attention_varying_batch_shapes():
+    """NMT batches change (B, T) every step: after one recompilation with dynamic shapes (the fake kernels take
+    symbolic sizes), every shape runs in the same graph, forward and backward equal to eager."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(_attention("l2"), fullgraph=True, backend="aot_eager")
+    for B, T in ((4, 7), (5, 9), (6, 12), (7, 5)):
+        s, trans, pm = _scores(B=B, T=T, seed=B)
+        _assert_same(_run(compiled, s, trans, pm), _run(_attention("l2"), s, trans, pm), 1e-12)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+
+
 def test_viterbi_attention_inductor_equals_eager():
     s, trans, pm = _scores(seed=2)
     s, trans = s.float(), trans.float()
