@@ -101,7 +101,13 @@ def _check_lengths(lengths, B: int, device) -> Tensor:
 def _check_values(theta: Tensor, lengths: Tensor | None) -> Tensor | None:
     """The data-dependent checks, run by the value and marginals ops on real tensors (also under torch.compile,
     where the op bodies run at run time): θ finite, lengths in [0, T] (the kernels index with them). Returns
-    ``lengths``, or None when no chain is padded (the kernels' cheaper unmasked path)."""
+    ``lengths``, or None when no chain is padded (the kernels' cheaper unmasked path).
+
+    Skipped while a CUDA graph is being captured (``torch.compile(mode="reduce-overhead")``): reading a value back to
+    the host is not allowed during capture, and the same inputs were checked by the eager warm-up runs that precede
+    it; the replays then run the kernels only."""
+    if theta.is_cuda and torch.cuda.is_current_stream_capturing():
+        return lengths
     if theta.numel() > 0:
         bad = ~torch.isfinite(theta)
         if bool(bad.any()):
