@@ -108,6 +108,18 @@ def test_cpu_kernel_edge_shapes(dtype, reg, shape):
 
 
 @needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("reg", ["entropy", "l2"])
+def test_cpu_kernel_several_simd_blocks(dtype, reg):
+    """The S = 2 forward runs blocks of 64 chains vectorised across chains: 150 chains = two full blocks and a ragged
+    one, with lengths 0..T mixed inside each block, scores of ±1e3 (ties and saturated ℓ2 rows included)."""
+    theta, Z, lengths = make_case(150, 23, 2, 1e3, dtype, seed=150)
+    theta[7, :, :, 1] = theta[7, :, :, 0]  # exact ties x0 == x1 at t = 0 (v_0 = 0): the select branches meet
+    compare_backends("cpu", theta, Z, lengths, reg, 0.5, f"cpu {dtype} {reg} 150 chains")
+    compare_backends("cpu", theta, Z, None, reg, 3.0, f"cpu {dtype} {reg} 150 chains no lengths")
+
+
+@needs_c
 def test_cpu_kernel_half_precision_and_noncontiguous():
     theta, Z, lengths = make_case(4, 6, 2, 1.0, torch.float32, seed=3)
     half = theta.to(torch.bfloat16)

@@ -108,6 +108,81 @@ static inline int64_t chain_len_SFX(const int64_t *lens, int64_t b, int64_t T)
     return lens ? lens[b] : T;
 }
 
+/* ---- Alg. 3 forward for S = 2, a block of CB chains at a time, vectorised across the chains ----------------------
+   Each step t runs over the block's chains in an inner loop that the compiler vectorises (SIMD lanes = chains; the
+   recursion is sequential in t, so there is nothing to vectorise inside one chain). With glibc's libmvec the exp and
+   log1p of the entropy case become vector calls; GCC stops if-converting a loop at a call, so the transcendental part
+   is a loop of its own, free of branches, and the selects (padding masks, which state is larger) come in a second
+   loop. The arithmetic is that of maxarg2 above, operation for operation: min(ya, yb) = −|x0 − x1|/γ exactly (one of
+   a, b is 0 after the shift by the max, and fl(x1 − x0) = −fl(x0 − x1)). Padded steps (t ≥ L) are computed on the
+   (finite) padding and discarded by the masks. */
+
+static void forward2_block_SFX(int64_t b0, int64_t nb, int64_t T, const real *theta, const int64_t *lens, int l2,
+                               real g, real *value, real *Q, real *r)
+{
+    real v0[CB], v1[CB], e0[CB], e1[CB], s0[CB], s1[CB];
+    int64_t L[CB];
+    const int64_t TS = 4 * T;
+    for (int64_t i = 0; i < nb; i++) { v0[i] = 0; v1[i] = 0; L[i] = chain_len_SFX(lens, b0 + i, T); }
+    for (int64_t t = 0; t < T; t++) {
+        const real *h = theta + b0 * TS + 4 * t;
+        real *q = Q + b0 * TS + 4 * t;
+        if (!l2) {
+            #pragma omp simd
+            for (int64_t i = 0; i < nb; i++) {
+                const real *hi = h + i * TS;
+                real d0 = (hi[0] + v0[i]) - (hi[1] + v1[i]);
+                real d1 = (hi[2] + v0[i]) - (hi[3] + v1[i]);
+                e0[i] = EXP(-FABS(d0) / g);
+                e1[i] = EXP(-FABS(d1) / g);
+                s0[i] = LOG1P(e0[i]);
+                s1[i] = LOG1P(e1[i]);
+            }
+            #pragma omp simd
+            for (int64_t i = 0; i < nb; i++) {
+                const real *hi = h + i * TS;
+                real *qi = q + i * TS;
+                real x00 = hi[0] + v0[i], x01 = hi[1] + v1[i], x10 = hi[2] + v0[i], x11 = hi[3] + v1[i];
+                real inv0 = (real)1.0 / ((real)1.0 + e0[i]), inv1 = (real)1.0 / ((real)1.0 + e1[i]);
+                real m0 = x00 >= x01 ? x00 : x01, m1 = x10 >= x11 ? x10 : x11;
+                int act = t < L[i];
+                qi[0] = act ? (x00 < x01 ? e0[i] * inv0 : inv0) : (real)0.0;
+                qi[1] = act ? (x00 < x01 ? inv0 : e0[i] * inv0) : (real)0.0;
+                qi[2] = act ? (x10 < x11 ? e1[i] * inv1 : inv1) : (real)0.0;
+                qi[3] = act ? (x10 < x11 ? inv1 : e1[i] * inv1) : (real)0.0;
+                real n0 = g * s0[i] + m0, n1 = g * s1[i] + m1;
+                v0[i] = act ? n0 : v0[i];
+                v1[i] = act ? n1 : v1[i];
+            }
+        } else {
+            #pragma omp simd
+            for (int64_t i = 0; i < nb; i++) {
+                const real *hi = h + i * TS;
+                real *qi = q + i * TS;
+                real x[4] = {hi[0] + v0[i], hi[1] + v1[i], hi[2] + v0[i], hi[3] + v1[i]};
+                real n[2], p[4];
+                for (int k = 0; k < 2; k++) {
+                    real m = x[2 * k] >= x[2 * k + 1] ? x[2 * k] : x[2 * k + 1];
+                    real a = x[2 * k] - m, b = x[2 * k + 1] - m;
+                    real ya = a / g, yb = b / g;
+                    real p1 = ((real)1.0 + yb - ya) * (real)0.5;
+                    p1 = p1 < (real)0.0 ? (real)0.0 : (p1 > (real)1.0 ? (real)1.0 : p1);
+                    real p0 = (real)1.0 - p1;
+                    p[2 * k] = p0;
+                    p[2 * k + 1] = p1;
+                    n[k] = (p0 * a + p1 * b) - (real)(0.5 * (double)g) * (p0 * p0 + p1 * p1) + m;
+                }
+                int act = t < L[i];
+                for (int k = 0; k < 4; k++) qi[k] = act ? p[k] : (real)0.0;
+                v0[i] = act ? n[0] : v0[i];
+                v1[i] = act ? n[1] : v1[i];
+            }
+        }
+    }
+    for (int64_t i = 0; i < nb; i++)
+        value[b0 + i] = maxarg2_SFX(v0[i], v1[i], l2, g, r + 2 * (b0 + i), r + 2 * (b0 + i) + 1);
+}
+
 /* ---- Alg. 3 forward: value (B), Q (B,T,S,S), r (B,S) ----------------------------------------------------------- */
 
 void vit_forward_SFX(int64_t B, int64_t T, int64_t S, const real *theta, const int64_t *lens, int l2, double gd,
@@ -116,21 +191,8 @@ void vit_forward_SFX(int64_t B, int64_t T, int64_t S, const real *theta, const i
     real g = (real)gd;
     const int64_t TSS = T * S * S;
     if (S == 2) {
-        for (int64_t b = 0; b < B; b++) {
-            const real *th = theta + b * TSS;
-            real *Qb = Q + b * TSS;
-            int64_t L = chain_len_SFX(lens, b, T);
-            real v0 = 0, v1 = 0;
-            for (int64_t t = 0; t < L; t++) {
-                const real *h = th + 4 * t;
-                real *q = Qb + 4 * t;
-                real n0 = maxarg2_SFX(h[0] + v0, h[1] + v1, l2, g, q + 0, q + 1);
-                real n1 = maxarg2_SFX(h[2] + v0, h[3] + v1, l2, g, q + 2, q + 3);
-                v0 = n0; v1 = n1;
-            }
-            memset(Qb + 4 * L, 0, sizeof(real) * 4 * (T - L));
-            value[b] = maxarg2_SFX(v0, v1, l2, g, r + 2 * b, r + 2 * b + 1);
-        }
+        for (int64_t b0 = 0; b0 < B; b0 += CB)
+            forward2_block_SFX(b0, B - b0 < CB ? B - b0 : CB, T, theta, lens, l2, g, value, Q, r);
         return;
     }
     real v[S], vn[S], x[S], y[S], z[S];
@@ -290,7 +352,21 @@ void vit_hvp_SFX(int64_t B, int64_t T, int64_t S, const real *Q, const real *U, 
 }
 """
 
-_HEADER = "#include <math.h>\n#include <stdint.h>\n#include <string.h>\n"
+_HEADER = r"""#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#define CB 64 /* chains per block of the vectorised S = 2 forward: their state (v, exp, log1p) stays in L1 */
+/* glibc >= 2.35 on x86-64 ships vector versions of exp and log1p (libmvec); declaring them lets GCC vectorise the
+   loops that call them (with -fopenmp-simd -fno-math-errno), without -ffast-math, whose crtfastmath.o would flush
+   denormals to zero process-wide. Elsewhere the loops stay scalar and give the same results. */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
+    (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35))
+__attribute__((simd("notinbranch"))) float expf(float);
+__attribute__((simd("notinbranch"))) float log1pf(float);
+__attribute__((simd("notinbranch"))) double exp(double);
+__attribute__((simd("notinbranch"))) double log1p(double);
+#endif
+"""
 
 
 def source() -> str:
@@ -301,6 +377,6 @@ def source() -> str:
         ("double", "f64", "exp", "log", "log1p"),
     ):
         body = _BODY.replace("_SFX", "_" + sfx).replace("EXP(", exp + "(").replace("LOG(", log + "(")
-        body = body.replace("LOG1P(", log1p + "(")
+        body = body.replace("LOG1P(", log1p + "(").replace("FABS(", ("fabsf(" if real == "float" else "fabs("))
         parts.append(f"#define real {real}\n{body}\n#undef real\n")
     return "".join(parts)

@@ -33,6 +33,9 @@ from ._cpu_source import source
 __all__ = ["available", "load", "forward", "marginals", "backward", "hvp", "library_path"]
 
 _CFLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-Werror=implicit-function-declaration"]
+# Honour the `#pragma omp simd` loops (vectorised across chains) without OpenMP's runtime; a compiler that does not
+# know the flag gets a second try without it (same code, scalar loops).
+_SIMD_FLAGS = ["-fopenmp-simd"]
 _lock = threading.Lock()
 _lib = None
 _error: str | None = None
@@ -60,7 +63,7 @@ def library_path() -> str | None:
     if cc is None:
         return None
     key = hashlib.sha256(
-        "\0".join([source(), " ".join(_CFLAGS), cc, platform.machine(), sys.platform]).encode()
+        "\0".join([source(), " ".join(_CFLAGS + _SIMD_FLAGS), cc, platform.machine(), sys.platform]).encode()
     ).hexdigest()[:16]
     return os.path.join(_cache_dir(), f"viterbi_{key}.so")
 
@@ -74,7 +77,10 @@ def _compile(path: str, cc: str) -> None:
         out = os.path.join(tmp, "viterbi.so")
         with open(src, "w") as f:
             f.write(source())
-        proc = subprocess.run([cc, *_CFLAGS, src, "-o", out, "-lm"], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *_CFLAGS, *_SIMD_FLAGS, src, "-o", out, "-lm"], capture_output=True, text=True,
+                              timeout=120)
+        if proc.returncode != 0:
+            proc = subprocess.run([cc, *_CFLAGS, src, "-o", out, "-lm"], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
         os.replace(out, path)
