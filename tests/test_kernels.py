@@ -160,6 +160,28 @@ def test_cpu_kernel_is_cached_on_disk():
     assert path is not None and os.path.exists(path)
 
 
+@needs_c
+def test_compiler_without_the_simd_flag_still_builds_the_kernel(tmp_path):
+    """A compiler that rejects -fopenmp-simd gets a second try without it (scalar loops, same numbers)."""
+    proc = _run_py(
+        """
+        import torch
+        from structattn.ops.kernels import cpu
+        from structattn import viterbi_marginals
+        cpu._SIMD_FLAGS = ["-fstructattn-no-such-flag"]
+        assert cpu.available(), cpu.unavailable_reason()
+        th = torch.randn(70, 9, 2, 2, dtype=torch.float64)
+        L = torch.randint(0, 10, (70,))
+        d = (viterbi_marginals(th, L, backend="cpu") - viterbi_marginals(th, L, backend="reference")).abs().max()
+        assert d < 1e-12, d
+        print("ok")
+        """,
+        {"STRUCTATTN_KERNEL_CACHE": str(tmp_path / "cache")},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+
+
 # ---- dispatch ------------------------------------------------------------------------------------------------------
 
 
