@@ -30,7 +30,26 @@ p(y_t = 1) so callers can count how often it happens.
 Initialisation (:class:`ViterbiAttention`). θ/γ is what matters (for entropy p ∝ exp(⟨Y, θ⟩/γ); ℓ2 collapses to a
 hard, zero-derivative Viterbi when |θ| ≫ γ, App. C.3). M starts at U(−a, a) with a = γ·√(3/(d_x d_z)), so that
 for encoder/decoder states with entries in [−1, 1] (LSTM outputs) the initial score std is at most γ, whatever γ
-and the sizes; T starts at 0 (no preference between attending or not, nor for contiguity).
+and the sizes; in the paper form T starts at 0 (no preference between attending or not, nor for contiguity).
+
+Dead rows and the trainable form (a documented departure from the paper, selectable). In the paper's form
+(``form="paper"``: θ built from the raw scores s and a raw T initialised at 0) training can *kill* ℓ2 rows: the
+weights w = p/Σp ignore a common shift of the scores, so nothing holds the level of s, which drifts; once every
+position loses to the all-zero path by ≥ γ (two states: q = clip((1 + Δ/γ)/2, 0, 1)), p ≡ 0, the Jacobian of the
+row is 0, the row falls back to softmax, and no gradient pushes it back. And T, moved by Adam by about lr per
+update while it matters only on the γ scale, stays ≈ 0: the chain factorises into independent positions. The
+``form="stable"`` attention (the fairseq plugin's default) changes two things, both measured on Bible fr→en
+(``recipes/bible_fr_en/RESULTS.md``):
+
+* scores are **centred per row** over the real positions, s̃_t = s_t − mean_{t' real} s_{t'}, before θ is built.
+  w and the fallback are unchanged by the shift for softmax, but the chain now sees a level that cannot drift:
+  max_t s̃_t ≥ 0, so a row dies only if the *learned* transitions make attending cost ≥ γ everywhere;
+* **transitions on the γ scale**, T = γ·τ with τ the parameter (``transitions_over_gamma``), initialised with a
+  contiguity prior τ = [[c, 0], [0, c]] (staying in a state is worth c·γ): Adam's ~lr steps on τ move T/γ at a
+  useful speed and the chain starts out preferring contiguous segments.
+
+:func:`dead_rows` counts the rows that fell back (the modules keep running counts, see
+:meth:`ViterbiAttention.pop_fallback_counts`; the fairseq plugin logs them as ``attn_fallback``).
 
 This module does not import fairseq; the fairseq glue lives in ``user_dir/``.
 """
@@ -53,6 +72,10 @@ __all__ = [
     "sparsemax_attention",
     "segmentation_potentials",
     "viterbi_attention",
+    "centre_scores",
+    "dead_rows",
+    "frozen_rows",
+    "VITERBI_FORMS",
     "SoftmaxAttention",
     "SparsemaxAttention",
     "ViterbiAttention",
@@ -63,6 +86,12 @@ ATTENTIONS = ("softmax", "sparsemax", "viterbi")
 
 #: Temperatures used in the paper (App. C.3): γ = 2 for negentropy, γ = 10 for squared ℓ2.
 PAPER_GAMMA = {"entropy": 2.0, "l2": 10.0}
+
+#: Parametrisations of the Viterbi attention (module docstring): the paper's, and the trainable one.
+VITERBI_FORMS = ("paper", "stable")
+
+#: Contiguity prior c of the stable form: τ = T/γ starts at [[c, 0], [0, c]].
+DEFAULT_CONTIGUITY = 1.0
 
 
 # ---- input checks -------------------------------------------------------------------------------------------------
@@ -81,8 +110,10 @@ def _check_scores(scores: Tensor, padding_mask: Tensor | None, name: str = "scor
         raise ValueError(
             f"padding_mask must have the shape of {name} {tuple(scores.shape)}, got {tuple(padding_mask.shape)}"
         )
-    if not bool(padding_mask.any()):
-        return None  # no padding: take the unmasked path
+    # No padding: take the unmasked path. Reading the mask on the host is a data-dependent branch that
+    # torch.compile cannot trace; compiled code keeps the (equivalent) masked path instead.
+    if not torch.compiler.is_compiling() and not bool(padding_mask.any()):
+        return None
     return padding_mask
 
 
@@ -180,6 +211,8 @@ def viterbi_attention(
     padding_mask = _check_scores(scores, padding_mask)
     if not isinstance(transitions, Tensor):
         raise TypeError("transitions must be a torch.Tensor")
+    out_dtype = scores.dtype
+    scores = _upcast_half(scores)
     B, T = scores.shape
     if padding_mask is None:
         theta = segmentation_potentials(scores, transitions)
@@ -201,9 +234,68 @@ def viterbi_attention(
     ok = total > torch.finfo(p.dtype).tiny
     # A safe denominator: dividing by 0 in the branch that torch.where discards would still put NaN in the gradient.
     w = p / torch.where(ok, total, torch.ones_like(total))
-    if not bool(ok.all()):
+    # Eager mode computes the fallback only when a row needs it; compiled code always does (no host read).
+    if torch.compiler.is_compiling() or not bool(ok.all()):
         w = torch.where(ok, w, softmax_attention(scores, padding_mask))
+    w, p = w.to(out_dtype), p.to(out_dtype)
     return (w, p) if return_marginals else w
+
+
+def _upcast_half(x: Tensor) -> Tensor:
+    """float16/bfloat16 → float32, other dtypes unchanged. θ = T + s must not be rounded to half precision: with T
+    of order γ (the stable form's contiguity prior), a bfloat16 θ keeps about two significant digits of s. The
+    Viterbi kernels compute in float32 anyway, so this costs one small cast per row."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def centre_scores(scores: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    """s̃_t = s_t − mean_{t' real} s_{t'}: each row centred over its real positions (padding left as it is, a row
+    without real positions unchanged). Used by the stable form of :class:`ViterbiAttention` (module docstring)."""
+    padding_mask = _check_scores(scores, padding_mask)
+    if padding_mask is None:
+        return scores - scores.mean(-1, keepdim=True)
+    real = (~padding_mask).to(scores.dtype)
+    n = real.sum(-1, keepdim=True).clamp_min(1.0)
+    mean = (scores.masked_fill(padding_mask, 0.0) * real).sum(-1, keepdim=True) / n
+    return torch.where(padding_mask, scores, scores - mean)
+
+
+def dead_rows(marginals: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    """Rows of the Viterbi attention that fall back to softmax: p(y_t = 1) ≤ tiny (float) for every real t.
+
+    Args:
+        marginals: (B, T) p(y_t = 1) as returned by ``viterbi_attention(..., return_marginals=True)``.
+        padding_mask: optional (B, T) bool, True at padding.
+
+    Returns:
+        (B,) bool, True on dead rows. A row without any real position is not counted as dead (it has no
+        attention at all, nothing fell back)."""
+    padding_mask = _check_scores(marginals, padding_mask, "marginals")
+    p = marginals.detach()
+    if padding_mask is not None:
+        p = p.masked_fill(padding_mask, 0.0)
+        has_real = ~padding_mask.all(-1)
+    else:
+        has_real = torch.full((p.shape[0],), p.shape[1] > 0, dtype=torch.bool, device=p.device)
+    return (p.sum(-1) <= torch.finfo(p.dtype).tiny) & has_real
+
+
+def frozen_rows(marginals: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    """Rows whose marginals are all exactly 0 or 1 on the real positions: a hard (unsmoothed) Viterbi path.
+
+    With ℓ2 the marginals are piecewise linear in θ and such a row has a zero Jacobian, so no gradient reaches
+    the scores or the transitions through it (App. C.3). Dead rows (:func:`dead_rows`, all 0) are frozen; so are
+    *saturated* rows (all 1: uniform weights over the sentence) and any other binary path. Same arguments and
+    return as :func:`dead_rows`."""
+    padding_mask = _check_scores(marginals, padding_mask, "marginals")
+    p = marginals.detach()
+    binary = (p == 0) | (p == 1)
+    if padding_mask is not None:
+        binary = binary | padding_mask
+        has_real = ~padding_mask.all(-1)
+    else:
+        has_real = torch.full((p.shape[0],), p.shape[1] > 0, dtype=torch.bool, device=p.device)
+    return binary.all(-1) & has_real
 
 
 # ---- modules ------------------------------------------------------------------------------------------------------
@@ -259,9 +351,18 @@ class SparsemaxAttention(_BilinearAttention):
 
 class ViterbiAttention(_BilinearAttention):
     """Segmentation attention with smoothed Viterbi marginals (ICML 2018 §5, App. C.3); see
-    :func:`viterbi_attention`. Parameters: M (``proj``) and the 2×2 transition matrix T (``transitions``)."""
+    :func:`viterbi_attention`.
 
-    def __init__(self, query_dim: int, source_dim: int, reg: str = "entropy", gamma: float | None = None):
+    ``form="paper"`` (default here): θ from the raw scores and a raw transition parameter ``transitions`` = T,
+    initialised at 0, exactly as in the paper. ``form="stable"``: θ from the row-centred scores
+    (:func:`centre_scores`) and T = γ·τ with τ = ``transitions_over_gamma`` initialised at [[c, 0], [0, c]],
+    c = ``contiguity`` (see the module docstring for why). Parameters: M (``proj``) and T or τ.
+
+    Every forward adds to running counts of attention rows and dead (fallback) rows, read and reset with
+    :meth:`pop_fallback_counts`."""
+
+    def __init__(self, query_dim: int, source_dim: int, reg: str = "entropy", gamma: float | None = None,
+                 form: str = "paper", contiguity: float | None = None):
         super().__init__(query_dim, source_dim)
         if gamma is None:
             if reg not in PAPER_GAMMA:
@@ -269,26 +370,73 @@ class ViterbiAttention(_BilinearAttention):
             gamma = PAPER_GAMMA[reg]
         self.gamma = check_reg_gamma(reg, gamma)
         self.reg = reg
-        self.transitions = nn.Parameter(torch.zeros(2, 2))
+        if form not in VITERBI_FORMS:
+            raise ValueError(f"form must be one of {VITERBI_FORMS}, got {form!r}")
+        self.form = form
+        if form == "paper":
+            if contiguity not in (None, 0, 0.0):
+                raise ValueError("contiguity is a prior of the stable form; the paper form starts from T = 0")
+            self.contiguity = 0.0
+            self.transitions = nn.Parameter(torch.zeros(2, 2))
+        else:
+            c = DEFAULT_CONTIGUITY if contiguity is None else contiguity
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+                raise ValueError(f"contiguity must be a finite number, got {c!r}")
+            self.contiguity = float(c)
+            self.transitions_over_gamma = nn.Parameter(torch.tensor([[self.contiguity, 0.0], [0.0, self.contiguity]]))
         # Score std ≤ γ at init for states in [−1, 1]^d (see the module docstring): never start in the collapsed,
         # zero-derivative regime of ℓ2, nor in a temperature-dependent one.
         a = self.gamma * math.sqrt(3.0 / (query_dim * source_dim))
         nn.init.uniform_(self.proj.weight, -a, a)
+        self.register_buffer("_rows", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("_dead", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("_frozen", torch.zeros((), dtype=torch.long), persistent=False)
+        #: set to a list to collect the (B,) dead-row flags of every forward (None: do not collect)
+        self.recorded_dead: list | None = None
+
+    def effective_transitions(self) -> Tensor:
+        """T as used in θ (the paper's T; γ·τ in the stable form)."""
+        return self.transitions if self.form == "paper" else self.gamma * self.transitions_over_gamma
 
     def normalize(self, scores, padding_mask):
-        return viterbi_attention(scores, self.transitions, padding_mask, self.reg, self.gamma)
+        out_dtype = scores.dtype
+        s = _upcast_half(scores)
+        s = centre_scores(s, padding_mask) if self.form == "stable" else s
+        w, p = viterbi_attention(s, self.effective_transitions(), padding_mask, self.reg, self.gamma,
+                                 return_marginals=True)
+        w = w.to(out_dtype)
+        pm = _check_scores(scores, padding_mask)
+        dead = dead_rows(p, pm)
+        has_real = ~pm.all(-1) if pm is not None else torch.ones_like(dead)
+        # Tensors, not Python ints: no host synchronisation per decoder step on an accelerator.
+        self._rows += has_real.sum()
+        self._dead += dead.sum()
+        self._frozen += frozen_rows(p, pm).sum()
+        if self.recorded_dead is not None:  # per-row flags for offline analysis (attention_health.py)
+            self.recorded_dead.append(dead)
+        return w
+
+    def pop_fallback_counts(self) -> tuple[int, int, int]:
+        """(rows, dead rows, frozen rows) seen by the forwards since the last call (:func:`dead_rows`,
+        :func:`frozen_rows`); resets the counts."""
+        rows, dead, frozen = int(self._rows), int(self._dead), int(self._frozen)
+        for b in (self._rows, self._dead, self._frozen):
+            b.zero_()
+        return rows, dead, frozen
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", reg={self.reg!r}, gamma={self.gamma}"
+        r = super().extra_repr() + f", reg={self.reg!r}, gamma={self.gamma}, form={self.form!r}"
+        return r + (f", contiguity={self.contiguity}" if self.form == "stable" else "")
 
 
-def build_attention(kind: str, query_dim: int, source_dim: int, reg: str = "entropy", gamma: float | None = None):
-    """Factory: ``kind`` in :data:`ATTENTIONS`; ``reg``/``gamma`` are used by ``"viterbi"`` only (γ = None takes
-    the paper's value, :data:`PAPER_GAMMA`)."""
+def build_attention(kind: str, query_dim: int, source_dim: int, reg: str = "entropy", gamma: float | None = None,
+                    form: str = "paper", contiguity: float | None = None):
+    """Factory: ``kind`` in :data:`ATTENTIONS`; ``reg``/``gamma``/``form``/``contiguity`` are used by ``"viterbi"``
+    only (γ = None takes the paper's value, :data:`PAPER_GAMMA`; ``form`` in :data:`VITERBI_FORMS`)."""
     if kind == "softmax":
         return SoftmaxAttention(query_dim, source_dim)
     if kind == "sparsemax":
         return SparsemaxAttention(query_dim, source_dim)
     if kind == "viterbi":
-        return ViterbiAttention(query_dim, source_dim, reg, gamma)
+        return ViterbiAttention(query_dim, source_dim, reg, gamma, form, contiguity)
     raise ValueError(f"attention must be one of {ATTENTIONS}, got {kind!r}")

@@ -10,7 +10,15 @@ maths). This file is glue only: it subclasses ``fairseq.models.lstm`` and replac
   padding to right padding, which is why fairseq's own alignment output mis-indexes, fairseq issue #3625).
 
 Options (``fairseq-train --user-dir user_dir --arch structattn_lstm --help`` lists them):
-``--attention {softmax,sparsemax,viterbi}``, ``--attention-reg {entropy,l2}`` and ``--attention-gamma FLOAT``.
+``--attention {softmax,sparsemax,viterbi}``, ``--attention-reg {entropy,l2}``, ``--attention-gamma FLOAT``,
+``--attention-form {stable,paper}`` and ``--attention-contiguity FLOAT`` (the stable form's prior on T/γ).
+
+Training metrics. With Viterbi attention the decoder logs, through fairseq's ``metrics.log_scalar``, in the
+train/valid lines of fairseq's log: ``attn_fallback`` (fraction of attention rows that fell back to softmax
+because every p(y_t = 1) was 0, see :func:`structattn.attention.dead_rows`), ``attn_frozen`` (rows whose
+marginals are all 0 or 1, so no gradient flows through them: dead, saturated or hard rows,
+:func:`structattn.attention.frozen_rows`) and the learned transitions on the
+γ scale ``T00/g T01/g T10/g T11/g`` (T[i, j]: state j at t−1 → state i at t; all ≈ 0 = independent positions).
 """
 
 from __future__ import annotations
@@ -26,13 +34,17 @@ from fairseq.models.lstm import Linear, LSTMDecoder, LSTMEncoder, LSTMModel
 from fairseq.models.lstm import base_architecture as lstm_base_architecture
 from torch import Tensor, nn
 
-from structattn.attention import ATTENTIONS, PAPER_GAMMA, build_attention
+from fairseq.logging import metrics
+
+from structattn.attention import (ATTENTIONS, DEFAULT_CONTIGUITY, PAPER_GAMMA, VITERBI_FORMS, ViterbiAttention,
+                                  build_attention)
 from structattn.ops.smoothed_max import REGULARIZERS
 
 from .distributed import check_data_parallel_launch
 
 DEFAULT_ATTENTION = "viterbi"
 DEFAULT_REG = "entropy"
+DEFAULT_FORM = "stable"
 
 
 def _positive_float(text: str) -> float:
@@ -61,6 +73,12 @@ def resolve_attention_args(args) -> tuple[str, str, Optional[float]]:
             gamma = _positive_float(str(gamma))
         except argparse.ArgumentTypeError as exc:
             raise ValueError(f"--attention-gamma {exc}") from None
+    form = getattr(args, "attention_form", DEFAULT_FORM)
+    if form not in VITERBI_FORMS:
+        raise ValueError(f"--attention-form must be one of {', '.join(VITERBI_FORMS)}; got {form!r}")
+    contiguity = getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY)
+    if contiguity is not None and not (isinstance(contiguity, (int, float)) and abs(float(contiguity)) < float("inf")):
+        raise ValueError(f"--attention-contiguity must be a finite number; got {contiguity!r}")
     if attention == "viterbi" and gamma is None:
         gamma = PAPER_GAMMA[reg]
         args.attention_gamma = gamma  # recorded in the checkpoint's config
@@ -74,9 +92,14 @@ class StructAttnLayer(nn.Module):
     encoder_padding_mask (srclen, bsz) bool → (tanh(W_out [context; input]) (bsz, d_out), weights (srclen, bsz)).
     """
 
-    def __init__(self, input_embed_dim, source_embed_dim, output_embed_dim, attention, reg, gamma):
+    def __init__(self, input_embed_dim, source_embed_dim, output_embed_dim, attention, reg, gamma,
+                 form=DEFAULT_FORM, contiguity=DEFAULT_CONTIGUITY):
         super().__init__()
-        self.attention = build_attention(attention, input_embed_dim, source_embed_dim, reg, gamma)
+        if attention == "viterbi":
+            self.attention = build_attention(attention, input_embed_dim, source_embed_dim, reg, gamma, form,
+                                             contiguity if form == "stable" else None)
+        else:
+            self.attention = build_attention(attention, input_embed_dim, source_embed_dim)
         self.output_proj = Linear(input_embed_dim + source_embed_dim, output_embed_dim, bias=False)
 
     def forward(self, input: Tensor, source_hids: Tensor, encoder_padding_mask: Optional[Tensor]):
@@ -136,13 +159,39 @@ class StructAttnLSTMDecoder(LSTMDecoder):
     """
 
     def __init__(self, *args, attention_type=DEFAULT_ATTENTION, attention_reg=DEFAULT_REG, attention_gamma=None,
-                 **kwargs):
+                 attention_form=DEFAULT_FORM, attention_contiguity=DEFAULT_CONTIGUITY, **kwargs):
         kwargs["attention"] = True
         super().__init__(*args, **kwargs)
         self.attention = StructAttnLayer(
             self.hidden_size, self.encoder_output_units, self.hidden_size, attention_type, attention_reg,
-            attention_gamma,
+            attention_gamma, attention_form, attention_contiguity,
         )
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        # Logging reads the counts on the host and calls into fairseq's metrics: outside any compiled graph (the
+        # counts keep accumulating in the module's buffers and are logged by the next eager forward).
+        if not torch.compiler.is_compiling():
+            self._log_attention_metrics()
+        return out
+
+    def _log_attention_metrics(self):
+        """Log the fallback rate and T/γ of a Viterbi attention (no-op for softmax/sparsemax) into fairseq's
+        active metric aggregators: train_inner/train while training, valid during validation. Called once per
+        forward (one per batch in training; once per decoder step in incremental decoding, where it only feeds
+        fairseq's default aggregator, which nothing prints)."""
+        att = self.attention.attention
+        if not isinstance(att, ViterbiAttention):
+            return
+        rows, dead, frozen = att.pop_fallback_counts()
+        if rows == 0:
+            return
+        metrics.log_scalar("attn_fallback", dead / rows, weight=rows, round=4)
+        metrics.log_scalar("attn_frozen", frozen / rows, weight=rows, round=4)
+        tau = (att.effective_transitions().detach() / att.gamma).cpu().tolist()
+        for i in range(2):
+            for j in range(2):
+                metrics.log_scalar(f"T{i}{j}/g", tau[i][j], weight=0, round=3)
 
 
 @register_model("structattn_lstm")
@@ -168,6 +217,17 @@ class StructAttnLSTMModel(LSTMModel):
             help="temperature gamma > 0 of the Viterbi attention (smaller is sparser; l2 turns into hard, "
                  "non-differentiable Viterbi when gamma is too small); default: the paper's 2 for entropy, "
                  "10 for l2; only used with --attention viterbi",
+        )
+        parser.add_argument(
+            "--attention-form", choices=VITERBI_FORMS, metavar="{" + ",".join(VITERBI_FORMS) + "}",
+            help="parametrisation of the Viterbi attention: stable (scores centred per row, transitions T = "
+                 "gamma * tau with a contiguity prior; keeps l2 rows from dying, see structattn.attention) or "
+                 f"paper (raw scores, T learned from 0, exactly as in the paper); default: {DEFAULT_FORM}",
+        )
+        parser.add_argument(
+            "--attention-contiguity", type=float, metavar="FLOAT",
+            help="stable form only: initial T/gamma = [[c, 0], [0, c]] (staying in a state is worth c*gamma); "
+                 f"default: {DEFAULT_CONTIGUITY}",
         )
 
     @classmethod
@@ -211,8 +271,28 @@ class StructAttnLSTMModel(LSTMModel):
             attention_type=attention,
             attention_reg=reg,
             attention_gamma=gamma,
+            attention_form=args.attention_form,
+            attention_contiguity=args.attention_contiguity,
         )
         return cls(encoder, decoder)
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        """A checkpoint holds ``transitions`` (paper form, raw T) or ``transitions_over_gamma`` (stable form,
+        τ = T/γ). Checkpoints written before the stable form existed record no --attention-form and are built
+        with the new default; say how to load them instead of fairseq's bare missing-key error."""
+        super().upgrade_state_dict_named(state_dict, name)
+        att = self.decoder.attention.attention
+        if not isinstance(att, ViterbiAttention):
+            return
+        prefix = (name + "." if name else "") + "decoder.attention.attention."
+        has_paper, has_stable = prefix + "transitions" in state_dict, prefix + "transitions_over_gamma" in state_dict
+        if att.form == "stable" and has_paper and not has_stable:
+            raise ValueError("this checkpoint's Viterbi attention is in the paper form (raw transitions T, from a "
+                             "version before --attention-form existed or trained with --attention-form paper); "
+                             "load it with --model-overrides \"{'attention_form': 'paper'}\"")
+        if att.form == "paper" and has_stable and not has_paper:
+            raise ValueError("this checkpoint's Viterbi attention is in the stable form (transitions_over_gamma); "
+                             "load it with --model-overrides \"{'attention_form': 'stable'}\"")
 
 
 def _arch_from_argv(argv):
@@ -260,6 +340,8 @@ def _attention_defaults(args):
     args.attention = getattr(args, "attention", DEFAULT_ATTENTION)
     args.attention_reg = getattr(args, "attention_reg", DEFAULT_REG)
     args.attention_gamma = getattr(args, "attention_gamma", None)
+    args.attention_form = getattr(args, "attention_form", DEFAULT_FORM)
+    args.attention_contiguity = getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY)
 
 
 @register_model_architecture("structattn_lstm", "structattn_lstm")

@@ -7,7 +7,12 @@ For a matrix A (target rows × source columns) we count, with *exact* zeros (A =
 * support size of row i: #{j: A_ij ≠ 0};
 * segments of row i: the number of maximal runs of consecutive non-zero cells (1 for a contiguous block,
   0 for an all-zero row; the segmentation attention of Mensch & Blondel §5 tends to give few segments);
-* empty rows: rows with no non-zero cell (possible with ℓ2 Viterbi attention, where all p(y_t = 1) can be 0).
+* empty rows: rows with no non-zero cell (possible with ℓ2 Viterbi attention, where all p(y_t = 1) can be 0);
+* fallback rows: the fraction of rows where the Viterbi attention had p(y_t = 1) = 0 for every t and fell back to
+  softmax (:func:`structattn.attention.dead_rows`). A fallback row is a dense softmax row, which the matrix alone
+  cannot tell from a live one, so this is read from the records' ``extra["fallback_rows"]`` (indices of the rows
+  that fell back, written by ``recipes/tools/attention_health.py`` from a forced decoding of the dumped
+  hypotheses); it is n/a when a record does not carry it (softmax/sparsemax dumps, or dumps not annotated).
 
 Dump-level numbers pool over cells (zero fraction) or over target rows (means), i.e. long sentences weigh more.
 """
@@ -18,7 +23,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["row_support", "row_segments", "matrix_stats", "dump_stats", "select_records", "STAT_COLUMNS"]
+__all__ = ["row_support", "row_segments", "matrix_stats", "dump_stats", "select_records", "record_fallback_rows",
+           "STAT_COLUMNS"]
 
 # (key, column title, format) in the order tables show them
 STAT_COLUMNS = [
@@ -29,7 +35,10 @@ STAT_COLUMNS = [
     ("mean_relative_support", "support/src len", "{:.3f}"),
     ("mean_segments", "segments/row", "{:.2f}"),
     ("empty_rows", "empty rows", "{:d}"),
+    ("fallback_fraction", "fallback rows", "{:.3f}"),
 ]
+
+FALLBACK_KEY = "fallback_rows"
 
 
 def _as_matrix(a) -> np.ndarray:
@@ -79,6 +88,24 @@ def matrix_stats(a) -> dict:
     }
 
 
+def record_fallback_rows(record, n_rows: int | None = None):
+    """Row indices of ``record`` that fell back to softmax (``extra["fallback_rows"]``), or None when the record
+    does not say. ``n_rows`` (e.g. after trimming the EOS row) drops indices ≥ n_rows. Raises ValueError on
+    indices that are not integers within the record's rows."""
+    extra = getattr(record, "extra", None) or {}
+    if FALLBACK_KEY not in extra:
+        return None
+    rows = extra[FALLBACK_KEY]
+    total = np.asarray(record.attention).shape[0]
+    if not isinstance(rows, (list, tuple)) or any(isinstance(i, bool) or not isinstance(i, int) for i in rows):
+        raise ValueError(f"record {record.id}: extra.{FALLBACK_KEY} must be a list of row indices, got {rows!r}")
+    if any(i < 0 or i >= total for i in rows) or len(set(rows)) != len(rows):
+        raise ValueError(f"record {record.id}: extra.{FALLBACK_KEY} {rows!r} are not distinct rows of a "
+                         f"{total}-row matrix")
+    limit = total if n_rows is None else n_rows
+    return sorted(i for i in rows if i < limit)
+
+
 def select_records(records: Iterable, nbest_rank: int | None = 0) -> list:
     """Records of one n-best rank (default: the final hypotheses, rank 0); ``None`` keeps all."""
     return [r for r in records if nbest_rank is None or r.nbest_rank == nbest_rank]
@@ -88,15 +115,23 @@ def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bo
     """Pooled statistics over the records of a dump.
 
     ``exclude_eos`` drops the final EOS row and the EOS source column before counting. Returns the keys of
-    :data:`STAT_COLUMNS` plus ``n_records`` and ``n_cells``; means are NaN when there is no row.
+    :data:`STAT_COLUMNS` plus ``n_records`` and ``n_cells``; means are NaN when there is no row, and
+    ``fallback_fraction`` (fallback rows / rows) is NaN unless every chosen record says which of its rows fell
+    back (:func:`record_fallback_rows`).
     """
     chosen = select_records(records, nbest_rank)
     n_cells = zeros = 0
+    n_fallback, fallback_known = 0, bool(chosen)
     supports, rel_supports, segments = [], [], []
     for r in chosen:
         a = np.asarray(r.attention)
         if exclude_eos:
             a = _trim_eos(a, r.src_tokens, r.tgt_tokens, eos)
+        fb = record_fallback_rows(r, a.shape[0])
+        if fb is None:
+            fallback_known = False
+        else:
+            n_fallback += len(fb)
         n_cells += a.size
         zeros += int((a == 0).sum())
         if a.shape[0]:
@@ -118,6 +153,7 @@ def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bo
         "mean_relative_support": float(rel.mean()) if rel.size else nan,
         "mean_segments": float(seg.mean()) if seg.size else nan,
         "empty_rows": int((sup == 0).sum()),
+        "fallback_fraction": n_fallback / sup.size if fallback_known and sup.size else nan,
     }
 
 

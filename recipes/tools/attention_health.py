@@ -1,0 +1,144 @@
+"""Health of a trained model's Viterbi attention: fallback (dead) rows on the dumped test hypotheses and the
+learned transitions T/γ.
+
+    python recipes/tools/attention_health.py --checkpoint CKPT --data BIN --dump attention.jsonl \
+        --annotate --json health.json
+
+Fallback rows. A Viterbi attention row falls back to softmax when p(y_t = 1) = 0 for every source position
+(:func:`structattn.attention.dead_rows`); the dumped matrix (a dense softmax row) cannot show it. This tool
+re-runs the model on each dumped hypothesis by forced decoding (teacher forcing on the hypothesis' own tokens,
+which reproduces the decoder states of beam search) and records, per target row, whether it fell back. It checks
+that the forced attention equals the dumped one (``max_abs_diff``), and with ``--annotate`` rewrites the dump with
+``extra["fallback_rows"]`` per record, which ``structattn-stats`` shows as its "fallback rows" column.
+
+Transitions. T (2×2, T[i, j]: state j at t−1 → state i at t) divided by γ, the scale on which it matters. A
+model whose T/γ never left 0 (max |T/γ| < 0.05, and the paper form starts at exactly 0) is flagged as an
+*independent-positions* model: its chain factorises and the attention has no structure beyond a per-position
+gate. For the stable form (prior τ = [[c, 0], [0, c]] at init) the change from the initial value is reported too.
+
+Output JSON: {"attention", "reg", "gamma", "form", "T_over_gamma", "T_over_gamma_init", "independent_positions",
+"T_over_gamma_moved", "rows", "fallback_rows", "fallback_fraction", "max_abs_diff"}; softmax/sparsemax models give
+only "attention" and nulls.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+INDEPENDENT_TOL = 0.05
+
+
+def transitions_report(att) -> dict:
+    """T/γ, its initial value and the independent-positions flag of a ViterbiAttention module."""
+    tau = (att.effective_transitions().detach().double() / att.gamma).tolist()
+    c = att.contiguity
+    init = [[c, 0.0], [0.0, c]]
+    moved = max(abs(tau[i][j] - init[i][j]) for i in range(2) for j in range(2))
+    level = max(abs(x) for row in tau for x in row)
+    return {
+        "T_over_gamma": [[round(x, 4) for x in row] for row in tau],
+        "T_over_gamma_init": init,
+        "T_over_gamma_moved": round(moved, 4),
+        # With T ≈ 0 every path pays the same for its transitions: the chain factorises into independent positions.
+        "independent_positions": bool(level < INDEPENDENT_TOL),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="fairseq binary data folder (for the dictionaries)")
+    p.add_argument("--dump", help="attention dump of fairseq-generate --dump-attention (omit: transitions only)")
+    p.add_argument("--annotate", action="store_true", help="rewrite --dump with extra.fallback_rows per record")
+    p.add_argument("--json", help="write the report here (default: stdout)")
+    p.add_argument("--batch-size", type=int, default=32)
+    args = p.parse_args(argv)
+    if args.annotate and not args.dump:
+        p.error("--annotate needs --dump")
+
+    import numpy as np
+    import torch
+    from fairseq import checkpoint_utils
+
+    from structattn.attention import ViterbiAttention
+    from structattn.export import read_dump, write_dump
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from fairseq import utils as fairseq_utils
+
+    fairseq_utils.import_user_module(argparse.Namespace(user_dir=os.path.join(repo, "user_dir")))
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.checkpoint],
+                                                                     arg_overrides={"data": args.data})
+    model = models[0].eval()
+    att = model.decoder.attention.attention
+    report = {"checkpoint": args.checkpoint, "attention": type(att).__name__}
+    if not isinstance(att, ViterbiAttention):
+        report.update(reg=None, gamma=None, form=None, T_over_gamma=None, independent_positions=None,
+                      rows=None, fallback_rows=None, fallback_fraction=None)
+        _emit(report, args.json)
+        return 0
+    report.update(reg=att.reg, gamma=att.gamma, form=att.form, contiguity=att.contiguity)
+    report.update(transitions_report(att))
+    if args.dump:
+        metadata, records = read_dump(args.dump, sort=False)
+        src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
+        pad, eos = tgt_dict.pad(), tgt_dict.eos()
+        rows = dead_total = 0
+        max_diff = 0.0
+        att.pop_fallback_counts()
+        with torch.no_grad():
+            for start in range(0, len(records), args.batch_size):
+                batch = records[start:start + args.batch_size]
+                src = [torch.tensor([src_dict.index(t) for t in r.src_tokens]) for r in batch]
+                tgt = [torch.tensor([tgt_dict.index(t) for t in r.tgt_tokens]) for r in batch]
+                S, T = max(len(x) for x in src), max(len(x) for x in tgt)
+                src_tokens = torch.full((len(batch), S), pad, dtype=torch.long)
+                prev = torch.full((len(batch), T), pad, dtype=torch.long)
+                for i, (s_ids, t_ids) in enumerate(zip(src, tgt)):
+                    src_tokens[i, S - len(s_ids):] = s_ids  # left padding, as fairseq's translation task
+                    prev[i, 0] = eos
+                    prev[i, 1:len(t_ids)] = t_ids[:-1]
+                lengths = src_tokens.ne(pad).sum(1)
+                att.recorded_dead = []
+                try:
+                    _, extra = model(src_tokens, lengths, prev)
+                    flags = torch.stack(att.recorded_dead, 1)  # (bsz, T)
+                finally:
+                    att.recorded_dead = None
+                att.pop_fallback_counts()
+                attn = extra["attn"][0]  # (bsz, T, S)
+                for i, r in enumerate(batch):
+                    n = len(tgt[i])
+                    a = attn[i, :n, S - len(src[i]):].float().numpy()
+                    max_diff = max(max_diff, float(np.abs(a - np.asarray(r.attention, dtype=np.float32)).max()))
+                    fb = [int(k) for k in torch.nonzero(flags[i, :n]).flatten().tolist()]
+                    r.extra["fallback_rows"] = fb
+                    rows += n
+                    dead_total += len(fb)
+        report.update(rows=rows, fallback_rows=dead_total, fallback_fraction=dead_total / rows if rows else None,
+                      max_abs_diff=max_diff)
+        if args.annotate:
+            summary = dict(metadata.get("summary") or {})
+            summary["fallback_rows"] = dead_total
+            meta = {k: v for k, v in metadata.items() if k != "summary"}
+            meta["fallback_annotation"] = ("extra.fallback_rows: rows that fell back to softmax, from a forced "
+                                           "decoding by recipes/tools/attention_health.py")
+            records.sort(key=lambda r: (r.id, r.nbest_rank))
+            write_dump(args.dump, meta, records, summary)
+    _emit(report, args.json)
+    return 0
+
+
+def _emit(report, path):
+    text = json.dumps(report, indent=1, sort_keys=True)
+    if path:
+        with open(path, "w") as fh:
+            fh.write(text + "\n")
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
