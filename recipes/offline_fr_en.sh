@@ -22,9 +22,12 @@ usage() {
 usage: bash recipes/offline_fr_en.sh [options]
 
   --corpus NAME        bible (Segond fr → WEB en, default) | libreoffice (LibreOffice help fr → en)
-  --size NAME          tiny (CI: few hundred verses, ~1 min) | quick (minutes) | small (default: ~15-20 min
-                       per model on 2 CPU cores) | full (all data, paper-sized training; hours)
-  --variants "A B ..." subset of: softmax sparsemax viterbi-entropy viterbi-l2 (default: all four)
+  --size NAME          tiny (CI: few hundred verses, ~1 min) | quick (the quickstart: softmax and Viterbi l2,
+                       1,600 updates each, two at a time, ~10 min on 2 cores) | small (default: ~15-20 min per model
+                       on 2 CPU cores) | converge (all four variants trained to a validation plateau, early
+                       stopping, at most 0.6 h each, two at a time) | full (all data, paper-sized training; hours)
+  --variants "A B ..." subset of: softmax sparsemax viterbi-entropy viterbi-l2 (default: all four; quick: softmax
+                       viterbi-l2)
   --work DIR           working folder (default recipes/<corpus>_fr_en/work)
   --results FILE       write the results table here (default <work>/RESULTS.md)
   --max-train N        training pairs (overrides the size preset; 0 = all)
@@ -37,6 +40,18 @@ usage: bash recipes/offline_fr_en.sh [options]
   --gamma-entropy G    temperature of Viterbi −H attention (default: the paper's 2)
   --gamma-l2 G         temperature of Viterbi ℓ2 attention (default: the paper's 10)
   --beam N             beam size (default 5; tiny preset 1)
+  --lr LR              peak learning rate (size preset: 0.005 quick, 0.002 otherwise)
+  --dropout P          dropout (size preset: 0 quick, 0.2 otherwise)
+  --label-smoothing E  label smoothing (size preset: 0 quick, 0.1 otherwise)
+  --max-len N          drop training pairs longer than N sentencepiece tokens on either side (size preset: 60
+                       quick, 256 otherwise; validation and test pairs are never dropped)
+  --viterbi-form NAME  stable (default: row-centred scores, T on the gamma scale with a contiguity prior) | paper
+                       (the paper's exact parametrisation); see structattn/attention.py
+  --jobs N             trainings run at the same time, each with threads/N torch threads (default 1; quick and
+                       converge 2)
+  --schedule NAME      learning-rate schedule: inverse_sqrt (default) | fixed (quick) | plateau (converge: halve
+                       the rate when the validation loss stops improving); all with 200 warm-up updates
+  --patience N         stop after N validations without improvement (default -1: never; converge 3)
   --threads N          torch threads for training/decoding (default: $OMP_NUM_THREADS or 2)
   --builtin-lstm       use fairseq's own --arch lstm (softmax only, no plugin; for plumbing checks)
   --no-report          skip the HTML attention report
@@ -49,15 +64,16 @@ EOF
 invocation="bash recipes/offline_fr_en.sh$(printf ' %q' "$@")"
 dim="" stop_hours=""
 max_len_b="" report_n=""
-corpus=bible size=small variants="softmax sparsemax viterbi-entropy viterbi-l2" work="" results=""
+lr="" dropout="" label_smoothing="" max_len="" jobs="" viterbi_form=stable schedule="" patience=""
+corpus=bible size=small variants="" variants_given=0 work="" results=""
 max_train="" max_test="" max_update="" max_epoch="" arch=structattn_lstm gamma_ent=2 gamma_l2=10 beam=""
 threads="${OMP_NUM_THREADS:-2}" builtin=0 report=1 dry=0 force=0
 while [ $# -gt 0 ]; do
-  case "$1" in --corpus|--size|--variants|--work|--results|--max-train|--max-test|--max-update|--max-epoch|--arch|--dim|--stop-hours|--gamma-entropy|--gamma-l2|--beam|--threads|--report-sentences) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; } ;; esac
+  case "$1" in --corpus|--size|--variants|--work|--results|--max-train|--max-test|--max-update|--max-epoch|--arch|--dim|--stop-hours|--gamma-entropy|--gamma-l2|--beam|--threads|--report-sentences|--lr|--dropout|--label-smoothing|--max-len|--jobs|--viterbi-form|--schedule|--patience) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; } ;; esac
   case "$1" in
     --corpus) corpus="$2"; shift 2 ;;
     --size) size="$2"; shift 2 ;;
-    --variants) variants="$2"; shift 2 ;;
+    --variants) variants="$2"; variants_given=1; shift 2 ;;
     --work) work="$2"; shift 2 ;;
     --results) results="$2"; shift 2 ;;
     --max-train) max_train="$2"; shift 2 ;;
@@ -70,6 +86,14 @@ while [ $# -gt 0 ]; do
     --gamma-entropy) gamma_ent="$2"; shift 2 ;;
     --gamma-l2) gamma_l2="$2"; shift 2 ;;
     --beam) beam="$2"; shift 2 ;;
+    --lr) lr="$2"; shift 2 ;;
+    --dropout) dropout="$2"; shift 2 ;;
+    --label-smoothing) label_smoothing="$2"; shift 2 ;;
+    --max-len) max_len="$2"; shift 2 ;;
+    --jobs) jobs="$2"; shift 2 ;;
+    --viterbi-form) viterbi_form="$2"; shift 2 ;;
+    --schedule) schedule="$2"; shift 2 ;;
+    --patience) patience="$2"; shift 2 ;;
     --threads) threads="$2"; shift 2 ;;
     --builtin-lstm) builtin=1; shift ;;
     --no-report) report=0; shift ;;
@@ -88,25 +112,45 @@ is_pos() { [[ "$1" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] && python3 -c "impo
 case "$corpus" in bible|libreoffice) ;; *) die "--corpus must be bible or libreoffice, not '$corpus'" ;; esac
 # Size presets: train/test pairs, updates, epochs, sentencepiece vocabulary, tokens per batch, model width (with
 # --arch structattn_lstm) and a wall-clock safety cap in hours (0 = none; a capped run is flagged in RESULTS.md).
+# Optimisation defaults (overridden below for quick): the settings of the longer runs.
+p_lr=0.002 p_drop=0.2 p_ls=0.1 p_maxlen=256 p_jobs=1 p_sched=inverse_sqrt p_patience=-1
+p_variants="softmax sparsemax viterbi-entropy viterbi-l2"
 case "$size" in
   tiny)  p_train=300  p_test=40  p_update=30    p_epoch=100 spm_vocab=500  max_tokens=2000 p_dim=32  p_hours=0
          p_beam=1 max_len_b=5 p_report=2 ;;
-  quick) p_train=4000 p_test=200 p_update=200   p_epoch=100 spm_vocab=2000 max_tokens=4000 p_dim=64  p_hours=0
-         p_report=6 ;;
+  # quick: the settings that learn fastest on 2 cores (measured, recipes/bible_fr_en/QUICKSTART.md): short pairs,
+  # a 2k vocabulary, small batches, a high constant learning rate, no regularisation.
+  quick) p_train=0    p_test=200 p_update=1600  p_epoch=100 spm_vocab=2000 max_tokens=2000 p_dim=128 p_hours=0.25
+         p_report=6 p_lr=0.005 p_drop=0 p_ls=0 p_maxlen=60 p_jobs=2 p_sched=fixed p_variants="softmax viterbi-l2" ;;
+  converge) p_train=0 p_test=0   p_update=0     p_epoch=40  spm_vocab=2000 max_tokens=2000 p_dim=128 p_hours=0.6
+         p_lr=0.005 p_drop=0.1 p_ls=0 p_maxlen=80 p_jobs=2 p_sched=plateau p_patience=3 ;;
   small) p_train=0    p_test=0   p_update=600   p_epoch=100 spm_vocab=8000 max_tokens=6000 p_dim=128 p_hours=0.35 ;;
   full)  p_train=0    p_test=0   p_update=0     p_epoch=30  spm_vocab=8000 max_tokens=6000 p_dim=256 p_hours=0 ;;
-  *) die "--size must be tiny, quick, small or full, not '$size'" ;;
+  *) die "--size must be tiny, quick, small, converge or full, not '$size'" ;;
 esac
 max_train="${max_train:-$p_train}" max_test="${max_test:-$p_test}"
 beam="${beam:-${p_beam:-5}}" report_n="${report_n:-${p_report:-20}}" max_len_b="${max_len_b:-10}"
 max_update="${max_update:-$p_update}" max_epoch="${max_epoch:-$p_epoch}" dim="${dim:-$p_dim}"
 stop_hours="${stop_hours:-$p_hours}"
-for v in max_train max_test max_update max_epoch beam threads dim report_n; do
+lr="${lr:-$p_lr}" dropout="${dropout:-$p_drop}" label_smoothing="${label_smoothing:-$p_ls}"
+max_len="${max_len:-$p_maxlen}" jobs="${jobs:-$p_jobs}" schedule="${schedule:-$p_sched}"
+patience="${patience:-$p_patience}"
+[ "$variants_given" = 1 ] || variants="$p_variants"
+for v in max_train max_test max_update max_epoch beam threads dim report_n max_len jobs; do
   is_uint "${!v}" || die "--${v//_/-} must be a non-negative integer, not '${!v}'"
 done
 [ "$beam" -ge 1 ] || die "--beam must be >= 1"
 [ "$report_n" -ge 1 ] || die "--report-sentences must be >= 1"
 [ "$threads" -ge 1 ] || die "--threads must be >= 1"
+[ "$jobs" -ge 1 ] || die "--jobs must be >= 1"
+[ "$max_len" -ge 1 ] || die "--max-len must be >= 1"
+is_pos "$lr" || die "--lr must be a positive number, not '$lr'"
+is_prob() { [[ "$1" =~ ^[0-9]*\.?[0-9]+$ ]] && python3 -c "import sys; sys.exit(not float('$1') < 1)"; }
+is_prob "$dropout" || die "--dropout must be a number in [0, 1), not '$dropout'"
+is_prob "$label_smoothing" || die "--label-smoothing must be a number in [0, 1), not '$label_smoothing'"
+case "$viterbi_form" in stable|paper) ;; *) die "--viterbi-form must be stable or paper, not '$viterbi_form'" ;; esac
+case "$schedule" in inverse_sqrt|fixed|plateau) ;; *) die "--schedule must be inverse_sqrt, fixed or plateau, not '$schedule'" ;; esac
+[[ "$patience" =~ ^(-1|[0-9]+)$ ]] || die "--patience must be -1 or a non-negative integer, not '$patience'"
 [ "$max_update" -gt 0 ] || [ "$max_epoch" -gt 0 ] || die "--max-update and --max-epoch cannot both be 0"
 is_pos "$gamma_ent" || die "--gamma-entropy must be a positive number, not '$gamma_ent'"
 is_pos "$gamma_l2" || die "--gamma-l2 must be a positive number, not '$gamma_l2'"
@@ -184,7 +228,10 @@ for split in train valid test; do
     step "spm.$split.$l" "$py '$tools/textproc.py' spm-encode --model '$spm/spm.model' < '$tok/$split.$l' > '$spm/$split.$l'"
   done
 done
-step preprocess "rm -rf '$bin' && fairseq-preprocess --source-lang fr --target-lang en --trainpref '$spm/train' \
+# Long pairs are dropped from training only (they cost the most per update and teach little at small budgets).
+step filter-len "$py '$tools/textproc.py' filter-len '$spm/train.fr' '$spm/train.en' --max-len $max_len \
+--out-src '$spm/train.len.fr' --out-tgt '$spm/train.len.en'"
+step preprocess "rm -rf '$bin' && fairseq-preprocess --source-lang fr --target-lang en --trainpref '$spm/train.len' \
 --validpref '$spm/valid' --testpref '$spm/test' --destdir '$bin' --joined-dictionary --workers 1"
 
 data_redo=$redo
@@ -199,12 +246,18 @@ fi
 warmup=200
 if [ "$max_update" -gt 0 ] && [ "$max_update" -lt 800 ]; then warmup=$(( max_update / 4 + 1 )); fi
 # One budget for every variant: same data, architecture, optimiser, batch size and number of updates.
-train_common="--optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.002 --lr-scheduler inverse_sqrt \
---warmup-updates $warmup --warmup-init-lr 1e-5 --clip-norm 1.0 --dropout 0.2 --weight-decay 0.0001 \
---criterion label_smoothed_cross_entropy --label-smoothing 0.1 --max-tokens $max_tokens \
+case "$schedule" in
+  inverse_sqrt) sched_flags="--lr-scheduler inverse_sqrt --warmup-updates $warmup --warmup-init-lr 1e-5" ;;
+  fixed) sched_flags="--lr-scheduler fixed --warmup-updates $warmup" ;;
+  plateau) sched_flags="--lr-scheduler reduce_lr_on_plateau --lr-shrink 0.5 --lr-patience 0 --warmup-updates $warmup \
+--warmup-init-lr 1e-5" ;;
+esac
+train_common="--optimizer adam --adam-betas '(0.9, 0.98)' --lr $lr $sched_flags \
+--clip-norm 1.0 --dropout $dropout --weight-decay 0.0001 \
+--criterion label_smoothed_cross_entropy --label-smoothing $label_smoothing --max-tokens $max_tokens \
 --max-source-positions 256 --max-target-positions 256 --skip-invalid-size-inputs-valid-test \
 --seed 1 --num-workers 0 --log-format json --log-interval 25 --no-epoch-checkpoints \
---save-interval-updates 200 --keep-interval-updates 1 --validate-interval-updates 0 --patience -1"
+--save-interval-updates 200 --keep-interval-updates 1 --validate-interval-updates 0 --patience $patience"
 [ "$max_update" -gt 0 ] && train_common="$train_common --max-update $max_update"
 [ "$max_epoch" -gt 0 ] && train_common="$train_common --max-epoch $max_epoch"
 is_pos "$stop_hours" && train_common="$train_common --stop-time-hours $stop_hours"
@@ -222,9 +275,9 @@ variant_flags() {
     softmax) echo "--user-dir '$repo/user_dir' $arch_flags --attention softmax" ;;
     sparsemax) echo "--user-dir '$repo/user_dir' $arch_flags --attention sparsemax" ;;
     viterbi-entropy) echo "--user-dir '$repo/user_dir' $arch_flags --attention viterbi --attention-reg entropy \
---attention-gamma $gamma_ent" ;;
+--attention-gamma $gamma_ent --attention-form $viterbi_form" ;;
     viterbi-l2) echo "--user-dir '$repo/user_dir' $arch_flags --attention viterbi --attention-reg l2 \
---attention-gamma $gamma_l2" ;;
+--attention-gamma $gamma_l2 --attention-form $viterbi_form" ;;
   esac
 }
 
@@ -233,18 +286,49 @@ variant_flags() {
 [ "$builtin" = 1 ] && export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
 n_test=$( [ "$dry" = 1 ] && echo '$(wc -l < test.fr)' || wc -l < "$raw/test.fr")
 any_redo=$data_redo
+train_cmd() {
+  local run="$work/runs/$1"
+  echo "mkdir -p '$run' && fairseq-train '$bin' $(variant_flags "$1") $train_common --save-dir '$run/checkpoints' \
+2>&1 | tee -a '$run/train.log' | $py '$tools/progress.py' --max-update $max_update --name $1"
+}
+# step_current NAME COMMAND: true if `step` would skip it (stamp holds this command, nothing upstream re-ran).
+step_current() {
+  [ "$force" = 0 ] && [ "$redo" = 0 ] && [ -f "$work/stamps/$1.done" ] && [ "$(cat "$work/stamps/$1.done")" = "$2" ]
+}
+# Trainings first, up to $jobs at a time (each with threads/jobs torch threads: two small LSTMs on two cores train
+# faster side by side than one after the other with two threads each); then decoding and scoring one by one.
+train_threads=$(( threads / jobs )); [ "$train_threads" -ge 1 ] || train_threads=1
+trained=" "
+batch=()
+run_batch() {
+  local pid failed=0
+  for pid in "${batch[@]}"; do wait "$pid" || failed=1; done
+  batch=()
+  [ "$failed" = 0 ] || { say "a training failed (see above)"; exit 1; }
+}
 for v in $variants; do
   redo=$data_redo
+  cmd="$(train_cmd "$v")"
+  step_current "train.$v" "$cmd" || trained="$trained$v "
+  if [ "$jobs" -gt 1 ] && [ "$dry" = 0 ]; then
+    OMP_NUM_THREADS=$train_threads MKL_NUM_THREADS=$train_threads step "train.$v" "$cmd" &
+    batch+=("$!")
+    [ "${#batch[@]}" -lt "$jobs" ] || run_batch
+  else
+    step "train.$v" "$cmd"
+  fi
+done
+run_batch
+for v in $variants; do
+  redo=$data_redo
+  case "$trained" in *" $v "*) redo=1 ;; esac
   run="$work/runs/$v"
-  flags="$(variant_flags "$v")"
   gen_task="--task translation"
   dump=""
   if [ "$builtin" = 0 ]; then
     gen_task="--user-dir '$repo/user_dir' --task structattn_translation"
     dump="--dump-attention '$run/attention.jsonl' --dump-post-process sentencepiece"
   fi
-  step "train.$v" "mkdir -p '$run' && fairseq-train '$bin' $flags $train_common --save-dir '$run/checkpoints' \
-2>&1 | tee -a '$run/train.log' | $py '$tools/progress.py' --max-update $max_update --name $v"
   step "generate.$v" "fairseq-generate '$bin' $gen_task --path '$run/checkpoints/checkpoint_best.pt' \
 --gen-subset test --beam $beam --batch-size 32 --required-batch-size-multiple 1 --max-len-a 1.5 --max-len-b $max_len_b --num-workers 0 $dump \
 > '$run/generate.test.txt' 2> >(tee '$run/generate.log' | grep --line-buffered -E 'Translated|Error|error' >&2)"
@@ -257,13 +341,33 @@ for v in $variants; do
 > '$run/score.multiref.json'"
   fi
   if [ "$builtin" = 0 ]; then
+    case "$v" in viterbi-*)
+      # Fallback rows (invisible in the dumped matrices) and the learned T/γ: annotates the dump for the stats.
+      step "health.$v" "$py '$tools/attention_health.py' --checkpoint '$run/checkpoints/checkpoint_best.pt' \
+--data '$bin' --dump '$run/attention.jsonl' --annotate --json '$run/health.json'" ;;
+    esac
     step "stats.$v" "structattn-stats '$v=$run/attention.jsonl' --json > '$run/attention_stats.json'"
   fi
   [ "$redo" = 1 ] && any_redo=1
 done
 
-# ---------------------------------------------------------------------------------------------------- report
+# ---------------------------------------------------------------------------------------------------- significance
+# Paired bootstrap (sacrebleu, 1000 resamples, 95% CIs, p-values) of every variant against softmax, when both ran.
 redo=$any_redo
+others=""; for v in $variants; do [ "$v" = softmax ] || others="$others $v"; done
+case " $variants " in *" softmax "*)
+  if [ -n "$others" ]; then
+    sys_args=""; for v in $others; do sys_args="$sys_args --system '$v=$work/runs/$v/hyp.test.en'"; done
+    step significance "$py '$tools/significance.py' --refs '$raw/test.en' --baseline 'softmax=$work/runs/softmax/hyp.test.en' \
+$sys_args --n 1000 --out '$work/significance.json'"
+    if [ -n "$refs_extra" ]; then
+      step significance2 "$py '$tools/significance.py' --refs '$raw/test.en' '$raw/test.$refs_extra' \
+--baseline 'softmax=$work/runs/softmax/hyp.test.en' $sys_args --n 1000 --out '$work/significance.multiref.json'"
+    fi
+  fi ;;
+esac
+
+# ---------------------------------------------------------------------------------------------------- report
 if [ "$builtin" = 0 ] && [ "$report" = 1 ]; then
   dumps=""; for v in $variants; do dumps="$dumps '$v=$work/runs/$v/attention.jsonl'"; done
   step report "structattn-report $dumps -o '$work/report' --force --max-sentences $report_n \

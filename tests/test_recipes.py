@@ -229,6 +229,63 @@ def test_results_table_renders_measured_numbers(tmp_path):
     assert text.splitlines()[0] == "# Results: bible fr→en (? size)"
 
 
+def test_results_table_health_columns_and_warnings(tmp_path, capsys):
+    """Fallback rows and T/γ from health.json, looping/distinct hypotheses from hyp.test.en, and loud warnings
+    for a fallback-heavy or independent-positions Viterbi model and for looping output."""
+    work = tmp_path / "work"
+    score = [{"name": "BLEU", "score": 5.0, "signature": "s"}, {"name": "chrF2", "score": 30.0, "signature": "c"}]
+    healths = {
+        "viterbi-l2": {"fallback_fraction": 0.125, "T_over_gamma": [[1.2, 0.36], [-0.2, 0.8]],
+                       "independent_positions": False},
+        "viterbi-entropy": {"fallback_fraction": 0.0, "T_over_gamma": [[0.01, 0.0], [0.0, -0.02]],
+                            "independent_positions": True},
+    }
+    hyps = {"viterbi-l2": "a b c\nd e f\n", "viterbi-entropy": "a b c\na b c\n", "softmax": "x , , , , y\nz\n"}
+    for v in ("viterbi-l2", "viterbi-entropy", "softmax"):
+        run = work / "runs" / v
+        run.mkdir(parents=True)
+        (run / "score.json").write_text(json.dumps(score))
+        (run / "hyp.test.en").write_text(hyps[v])
+        if v in healths:
+            (run / "health.json").write_text(json.dumps(healths[v]))
+    out = tmp_path / "R.md"
+    results_table.main(["--work", str(work), "--variants", "viterbi-l2", "viterbi-entropy", "softmax",
+                        "--out", str(out)])
+    text = out.read_text()
+    l2 = next(line for line in text.splitlines() if line.startswith("| Viterbi ℓ2²"))
+    assert "| 0.125 | [[1.20, 0.36], [-0.20, 0.80]] | 0.000 | 1.000 |" in l2
+    ent = next(line for line in text.splitlines() if line.startswith("| Viterbi −H"))
+    assert "(independent)" in ent and "| 0.000 | 0.500 |" in ent  # two identical hypotheses
+    sm = next(line for line in text.splitlines() if line.startswith("| softmax"))
+    assert "| – | – | 0.500 | 1.000 |" in sm  # one of two hypotheses loops; no Viterbi health for softmax
+    warnings = [line for line in text.splitlines() if "**WARNING**" in line]
+    assert len(warnings) == 3
+    assert "12.5% of attention rows fell back" in warnings[0] and "never left 0" in warnings[1]
+    assert "50% of hypotheses repeat a token 4 times" in warnings[2]
+    assert capsys.readouterr().err.count("WARNING:") == 3
+
+
+def test_output_health_counts():
+    assert results_table.output_health(Path("/nonexistent")) is None
+
+
+def test_filter_len_keeps_short_pairs(tmp_path):
+
+
+    kept, dropped = textproc.filter_pairs(["a b", "a b c d", "", "x"], ["c", "d", "e", "y z w"], 2)
+    assert kept == [("a b", "c")] and dropped == 3  # too long on either side, or empty
+    with pytest.raises(ValueError, match="differ in length"):
+        textproc.filter_pairs(["a"], [], 3)
+    (tmp_path / "s").write_text("a b\na b c d\n")
+    (tmp_path / "t").write_text("c\nd\n")
+    rc = textproc.main(["filter-len", str(tmp_path / "s"), str(tmp_path / "t"), "--max-len", "2",
+                        "--out-src", str(tmp_path / "s2"), "--out-tgt", str(tmp_path / "t2")])
+    assert rc == 0 and (tmp_path / "s2").read_text() == "a b\n" and (tmp_path / "t2").read_text() == "c\n"
+    with pytest.raises(SystemExit):  # nothing left: an error, not an empty training set
+        textproc.main(["filter-len", str(tmp_path / "s"), str(tmp_path / "t"), "--max-len", "1",
+                       "--out-src", str(tmp_path / "s3"), "--out-tgt", str(tmp_path / "t3")])
+
+
 def test_results_table_refuses_empty_run(tmp_path):
     (tmp_path / "runs").mkdir()
     with pytest.raises(SystemExit):
@@ -364,13 +421,47 @@ def test_offline_dry_run_identical_budgets(tmp_path):
     assert len(trains) == 4
     import re
 
-    strip = [re.sub(r"--attention \S+( --attention-reg \S+ --attention-gamma \S+)?|runs/\S+|--name \S+", "", t)
+    strip = [re.sub(r"--attention \S+( --attention-reg \S+ --attention-gamma \S+ --attention-form \S+)?|runs/\S+|--name \S+", "", t)
              for t in trains]
     assert len(set(strip)) == 1  # everything but the attention (and the run folder) is identical
     assert "--attention-reg entropy --attention-gamma 2 " in trains[2]
-    assert "--attention-reg l2 --attention-gamma 10 " in trains[3]
+    assert "--attention-reg l2 --attention-gamma 10 --attention-form stable " in trains[3]
     assert out.count("--dump-attention") == 4 and "structattn-report" in out and "structattn-stats" in out
     assert "test.kjv.en" in out and "--ref-label WEB" in out  # multi-reference BLEU
     lo = _sh("recipes/libreoffice_fr_en/run.sh", "--dry-run", "--size", "quick").stdout
     assert "libreoffice_corpus.py" in lo and "kjv" not in lo and "--ref-label LibreOffice" in lo
-    assert "--max-update 200 " in lo and "--encoder-embed-dim 64 " in lo
+    assert "--max-update 1600 " in lo and "--encoder-embed-dim 128 " in lo and "--lr-scheduler fixed " in lo
+    assert lo.count("fairseq-train") == 2 and "--attention sparsemax" not in lo  # quick: softmax vs Viterbi l2
+
+
+# ------------------------------------------------------------------------------------------------ significance
+def test_paired_bootstrap_against_baseline(tmp_path):
+    import significance
+
+    refs = [f"the cat number {i} sat on the mat and looked at the dog" for i in range(40)]
+    good = list(refs)
+    bad = [f"a dog {i}" for i in range(40)]
+    near = list(good)
+    near[0] = "the cat sat"
+    out = significance.paired_bootstrap([refs], [("softmax", good), ("near", near), ("bad", bad)], 200, 1)
+    assert out["baseline"] == "softmax" and out["systems"]["softmax"]["BLEU"]["p_value"] is None
+    assert out["systems"]["near"]["BLEU"]["p_value"] > 0.05  # one sentence of forty: not significant
+    assert out["systems"]["bad"]["BLEU"]["p_value"] < 0.05 and out["systems"]["bad"]["chrF2"]["p_value"] < 0.05
+    assert out["systems"]["bad"]["BLEU"]["score"] < out["systems"]["softmax"]["BLEU"]["score"]
+    assert "bs:200" in out["signatures"]["BLEU"]
+    with pytest.raises(ValueError, match="2 hypotheses for 40"):
+        significance.paired_bootstrap([refs], [("softmax", good), ("short", bad[:2])], 10, 1)
+    # the CLI writes JSON the results table renders
+    for name, lines in (("ref", refs), ("a", good), ("b", bad)):
+        (tmp_path / name).write_text("\n".join(lines) + "\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    assert significance.main(["--refs", str(tmp_path / "ref"), "--baseline", f"softmax={tmp_path / 'a'}",
+                              "--system", f"viterbi-l2={tmp_path / 'b'}", "--n", "100",
+                              "--out", str(work / "significance.json")]) == 0
+    text = "\n".join(results_table.significance_lines(work, {"significance.json": "WEB"}))
+    assert "| softmax | " in text and "(baseline)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| Viterbi ℓ2²"))
+    assert row.count("| 0.010 |") == 2  # p = 1/(100+1) rounded: the bad system loses every resample
+    with pytest.raises(SystemExit):
+        significance.main(["--refs", str(tmp_path / "ref"), "--baseline", f"softmax={tmp_path / 'a'}"])

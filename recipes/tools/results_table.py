@@ -2,7 +2,9 @@
 
 Reads, for every variant ``V`` in ``<work>/runs/V/``: ``score.json`` (and ``score.multiref.json``) written by
 ``sacrebleu -f json``, ``train.log`` (``fairseq-train --log-format json``) and ``attention_stats.json``
-(``structattn-stats --json``); the data sizes from ``<work>/data``; the commands from ``<work>/stamps``.
+(``structattn-stats --json``), ``health.json`` (``tools/attention_health.py``: fallback rows and learned
+transitions T/γ of Viterbi models) and ``hyp.test.en`` (degenerate-output checks); the data sizes from
+``<work>/data``; the commands from ``<work>/stamps``.
 Nothing is estimated: a missing file is shown as "–" and listed under "Missing".
 """
 from __future__ import annotations
@@ -18,6 +20,11 @@ from pathlib import Path
 
 _JSON = re.compile(r"\|\s*(train|valid|train_inner)\s*\|\s*(\{.*\})\s*$")
 _STOP = re.compile(r"exceeded --stop-time-hours|stop.time", re.I)
+
+#: a Viterbi model spending more than this fraction of its attention rows on the softmax fallback is flagged
+FALLBACK_WARN = 0.05
+#: a hypothesis with one token this many times in a row counts as degenerate (looping) output
+REPEAT_RUN = 4
 
 LABELS = {
     "softmax": "softmax",
@@ -72,6 +79,80 @@ def parse_train_log(path: Path) -> dict:
                final_train_loss=float(last["train_loss"]))
     if valid:
         out["best_valid_loss"] = min(float(v["valid_loss"]) for v in valid)
+    return out
+
+
+def output_health(path: Path) -> dict | None:
+    """Degenerate-output checks of a hypothesis file: the fraction of hypotheses with a whitespace token repeated
+    :data:`REPEAT_RUN` times in a row, the fraction of distinct hypotheses and of empty ones."""
+    try:
+        hyps = [line.split() for line in path.read_text(encoding="utf-8").splitlines()]
+    except OSError:
+        return None
+    if not hyps:
+        return None
+
+    def loops(t):
+        return any(len(set(t[i:i + REPEAT_RUN])) == 1 for i in range(len(t) - REPEAT_RUN + 1))
+
+    n = len(hyps)
+    return {"repeat_fraction": sum(map(loops, hyps)) / n, "distinct_fraction": len(set(map(tuple, hyps))) / n,
+            "empty_fraction": sum(not h for h in hyps) / n}
+
+
+def fmt_transitions(t) -> str:
+    return "–" if not t else "[[{:.2f}, {:.2f}], [{:.2f}, {:.2f}]]".format(t[0][0], t[0][1], t[1][0], t[1][1])
+
+
+def health_warnings(rows) -> list[str]:
+    """Loud lines for models whose structured attention did not do its job (a fallback-heavy or an
+    independent-positions Viterbi model; looping output)."""
+    warn = []
+    for r in rows:
+        h, o, label = r.get("health") or {}, r.get("output") or {}, LABELS.get(r["variant"], r["variant"])
+        fb = h.get("fallback_fraction")
+        if fb is not None and fb > FALLBACK_WARN:
+            warn.append(f"{label}: {fb:.1%} of attention rows fell back to softmax (> {FALLBACK_WARN:.0%}): this "
+                        "model's attention is largely a softmax attention, not a structured one.")
+        if h.get("independent_positions"):
+            warn.append(f"{label}: learned transitions T/γ = {fmt_transitions(h.get('T_over_gamma'))} never left 0: "
+                        "an independent-positions model (the chain is not used).")
+        if o.get("repeat_fraction", 0) > 0.05:
+            warn.append(f"{label}: {o['repeat_fraction']:.0%} of hypotheses repeat a token {REPEAT_RUN} times in a "
+                        "row (looping output).")
+    return warn
+
+
+def significance_lines(work: Path, ref_labels: dict) -> list[str]:
+    """Markdown table of ``significance*.json`` (``tools/significance.py``): each system's BLEU/chrF2 bootstrap mean
+    ± 95% CI, its difference to the baseline and the p-value."""
+    out = []
+    for name, label in ref_labels.items():
+        p = work / name
+        if not p.is_file():
+            continue
+        sig = json.loads(p.read_text())
+        base = sig["baseline"]
+        if not out:
+            out += ["## Significance", "",
+                    f"Paired bootstrap resampling against {LABELS.get(base, base)} (sacrebleu `PairedTest`, "
+                    f"{sig['n_samples']} resamples, seed {sig['seed']}; Koehn 2004): mean ± half-width of the 95% "
+                    "confidence interval, Δ = score − baseline score, p = probability of a difference at least this "
+                    "large by chance (p < 0.05: significant).", ""]
+        out += [f"References: {label}.", "", "| attention | BLEU | Δ BLEU | p (BLEU) | chrF2 | Δ chrF2 | p (chrF2) |",
+                "|---|---|---|---|---|---|---|"]
+        b = sig["systems"][base]
+        for sysname, m in sig["systems"].items():
+            cells = [LABELS.get(sysname, sysname)]
+            for metric in ("BLEU", "chrF2"):
+                r = m[metric]
+                cells.append(f"{r['mean']:.1f} ± {r['ci']:.1f}" if r.get("ci") is not None else fmt(r["score"]))
+                if sysname == base:
+                    cells += ["(baseline)", "–"]
+                else:
+                    cells += [f"{r['score'] - b[metric]['score']:+.1f}", f"{r['p_value']:.3f}"]
+            out.append("| " + " | ".join(cells) + " |")
+        out += ["", "Signatures: " + "; ".join(f"{k} `{v}`" for k, v in sig.get("signatures", {}).items()), ""]
     return out
 
 
@@ -137,6 +218,12 @@ def collect(work: Path, variants):
             row["stats"] = stats[0] if isinstance(stats, list) else stats
         else:
             missing.append(str(p))
+        p = run / "health.json"
+        if p.is_file():
+            row["health"] = json.loads(p.read_text())
+        elif v.startswith("viterbi"):
+            missing.append(str(p))
+        row["output"] = output_health(run / "hyp.test.en")
         stamp = work / "stamps" / f"train.{v}.done"
         row["train_cmd"] = stamp.read_text().strip() if stamp.is_file() else _last_train_command(work, v)
         rows.append(row)
@@ -177,7 +264,7 @@ def render(work: Path, rows, missing, args) -> str:
     r1, r2 = args.ref_label, args.ref2_label
     head = ["attention", f"BLEU ({r1})"] + ([f"BLEU ({r1}+{r2})"] if has_multi else []) + [
         f"chrF2 ({r1})", "updates", "epochs", "train time", "tokens/s", "exact zeros", "support/row",
-        "segments/row"]
+        "segments/row", "fallback rows", "T/γ", "looping hyps", "distinct hyps"]
     out.append("| " + " | ".join(head) + " |")
     out.append("|" + "---|" * len(head))
     sigs = set()
@@ -199,16 +286,29 @@ def render(work: Path, rows, missing, args) -> str:
                   fmt(t.get("epochs"), "{}"), "–" if wall is None else f"{wall / 60:.1f} min",
                   fmt(t.get("tokens_per_s"), "{:.0f}"), fmt(s.get("zero_fraction"), "{:.3f}"),
                   fmt(s.get("mean_support"), "{:.2f}"), fmt(s.get("mean_segments"), "{:.2f}")]
+        h, o = r.get("health") or {}, r.get("output") or {}
+        cells += [fmt(h.get("fallback_fraction"), "{:.3f}"),
+                  fmt_transitions(h.get("T_over_gamma")) + (" (independent)" if h.get("independent_positions") else ""),
+                  fmt(o.get("repeat_fraction"), "{:.3f}"), fmt(o.get("distinct_fraction"), "{:.3f}")]
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
+    warnings = health_warnings(rows)
+    if warnings:
+        out += ["**Warnings**", ""] + [f"* **WARNING** {w}" for w in warnings] + [""]
     out.append("Columns: BLEU/chrF2 by sacrebleu on detokenised output (sentencepiece decode + Moses detok) against "
                "the untokenised reference(s); *train time* = fairseq's time spent in training steps, summed over epochs "
                "(validation, checkpointing and start-up excluded; robust to interrupted and resumed runs); *tokens/s* = "
                "target tokens per second of training steps; *exact zeros* = fraction of "
                "attention cells that are exactly 0, *support/row* = non-zero source positions per target token, "
                "*segments/row* = contiguous non-zero blocks per target token (`structattn-stats`, test set, EOS "
-               "included). \"(time cap)\" marks a training stopped by `--stop-time-hours` before its update budget.")
+               "included). *fallback rows* = fraction of target rows where the Viterbi attention had p(y_t = 1) = 0 "
+               "everywhere and fell back to softmax; *T/γ* = learned transitions on the temperature scale (T[i, j]: state j "
+               "at t−1 → i at t; ≈ 0 = independent positions) (`recipes/tools/attention_health.py`); *looping hyps* = "
+               f"fraction of hypotheses with a token {REPEAT_RUN} times in a row; *distinct hyps* = distinct hypotheses / "
+               "test sentences. \"(time cap)\" marks a training stopped by `--stop-time-hours` before its update budget.")
     out.append("")
+    out += significance_lines(work, {"significance.json": args.ref_label,
+                                     "significance.multiref.json": f"{args.ref_label}+{args.ref2_label}"})
     out.append("Signatures:")
     out.append("")
     out += [f"* {s}" for s in sorted(sigs)]
@@ -258,6 +358,8 @@ def main(argv=None):
         p.error("no variant has a score.json yet: nothing to tabulate")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(render(args.work, rows, missing, args))
+    for w in health_warnings(rows):
+        print(f"WARNING: {w}", file=sys.stderr)
     print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -81,6 +81,22 @@ def generate_hypotheses(lines, expected: int | None = None):
     return [hyps[i] for i in range(n)]
 
 
+def filter_pairs(src_lines, tgt_lines, max_len: int):
+    """Pairs whose source and target both have 1..max_len whitespace tokens, in order, and the number dropped.
+    The two sides must have the same number of lines (a parallel corpus): a mismatch is an error, not a silent
+    truncation."""
+    kept, dropped = [], 0
+    src_lines, tgt_lines = list(src_lines), list(tgt_lines)
+    if len(src_lines) != len(tgt_lines):
+        raise ValueError(f"parallel files differ in length: {len(src_lines)} source vs {len(tgt_lines)} target lines")
+    for s, t in zip(src_lines, tgt_lines):
+        if 0 < len(s.split()) <= max_len and 0 < len(t.split()) <= max_len:
+            kept.append((s, t))
+        else:
+            dropped += 1
+    return kept, dropped
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -98,7 +114,26 @@ def main(argv=None):
     e.add_argument("--model", required=True)
     h = sub.add_parser("hyp", help="hypotheses of fairseq-generate output (stdin), in input order")
     h.add_argument("--expected", type=int, help="number of input sentences (missing ones are an error)")
+    f = sub.add_parser("filter-len", help="keep the pairs of SRC/TGT with at most --max-len tokens on both sides")
+    f.add_argument("src")
+    f.add_argument("tgt")
+    f.add_argument("--max-len", type=int, required=True)
+    f.add_argument("--out-src", required=True)
+    f.add_argument("--out-tgt", required=True)
     args = p.parse_args(argv)
+    if args.cmd == "filter-len":
+        if args.max_len < 1:
+            p.error("--max-len must be >= 1")
+        with open(args.src, encoding="utf-8") as fs, open(args.tgt, encoding="utf-8") as ft:
+            kept, dropped = filter_pairs(_lines(fs), _lines(ft), args.max_len)
+        if not kept:
+            p.error(f"no pair of {args.src}/{args.tgt} has at most {args.max_len} tokens on both sides")
+        for path, side in ((args.out_src, 0), (args.out_tgt, 1)):
+            with open(path, "w", encoding="utf-8") as out:
+                out.writelines(pair[side] + "\n" for pair in kept)
+        print(f"filter-len: kept {len(kept)} pairs, dropped {dropped} longer than {args.max_len} tokens",
+              file=sys.stderr)
+        return 0
 
     out = sys.stdout
     lines = _lines(sys.stdin)
