@@ -25,7 +25,7 @@ usage: bash recipes/offline_fr_en.sh [options]
   --size NAME          tiny (CI: few hundred verses, ~1 min) | quick (the quickstart: softmax and Viterbi l2,
                        1,600 updates each, two at a time, ~10 min on 2 cores) | small (default: ~15-20 min per model
                        on 2 CPU cores) | converge (all four variants trained to a validation plateau, early
-                       stopping, at most 0.6 h each, two at a time) | full (all data, paper-sized training; hours)
+                       stopping, at most 0.5 h each, two at a time) | full (all data, paper-sized training; hours)
   --variants "A B ..." subset of: softmax sparsemax viterbi-entropy viterbi-l2 (default: all four; quick: softmax
                        viterbi-l2)
   --work DIR           working folder (default recipes/<corpus>_fr_en/work)
@@ -122,7 +122,7 @@ case "$size" in
   # a 2k vocabulary, small batches, a high constant learning rate, no regularisation.
   quick) p_train=0    p_test=200 p_update=1600  p_epoch=100 spm_vocab=2000 max_tokens=2000 p_dim=128 p_hours=0.25
          p_report=6 p_lr=0.005 p_drop=0 p_ls=0 p_maxlen=60 p_jobs=2 p_sched=fixed p_variants="softmax viterbi-l2" ;;
-  converge) p_train=0 p_test=0   p_update=0     p_epoch=40  spm_vocab=2000 max_tokens=2000 p_dim=128 p_hours=0.6
+  converge) p_train=0 p_test=0   p_update=0     p_epoch=40  spm_vocab=2000 max_tokens=2000 p_dim=128 p_hours=0.5
          p_lr=0.005 p_drop=0.1 p_ls=0 p_maxlen=80 p_jobs=2 p_sched=plateau p_patience=3 ;;
   small) p_train=0    p_test=0   p_update=600   p_epoch=100 spm_vocab=8000 max_tokens=6000 p_dim=128 p_hours=0.35 ;;
   full)  p_train=0    p_test=0   p_update=0     p_epoch=30  spm_vocab=8000 max_tokens=6000 p_dim=256 p_hours=0 ;;

@@ -9,6 +9,7 @@ sentences of 1 to 30 tokens so that short sentences carry many padding columns.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -294,3 +295,29 @@ def test_unwritable_dump_path_fails_before_generating(toy):
         bad = toy["root"] / "not_a_dump.jsonl"
         bad.write_text('{"hello": 1}\n')
         read_dump(bad)
+
+
+def test_attention_health_annotates_fallback_rows(toy, tmp_path):
+    """recipes/tools/attention_health.py on a real checkpoint and dump: the forced decoding reproduces the dumped
+    attention, every record gets extra.fallback_rows, structattn-stats then reports the fallback fraction, and the
+    report carries T/γ."""
+    dump = tmp_path / "l2.jsonl"
+    _generate(toy, toy["l2"], dump, "--beam", "2")
+    out = tmp_path / "health.json"
+    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "tools" / "attention_health.py"), "--checkpoint",
+                        str(toy["l2"]), "--data", str(toy["data"]), "--dump", str(dump), "--annotate", "--json",
+                        str(out), "--batch-size", "5"], capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    health = json.loads(out.read_text())
+    assert health["attention"] == "ViterbiAttention" and health["reg"] == "l2" and health["form"] == "stable"
+    assert health["max_abs_diff"] < 1e-5
+    _, records = read_dump(dump)
+    assert all("fallback_rows" in rec.extra for rec in records)
+    n_rows = sum(len(rec.tgt_tokens) for rec in records if rec.nbest_rank == 0)
+    assert health["rows"] == n_rows
+    assert health["fallback_fraction"] == health["fallback_rows"] / n_rows
+    assert len(health["T_over_gamma"]) == 2 and isinstance(health["independent_positions"], bool)
+    from structattn.report.stats import dump_stats
+
+    st = dump_stats(records)
+    assert st["fallback_fraction"] == st["fallback_fraction"]  # known (not NaN) once annotated

@@ -103,12 +103,14 @@ def main(argv=None) -> int:
                 lengths = src_tokens.ne(pad).sum(1)
                 att.recorded_dead = []
                 try:
-                    _, extra = model(src_tokens, lengths, prev)
+                    _, attn = model(src_tokens, lengths, prev)
                     flags = torch.stack(att.recorded_dead, 1)  # (bsz, T)
                 finally:
                     att.recorded_dead = None
                 att.pop_fallback_counts()
-                attn = extra["attn"][0]  # (bsz, T, S)
+                if isinstance(attn, dict):  # fairseq decoders differ: a tensor, or {"attn": [tensor]}
+                    attn = attn["attn"][0] if isinstance(attn["attn"], (list, tuple)) else attn["attn"]
+                # (bsz, T, S), columns in the source's (left-padded) layout
                 for i, r in enumerate(batch):
                     n = len(tgt[i])
                     a = attn[i, :n, S - len(src[i]):].float().numpy()
