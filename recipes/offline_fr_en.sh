@@ -375,7 +375,8 @@ if [ "$builtin" = 0 ] && [ "$report" = 1 ]; then
 fi
 redo=1  # the table is cheap: always rebuilt from the files
 step results "$py '$tools/results_table.py' --work '$work' --variants $variants --out '$results' \
---corpus $corpus --ref-label $ref_label --size $size --arch $( [ "$builtin" = 1 ] && echo lstm || echo "$arch" ) --threads $threads \
+--corpus $corpus --ref-label $ref_label --size $size --arch $( [ "$builtin" = 1 ] && echo lstm || echo "$arch" ) \
+--threads $( [ "$jobs" -gt 1 ] && echo "$train_threads" || echo "$threads" ) --jobs $jobs --max-len $max_len \
 --invocation $(printf '%q' "$invocation")"
 if [ "$dry" = 0 ]; then
   say "results: $results"
