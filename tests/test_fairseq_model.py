@@ -254,6 +254,24 @@ def test_help_describes_the_attention_options(monkeypatch):
         assert opt in text
     flat = " ".join(text.split())
     assert "segmentation attention" in flat and "temperature gamma > 0" in flat and "default: the paper" in flat
+    assert "--attention-form" in text and "--attention-contiguity" in text
+
+
+def test_help_hook_leaves_fairseq_models_alone(monkeypatch):
+    """The --help hook (user_dir/fairseq_patches.py) adds options only for the plugin's own architectures."""
+    from fairseq import options
+
+    from user_dir.fairseq_patches import arch_from_argv
+
+    assert arch_from_argv(["x", "--arch", "lstm"]) == "lstm" and arch_from_argv(["--arch=a"]) == "a"
+    assert arch_from_argv(["-a", "b", "--help"]) == "b" and arch_from_argv(["--help"]) is None
+    assert getattr(options.add_model_args, "_structattn_help_hook", False)
+    monkeypatch.setattr(sys, "argv", ["fairseq-train", "data", "--arch", "lstm", "--help"])
+    parser = options.get_training_parser()  # calls add_model_args
+    assert not any("--attention-reg" in a.option_strings for a in parser._actions)
+    monkeypatch.setattr(sys, "argv", ["fairseq-train", "data", "--arch", "structattn_lstm", "--help"])
+    parser = options.get_training_parser()
+    assert any("--attention-reg" in a.option_strings for a in parser._actions)
 
 
 @pytest.mark.parametrize(

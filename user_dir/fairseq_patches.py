@@ -10,12 +10,18 @@ Checked against: fairseq 0.12.2 and ``fairseq-fixed`` 0.12.3.1 (the build that i
 
 Patches
 -------
-Installed here (this module): the two below. Installed by :func:`install` from their own modules, where their code
+Installed here (this module): the three below. Installed by :func:`install` from its own module, where its code
 and documentation live:
 
 * ``command-line checks`` — ``user_dir/cli_checks.py``: wraps ``fairseq.options.parse_args_and_arch`` to reject bad
   command lines in one line before any work.
-* ``--help lists model options`` — ``user_dir/structattn_lstm.py`` wraps ``fairseq.options.add_model_args``.
+
+``--help lists model options`` (:func:`_install_model_help`)
+    *What fairseq does.* ``fairseq-train --arch A --help`` prints the help page before
+    ``fairseq.options.add_model_args`` has added the options of model A, so the options of no model are listed.
+    *What we do.* Wrap ``add_model_args``: when ``-h``/``--help`` is on the command line and ``--arch`` names a model
+    defined in this plugin, add that model's options to the parser up front (argparse then prints them and exits, so
+    the regular registration never happens). Without ``--help`` nothing changes; fairseq's own models are untouched.
 
 ``checkpoints load under torch's weights-only unpickler`` (:func:`_install_checkpoint_loading`)
     *What fairseq does.* ``checkpoint_utils.load_checkpoint_to_cpu`` (every CLI's checkpoint loading, and
@@ -55,9 +61,11 @@ and documentation live:
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import logging
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -86,10 +94,47 @@ def install() -> None:
                        ", ".join(CHECKED_FAIRSEQ_VERSIONS))
     _install_checkpoint_loading()
     _install_closable_prefetch()
+    _install_model_help()
     from . import cli_checks
 
     cli_checks.install()
     _installed = True
+
+
+# --- --help lists model options ------------------------------------------------------------------------------------
+
+def arch_from_argv(argv) -> str | None:
+    """The value of ``--arch``/``-a`` in a command line, or None."""
+    for i, a in enumerate(argv):
+        if a in ("--arch", "-a") and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--arch="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def _install_model_help() -> None:
+    import fairseq.options as fairseq_options
+
+    original = fairseq_options.add_model_args
+    if getattr(original, "_structattn_help_hook", False):
+        return
+
+    def add_model_args(parser):
+        group = original(parser)
+        argv = sys.argv[1:]
+        if "-h" in argv or "--help" in argv:
+            from fairseq.models import ARCH_MODEL_REGISTRY
+
+            arch = arch_from_argv(argv)
+            model = ARCH_MODEL_REGISTRY.get(arch) if arch is not None else None
+            if model is not None and model.__module__.split(".")[0] == __name__.split(".")[0]:
+                model.add_args(parser.add_argument_group(
+                    f"Model-specific configuration (--arch {arch})", argument_default=argparse.SUPPRESS))
+        return group
+
+    add_model_args._structattn_help_hook = True
+    fairseq_options.add_model_args = add_model_args
 
 
 # --- checkpoints load under torch's weights-only unpickler ---------------------------------------------------------

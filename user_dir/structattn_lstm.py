@@ -24,7 +24,6 @@ marginals are all 0 or 1, so no gradient flows through them: dead, saturated or 
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Optional
 
 import torch
@@ -293,47 +292,6 @@ class StructAttnLSTMModel(LSTMModel):
         if att.form == "paper" and has_stable and not has_paper:
             raise ValueError("this checkpoint's Viterbi attention is in the stable form (transitions_over_gamma); "
                              "load it with --model-overrides \"{'attention_form': 'stable'}\"")
-
-
-def _arch_from_argv(argv):
-    for i, a in enumerate(argv):
-        if a in ("--arch", "-a") and i + 1 < len(argv):
-            return argv[i + 1]
-        if a.startswith("--arch="):
-            return a.split("=", 1)[1]
-    return None
-
-
-def _install_help_hook():
-    """Make ``fairseq-train --arch structattn_lstm --help`` list the model's options.
-
-    fairseq 0.12 parses ``--help`` before it adds the model-specific options (so ``--help`` never shows them, for
-    any model). When ``--help`` is on the command line with one of our architectures, this adds the options of
-    :class:`StructAttnLSTMModel` to the training parser up front; argparse then prints them and exits, so the
-    second, regular registration never happens. Without ``--help`` nothing changes."""
-    import fairseq.options as fairseq_options
-
-    original = fairseq_options.add_model_args
-    if getattr(original, "_structattn_help_hook", False):
-        return
-
-    def add_model_args(parser):
-        group = original(parser)
-        argv = sys.argv[1:]
-        if "-h" in argv or "--help" in argv:
-            from fairseq.models import ARCH_MODEL_REGISTRY
-
-            arch = _arch_from_argv(argv)
-            if arch is not None and ARCH_MODEL_REGISTRY.get(arch) is StructAttnLSTMModel:
-                StructAttnLSTMModel.add_args(parser.add_argument_group(
-                    f"Model-specific configuration (--arch {arch})", argument_default=argparse.SUPPRESS))
-        return group
-
-    add_model_args._structattn_help_hook = True
-    fairseq_options.add_model_args = add_model_args
-
-
-_install_help_hook()
 
 
 def _attention_defaults(args):
