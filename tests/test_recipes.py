@@ -191,9 +191,13 @@ def _train_log(path: Path, stop=False):
         '2026 | INFO | train | {"epoch": 2, "train_loss": "8.0", "train_wps": "120", "train_wpb": "2000", '
         '"train_num_updates": "60", "train_train_wall": "100", "train_wall": "600"}',
     ]
-    if stop:
-        lines.append("INFO | fairseq_cli.train | stopping training because current training time (0.4 hours) "
-                     "exceeded --stop-time-hours")
+    lines.insert(0, "2026 | INFO | fairseq_cli.train | {'checkpoint': {'stop_time_hours': 0.5, 'patience': 3}}")
+    if stop == "time":
+        lines.append("2026 | INFO | fairseq_cli.train | Stopping training due to cumulative_training_time: "
+                     "0.5000263 > stop_time_hours: 0.5 hour(s)")
+    elif stop == "early":
+        lines.append("2026 | INFO | fairseq_cli.train | early stop since valid performance hasn't improved for last "
+                     "3 runs")
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -204,8 +208,12 @@ def test_parse_train_log(tmp_path):
     assert t["target_tokens"] == 1000 * 50 + 2000 * 10
     assert t["tokens_per_s"] == pytest.approx(70000 / 500)
     assert t["best_valid_loss"] == 7.5 and not t["stopped_by_time"]
-    _train_log(tmp_path / "stop.log", stop=True)
+    assert not t["early_stop"]  # the config dump naming stop_time_hours is not a stop
+    _train_log(tmp_path / "stop.log", stop="time")
     assert results_table.parse_train_log(tmp_path / "stop.log")["stopped_by_time"]
+    _train_log(tmp_path / "early.log", stop="early")
+    t = results_table.parse_train_log(tmp_path / "early.log")
+    assert t["early_stop"] and not t["stopped_by_time"]
 
 
 def test_results_table_renders_measured_numbers(tmp_path):

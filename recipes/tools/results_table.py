@@ -19,7 +19,10 @@ import sys
 from pathlib import Path
 
 _JSON = re.compile(r"\|\s*(train|valid|train_inner)\s*\|\s*(\{.*\})\s*$")
-_STOP = re.compile(r"exceeded --stop-time-hours|stop.time", re.I)
+# fairseq 0.12's messages when --stop-time-hours or --patience ends a training (its config dump, which also names
+# stop_time_hours, must not match)
+_TIME_STOP = re.compile(r"exceeded --stop-time-hours|Stopping training due to cumulative_training_time")
+_EARLY_STOP = re.compile(r"early stop since valid performance hasn't improved")
 
 #: a Viterbi model spending more than this fraction of its attention rows on the softmax fallback is flagged
 FALLBACK_WARN = 0.05
@@ -45,7 +48,7 @@ def read_scores(path: Path) -> dict:
 def parse_train_log(path: Path) -> dict:
     """Training summary from a ``--log-format json`` log (possibly several resumed runs appended)."""
     epochs, inner, valid = {}, [], []
-    stopped_by_time = False
+    stopped_by_time = early_stop = False
     for line in path.read_text(errors="replace").splitlines():
         m = _JSON.search(line)
         if m:
@@ -60,9 +63,11 @@ def parse_train_log(path: Path) -> dict:
                 valid.append(rec)
             else:
                 inner.append(rec)
-        elif "stop-time-hours" in line or "stop_time_hours" in line:
-            stopped_by_time = stopped_by_time or "exceeded" in line
-    out = {"stopped_by_time": stopped_by_time}
+        elif _TIME_STOP.search(line):
+            stopped_by_time = True
+        elif _EARLY_STOP.search(line):
+            early_stop = True
+    out = {"stopped_by_time": stopped_by_time, "early_stop": early_stop}
     if not epochs:
         return out
     prev_updates, tokens, compute = 0, 0.0, 0.0
@@ -286,7 +291,8 @@ def render(work: Path, rows, missing, args) -> str:
                 sigs.add(f"BLEU (2 refs): `{mb['signature']}`")
             cells.append(fmt(mb.get("score")))
         wall = t.get("compute_s")
-        cells += [fmt(chrf), fmt(t.get("updates"), "{}") + (" (time cap)" if t.get("stopped_by_time") else ""),
+        cells += [fmt(chrf), fmt(t.get("updates"), "{}") + (" (time cap)" if t.get("stopped_by_time") else "")
+                  + (" (early stop)" if t.get("early_stop") else ""),
                   fmt(t.get("epochs"), "{}"), "–" if wall is None else f"{wall / 60:.1f} min",
                   fmt(t.get("tokens_per_s"), "{:.0f}"), fmt(s.get("zero_fraction"), "{:.3f}"),
                   fmt(s.get("mean_support"), "{:.2f}"), fmt(s.get("mean_segments"), "{:.2f}")]
@@ -309,7 +315,8 @@ def render(work: Path, rows, missing, args) -> str:
                "everywhere and fell back to softmax; *T/γ* = learned transitions on the temperature scale (T[i, j]: state j "
                "at t−1 → i at t; ≈ 0 = independent positions) (`recipes/tools/attention_health.py`); *looping hyps* = "
                f"fraction of hypotheses with a token {REPEAT_RUN} times in a row; *distinct hyps* = distinct hypotheses / "
-               "test sentences. \"(time cap)\" marks a training stopped by `--stop-time-hours` before its update budget.")
+               "test sentences. \"(time cap)\" marks a training stopped by `--stop-time-hours` before its update budget, "
+               "\"(early stop)\" one stopped by `--patience` (validation loss no longer improving: a plateau).")
     out.append("")
     out += significance_lines(work, {"significance.json": args.ref_label,
                                      "significance.multiref.json": f"{args.ref_label}+{args.ref2_label}"})
