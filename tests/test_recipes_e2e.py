@@ -65,9 +65,17 @@ def test_bible_recipe_end_to_end(tmp_path):
         assert stats["n_sentences"] == 16 and stats["attention"] == ("softmax" if v == "softmax" else "viterbi")
     assert (work / "report" / "index.html").is_file()
     text = (work / "RESULTS.md").read_text()
-    for label in ("| softmax |", "| Viterbi ℓ2² |"):
+    head = next(line for line in text.splitlines() if line.startswith("| attention |"))
+    cols = [c.strip() for c in head.strip().strip("|").split("|")]
+    for label, viterbi in (("| softmax |", False), ("| Viterbi ℓ2² |", True)):
         row = next(line for line in text.splitlines() if line.startswith(label))
-        assert "–" not in row, row  # every column measured
+        cells = dict(zip(cols, (c.strip() for c in row.strip().strip("|").split("|"))))
+        assert len(cells) == len(cols), row
+        for col, value in cells.items():
+            if col in ("fallback rows", "T/γ") and not viterbi:
+                assert value == "–", (col, row)  # a Viterbi-only column
+            else:
+                assert value != "–", (col, row)  # every other column measured
     assert "--attention viterbi --attention-reg l2 --attention-gamma 10" in text
     assert "done train.softmax" in log and "attention report:" in log
 
