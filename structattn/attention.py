@@ -270,14 +270,8 @@ def dead_rows(marginals: Tensor, padding_mask: Tensor | None = None) -> Tensor:
     Returns:
         (B,) bool, True on dead rows. A row without any real position is not counted as dead (it has no
         attention at all, nothing fell back)."""
-    padding_mask = _check_scores(marginals, padding_mask, "marginals")
-    p = marginals.detach()
-    if padding_mask is not None:
-        p = p.masked_fill(padding_mask, 0.0)
-        has_real = ~padding_mask.all(-1)
-    else:
-        has_real = torch.full((p.shape[0],), p.shape[1] > 0, dtype=torch.bool, device=p.device)
-    return (p.sum(-1) <= torch.finfo(p.dtype).tiny) & has_real
+    p, has_real = _real_rows(marginals, _check_scores(marginals, padding_mask, "marginals"))
+    return _dead(p, has_real)
 
 
 def frozen_rows(marginals: Tensor, padding_mask: Tensor | None = None) -> Tensor:
@@ -287,15 +281,24 @@ def frozen_rows(marginals: Tensor, padding_mask: Tensor | None = None) -> Tensor
     the scores or the transitions through it (App. C.3). Dead rows (:func:`dead_rows`, all 0) are frozen; so are
     *saturated* rows (all 1: uniform weights over the sentence) and any other binary path. Same arguments and
     return as :func:`dead_rows`."""
-    padding_mask = _check_scores(marginals, padding_mask, "marginals")
+    p, has_real = _real_rows(marginals, _check_scores(marginals, padding_mask, "marginals"))
+    return _frozen(p, has_real)
+
+
+def _real_rows(marginals: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(detached marginals with padding set to 0, (B,) rows that have a real position); mask already checked."""
     p = marginals.detach()
-    binary = (p == 0) | (p == 1)
-    if padding_mask is not None:
-        binary = binary | padding_mask
-        has_real = ~padding_mask.all(-1)
-    else:
-        has_real = torch.full((p.shape[0],), p.shape[1] > 0, dtype=torch.bool, device=p.device)
-    return binary.all(-1) & has_real
+    if padding_mask is None:
+        return p, torch.full((p.shape[0],), p.shape[1] > 0, dtype=torch.bool, device=p.device)
+    return p.masked_fill(padding_mask, 0.0), ~padding_mask.all(-1)
+
+
+def _dead(p: Tensor, has_real: Tensor) -> Tensor:
+    return (p.sum(-1) <= torch.finfo(p.dtype).tiny) & has_real
+
+
+def _frozen(p: Tensor, has_real: Tensor) -> Tensor:
+    return ((p == 0) | (p == 1)).all(-1) & has_real  # padding was set to 0: binary
 
 
 # ---- modules ------------------------------------------------------------------------------------------------------
@@ -405,13 +408,13 @@ class ViterbiAttention(_BilinearAttention):
         w, p = viterbi_attention(s, self.effective_transitions(), padding_mask, self.reg, self.gamma,
                                  return_marginals=True)
         w = w.to(out_dtype)
-        pm = _check_scores(scores, padding_mask)
-        dead = dead_rows(p, pm)
-        has_real = ~pm.all(-1) if pm is not None else torch.ones_like(dead)
+        # One mask check and one masking for both counts (this runs at every decoder step).
+        p_real, has_real = _real_rows(p, _check_scores(scores, padding_mask))
+        dead = _dead(p_real, has_real)
         # Tensors, not Python ints: no host synchronisation per decoder step on an accelerator.
         self._rows += has_real.sum()
         self._dead += dead.sum()
-        self._frozen += frozen_rows(p, pm).sum()
+        self._frozen += _frozen(p_real, has_real).sum()
         if self.recorded_dead is not None:  # per-row flags for offline analysis (attention_health.py)
             self.recorded_dead.append(dead)
         return w

@@ -220,7 +220,8 @@ class StructAttnLSTMModel(LSTMModel):
         parser.add_argument(
             "--attention-form", choices=VITERBI_FORMS, metavar="{" + ",".join(VITERBI_FORMS) + "}",
             help="parametrisation of the Viterbi attention: stable (scores centred per row, transitions T = "
-                 "gamma * tau with a contiguity prior; keeps l2 rows from dying, see structattn.attention) or "
+                 "gamma * tau with a contiguity prior; keeps the scores' level from drifting, so rows neither die nor "
+                 "freeze, see structattn.attention) or "
                  f"paper (raw scores, T learned from 0, exactly as in the paper); default: {DEFAULT_FORM}",
         )
         parser.add_argument(
