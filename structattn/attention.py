@@ -432,14 +432,15 @@ class ViterbiAttention(_BilinearAttention):
         return r + (f", contiguity={self.contiguity}" if self.form == "stable" else "")
 
 
-def build_attention(kind: str, query_dim: int, source_dim: int, reg: str = "entropy", gamma: float | None = None,
-                    form: str = "paper", contiguity: float | None = None):
-    """Factory: ``kind`` in :data:`ATTENTIONS`; ``reg``/``gamma``/``form``/``contiguity`` are used by ``"viterbi"``
-    only (γ = None takes the paper's value, :data:`PAPER_GAMMA`; ``form`` in :data:`VITERBI_FORMS`)."""
-    if kind == "softmax":
+def build_attention(attention: str, query_dim: int, source_dim: int, reg: str = "entropy",
+                    gamma: float | None = None, form: str = "paper", contiguity: float | None = None):
+    """Factory: ``attention`` in :data:`ATTENTIONS` (the same word as the ``--attention`` flag of the plugins);
+    ``reg``/``gamma``/``form``/``contiguity`` are used by ``"viterbi"`` only (γ = None takes the paper's value,
+    :data:`PAPER_GAMMA`; ``form`` in :data:`VITERBI_FORMS`)."""
+    if attention == "softmax":
         return SoftmaxAttention(query_dim, source_dim)
-    if kind == "sparsemax":
+    if attention == "sparsemax":
         return SparsemaxAttention(query_dim, source_dim)
-    if kind == "viterbi":
+    if attention == "viterbi":
         return ViterbiAttention(query_dim, source_dim, reg, gamma, form, contiguity)
-    raise ValueError(f"attention must be one of {ATTENTIONS}, got {kind!r}")
+    raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")

@@ -19,7 +19,7 @@ Format (version 1): UTF-8 JSON Lines, one JSON object per line.
 ``{"shape": [T, S], "encoding": "csr", "indptr": B64, "indices": B64, "data": B64}`` (int32 / int32 / float32,
 the non-zero cells of each row, so exact zeros stay exact zeros).
 
-Crash safety: the writer writes to ``PATH.tmp-<pid>`` next to ``PATH`` and renames it onto ``PATH`` (atomic on
+Crash safety (:mod:`structattn.fileio`): the writer writes to ``PATH.tmp-<pid>`` next to ``PATH`` and renames it onto ``PATH`` (atomic on
 POSIX) only in :meth:`DumpWriter.finalize`. A reader accepts a file only if its footer is present, the record
 count matches and the digest matches, so a killed writer never leaves anything :func:`read_dump` accepts.
 """
@@ -36,9 +36,13 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from .fileio import discard, temp_path
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "DEFAULT_EOS",
+    "eos_symbol",
     "AttentionRecord",
     "DumpError",
     "IncompleteDumpError",
@@ -51,6 +55,13 @@ __all__ = [
 
 FORMAT_NAME = "structattn-attention-dump"
 FORMAT_VERSION = 1
+#: End-of-sentence token of dumps whose header does not name one (``eos_symbol``): fairseq's.
+DEFAULT_EOS = "</s>"
+
+
+def eos_symbol(metadata: dict) -> str:
+    """The end-of-sentence token of a dump, from its header (written by the fairseq task) or :data:`DEFAULT_EOS`."""
+    return metadata.get("eos_symbol", DEFAULT_EOS)
 
 
 class DumpError(ValueError):
@@ -211,7 +222,7 @@ class DumpWriter:
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             raise FileNotFoundError(f"cannot write attention dump {self.path!r}: directory {directory!r} does not exist")
-        self.tmp_path = f"{self.path}.tmp-{os.getpid()}"
+        self.tmp_path = temp_path(self.path)
         try:
             self._fh = open(self.tmp_path, "wb")
         except OSError as e:
@@ -297,10 +308,7 @@ class DumpWriter:
         try:
             self._fh.close()
         finally:
-            try:
-                os.unlink(self.tmp_path)
-            except FileNotFoundError:
-                pass
+            discard(self.tmp_path)
 
     def __enter__(self):
         return self

@@ -9,79 +9,28 @@ maths). This file is glue only: it subclasses ``fairseq.models.lstm`` and replac
   are laid out like the ``src_tokens`` the model was given (fairseq's ``LSTMEncoder`` silently switches left
   padding to right padding, which is why fairseq's own alignment output mis-indexes, fairseq issue #3625).
 
-Options (``fairseq-train --user-dir user_dir --arch structattn_lstm --help`` lists them):
-``--attention {softmax,sparsemax,viterbi}``, ``--attention-reg {entropy,l2}``, ``--attention-gamma FLOAT``,
-``--attention-form {stable,paper}`` and ``--attention-contiguity FLOAT`` (the stable form's prior on T/γ).
-
-Training metrics. With Viterbi attention the decoder logs, through fairseq's ``metrics.log_scalar``, in the
-train/valid lines of fairseq's log: ``attn_fallback`` (fraction of attention rows that fell back to softmax
-because every p(y_t = 1) was 0, see :func:`structattn.attention.dead_rows`), ``attn_frozen`` (rows whose
-marginals are all 0 or 1, so no gradient flows through them: dead, saturated or hard rows,
-:func:`structattn.attention.frozen_rows`) and the learned transitions on the
-γ scale ``T00/g T01/g T10/g T11/g`` (T[i, j]: state j at t−1 → state i at t; all ≈ 0 = independent positions).
+Options (``fairseq-train --user-dir user_dir --arch structattn_lstm --help`` lists them) and the training metrics a
+Viterbi attention logs (``attn_fallback``, ``attn_frozen``, ``T00/g`` …) are shared by every structattn model and
+defined once, in :mod:`user_dir.attention_options`.
 """
 
 from __future__ import annotations
 
-import argparse
 from typing import Optional
 
 import torch
 from fairseq import utils
 from fairseq.models import register_model, register_model_architecture
-from fairseq.models.lstm import Linear, LSTMDecoder, LSTMEncoder, LSTMModel
+from fairseq.models.lstm import DEFAULT_MAX_SOURCE_POSITIONS, DEFAULT_MAX_TARGET_POSITIONS, Embedding, Linear
+from fairseq.models.lstm import LSTMDecoder, LSTMEncoder, LSTMModel
 from fairseq.models.lstm import base_architecture as lstm_base_architecture
 from torch import Tensor, nn
 
-from fairseq.logging import metrics
+from structattn.attention import ViterbiAttention
 
-from structattn.attention import (ATTENTIONS, DEFAULT_CONTIGUITY, PAPER_GAMMA, VITERBI_FORMS, ViterbiAttention,
-                                  build_attention)
-from structattn.ops.smoothed_max import REGULARIZERS
-
+from .attention_options import (AttentionOptions, add_attention_args, attention_defaults, build_from_options,
+                                log_attention_metrics, resolve_attention_args)
 from .distributed import check_data_parallel_launch
-
-DEFAULT_ATTENTION = "viterbi"
-DEFAULT_REG = "entropy"
-DEFAULT_FORM = "stable"
-
-
-def _positive_float(text: str) -> float:
-    """argparse type for --attention-gamma: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-    if not (value > 0.0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
-
-
-def resolve_attention_args(args) -> tuple[str, str, Optional[float]]:
-    """Validate the attention options on ``args`` (also for models built without the command line) and fill in
-    γ's paper default (2 for entropy, 10 for ℓ2) when the Viterbi attention is used without --attention-gamma."""
-    attention = getattr(args, "attention", DEFAULT_ATTENTION)
-    reg = getattr(args, "attention_reg", DEFAULT_REG)
-    gamma = getattr(args, "attention_gamma", None)
-    if attention not in ATTENTIONS:
-        raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}; got {attention!r}")
-    if reg not in REGULARIZERS:
-        raise ValueError(f"--attention-reg must be one of {', '.join(REGULARIZERS)}; got {reg!r}")
-    if gamma is not None:
-        try:
-            gamma = _positive_float(str(gamma))
-        except argparse.ArgumentTypeError as exc:
-            raise ValueError(f"--attention-gamma {exc}") from None
-    form = getattr(args, "attention_form", DEFAULT_FORM)
-    if form not in VITERBI_FORMS:
-        raise ValueError(f"--attention-form must be one of {', '.join(VITERBI_FORMS)}; got {form!r}")
-    contiguity = getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY)
-    if contiguity is not None and not (isinstance(contiguity, (int, float)) and abs(float(contiguity)) < float("inf")):
-        raise ValueError(f"--attention-contiguity must be a finite number; got {contiguity!r}")
-    if attention == "viterbi" and gamma is None:
-        gamma = PAPER_GAMMA[reg]
-        args.attention_gamma = gamma  # recorded in the checkpoint's config
-    return attention, reg, gamma
 
 
 class StructAttnLayer(nn.Module):
@@ -91,14 +40,11 @@ class StructAttnLayer(nn.Module):
     encoder_padding_mask (srclen, bsz) bool → (tanh(W_out [context; input]) (bsz, d_out), weights (srclen, bsz)).
     """
 
-    def __init__(self, input_embed_dim, source_embed_dim, output_embed_dim, attention, reg, gamma,
-                 form=DEFAULT_FORM, contiguity=DEFAULT_CONTIGUITY):
+    def __init__(self, input_embed_dim: int, source_embed_dim: int, output_embed_dim: int,
+                 options: AttentionOptions):
         super().__init__()
-        if attention == "viterbi":
-            self.attention = build_attention(attention, input_embed_dim, source_embed_dim, reg, gamma, form,
-                                             contiguity if form == "stable" else None)
-        else:
-            self.attention = build_attention(attention, input_embed_dim, source_embed_dim)
+        # The attribute name is part of the checkpoint format (decoder.attention.attention.*).
+        self.attention = build_from_options(options, input_embed_dim, source_embed_dim)
         self.output_proj = Linear(input_embed_dim + source_embed_dim, output_embed_dim, bias=False)
 
     def forward(self, input: Tensor, source_hids: Tensor, encoder_padding_mask: Optional[Tensor]):
@@ -157,40 +103,24 @@ class StructAttnLSTMDecoder(LSTMDecoder):
     As in fairseq, ``attn`` is returned in eval mode only (None while training).
     """
 
-    def __init__(self, *args, attention_type=DEFAULT_ATTENTION, attention_reg=DEFAULT_REG, attention_gamma=None,
-                 attention_form=DEFAULT_FORM, attention_contiguity=DEFAULT_CONTIGUITY, **kwargs):
-        kwargs["attention"] = True
-        super().__init__(*args, **kwargs)
-        self.attention = StructAttnLayer(
-            self.hidden_size, self.encoder_output_units, self.hidden_size, attention_type, attention_reg,
-            attention_gamma, attention_form, attention_contiguity,
-        )
+    def __init__(self, *args, attention: AttentionOptions, **kwargs):
+        # fairseq's ``attention`` is a bool that builds its own AttentionLayer; ours is the attention options, and
+        # the parent is built without an attention layer so that nothing is built to be thrown away.
+        super().__init__(*args, attention=False, **kwargs)
+        self.attention = StructAttnLayer(self.hidden_size, self.encoder_output_units, self.hidden_size, attention)
+        # Registered where fairseq's AttentionLayer sits (right after the LSTM layers), so that the parameter order,
+        # which fairseq's optimizer state in checkpoints is indexed by, is that of fairseq's LSTMDecoder.
+        order = [name for name in self._modules if name != "attention"]
+        order.insert(order.index("layers") + 1, "attention")
+        modules = dict(self._modules)
+        self._modules.clear()
+        self._modules.update((name, modules[name]) for name in order)
 
     def forward(self, *args, **kwargs):
         out = super().forward(*args, **kwargs)
-        # Logging reads the counts on the host and calls into fairseq's metrics: outside any compiled graph (the
-        # counts keep accumulating in the module's buffers and are logged by the next eager forward).
         if not torch.compiler.is_compiling():
-            self._log_attention_metrics()
+            log_attention_metrics(self.attention.attention)
         return out
-
-    def _log_attention_metrics(self):
-        """Log the fallback rate and T/γ of a Viterbi attention (no-op for softmax/sparsemax) into fairseq's
-        active metric aggregators: train_inner/train while training, valid during validation. Called once per
-        forward (one per batch in training; once per decoder step in incremental decoding, where it only feeds
-        fairseq's default aggregator, which nothing prints)."""
-        att = self.attention.attention
-        if not isinstance(att, ViterbiAttention):
-            return
-        rows, dead, frozen = att.pop_fallback_counts()
-        if rows == 0:
-            return
-        metrics.log_scalar("attn_fallback", dead / rows, weight=rows, round=4)
-        metrics.log_scalar("attn_frozen", frozen / rows, weight=rows, round=4)
-        tau = (att.effective_transitions().detach() / att.gamma).cpu().tolist()
-        for i in range(2):
-            for j in range(2):
-                metrics.log_scalar(f"T{i}{j}/g", tau[i][j], weight=0, round=3)
 
 
 @register_model("structattn_lstm")
@@ -200,46 +130,16 @@ class StructAttnLSTMModel(LSTMModel):
     @staticmethod
     def add_args(parser):
         LSTMModel.add_args(parser)
-        parser.add_argument(
-            "--attention", choices=ATTENTIONS, metavar="{" + ",".join(ATTENTIONS) + "}",
-            help="attention layer: softmax (fairseq's bilinear attention), sparsemax (sparse projection of the "
-                 "same scores) or viterbi (segmentation attention with smoothed Viterbi marginals, Mensch & "
-                 f"Blondel 2018 §5); default: {DEFAULT_ATTENTION}",
-        )
-        parser.add_argument(
-            "--attention-reg", choices=REGULARIZERS, metavar="{" + ",".join(REGULARIZERS) + "}",
-            help="regulariser of the smoothed max in the Viterbi attention: entropy (dense, CRF marginals) or l2 "
-                 f"(sparse); only used with --attention viterbi; default: {DEFAULT_REG}",
-        )
-        parser.add_argument(
-            "--attention-gamma", type=_positive_float, metavar="FLOAT",
-            help="temperature gamma > 0 of the Viterbi attention (smaller is sparser; l2 turns into hard, "
-                 "non-differentiable Viterbi when gamma is too small); default: the paper's 2 for entropy, "
-                 "10 for l2; only used with --attention viterbi",
-        )
-        parser.add_argument(
-            "--attention-form", choices=VITERBI_FORMS, metavar="{" + ",".join(VITERBI_FORMS) + "}",
-            help="parametrisation of the Viterbi attention: stable (scores centred per row, transitions T = "
-                 "gamma * tau with a contiguity prior; keeps the scores' level from drifting, so rows neither die nor "
-                 "freeze, see structattn.attention) or "
-                 f"paper (raw scores, T learned from 0, exactly as in the paper); default: {DEFAULT_FORM}",
-        )
-        parser.add_argument(
-            "--attention-contiguity", type=float, metavar="FLOAT",
-            help="stable form only: initial T/gamma = [[c, 0], [0, c]] (staying in a state is worth c*gamma); "
-                 f"default: {DEFAULT_CONTIGUITY}",
-        )
+        add_attention_args(parser)
 
     @classmethod
     def build_model(cls, args, task):
         check_data_parallel_launch()  # torchrun ranks that fairseq left single-process: fail, naming the fix
         structattn_lstm(args)
-        attention, reg, gamma = resolve_attention_args(args)
+        options = resolve_attention_args(args)
         if not utils.eval_bool(args.decoder_attention):
             raise ValueError("structattn_lstm always uses attention: do not pass --decoder-attention 0/False")
-        # fairseq builds and checks the embeddings (pretrained, frozen, shared); we reuse them and build our own
-        # encoder/decoder around them with the same settings.
-        base = super().build_model(args, task)
+        encoder_embed, decoder_embed = _build_embeddings(args, task)
         encoder = StructAttnLSTMEncoder(
             dictionary=task.source_dictionary,
             embed_dim=args.encoder_embed_dim,
@@ -248,8 +148,8 @@ class StructAttnLSTMModel(LSTMModel):
             dropout_in=args.encoder_dropout_in,
             dropout_out=args.encoder_dropout_out,
             bidirectional=args.encoder_bidirectional,
-            pretrained_embed=base.encoder.embed_tokens,
-            max_source_positions=base.encoder.max_source_positions,
+            pretrained_embed=encoder_embed,
+            max_source_positions=getattr(args, "max_source_positions", DEFAULT_MAX_SOURCE_POSITIONS),
         )
         decoder = StructAttnLSTMDecoder(
             dictionary=task.target_dictionary,
@@ -260,20 +160,20 @@ class StructAttnLSTMModel(LSTMModel):
             dropout_in=args.decoder_dropout_in,
             dropout_out=args.decoder_dropout_out,
             encoder_output_units=encoder.output_units,
-            pretrained_embed=base.decoder.embed_tokens,
+            pretrained_embed=decoder_embed,
             share_input_output_embed=args.share_decoder_input_output_embed,
             adaptive_softmax_cutoff=(
                 utils.eval_str_list(args.adaptive_softmax_cutoff, type=int)
                 if args.criterion == "adaptive_loss"
                 else None
             ),
-            max_target_positions=base.decoder.max_target_positions,
-            attention_type=attention,
-            attention_reg=reg,
-            attention_gamma=gamma,
-            attention_form=args.attention_form,
-            attention_contiguity=args.attention_contiguity,
+            max_target_positions=getattr(args, "max_target_positions", DEFAULT_MAX_TARGET_POSITIONS),
+            attention=options,
         )
+        if args.encoder_freeze_embed:
+            encoder.embed_tokens.weight.requires_grad = False
+        if args.decoder_freeze_embed:  # also the table LSTMDecoder built (fairseq 0.12 fails on that case)
+            decoder.embed_tokens.weight.requires_grad = False
         return cls(encoder, decoder)
 
     def upgrade_state_dict_named(self, state_dict, name):
@@ -295,18 +195,45 @@ class StructAttnLSTMModel(LSTMModel):
                              "load it with --model-overrides \"{'attention_form': 'stable'}\"")
 
 
-def _attention_defaults(args):
-    args.attention = getattr(args, "attention", DEFAULT_ATTENTION)
-    args.attention_reg = getattr(args, "attention_reg", DEFAULT_REG)
-    args.attention_gamma = getattr(args, "attention_gamma", None)
-    args.attention_form = getattr(args, "attention_form", DEFAULT_FORM)
-    args.attention_contiguity = getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY)
+def _build_embeddings(args, task) -> tuple[nn.Embedding, Optional[nn.Embedding]]:
+    """The encoder's and (when shared or pretrained) the decoder's input embeddings, with the checks and options of
+    fairseq's ``LSTMModel.build_model`` (fairseq 0.12): --encoder/--decoder-embed-path (pretrained vectors),
+    --share-all-embeddings (one table, a joint dictionary). ``None`` for the decoder lets ``LSTMDecoder`` build its
+    own table, as fairseq does; --encoder/--decoder-freeze-embed are applied to the built model."""
+    if args.encoder_layers != args.decoder_layers:
+        raise ValueError("--encoder-layers must match --decoder-layers")
+
+    def table(dictionary, dim: int, path: Optional[str]) -> nn.Embedding:
+        embed = Embedding(len(dictionary), dim, dictionary.pad())
+        if path:
+            vectors = utils.parse_embedding(path)
+            utils.print_embed_overlap(vectors, dictionary)
+            embed = utils.load_embedding(vectors, dictionary, embed)
+        return embed
+
+    encoder_embed = table(task.source_dictionary, args.encoder_embed_dim, args.encoder_embed_path)
+    decoder_embed = None
+    if args.share_all_embeddings:
+        if task.source_dictionary != task.target_dictionary:
+            raise ValueError("--share-all-embeddings requires a joint dictionary")
+        if args.decoder_embed_path and args.decoder_embed_path != args.encoder_embed_path:
+            raise ValueError("--share-all-embed not compatible with --decoder-embed-path")
+        if args.encoder_embed_dim != args.decoder_embed_dim:
+            raise ValueError("--share-all-embeddings requires --encoder-embed-dim to match --decoder-embed-dim")
+        decoder_embed = encoder_embed
+        args.share_decoder_input_output_embed = True
+    elif args.decoder_embed_path:
+        decoder_embed = table(task.target_dictionary, args.decoder_embed_dim, args.decoder_embed_path)
+    if args.share_decoder_input_output_embed and args.decoder_embed_dim != args.decoder_out_embed_dim:
+        raise ValueError("--share-decoder-input-output-embeddings requires --decoder-embed-dim to match "
+                         "--decoder-out-embed-dim")
+    return encoder_embed, decoder_embed
 
 
 @register_model_architecture("structattn_lstm", "structattn_lstm")
 def structattn_lstm(args):
     """Small, CPU-friendly defaults: 64-dim embeddings, 1-layer bidirectional encoder (2×64), 1-layer decoder (64)."""
-    _attention_defaults(args)
+    attention_defaults(args)
     args.dropout = getattr(args, "dropout", 0.1)
     args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 64)
     args.encoder_hidden_size = getattr(args, "encoder_hidden_size", args.encoder_embed_dim)
@@ -323,7 +250,7 @@ def structattn_lstm(args):
 def structattn_lstm_paper(args):
     """App. C.3 (OpenNMT-py setting): 2-layer bidirectional LSTM encoder with 500 units per direction, 2-layer
     500-unit decoder with input feeding, 500-dim embeddings, dropout 0.3."""
-    _attention_defaults(args)
+    attention_defaults(args)
     args.dropout = getattr(args, "dropout", 0.3)
     args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 500)
     args.encoder_hidden_size = getattr(args, "encoder_hidden_size", 500)

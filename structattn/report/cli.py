@@ -162,6 +162,7 @@ def _run(prog: str, fn, argv) -> int:
 
 
 def _stats(argv) -> int:
+    from ..export import eos_symbol
     from .stats import STAT_COLUMNS, dump_stats, format_stat
 
     p = argparse.ArgumentParser(
@@ -179,7 +180,7 @@ def _stats(argv) -> int:
     rows = []
     for m in models:
         st = dump_stats(m.records, nbest_rank=args.nbest_rank, exclude_eos=args.exclude_eos,
-                        eos=m.metadata.get("eos_symbol", "</s>"))
+                        eos=eos_symbol(m.metadata))
         rows.append((m, st))
     if args.json:
         out = [

@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..fileio import atomic_path
+
 __all__ = ["draw_attention", "attention_figure", "save_figure", "plot_record", "DEFAULT_CMAP", "ZERO_COLOR"]
 
 DEFAULT_CMAP = "viridis_r"  # light yellow (small) → dark purple (large); contains no white
@@ -142,14 +144,8 @@ def save_figure(fig, path: str | os.PathLike, dpi: float | None = None) -> str:
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     if ext not in ("png", "svg", "pdf"):
         raise ValueError(f"unsupported image format {ext!r} (use .png, .svg or .pdf)")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format=ext, dpi=dpi or fig.dpi, facecolor="white")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return path
 
 

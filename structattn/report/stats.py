@@ -23,6 +23,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..export import DEFAULT_EOS
+
 __all__ = ["row_support", "row_segments", "matrix_stats", "dump_stats", "select_records", "record_fallback_rows",
            "STAT_COLUMNS"]
 
@@ -111,7 +113,7 @@ def select_records(records: Iterable, nbest_rank: int | None = 0) -> list:
     return [r for r in records if nbest_rank is None or r.nbest_rank == nbest_rank]
 
 
-def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bool = False, eos: str = "</s>") -> dict:
+def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bool = False, eos: str = DEFAULT_EOS) -> dict:
     """Pooled statistics over the records of a dump.
 
     ``exclude_eos`` drops the final EOS row and the EOS source column before counting. Returns the keys of

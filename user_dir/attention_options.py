@@ -1,0 +1,162 @@
+"""The attention options every structattn fairseq model shares: one definition of the flags, their defaults and
+their validation, of how they become an attention module, and of the training metrics a Viterbi attention logs.
+
+``--attention {softmax,sparsemax,viterbi}`` (one name for the attention kind, from the command line through
+``args.attention`` to :func:`structattn.attention.build_attention`'s ``attention``), ``--attention-reg
+{entropy,l2}``, ``--attention-gamma FLOAT`` (default: the paper's γ per Ω, :data:`structattn.attention.PAPER_GAMMA`),
+``--attention-form {stable,paper}`` and ``--attention-contiguity FLOAT``. Models call :func:`add_attention_args` in
+``add_args``, :func:`attention_defaults` in their architecture functions, :func:`resolve_attention_args` in
+``build_model`` and build the module with :func:`build_from_options`; the maths stays in :mod:`structattn.attention`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Optional
+
+from fairseq.logging import metrics
+from torch import nn
+
+from structattn.attention import (ATTENTIONS, DEFAULT_CONTIGUITY, PAPER_GAMMA, VITERBI_FORMS, ViterbiAttention,
+                                  build_attention)
+from structattn.ops.smoothed_max import REGULARIZERS
+
+DEFAULT_ATTENTION = "viterbi"
+DEFAULT_REG = "entropy"
+DEFAULT_FORM = "stable"
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """The validated attention options of a model (γ filled in with the paper's value for Viterbi attention)."""
+
+    attention: str
+    reg: str
+    gamma: Optional[float]
+    form: str
+    contiguity: Optional[float]
+
+
+def positive_float(text: str) -> float:
+    """argparse type for --attention-gamma: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not (value > 0.0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _choices(values) -> str:
+    return "{" + ",".join(values) + "}"
+
+
+def add_attention_args(parser) -> None:
+    """The ``--attention*`` flags (no defaults on the parser: :func:`attention_defaults` fills them per
+    architecture, as fairseq does for its own model options)."""
+    gammas = ", ".join(f"{g:g} for {reg}" for reg, g in PAPER_GAMMA.items())
+    parser.add_argument(
+        "--attention", choices=ATTENTIONS, metavar=_choices(ATTENTIONS),
+        help="attention layer: softmax (fairseq's bilinear attention), sparsemax (sparse projection of the "
+             "same scores) or viterbi (segmentation attention with smoothed Viterbi marginals, Mensch & "
+             f"Blondel 2018 §5); default: {DEFAULT_ATTENTION}",
+    )
+    parser.add_argument(
+        "--attention-reg", choices=REGULARIZERS, metavar=_choices(REGULARIZERS),
+        help="regulariser of the smoothed max in the Viterbi attention: entropy (dense, CRF marginals) or l2 "
+             f"(sparse); only used with --attention viterbi; default: {DEFAULT_REG}",
+    )
+    parser.add_argument(
+        "--attention-gamma", type=positive_float, metavar="FLOAT",
+        help="temperature gamma > 0 of the Viterbi attention (smaller is sparser; l2 turns into hard, "
+             f"non-differentiable Viterbi when gamma is too small); default: the paper's {gammas}; only used "
+             "with --attention viterbi",
+    )
+    parser.add_argument(
+        "--attention-form", choices=VITERBI_FORMS, metavar=_choices(VITERBI_FORMS),
+        help="parametrisation of the Viterbi attention: stable (scores centred per row, transitions T = "
+             "gamma * tau with a contiguity prior; keeps the scores' level from drifting, so rows neither die nor "
+             "freeze, see structattn.attention) or "
+             f"paper (raw scores, T learned from 0, exactly as in the paper); default: {DEFAULT_FORM}",
+    )
+    parser.add_argument(
+        "--attention-contiguity", type=float, metavar="FLOAT",
+        help="stable form only: initial T/gamma = [[c, 0], [0, c]] (staying in a state is worth c*gamma); "
+             f"default: {DEFAULT_CONTIGUITY}",
+    )
+
+
+def attention_defaults(args) -> None:
+    """Architecture defaults of the attention options (fills what the command line left unset)."""
+    args.attention = getattr(args, "attention", DEFAULT_ATTENTION)
+    args.attention_reg = getattr(args, "attention_reg", DEFAULT_REG)
+    args.attention_gamma = getattr(args, "attention_gamma", None)
+    args.attention_form = getattr(args, "attention_form", DEFAULT_FORM)
+    args.attention_contiguity = getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY)
+
+
+def resolve_attention_args(args) -> AttentionOptions:
+    """Validate the attention options on ``args`` (also for models built without the command line) and fill in
+    γ's paper default (:data:`structattn.attention.PAPER_GAMMA`) when the Viterbi attention is used without
+    --attention-gamma; the filled-in γ is written back to ``args`` so that the checkpoint records it."""
+    attention = getattr(args, "attention", DEFAULT_ATTENTION)
+    reg = getattr(args, "attention_reg", DEFAULT_REG)
+    gamma = getattr(args, "attention_gamma", None)
+    if attention not in ATTENTIONS:
+        raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}; got {attention!r}")
+    if reg not in REGULARIZERS:
+        raise ValueError(f"--attention-reg must be one of {', '.join(REGULARIZERS)}; got {reg!r}")
+    if gamma is not None:
+        try:
+            gamma = positive_float(str(gamma))
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"--attention-gamma {exc}") from None
+    form = getattr(args, "attention_form", DEFAULT_FORM)
+    if form not in VITERBI_FORMS:
+        raise ValueError(f"--attention-form must be one of {', '.join(VITERBI_FORMS)}; got {form!r}")
+    contiguity = getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY)
+    if contiguity is not None and not (isinstance(contiguity, (int, float)) and abs(float(contiguity)) < float("inf")):
+        raise ValueError(f"--attention-contiguity must be a finite number; got {contiguity!r}")
+    if attention == "viterbi" and gamma is None:
+        gamma = PAPER_GAMMA[reg]
+        args.attention_gamma = gamma
+    return AttentionOptions(attention, reg, gamma, form, contiguity)
+
+
+def build_from_options(options: AttentionOptions, query_dim: int, source_dim: int) -> nn.Module:
+    """The attention module (:mod:`structattn.attention`) the options describe, scoring a query of ``query_dim``
+    against sources of ``source_dim``."""
+    if options.attention != "viterbi":
+        return build_attention(options.attention, query_dim, source_dim)
+    contiguity = options.contiguity if options.form == "stable" else None
+    return build_attention(options.attention, query_dim, source_dim, options.reg, options.gamma, options.form,
+                           contiguity)
+
+
+def log_attention_metrics(att: nn.Module, prefix: str = "") -> None:
+    """Log the fallback and frozen-row rates and the learned transitions on the γ scale of a Viterbi attention
+    (no-op for softmax/sparsemax) into fairseq's active metric aggregators (train_inner/train while training, valid
+    during validation): ``attn_fallback``, ``attn_frozen`` and ``T00/g T01/g T10/g T11/g`` (T[i, j]: state j at
+    t−1 → state i at t; all ≈ 0 means independent positions). ``prefix`` distinguishes several attention layers.
+
+    Reads the counts on the host: callers skip it inside compiled graphs (the counts keep accumulating in the
+    module's buffers and are logged by the next eager call)."""
+    if not isinstance(att, ViterbiAttention):
+        return
+    rows, dead, frozen = att.pop_fallback_counts()
+    if rows == 0:
+        return
+    metrics.log_scalar(f"{prefix}attn_fallback", dead / rows, weight=rows, round=4)
+    metrics.log_scalar(f"{prefix}attn_frozen", frozen / rows, weight=rows, round=4)
+    tau = (att.effective_transitions().detach() / att.gamma).cpu().tolist()
+    for i in range(2):
+        for j in range(2):
+            metrics.log_scalar(f"{prefix}T{i}{j}/g", tau[i][j], weight=0, round=3)
+
+
+__all__ = [
+    "AttentionOptions", "DEFAULT_ATTENTION", "DEFAULT_FORM", "DEFAULT_REG", "add_attention_args",
+    "attention_defaults", "build_from_options", "log_attention_metrics", "positive_float", "resolve_attention_args",
+]
