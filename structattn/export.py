@@ -47,6 +47,7 @@ __all__ = [
     "DumpError",
     "IncompleteDumpError",
     "DumpWriter",
+    "check_dump_destination",
     "read_dump",
     "write_dump",
     "encode_matrix",
@@ -205,6 +206,30 @@ def _json_safe_ok(v: Any) -> bool:
     return not callable(v) or isinstance(v, (dict, list, tuple, str))
 
 
+def check_dump_destination(path: str | os.PathLike, probe: bool = False) -> None:
+    """Raise if ``path`` cannot receive an attention dump: :class:`IsADirectoryError` (a directory),
+    :class:`FileNotFoundError` (its directory does not exist) or, with ``probe=True``, :class:`OSError` when a file
+    cannot be created next to it. The probe creates and removes a file, so that read-only directories are caught
+    whatever the permission bits say (root, ACLs, immutable or read-only mounts), before any work is done; an
+    existing ``path`` is left untouched. The one check behind :class:`DumpWriter` and the plugins' command-line
+    checks."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write attention dump {path!r}: it is a directory; give a file name")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"cannot write attention dump {path!r}: directory {directory!r} does not exist")
+    if probe:
+        name = os.path.join(directory, f".{os.path.basename(path)}.probe-{os.getpid()}")
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            raise OSError(f"cannot write attention dump {path!r}: cannot create files in {directory!r} "
+                          f"({e.strerror})") from None
+        os.close(fd)
+        os.unlink(name)
+
+
 class DumpWriter:
     """Stream records into ``path`` crash-safely (see the module docstring).
 
@@ -219,9 +244,7 @@ class DumpWriter:
 
     def __init__(self, path: str | os.PathLike, metadata: dict | None = None):
         self.path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"cannot write attention dump {self.path!r}: directory {directory!r} does not exist")
+        check_dump_destination(self.path)
         self.tmp_path = temp_path(self.path)
         try:
             self._fh = open(self.tmp_path, "wb")

@@ -100,7 +100,7 @@ def _cases(t, ro):
                           "it from this fairseq-train command", True),
         "dump missing dir": (_generate(t, "--dump-attention", t / "nodir" / "x.jsonl"),
                              f"directory '{t / 'nodir'}' does not exist", True),
-        "dump is dir": (_generate(t, "--dump-attention", t), f"--dump-attention '{t}' is a directory; give a file "
+        "dump is dir": (_generate(t, "--dump-attention", t), f"cannot write attention dump '{t}': it is a directory; give a file "
                         "name", True),
         "missing checkpoint": (_generate(t, path=t / "nope.pt"), f"--path: checkpoint file '{t / 'nope.pt'}' not "
                                "found", True),

@@ -19,6 +19,8 @@ import sys
 
 import torch
 
+from structattn.export import check_dump_destination
+
 
 def _kind(args) -> str:
     """Which fairseq CLI parsed ``args``: "train", "interactive", "generate" or "other" (told apart by the
@@ -38,22 +40,13 @@ def _local_paths(paths: str) -> list[str]:
     return [p for p in paths.split(os.pathsep) if p]
 
 
-def check_dump_destination(path: str) -> str | None:
-    """Why ``path`` cannot receive an attention dump (None if it can). Probes by creating and removing a file
-    next to it, so that read-only directories are caught whatever the permission bits say (root, ACLs,
-    immutable or read-only mounts). An existing ``path`` is left untouched."""
-    if os.path.isdir(path):
-        return f"--dump-attention {path!r} is a directory; give a file name"
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        return f"cannot write attention dump {path!r}: directory {directory!r} does not exist"
-    probe = os.path.join(directory, f".{os.path.basename(path)}.probe-{os.getpid()}")
+def dump_destination_problem(path: str) -> str | None:
+    """Why ``path`` cannot receive an attention dump (None if it can): :func:`structattn.export.check_dump_destination`
+    with the probe, so that an unwritable destination fails before any work."""
     try:
-        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        check_dump_destination(path, probe=True)
     except OSError as e:
-        return f"cannot write attention dump {path!r}: cannot create files in {directory!r} ({e.strerror})"
-    os.close(fd)
-    os.unlink(probe)
+        return str(e)
     return None
 
 
@@ -75,7 +68,7 @@ def check_args(args) -> str | None:
         if kind != "generate":
             return ("--dump-attention works with fairseq-generate only (one pass over --gen-subset); remove it "
                     f"from this fairseq-{kind} command")
-        problem = check_dump_destination(dump)
+        problem = dump_destination_problem(dump)
         if problem:
             return problem
     if kind == "train":

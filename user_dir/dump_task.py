@@ -207,9 +207,7 @@ class StructAttnTranslationTask(TranslationTask):
             )
         self._dump_started = True
         path = self.cfg.dump_attention
-        if os.path.isdir(path):
-            raise IsADirectoryError(f"--dump-attention {path!r} is a directory; give a file name")
-        self._dump_writer = DumpWriter(path)  # fails now if the destination is not writable
+        self._dump_writer = DumpWriter(path)  # fails now if the destination is a directory or not writable
         if os.path.exists(path):
             logger.info("--dump-attention: removing the previous %s (it would outlive a failed run)", path)
             os.unlink(path)
