@@ -18,11 +18,12 @@ and all-zero marginals.
 The passes below are written with plain differentiable tensor ops so that the same code serves as the
 backward of a backward (third derivatives, ``gradgradcheck`` of the marginals) when autograd records it.
 
-Backends. The same passes also exist as fast kernels (:mod:`structattn.ops.kernels`): a C kernel for CPU tensors
-and a fused Triton kernel for CUDA tensors (S = 2), each running one whole pass over all chains per call. They are
-picked automatically (``backend="auto"``) and agree with the reference to float rounding; ``backend="reference"``
-on a call, :func:`set_default_backend`, :func:`viterbi_backend` or ``STRUCTATTN_VITERBI_BACKEND=reference`` force
-the tensor code. Third derivatives always run the differentiable reference code.
+Backends. The same passes also exist as fast kernels, registered by name in :mod:`structattn.ops.kernels` (see
+docs/kernels.md): a C kernel for CPU tensors and a fused Triton kernel for CUDA tensors (S = 2), each running one
+whole pass over all chains per call. They are picked automatically (``backend="auto"``) and agree with the
+reference to float rounding; ``backend="reference"`` on a call, :func:`set_default_backend`, :func:`viterbi_backend`
+or ``STRUCTATTN_VITERBI_BACKEND=reference`` force the tensor code. Third derivatives always run the differentiable
+reference code.
 
 torch.compile / torch.export. The passes are also ``torch.library`` custom ops, ``structattn::viterbi_value``,
 ``::viterbi_marginals``, ``::viterbi_backward`` (the Alg. 3 backward sweep) and ``::viterbi_hvp`` (Alg. 4), with fake
@@ -41,6 +42,7 @@ import os
 import torch
 from torch import Tensor
 
+from . import kernels as _kernels
 from .smoothed_max import _jacobian_product, _max_argmax, check_reg_gamma
 
 __all__ = [
@@ -134,6 +136,9 @@ def _step_mask(lengths: Tensor | None, T: int) -> Tensor | None:
 
 
 # ---- the three passes (reference backend, plain tensor ops) -----------------------------------------------------
+# Names follow the paper's symbols (docs/kernels.md has the table, shared with the C and Triton kernels): x, v, q, r,
+# u, e for Alg. 3 and their tangents x_dot, v_dot, q_dot, u_dot, e_dot for Alg. 4 (lower case: one step; Q, U, E, Z,
+# E_dot: stacked over the steps). Loop index t is 0-based: step t here is the paper's step t + 1.
 
 
 def _forward(theta: Tensor, mask: Tensor | None, reg: str, gamma: float):
@@ -141,16 +146,16 @@ def _forward(theta: Tensor, mask: Tensor | None, reg: str, gamma: float):
     r = ∇max_Ω(v_T) (B, S)."""
     B, T, S, _ = theta.shape
     v = theta.new_zeros(B, S)
-    Qs = []
+    qs = []
     for t in range(T):
-        vt, qt = _max_argmax(theta[:, t] + v[:, None, :], reg, gamma)
+        x = theta[:, t] + v[:, None, :]  # (B, S_i, S_j): rows x_i = θ_{t,i} + v_{t−1}
+        v_next, q = _max_argmax(x, reg, gamma)
         if mask is not None:
-            m = mask[:, t, None]
-            vt = torch.where(m, vt, v)  # padding: carry v_{t−1} through
-        v = vt
-        Qs.append(qt)
+            v_next = torch.where(mask[:, t, None], v_next, v)  # padding: carry v_{t−1} through
+        v = v_next
+        qs.append(q)
     value, r = _max_argmax(v, reg, gamma)
-    Q = torch.stack(Qs, 1) if Qs else theta.new_zeros(B, 0, S, S)
+    Q = torch.stack(qs, 1) if qs else theta.new_zeros(B, 0, S, S)
     return value, Q, r
 
 
@@ -159,52 +164,52 @@ def _backward(Q: Tensor, r: Tensor, mask: Tensor | None):
     Returns E (B, T, S, S) and U (B, T, S) with U[:, t] = u_{t+1} (the adjoint of v at step t)."""
     B, T, S, _ = Q.shape
     u = r
-    Es = [None] * T
-    Us = [None] * T
+    es = [None] * T
+    us = [None] * T
     for t in range(T - 1, -1, -1):
-        Us[t] = u
-        et = Q[:, t] * u[:, :, None]
-        un = et.sum(1)
+        us[t] = u
+        e = Q[:, t] * u[:, :, None]
+        u_next = e.sum(1)
         if mask is not None:
             m = mask[:, t]
-            et = torch.where(m[:, None, None], et, torch.zeros_like(et))
-            un = torch.where(m[:, None], un, u)
-        Es[t] = et
-        u = un
+            e = torch.where(m[:, None, None], e, torch.zeros_like(e))
+            u_next = torch.where(m[:, None], u_next, u)
+        es[t] = e
+        u = u_next
     if T == 0:
         return Q.new_zeros(B, 0, S, S), Q.new_zeros(B, 0, S)
-    return torch.stack(Es, 1), torch.stack(Us, 1)
+    return torch.stack(es, 1), torch.stack(us, 1)
 
 
 def _hvp(Q: Tensor, U: Tensor, r: Tensor, Z: Tensor, mask: Tensor | None, reg: str, gamma: float):
     """Alg. 4: ∇²Vit_Ω(θ)·Z by one forward tangent pass and one reverse pass. Returns (⟨E, Z⟩ (B,), Ė)."""
     B, T, S, _ = Q.shape
-    vdot = Q.new_zeros(B, S)
-    Qdots = []
+    v_dot = Q.new_zeros(B, S)
+    q_dots = []
     for t in range(T):
-        x = Z[:, t] + vdot[:, None, :]  # (B, S_i, S_j): tangent of θ_{t,i} + v_{t−1}
-        qt = Q[:, t]
-        vd = (qt * x).sum(-1)
-        qd = _jacobian_product(qt, x, reg, gamma)
+        x_dot = Z[:, t] + v_dot[:, None, :]  # (B, S_i, S_j): tangent of x = θ_{t,i} + v_{t−1}
+        q = Q[:, t]
+        v_dot_next = (q * x_dot).sum(-1)
+        q_dot = _jacobian_product(q, x_dot, reg, gamma)
         if mask is not None:
-            vd = torch.where(mask[:, t, None], vd, vdot)
-        vdot = vd
-        Qdots.append(qd)
-    dot = (r * vdot).sum(-1)
-    udot = _jacobian_product(r, vdot, reg, gamma)  # tangent of u_T = ∇max_Ω(v_T)
-    Edots = [None] * T
+            v_dot_next = torch.where(mask[:, t, None], v_dot_next, v_dot)
+        v_dot = v_dot_next
+        q_dots.append(q_dot)
+    dot = (r * v_dot).sum(-1)
+    u_dot = _jacobian_product(r, v_dot, reg, gamma)  # tangent of u_T = r = ∇max_Ω(v_T)
+    e_dots = [None] * T
     for t in range(T - 1, -1, -1):
         u = U[:, t]
-        ed = Q[:, t] * udot[:, :, None] + Qdots[t] * u[:, :, None]
-        und = ed.sum(1)
+        e_dot = Q[:, t] * u_dot[:, :, None] + q_dots[t] * u[:, :, None]
+        u_dot_next = e_dot.sum(1)
         if mask is not None:
             m = mask[:, t]
-            ed = torch.where(m[:, None, None], ed, torch.zeros_like(ed))
-            und = torch.where(m[:, None], und, udot)
-        Edots[t] = ed
-        udot = und
-    Edot = torch.stack(Edots, 1) if T else Q.new_zeros(B, 0, S, S)
-    return dot, Edot
+            e_dot = torch.where(m[:, None, None], e_dot, torch.zeros_like(e_dot))
+            u_dot_next = torch.where(m[:, None], u_dot_next, u_dot)
+        e_dots[t] = e_dot
+        u_dot = u_dot_next
+    E_dot = torch.stack(e_dots, 1) if T else Q.new_zeros(B, 0, S, S)
+    return dot, E_dot
 
 
 def _hvp_from_theta(theta, Z, mask, reg, gamma):
@@ -214,20 +219,38 @@ def _hvp_from_theta(theta, Z, mask, reg, gamma):
 
 
 # ---- backends --------------------------------------------------------------------------------------------------
-# Every backend implements the same four passes on (θ, lengths) with identical semantics:
+# Every backend implements the same four passes on (θ, lengths) with identical semantics (the ViterbiBackend protocol
+# of structattn.ops.kernels.registry):
 #   forward(θ, lengths, reg, γ) -> (value, Q, r)            marginals(...) -> (value, Q, r, E, U)
 #   backward(Q, r, lengths) -> (E, U)                        hvp(Q, U, r, Z, lengths, reg, γ) -> (⟨E, Z⟩, Ė)
-# "reference" is the tensor code above (any device, any S); "cpu" is C via ctypes (structattn.ops.kernels.cpu);
-# "triton" is a fused CUDA kernel for S = 2 (structattn.ops.kernels.triton_viterbi). The fast ones exist because
-# the reference costs ≈10 tiny tensor ops × T steps × 3 passes, which dominates an attention step.
+# They are registered by name in structattn/ops/kernels/__init__.py, one line each, with what they serve (devices,
+# dtypes, S) and a lazy loader: "reference" is the tensor code above (_Reference: any device, dtype and S), "cpu" C via
+# ctypes, "triton" a fused CUDA kernel for S = 2. The fast ones exist because the reference costs ≈10 tiny tensor ops
+# × T steps × 3 passes, which dominates an attention step. Everything below reads the registry; nothing names a
+# particular fast backend.
 
-BACKENDS = ("auto", "reference", "cpu", "triton")
 _ENV_BACKEND = "STRUCTATTN_VITERBI_BACKEND"
 
 
+def _backend_names() -> tuple[str, ...]:
+    return ("auto", *_kernels.names())
+
+
+def __getattr__(name: str):
+    # BACKENDS is computed from the registry, so that a backend registered later (a test's fake one) is listed too.
+    if name == "BACKENDS":
+        return _backend_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), "BACKENDS"])
+
+
 def _check_backend_name(name) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    names = _backend_names()
+    if name not in names:
+        raise ValueError(f"backend must be one of {names}, got {name!r}")
     return name
 
 
@@ -261,7 +284,15 @@ def viterbi_backend(name: str):
 
 
 class _Reference:
-    """The tensor-op passes above behind the backend interface (lengths → step mask)."""
+    """The tensor-op passes above behind the backend interface (lengths → step mask); registered as "reference"."""
+
+    @staticmethod
+    def available() -> bool:
+        return True
+
+    @staticmethod
+    def unavailable_reason() -> None:
+        return None
 
     @staticmethod
     def forward(theta, lengths, reg, gamma):
@@ -283,16 +314,15 @@ class _Reference:
         return _hvp(Q, U, r, Z, _step_mask(lengths, Q.shape[1]), reg, gamma)
 
 
-_FAST_DTYPES = (torch.float32, torch.float64)
-
-
 def resolve_backend(backend, theta: Tensor) -> str:
-    """The concrete backend ("reference" | "cpu" | "triton") that a call with ``backend`` on ``theta`` (already in
-    its compute dtype) uses. ``None`` means the process default (:func:`set_default_backend`).
+    """The concrete backend ("reference" | "cpu" | "triton", or any other registered name) that a call with
+    ``backend`` on ``theta`` (already in its compute dtype) uses. ``None`` means the process default
+    (:func:`set_default_backend`).
 
     ``"auto"``: CUDA tensors with S = 2 → "triton" if Triton imports, CPU tensors → "cpu" if the C kernel
-    compiles, anything else (or on failure, with a one-time warning for the C kernel) → "reference". An explicit
-    "cpu"/"triton" that cannot serve ``theta`` raises instead of silently falling back."""
+    compiles, anything else (or on failure, with a one-time warning for the C kernel) → "reference". In general: the
+    first registered backend marked ``auto`` that serves θ's device, dtype and S and is available, else "reference".
+    An explicit "cpu"/"triton" that cannot serve ``theta`` raises instead of silently falling back."""
     name = _default_backend if backend is None else _check_backend_name(backend)
     return _resolve(name, theta.device.type, theta.dtype, int(theta.shape[-1]), _interpreting())
 
@@ -302,76 +332,34 @@ def _interpreting() -> bool:
 
 
 def _resolve(name: str, device_type: str, dtype: torch.dtype, S: int, interpreting: bool) -> str:
-    if name == "reference":
-        return name
     if name == "auto":
-        if dtype not in _FAST_DTYPES:
-            return "reference"
-        if device_type == "cuda":
-            if S == 2:
-                from .kernels import triton_viterbi
-
-                if triton_viterbi.available():
-                    return "triton"
-            return "reference"
-        if device_type == "cpu":
-            from .kernels import cpu
-
-            return "cpu" if cpu.available() else "reference"
+        # serves() reads the registered declarations only: a backend is imported (and its availability checked, e.g.
+        # the C kernel compiled) only if it could serve the call.
+        for entry in _kernels.specs():
+            if entry.serves(device_type, dtype, S) and entry.load().available():
+                return entry.name
         return "reference"
-    if dtype not in _FAST_DTYPES:
-        raise TypeError(f"backend={name!r} supports float32/float64 (and half via float32), got {dtype}")
-    if name == "cpu":
-        if device_type != "cpu":
-            raise ValueError(f"backend='cpu' needs a CPU tensor, got device {device_type}")
-        from .kernels import cpu
-
-        if not cpu.available():
-            raise RuntimeError(f"backend='cpu' is unavailable: {cpu.unavailable_reason()}")
-        return name
-    # triton
-    # On CPU tensors Triton runs only through its interpreter (TRITON_INTERPRET=1, read when triton is imported).
-    if not (device_type == "cuda" or (device_type == "cpu" and interpreting)):
-        raise ValueError(
-            f"backend='triton' needs a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1), got device {device_type}"
-        )
-    if S != 2:
-        raise ValueError(f"backend='triton' is specialised to S=2 states, got S={S}; use 'auto' or 'reference'")
-    from .kernels import triton_viterbi
-
-    if not triton_viterbi.available():
-        raise RuntimeError(f"backend='triton' is unavailable: {triton_viterbi.unavailable_reason()}")
+    _kernels.spec(name).check(device_type, dtype, S, interpreting)
     return name
 
 
-# torch.compile: the answer depends only on the arguments, but finding it may compile the C kernel (a subprocess, a
-# lock) or import Triton, which Dynamo cannot trace. The marker is what torch.compiler.assume_constant_result sets
-# (torch/_dynamo/decorators.py); calling that would import torch._dynamo (and Triton) with structattn. Dynamo then
-# calls _resolve at trace time and bakes the answer into the graph (the default backend is a global that Dynamo
-# guards on, so changing it recompiles). tests/test_custom_ops.py compiles with fullgraph=True, which fails if this
-# marker stops working.
+# torch.compile: the answer depends only on the arguments (and on the registry, which changes only when a backend is
+# registered), but finding it may compile the C kernel (a subprocess, a lock) or import Triton, which Dynamo cannot
+# trace. The marker is what torch.compiler.assume_constant_result sets (torch/_dynamo/decorators.py); calling that
+# would import torch._dynamo (and Triton) with structattn. Dynamo then calls _resolve at trace time and bakes the
+# answer into the graph (the default backend is a global that Dynamo guards on, so changing it recompiles). It must
+# stay a plain module-level function (Dynamo honours the marker on Python functions only). tests/test_custom_ops.py
+# compiles with fullgraph=True, which fails if this marker stops working.
 _resolve._dynamo_marked_constant = True
-
-
-def _impl(name: str):
-    if name == "reference":
-        return _Reference
-    if name == "cpu":
-        from .kernels import cpu
-
-        return cpu
-    from .kernels import triton_viterbi
-
-    return triton_viterbi
 
 
 # ---- custom ops ----------------------------------------------------------------------------------------------------
 # The passes are torch.library custom ops (namespace ``structattn``) rather than autograd.Functions around ctypes or
 # Triton calls, so that torch.compile / torch.export see them as single opaque nodes with known output shapes (the
 # fake implementations) and known derivatives (register_autograd), instead of breaking the graph on code they cannot
-# trace. Each op takes the concrete ``backend`` chosen by resolve_backend (a constant of the graph) and runs it; the
-# per-device kernels check that the backend belongs to the device: on CPU the C kernel ("cpu"; "triton" only under
-# TRITON_INTERPRET=1), on CUDA the Triton kernel, and the reference tensor code anywhere.
+# trace. Each op takes the concrete ``backend`` chosen by resolve_backend (a constant of the graph) and runs it, after
+# checking that the backend is registered for the tensors' device (_backend_for): on CPU the C kernel ("cpu"; "triton"
+# only under TRITON_INTERPRET=1), on CUDA the Triton kernel, and the reference tensor code anywhere.
 #
 #   structattn::viterbi_value      θ → (Vit_Ω(θ), Q, r)               Alg. 3 forward     backward: g·E (below)
 #   structattn::viterbi_marginals  θ → (E, Q, U, r)                    Alg. 3 fwd + bwd   backward: ∇²Vit_Ω(θ)·Z
@@ -385,14 +373,16 @@ def _impl(name: str):
 # the differentiable reference passes rerun with autograd recording (rare; tests only).
 
 _NS = "structattn"
-_DEVICE_BACKENDS = {"cpu": ("cpu", "reference", "triton"), "cuda": ("triton", "reference")}
 
 
 def _backend_for(device: torch.device, backend: str):
-    allowed = _DEVICE_BACKENDS.get(device.type, ("reference",))
-    if backend not in allowed:
+    """The implementation of ``backend``, if it can run on ``device`` at all (its registered devices, or its
+    interpreter devices: the op does not re-read TRITON_INTERPRET; resolve_backend checked the call)."""
+    entry = _kernels.find(backend) if isinstance(backend, str) else None
+    if entry is None or not entry.runs_on(device.type):
+        allowed = tuple(e.name for e in _kernels.specs() if e.runs_on(device.type))
         raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors (allowed: {allowed})")
-    return _impl(backend)
+    return entry.load()
 
 
 def _value_impl(
@@ -436,10 +426,12 @@ _hvp_op = torch.library.custom_op(f"{_NS}::viterbi_hvp", _hvp_impl, mutates_args
 
 
 def _new(like: Tensor, backend: str, *shape: int) -> Tensor:
-    """An empty per-chain (B, …) output laid out as the backend lays it out: the Triton kernels store per-step
-    tensors chain-minor (a (B, …) view of a contiguous (…, B) buffer, see kernels.triton_viterbi.chain_minor), the
-    others batch-major. The fake kernels must reproduce the strides, not only the shapes."""
-    if backend == "triton" and len(shape) > 1:
+    """An empty per-chain (B, …) output laid out as the backend lays it out: a backend registered ``chain_minor``
+    (the Triton kernels) stores per-step tensors as a (B, …) view of a contiguous (…, B) buffer (see
+    kernels.triton_viterbi.chain_minor), the others batch-major. The fake kernels must reproduce the strides, not
+    only the shapes."""
+    entry = _kernels.find(backend)
+    if entry is not None and entry.chain_minor and len(shape) > 1:
         buf = like.new_empty(*shape[1:], shape[0])
         return buf.permute(buf.dim() - 1, *range(buf.dim() - 1))
     return like.new_empty(*shape)
@@ -518,10 +510,10 @@ def _marginals_grad(ctx, Z, hvp_pass):
         # A third derivative was asked for: rerun Alg. 3 + 4 in the differentiable reference code with autograd
         # recording, whatever the backend (rare; tests only).
         with torch.enable_grad():
-            Edot = _hvp_from_theta(theta, Z, _step_mask(lengths, theta.shape[1]), ctx.reg, ctx.gamma)
+            E_dot = _hvp_from_theta(theta, Z, _step_mask(lengths, theta.shape[1]), ctx.reg, ctx.gamma)
     else:
-        Edot = hvp_pass(Q, U, r, Z, lengths, ctx.reg, ctx.gamma, ctx.backend)[1]
-    return Edot, None, None, None, None
+        E_dot = hvp_pass(Q, U, r, Z, lengths, ctx.reg, ctx.gamma, ctx.backend)[1]
+    return E_dot, None, None, None, None
 
 
 _value_op.register_autograd(lambda ctx, g, gQ, gr: _value_grad(ctx, g, _marginals_op, _backward_op),
@@ -636,8 +628,8 @@ def viterbi_hvp(
     with torch.no_grad():
         _, Q, U, r = _marginals(theta_c, lengths, reg, gamma, name)
         hvp = _hvp_op if torch.compiler.is_compiling() else _hvp_impl
-        dot, Edot = hvp(Q, U, r, Z.to(theta_c.dtype), lengths, reg, gamma, name)
-    return dot.to(out_dtype), Edot.to(out_dtype)
+        dot, E_dot = hvp(Q, U, r, Z.to(theta_c.dtype), lengths, reg, gamma, name)
+    return dot.to(out_dtype), E_dot.to(out_dtype)
 
 
 class SmoothedViterbi(torch.nn.Module):

@@ -1,8 +1,21 @@
-"""Fast backends of the smoothed Viterbi (same maths as :mod:`structattn.ops.viterbi`'s reference passes).
+"""Backends of the smoothed Viterbi: the registry, and one line per backend.
 
-* :mod:`.cpu` — C kernels loaded with ctypes, compiled once per user at first use (CPU tensors).
-* :mod:`.triton_viterbi` — fused Triton kernels for CUDA tensors (S = 2); ``triton`` is imported only when this
-  module is imported, never by ``import structattn``.
+* ``reference`` — the differentiable tensor-op passes of :mod:`structattn.ops.viterbi` (any device, dtype and S).
+* ``cpu`` — :mod:`.cpu`, C kernels loaded with ctypes, compiled once per user at first use (CPU tensors).
+* ``triton`` — :mod:`.triton_viterbi`, fused Triton kernels for CUDA tensors (S = 2); ``triton`` is imported only
+  when that module is, never by ``import structattn``.
 
-Nothing here is imported eagerly: :mod:`structattn.ops.viterbi` picks a backend per call.
+What a backend implements is the :class:`~.registry.ViterbiBackend` protocol; what it serves is declared below, so
+that :mod:`structattn.ops.viterbi` can choose without importing anything. Adding a backend = one module implementing
+the protocol + one :func:`register` line here. docs/kernels.md maps the names used inside the kernels to the paper.
 """
+
+from .registry import BackendSpec, ViterbiBackend, find, get, names, register, spec, specs, unregister
+
+__all__ = ["BackendSpec", "ViterbiBackend", "find", "get", "names", "register", "spec", "specs", "unregister"]
+
+# Registration order = the order in which backend="auto" tries them; "reference" is the fallback when none serves.
+register("reference", "..viterbi:_Reference", devices=None, dtypes=None)
+register("cpu", ".cpu", devices=("cpu",), auto=True)
+register("triton", ".triton_viterbi", devices=("cuda",), interpreter_devices=("cpu",), states=2, auto=True,
+         chain_minor=True)

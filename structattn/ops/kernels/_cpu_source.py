@@ -7,7 +7,10 @@ backward, or Alg. 4) over all B chains: that removes the ≈10 small tensor ops 
 reference path, which dominate its cost at attention sizes (S = 2, T ≤ a few hundred).
 
 Semantics mirror :mod:`structattn.ops.viterbi`: a chain of length L uses steps t < L only; its padded steps get
-Q = E = Ė = 0, and U (the adjoint of v) is carried through padding like the reference does.
+Q = E = Ė = 0, and U (the adjoint of v) is carried through padding like the reference does. Variable names are the
+paper's symbols, shared with the reference and the Triton kernels (docs/kernels.md): x, v, q/Q, r, u/U, e/E, z/Z and
+the tangents x_dot, v_dot, q_dot, u_dot, e_dot/E_dot; a trailing 0/1 (00..11) is the state (pair) at S = 2, a
+trailing b a per-chain base pointer (Qb = Q + b·T·S·S).
 """
 
 # Kept as a Python string (not a .c file) so that it ships with the package without package-data settings.
@@ -21,14 +24,14 @@ static real maxarg2_SFX(real x0, real x1, int l2, real g, real *q0, real *q1)
     real a = x0 - m, b = x1 - m;
     real ya = a / g, yb = b / g;
     if (!l2) {
-        /* One of ya, yb is 0 and the other is -|d|: logsumexp = log1p(e), softmax = (1, e)/(1 + e) with
-           e = exp(-|d|). One exp and one log1p instead of the reference's 4 exp + 1 log (same value to rounding);
+        /* One of ya, yb is 0 and the other is -|d|: logsumexp = log1p(ex), softmax = (1, ex)/(1 + ex) with
+           ex = exp(-|d|). One exp and one log1p instead of the reference's 4 exp + 1 log (same value to rounding);
            the exp is the cost of this kernel. */
-        real e = EXP(ya < yb ? ya : yb);
-        real lse = LOG1P(e);
-        real inv = (real)1.0 / ((real)1.0 + e);
-        *q0 = ya < yb ? e * inv : inv;
-        *q1 = ya < yb ? inv : e * inv;
+        real ex = EXP(ya < yb ? ya : yb);
+        real lse = LOG1P(ex);
+        real inv = (real)1.0 / ((real)1.0 + ex);
+        *q0 = ya < yb ? ex * inv : inv;
+        *q1 = ya < yb ? inv : ex * inv;
         return g * lse + m;
     } else {
         /* projection of a 2-vector on the simplex: q1 = clip((1 + y1 - y0)/2, 0, 1) */
@@ -41,18 +44,18 @@ static real maxarg2_SFX(real x0, real x1, int l2, real g, real *q0, real *q1)
     }
 }
 
-static void sort_desc_SFX(real *z, int n)
+static void sort_desc_SFX(real *a, int n)
 {
     for (int i = 1; i < n; i++) {
-        real key = z[i];
+        real key = a[i];
         int j = i - 1;
-        while (j >= 0 && z[j] < key) { z[j + 1] = z[j]; j--; }
-        z[j + 1] = key;
+        while (j >= 0 && a[j] < key) { a[j + 1] = a[j]; j--; }
+        a[j + 1] = key;
     }
 }
 
-/* general S; y and z are scratch rows of length S */
-static real maxarg_SFX(const real *x, int S, int l2, real g, real *q, real *y, real *z)
+/* general S; y and ys are scratch rows of length S */
+static real maxarg_SFX(const real *x, int S, int l2, real g, real *q, real *y, real *ys)
 {
     real m = x[0];
     for (int k = 1; k < S; k++) if (x[k] > m) m = x[k];
@@ -66,19 +69,18 @@ static real maxarg_SFX(const real *x, int S, int l2, real g, real *q, real *y, r
         for (int k = 0; k < S; k++) q[k] = EXP(y[k] - lse);
         return g * lse + m;
     }
-    /* sparsemax(y) by sorting: tau = (sum of the k_sup largest - 1)/k_sup */
-    for (int k = 0; k < S; k++) z[k] = y[k];
-    sort_desc_SFX(z, S);
-    real c = 0, csup = 0;
+    /* sparsemax(y) by sorting (ys = y sorted descending): tau = (sum of the k_sup largest - 1)/k_sup */
+    for (int k = 0; k < S; k++) ys[k] = y[k];
+    sort_desc_SFX(ys, S);
+    real c = 0;
     int ksup = 0;
     for (int k = 0; k < S; k++) {
-        c += z[k];
-        if (z[k] * (real)(k + 1) > c - (real)1.0) { ksup++; }
+        c += ys[k];
+        if (ys[k] * (real)(k + 1) > c - (real)1.0) { ksup++; }
     }
     c = 0;
-    for (int k = 0; k < ksup; k++) c += z[k];
-    csup = c - (real)1.0;
-    real tau = csup / (real)ksup;
+    for (int k = 0; k < ksup; k++) c += ys[k];
+    real tau = (c - (real)1.0) / (real)ksup;
     real val = 0, sq = 0;
     for (int k = 0; k < S; k++) {
         real qk = y[k] - tau;
@@ -120,47 +122,47 @@ static inline int64_t chain_len_SFX(const int64_t *lens, int64_t b, int64_t T)
 static void forward2_block_SFX(int64_t b0, int64_t nb, int64_t T, const real *theta, const int64_t *lens, int l2,
                                real g, real *value, real *Q, real *r)
 {
-    real v0[CB], v1[CB], e0[CB], e1[CB], s0[CB], s1[CB];
+    real v0[CB], v1[CB], ex0[CB], ex1[CB], lp0[CB], lp1[CB]; /* v_{t-1}; exp(-|x_i0 - x_i1|/g) and its log1p */
     int64_t L[CB];
     const int64_t TS = 4 * T;
     for (int64_t i = 0; i < nb; i++) { v0[i] = 0; v1[i] = 0; L[i] = chain_len_SFX(lens, b0 + i, T); }
     for (int64_t t = 0; t < T; t++) {
-        const real *h = theta + b0 * TS + 4 * t;
+        const real *th = theta + b0 * TS + 4 * t;
         real *q = Q + b0 * TS + 4 * t;
         if (!l2) {
             #pragma omp simd
             for (int64_t i = 0; i < nb; i++) {
-                const real *hi = h + i * TS;
-                real d0 = (hi[0] + v0[i]) - (hi[1] + v1[i]);
-                real d1 = (hi[2] + v0[i]) - (hi[3] + v1[i]);
-                e0[i] = EXP(-FABS(d0) / g);
-                e1[i] = EXP(-FABS(d1) / g);
-                s0[i] = LOG1P(e0[i]);
-                s1[i] = LOG1P(e1[i]);
+                const real *thi = th + i * TS;
+                real d0 = (thi[0] + v0[i]) - (thi[1] + v1[i]);
+                real d1 = (thi[2] + v0[i]) - (thi[3] + v1[i]);
+                ex0[i] = EXP(-FABS(d0) / g);
+                ex1[i] = EXP(-FABS(d1) / g);
+                lp0[i] = LOG1P(ex0[i]);
+                lp1[i] = LOG1P(ex1[i]);
             }
             #pragma omp simd
             for (int64_t i = 0; i < nb; i++) {
-                const real *hi = h + i * TS;
+                const real *thi = th + i * TS;
                 real *qi = q + i * TS;
-                real x00 = hi[0] + v0[i], x01 = hi[1] + v1[i], x10 = hi[2] + v0[i], x11 = hi[3] + v1[i];
-                real inv0 = (real)1.0 / ((real)1.0 + e0[i]), inv1 = (real)1.0 / ((real)1.0 + e1[i]);
+                real x00 = thi[0] + v0[i], x01 = thi[1] + v1[i], x10 = thi[2] + v0[i], x11 = thi[3] + v1[i];
+                real inv0 = (real)1.0 / ((real)1.0 + ex0[i]), inv1 = (real)1.0 / ((real)1.0 + ex1[i]);
                 real m0 = x00 >= x01 ? x00 : x01, m1 = x10 >= x11 ? x10 : x11;
                 int act = t < L[i];
-                qi[0] = act ? (x00 < x01 ? e0[i] * inv0 : inv0) : (real)0.0;
-                qi[1] = act ? (x00 < x01 ? inv0 : e0[i] * inv0) : (real)0.0;
-                qi[2] = act ? (x10 < x11 ? e1[i] * inv1 : inv1) : (real)0.0;
-                qi[3] = act ? (x10 < x11 ? inv1 : e1[i] * inv1) : (real)0.0;
-                real n0 = g * s0[i] + m0, n1 = g * s1[i] + m1;
-                v0[i] = act ? n0 : v0[i];
-                v1[i] = act ? n1 : v1[i];
+                qi[0] = act ? (x00 < x01 ? ex0[i] * inv0 : inv0) : (real)0.0;
+                qi[1] = act ? (x00 < x01 ? inv0 : ex0[i] * inv0) : (real)0.0;
+                qi[2] = act ? (x10 < x11 ? ex1[i] * inv1 : inv1) : (real)0.0;
+                qi[3] = act ? (x10 < x11 ? inv1 : ex1[i] * inv1) : (real)0.0;
+                real v_next0 = g * lp0[i] + m0, v_next1 = g * lp1[i] + m1;
+                v0[i] = act ? v_next0 : v0[i];
+                v1[i] = act ? v_next1 : v1[i];
             }
         } else {
             #pragma omp simd
             for (int64_t i = 0; i < nb; i++) {
-                const real *hi = h + i * TS;
+                const real *thi = th + i * TS;
                 real *qi = q + i * TS;
-                real x[4] = {hi[0] + v0[i], hi[1] + v1[i], hi[2] + v0[i], hi[3] + v1[i]};
-                real n[2], p[4];
+                real x[4] = {thi[0] + v0[i], thi[1] + v1[i], thi[2] + v0[i], thi[3] + v1[i]};
+                real v_next[2], p[4];
                 for (int k = 0; k < 2; k++) {
                     real m = x[2 * k] >= x[2 * k + 1] ? x[2 * k] : x[2 * k + 1];
                     real a = x[2 * k] - m, b = x[2 * k + 1] - m;
@@ -170,12 +172,12 @@ static void forward2_block_SFX(int64_t b0, int64_t nb, int64_t T, const real *th
                     real p0 = (real)1.0 - p1;
                     p[2 * k] = p0;
                     p[2 * k + 1] = p1;
-                    n[k] = (p0 * a + p1 * b) - (real)(0.5 * (double)g) * (p0 * p0 + p1 * p1) + m;
+                    v_next[k] = (p0 * a + p1 * b) - (real)(0.5 * (double)g) * (p0 * p0 + p1 * p1) + m;
                 }
                 int act = t < L[i];
                 for (int k = 0; k < 4; k++) qi[k] = act ? p[k] : (real)0.0;
-                v0[i] = act ? n[0] : v0[i];
-                v1[i] = act ? n[1] : v1[i];
+                v0[i] = act ? v_next[0] : v0[i];
+                v1[i] = act ? v_next[1] : v1[i];
             }
         }
     }
@@ -195,22 +197,22 @@ void vit_forward_SFX(int64_t B, int64_t T, int64_t S, const real *theta, const i
             forward2_block_SFX(b0, B - b0 < CB ? B - b0 : CB, T, theta, lens, l2, g, value, Q, r);
         return;
     }
-    real v[S], vn[S], x[S], y[S], z[S];
+    real v[S], v_next[S], x[S], y[S], ys[S];
     for (int64_t b = 0; b < B; b++) {
-        const real *th = theta + b * TSS;
+        const real *thetab = theta + b * TSS;
         real *Qb = Q + b * TSS;
         int64_t L = chain_len_SFX(lens, b, T);
         for (int64_t k = 0; k < S; k++) v[k] = 0;
         for (int64_t t = 0; t < L; t++) {
             for (int64_t i = 0; i < S; i++) {
-                const real *h = th + (t * S + i) * S;
-                for (int64_t j = 0; j < S; j++) x[j] = h[j] + v[j];
-                vn[i] = maxarg_SFX(x, (int)S, l2, g, Qb + (t * S + i) * S, y, z);
+                const real *th = thetab + (t * S + i) * S;
+                for (int64_t j = 0; j < S; j++) x[j] = th[j] + v[j];
+                v_next[i] = maxarg_SFX(x, (int)S, l2, g, Qb + (t * S + i) * S, y, ys);
             }
-            for (int64_t k = 0; k < S; k++) v[k] = vn[k];
+            for (int64_t k = 0; k < S; k++) v[k] = v_next[k];
         }
         memset(Qb + L * S * S, 0, sizeof(real) * S * S * (T - L));
-        value[b] = maxarg_SFX(v, (int)S, l2, g, r + b * S, y, z);
+        value[b] = maxarg_SFX(v, (int)S, l2, g, r + b * S, y, ys);
     }
 }
 
@@ -242,7 +244,7 @@ void vit_backward_SFX(int64_t B, int64_t T, int64_t S, const real *Q, const real
         }
         return;
     }
-    real u[S], un[S];
+    real u[S], u_next[S];
     for (int64_t b = 0; b < B; b++) {
         const real *Qb = Q + b * TSS;
         real *Eb = E + b * TSS, *Ub = U + b * T * S;
@@ -252,13 +254,13 @@ void vit_backward_SFX(int64_t B, int64_t T, int64_t S, const real *Q, const real
             for (int64_t k = 0; k < S; k++) Ub[t * S + k] = u[k];
         memset(Eb + L * S * S, 0, sizeof(real) * S * S * (T - L));
         for (int64_t t = L - 1; t >= 0; t--) {
-            for (int64_t k = 0; k < S; k++) { Ub[t * S + k] = u[k]; un[k] = 0; }
+            for (int64_t k = 0; k < S; k++) { Ub[t * S + k] = u[k]; u_next[k] = 0; }
             for (int64_t i = 0; i < S; i++) {
                 const real *q = Qb + (t * S + i) * S;
                 real *e = Eb + (t * S + i) * S;
-                for (int64_t j = 0; j < S; j++) { e[j] = q[j] * u[i]; un[j] += e[j]; }
+                for (int64_t j = 0; j < S; j++) { e[j] = q[j] * u[i]; u_next[j] += e[j]; }
             }
-            for (int64_t k = 0; k < S; k++) u[k] = un[k];
+            for (int64_t k = 0; k < S; k++) u[k] = u_next[k];
         }
     }
 }
@@ -272,81 +274,86 @@ void vit_marginals_SFX(int64_t B, int64_t T, int64_t S, const real *theta, const
     vit_backward_SFX(B, T, S, Q, r, lens, E, U);
 }
 
-/* ---- Alg. 4: dot (B) = <E, Z>, Edot (B,T,S,S) = Hessian(theta) Z ----------------------------------------------
-   The tangent Qdot of step t is written into Edot[t] by the forward sweep and consumed in place by the reverse
-   sweep (Edot[t] depends on Qdot[t] only), so no workspace is needed. */
+/* ---- Alg. 4: dot (B) = <E, Z> = v_dot_{T+1}, E_dot (B,T,S,S) = Hessian(theta) Z ------------------------------
+   The tangent q_dot of step t is written into E_dot[t] by the forward sweep and consumed in place by the reverse
+   sweep (e_dot_t depends on q_dot_t only), so no workspace is needed. */
 
 void vit_hvp_SFX(int64_t B, int64_t T, int64_t S, const real *Q, const real *U, const real *r, const real *Z,
-                 const int64_t *lens, int l2, double gd, real *dot, real *Edot)
+                 const int64_t *lens, int l2, double gd, real *dot, real *E_dot)
 {
     real g = (real)gd;
     const int64_t TSS = T * S * S;
     if (S == 2) {
         for (int64_t b = 0; b < B; b++) {
             const real *Qb = Q + b * TSS, *Zb = Z + b * TSS, *Ub = U + b * T * 2;
-            real *Db = Edot + b * TSS;
+            real *E_dotb = E_dot + b * TSS;
             int64_t L = chain_len_SFX(lens, b, T);
-            real w0 = 0, w1 = 0; /* vdot */
+            real v_dot0 = 0, v_dot1 = 0;
             for (int64_t t = 0; t < L; t++) {
-                const real *q = Qb + 4 * t, *zz = Zb + 4 * t;
-                real *d = Db + 4 * t;
-                real x[4] = {zz[0] + w0, zz[1] + w1, zz[2] + w0, zz[3] + w1};
-                real n0 = q[0] * x[0] + q[1] * x[1];
-                real n1 = q[2] * x[2] + q[3] * x[3];
-                jac_SFX(q, x, 2, l2, g, d);
-                jac_SFX(q + 2, x + 2, 2, l2, g, d + 2);
-                w0 = n0; w1 = n1;
+                const real *q = Qb + 4 * t, *z = Zb + 4 * t;
+                real *q_dot = E_dotb + 4 * t;
+                real x_dot[4] = {z[0] + v_dot0, z[1] + v_dot1, z[2] + v_dot0, z[3] + v_dot1};
+                real v_dot_next0 = q[0] * x_dot[0] + q[1] * x_dot[1];
+                real v_dot_next1 = q[2] * x_dot[2] + q[3] * x_dot[3];
+                jac_SFX(q, x_dot, 2, l2, g, q_dot);
+                jac_SFX(q + 2, x_dot + 2, 2, l2, g, q_dot + 2);
+                v_dot0 = v_dot_next0; v_dot1 = v_dot_next1;
             }
             const real *rb = r + 2 * b;
-            real wv[2] = {w0, w1}, ud[2];
-            dot[b] = rb[0] * w0 + rb[1] * w1;
-            jac_SFX(rb, wv, 2, l2, g, ud);
-            memset(Db + 4 * L, 0, sizeof(real) * 4 * (T - L));
-            real a0 = ud[0], a1 = ud[1]; /* udot */
+            real v_dot[2] = {v_dot0, v_dot1}, u_dot[2];
+            dot[b] = rb[0] * v_dot0 + rb[1] * v_dot1;
+            jac_SFX(rb, v_dot, 2, l2, g, u_dot);
+            memset(E_dotb + 4 * L, 0, sizeof(real) * 4 * (T - L));
+            real u_dot0 = u_dot[0], u_dot1 = u_dot[1];
             for (int64_t t = L - 1; t >= 0; t--) {
                 const real *q = Qb + 4 * t, *u = Ub + 2 * t;
-                real *d = Db + 4 * t;
-                d[0] = q[0] * a0 + d[0] * u[0];
-                d[1] = q[1] * a0 + d[1] * u[0];
-                d[2] = q[2] * a1 + d[2] * u[1];
-                d[3] = q[3] * a1 + d[3] * u[1];
-                a0 = d[0] + d[2];
-                a1 = d[1] + d[3];
+                real *e_dot = E_dotb + 4 * t;
+                const real *q_dot = e_dot; /* parked here by the forward sweep; each element read before written */
+                e_dot[0] = q[0] * u_dot0 + q_dot[0] * u[0];
+                e_dot[1] = q[1] * u_dot0 + q_dot[1] * u[0];
+                e_dot[2] = q[2] * u_dot1 + q_dot[2] * u[1];
+                e_dot[3] = q[3] * u_dot1 + q_dot[3] * u[1];
+                u_dot0 = e_dot[0] + e_dot[2];
+                u_dot1 = e_dot[1] + e_dot[3];
             }
         }
         return;
     }
-    real w[S], wn[S], x[S], a[S], an[S];
+    real v_dot[S], v_dot_next[S], x_dot[S], u_dot[S], u_dot_next[S];
     for (int64_t b = 0; b < B; b++) {
         const real *Qb = Q + b * TSS, *Zb = Z + b * TSS, *Ub = U + b * T * S;
-        real *Db = Edot + b * TSS;
+        real *E_dotb = E_dot + b * TSS;
         int64_t L = chain_len_SFX(lens, b, T);
-        for (int64_t k = 0; k < S; k++) w[k] = 0;
+        for (int64_t k = 0; k < S; k++) v_dot[k] = 0;
         for (int64_t t = 0; t < L; t++) {
             for (int64_t i = 0; i < S; i++) {
-                const real *q = Qb + (t * S + i) * S, *zz = Zb + (t * S + i) * S;
+                const real *q = Qb + (t * S + i) * S, *z = Zb + (t * S + i) * S;
                 real s = 0;
-                for (int64_t j = 0; j < S; j++) { x[j] = zz[j] + w[j]; s += q[j] * x[j]; }
-                wn[i] = s;
-                jac_SFX(q, x, (int)S, l2, g, Db + (t * S + i) * S);
+                for (int64_t j = 0; j < S; j++) { x_dot[j] = z[j] + v_dot[j]; s += q[j] * x_dot[j]; }
+                v_dot_next[i] = s;
+                jac_SFX(q, x_dot, (int)S, l2, g, E_dotb + (t * S + i) * S); /* q_dot_{t,i} */
             }
-            for (int64_t k = 0; k < S; k++) w[k] = wn[k];
+            for (int64_t k = 0; k < S; k++) v_dot[k] = v_dot_next[k];
         }
         const real *rb = r + b * S;
         real s = 0;
-        for (int64_t k = 0; k < S; k++) s += rb[k] * w[k];
+        for (int64_t k = 0; k < S; k++) s += rb[k] * v_dot[k];
         dot[b] = s;
-        jac_SFX(rb, w, (int)S, l2, g, a);
-        memset(Db + L * S * S, 0, sizeof(real) * S * S * (T - L));
+        jac_SFX(rb, v_dot, (int)S, l2, g, u_dot);
+        memset(E_dotb + L * S * S, 0, sizeof(real) * S * S * (T - L));
         for (int64_t t = L - 1; t >= 0; t--) {
             const real *u = Ub + t * S;
-            for (int64_t k = 0; k < S; k++) an[k] = 0;
+            for (int64_t k = 0; k < S; k++) u_dot_next[k] = 0;
             for (int64_t i = 0; i < S; i++) {
                 const real *q = Qb + (t * S + i) * S;
-                real *d = Db + (t * S + i) * S;
-                for (int64_t j = 0; j < S; j++) { d[j] = q[j] * a[i] + d[j] * u[i]; an[j] += d[j]; }
+                real *e_dot = E_dotb + (t * S + i) * S;
+                const real *q_dot = e_dot; /* parked here by the forward sweep */
+                for (int64_t j = 0; j < S; j++) {
+                    e_dot[j] = q[j] * u_dot[i] + q_dot[j] * u[i];
+                    u_dot_next[j] += e_dot[j];
+                }
             }
-            for (int64_t k = 0; k < S; k++) a[k] = an[k];
+            for (int64_t k = 0; k < S; k++) u_dot[k] = u_dot_next[k];
         }
     }
 }

@@ -28,9 +28,10 @@ import warnings
 import torch
 from torch import Tensor
 
+from ...fileio import atomic_path
 from ._cpu_source import source
 
-__all__ = ["available", "load", "forward", "marginals", "backward", "hvp", "library_path"]
+__all__ = ["available", "unavailable_reason", "load", "forward", "marginals", "backward", "hvp", "library_path"]
 
 _CFLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-Werror=implicit-function-declaration"]
 # Honour the `#pragma omp simd` loops (vectorised across chains) without OpenMP's runtime; a compiler that does not
@@ -70,11 +71,10 @@ def library_path() -> str | None:
 
 def _compile(path: str, cc: str) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    # Build into a private temp dir, then rename: concurrent processes (several workers, pytest -n) never see
-    # a half-written library.
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+    # The source in a private temp dir, the library under a temporary name then renamed (structattn.fileio):
+    # concurrent processes (several workers, pytest -n) never see a half-written library.
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp, atomic_path(path) as out:
         src = os.path.join(tmp, "viterbi.c")
-        out = os.path.join(tmp, "viterbi.so")
         with open(src, "w") as f:
             f.write(source())
         proc = subprocess.run([cc, *_CFLAGS, *_SIMD_FLAGS, src, "-o", out, "-lm"], capture_output=True, text=True,
@@ -83,7 +83,6 @@ def _compile(path: str, cc: str) -> None:
             proc = subprocess.run([cc, *_CFLAGS, src, "-o", out, "-lm"], capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
-        os.replace(out, path)
 
 
 def _declare(lib) -> None:
@@ -203,14 +202,14 @@ def marginals(theta: Tensor, lengths: Tensor | None, reg: str, gamma: float):
 
 
 def hvp(Q: Tensor, U: Tensor, r: Tensor, Z: Tensor, lengths: Tensor | None, reg: str, gamma: float):
-    """Alg. 4: (⟨E, Z⟩ (B,), ∇²Vit_Ω(θ)·Z (B,T,S,S)) from the saved forward/backward quantities."""
+    """Alg. 4: (⟨E, Z⟩ (B,), Ė = ∇²Vit_Ω(θ)·Z (B,T,S,S)) from the saved forward/backward quantities."""
     Q, U, r = Q.contiguous(), U.contiguous(), r.contiguous()
     Z = Z.to(Q.dtype).contiguous()
     B, T, S, _ = Q.shape
     lens = _lens(lengths)
     dot = Q.new_empty(B)
-    Edot = torch.empty_like(Q)
+    E_dot = torch.empty_like(Q)
     _fn("hvp", Q.dtype)(
-        B, T, S, _p(Q), _p(U), _p(r), _p(Z), _p(lens), int(reg == "l2"), gamma, _p(dot), _p(Edot)
+        B, T, S, _p(Q), _p(U), _p(r), _p(Z), _p(lens), int(reg == "l2"), gamma, _p(dot), _p(E_dot)
     )
-    return dot, Edot
+    return dot, E_dot

@@ -5,7 +5,9 @@ sweeps of Alg. 4 in a single kernel. Each program owns a block of chains (one la
 sequentially, holding v, u, v̇, u̇ (two scalars each per chain) in registers; at S = 2 every max_Ω, ∇max_Ω and J_Ω
 is a closed form (no sort, no reduction). The arithmetic mirrors the reference tensor code
 (:mod:`structattn.ops.viterbi`) operation by operation, so results agree to float rounding. ``tl.exp``/``tl.log``
-on CUDA use the fast hardware approximations for float32 (≈1–2 ulp); float64 uses libdevice.
+on CUDA use the fast hardware approximations for float32 (≈1–2 ulp); float64 uses libdevice. Names are the paper's
+symbols, shared with the reference and the C kernel (docs/kernels.md): ``v0``/``v1`` is v_t for states 0/1, ``q01``
+is q_t[0, 1], ``u_dot1`` is u̇_t[1], ``e_dot10`` is ė_t[1, 0], and so on.
 
 Layout. The kernels address per-step tensors chain-minor: element (t, k) of chain b at (K·t + k)·B + b (θ, Q, E, Z, Ė
 with K = 4, U with K = 2), so that at every step the 32 lanes of a warp, which hold 32 consecutive chains, touch 32
@@ -14,9 +16,9 @@ batch-major (B, T, 2, 2) layout. Outputs are returned as (B, T, …) views of th
 custom ops' fake kernels declare these strides); a batch-major input (θ, Z) costs one transposing copy
 (:func:`chain_minor`). docs/speed.md counts the bytes per chain step.
 
-``triton`` is imported when this module is imported, which :mod:`structattn.ops.viterbi` does only when a CUDA
-tensor (or ``backend="triton"``) is seen. Tests run the kernels on CPU through ``TRITON_INTERPRET=1``, which
-triton reads when it is first imported.
+``triton`` is imported when this module is imported, which the backend registry (:mod:`structattn.ops.kernels`)
+does only when :mod:`structattn.ops.viterbi` sees a CUDA tensor with S = 2 (or ``backend="triton"``). Tests run the
+kernels on CPU through ``TRITON_INTERPRET=1``, which triton reads when it is first imported.
 """
 
 from __future__ import annotations
@@ -120,18 +122,18 @@ if triton is not None:
             for t in range(0, T):
                 act = t < L
                 lm = bm & act
-                h0 = tl.load(tbase + (4 * t + 0) * sB, mask=lm, other=0.0)
-                h1 = tl.load(tbase + (4 * t + 1) * sB, mask=lm, other=0.0)
-                h2 = tl.load(tbase + (4 * t + 2) * sB, mask=lm, other=0.0)
-                h3 = tl.load(tbase + (4 * t + 3) * sB, mask=lm, other=0.0)
-                n0, q00, q01 = _maxarg2(h0 + v0, h1 + v1, g, L2)
-                n1, q10, q11 = _maxarg2(h2 + v0, h3 + v1, g, L2)
+                th00 = tl.load(tbase + (4 * t + 0) * sB, mask=lm, other=0.0)
+                th01 = tl.load(tbase + (4 * t + 1) * sB, mask=lm, other=0.0)
+                th10 = tl.load(tbase + (4 * t + 2) * sB, mask=lm, other=0.0)
+                th11 = tl.load(tbase + (4 * t + 3) * sB, mask=lm, other=0.0)
+                v_next0, q00, q01 = _maxarg2(th00 + v0, th01 + v1, g, L2)
+                v_next1, q10, q11 = _maxarg2(th10 + v0, th11 + v1, g, L2)
                 tl.store(qbase + (4 * t + 0) * sB, tl.where(act, q00, 0.0), mask=bm)
                 tl.store(qbase + (4 * t + 1) * sB, tl.where(act, q01, 0.0), mask=bm)
                 tl.store(qbase + (4 * t + 2) * sB, tl.where(act, q10, 0.0), mask=bm)
                 tl.store(qbase + (4 * t + 3) * sB, tl.where(act, q11, 0.0), mask=bm)
-                v0 = tl.where(act, n0, v0)
-                v1 = tl.where(act, n1, v1)
+                v0 = tl.where(act, v_next0, v0)
+                v1 = tl.where(act, v_next1, v1)
             val, r0, r1 = _maxarg2(v0, v1, g, L2)
             tl.store(value_ptr + b64, val, mask=bm)
             tl.store(r_ptr + 2 * b64, r0, mask=bm)
@@ -165,11 +167,11 @@ if triton is not None:
 
     @triton.jit
     def _hvp_kernel(
-        Q_ptr, U_ptr, r_ptr, Z_ptr, lens_ptr, gamma_ptr, dot_ptr, D_ptr, B, T,
+        Q_ptr, U_ptr, r_ptr, Z_ptr, lens_ptr, gamma_ptr, dot_ptr, E_dot_ptr, B, T,
         HAS_LENS: tl.constexpr, L2: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        """Alg. 4 for a block of chains. The tangent Q̇_t is parked in Ė[t] by the forward sweep and consumed in
-        place by the reverse sweep (Ė_t depends on Q̇_t only)."""
+        """Alg. 4 for a block of chains. The tangent q̇_t is parked in Ė[t] by the forward sweep and consumed in
+        place by the reverse sweep (ė_t depends on q̇_t only)."""
         bidx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         bm = bidx < B
         b64 = bidx.to(tl.int64)
@@ -181,10 +183,10 @@ if triton is not None:
         g = tl.load(gamma_ptr)
         qbase = Q_ptr + b64
         zbase = Z_ptr + b64
-        dbase = D_ptr + b64
+        e_dot_base = E_dot_ptr + b64
         ubase = U_ptr + b64
-        w0 = tl.zeros([BLOCK], dtype=g.dtype)
-        w1 = tl.zeros([BLOCK], dtype=g.dtype)
+        v_dot0 = tl.zeros([BLOCK], dtype=g.dtype)
+        v_dot1 = tl.zeros([BLOCK], dtype=g.dtype)
         for t in range(0, T):
             act = t < L
             lm = bm & act
@@ -192,24 +194,24 @@ if triton is not None:
             q01 = tl.load(qbase + (4 * t + 1) * sB, mask=lm, other=0.0)
             q10 = tl.load(qbase + (4 * t + 2) * sB, mask=lm, other=0.0)
             q11 = tl.load(qbase + (4 * t + 3) * sB, mask=lm, other=0.0)
-            x00 = tl.load(zbase + (4 * t + 0) * sB, mask=lm, other=0.0) + w0
-            x01 = tl.load(zbase + (4 * t + 1) * sB, mask=lm, other=0.0) + w1
-            x10 = tl.load(zbase + (4 * t + 2) * sB, mask=lm, other=0.0) + w0
-            x11 = tl.load(zbase + (4 * t + 3) * sB, mask=lm, other=0.0) + w1
-            n0 = q00 * x00 + q01 * x01
-            n1 = q10 * x10 + q11 * x11
-            d00, d01 = _jac2(q00, q01, x00, x01, g, L2)
-            d10, d11 = _jac2(q10, q11, x10, x11, g, L2)
-            tl.store(dbase + (4 * t + 0) * sB, tl.where(act, d00, 0.0), mask=bm)
-            tl.store(dbase + (4 * t + 1) * sB, tl.where(act, d01, 0.0), mask=bm)
-            tl.store(dbase + (4 * t + 2) * sB, tl.where(act, d10, 0.0), mask=bm)
-            tl.store(dbase + (4 * t + 3) * sB, tl.where(act, d11, 0.0), mask=bm)
-            w0 = tl.where(act, n0, w0)
-            w1 = tl.where(act, n1, w1)
+            x_dot00 = tl.load(zbase + (4 * t + 0) * sB, mask=lm, other=0.0) + v_dot0
+            x_dot01 = tl.load(zbase + (4 * t + 1) * sB, mask=lm, other=0.0) + v_dot1
+            x_dot10 = tl.load(zbase + (4 * t + 2) * sB, mask=lm, other=0.0) + v_dot0
+            x_dot11 = tl.load(zbase + (4 * t + 3) * sB, mask=lm, other=0.0) + v_dot1
+            v_dot_next0 = q00 * x_dot00 + q01 * x_dot01
+            v_dot_next1 = q10 * x_dot10 + q11 * x_dot11
+            q_dot00, q_dot01 = _jac2(q00, q01, x_dot00, x_dot01, g, L2)
+            q_dot10, q_dot11 = _jac2(q10, q11, x_dot10, x_dot11, g, L2)
+            tl.store(e_dot_base + (4 * t + 0) * sB, tl.where(act, q_dot00, 0.0), mask=bm)
+            tl.store(e_dot_base + (4 * t + 1) * sB, tl.where(act, q_dot01, 0.0), mask=bm)
+            tl.store(e_dot_base + (4 * t + 2) * sB, tl.where(act, q_dot10, 0.0), mask=bm)
+            tl.store(e_dot_base + (4 * t + 3) * sB, tl.where(act, q_dot11, 0.0), mask=bm)
+            v_dot0 = tl.where(act, v_dot_next0, v_dot0)
+            v_dot1 = tl.where(act, v_dot_next1, v_dot1)
         r0 = tl.load(r_ptr + 2 * b64, mask=bm, other=0.0)
         r1 = tl.load(r_ptr + 2 * b64 + 1, mask=bm, other=0.0)
-        tl.store(dot_ptr + b64, r0 * w0 + r1 * w1, mask=bm)
-        a0, a1 = _jac2(r0, r1, w0, w1, g, L2)
+        tl.store(dot_ptr + b64, r0 * v_dot0 + r1 * v_dot1, mask=bm)
+        u_dot0, u_dot1 = _jac2(r0, r1, v_dot0, v_dot1, g, L2)
         tl.debug_barrier()
         for k in range(0, T):
             t = T - 1 - k
@@ -219,30 +221,29 @@ if triton is not None:
             q01 = tl.load(qbase + (4 * t + 1) * sB, mask=lm, other=0.0)
             q10 = tl.load(qbase + (4 * t + 2) * sB, mask=lm, other=0.0)
             q11 = tl.load(qbase + (4 * t + 3) * sB, mask=lm, other=0.0)
-            d00 = tl.load(dbase + (4 * t + 0) * sB, mask=lm, other=0.0)
-            d01 = tl.load(dbase + (4 * t + 1) * sB, mask=lm, other=0.0)
-            d10 = tl.load(dbase + (4 * t + 2) * sB, mask=lm, other=0.0)
-            d11 = tl.load(dbase + (4 * t + 3) * sB, mask=lm, other=0.0)
+            q_dot00 = tl.load(e_dot_base + (4 * t + 0) * sB, mask=lm, other=0.0)
+            q_dot01 = tl.load(e_dot_base + (4 * t + 1) * sB, mask=lm, other=0.0)
+            q_dot10 = tl.load(e_dot_base + (4 * t + 2) * sB, mask=lm, other=0.0)
+            q_dot11 = tl.load(e_dot_base + (4 * t + 3) * sB, mask=lm, other=0.0)
             u0 = tl.load(ubase + (2 * t) * sB, mask=lm, other=0.0)
             u1 = tl.load(ubase + (2 * t + 1) * sB, mask=lm, other=0.0)
-            e00 = q00 * a0 + d00 * u0
-            e01 = q01 * a0 + d01 * u0
-            e10 = q10 * a1 + d10 * u1
-            e11 = q11 * a1 + d11 * u1
-            tl.store(dbase + (4 * t + 0) * sB, e00, mask=lm)
-            tl.store(dbase + (4 * t + 1) * sB, e01, mask=lm)
-            tl.store(dbase + (4 * t + 2) * sB, e10, mask=lm)
-            tl.store(dbase + (4 * t + 3) * sB, e11, mask=lm)
-            a0 = tl.where(act, e00 + e10, a0)
-            a1 = tl.where(act, e01 + e11, a1)
-
+            e_dot00 = q00 * u_dot0 + q_dot00 * u0
+            e_dot01 = q01 * u_dot0 + q_dot01 * u0
+            e_dot10 = q10 * u_dot1 + q_dot10 * u1
+            e_dot11 = q11 * u_dot1 + q_dot11 * u1
+            tl.store(e_dot_base + (4 * t + 0) * sB, e_dot00, mask=lm)
+            tl.store(e_dot_base + (4 * t + 1) * sB, e_dot01, mask=lm)
+            tl.store(e_dot_base + (4 * t + 2) * sB, e_dot10, mask=lm)
+            tl.store(e_dot_base + (4 * t + 3) * sB, e_dot11, mask=lm)
+            u_dot0 = tl.where(act, e_dot00 + e_dot10, u_dot0)
+            u_dot1 = tl.where(act, e_dot01 + e_dot11, u_dot1)
 
 #: Input dtypes the kernels are compiled for (half precision is upcast to float32 by structattn.ops.viterbi).
 DTYPES = (torch.float32, torch.float64)
 _NUM_WARPS = 4
 
 
-def _block(B: int) -> int:
+def _block() -> int:
     # One lane per chain; 128 lanes = 4 warps. The interpreter runs whole blocks with numpy, so keep them small
     # there (fewer wasted lanes on tiny test batches).
     return 16 if _interpreting() else 32 * _NUM_WARPS
@@ -252,7 +253,7 @@ def _launch(kernel, n_chains: int, args: tuple, constexprs: dict) -> None:
     """Launch ``kernel`` over ``n_chains`` chains, one lane each. Every launch in this module goes through here, so
     that tests/test_triton_aot.py can record the (kernel, argument types, constexprs, num_warps) that the wrappers
     below really produce and compile exactly those ahead of time for sm_80/sm_90: a new variant cannot be missed."""
-    BLOCK = _block(n_chains)
+    BLOCK = _block()
     kernel[(triton.cdiv(n_chains, BLOCK),)](*args, **constexprs, BLOCK=BLOCK, num_warps=_NUM_WARPS)
 
 
@@ -354,19 +355,19 @@ def marginals(theta: Tensor, lengths: Tensor | None, reg: str, gamma: float):
 
 
 def hvp(Q: Tensor, U: Tensor, r: Tensor, Z: Tensor, lengths: Tensor | None, reg: str, gamma: float):
-    """Alg. 4 (both sweeps) in one launch: (⟨E, Z⟩ (B,), ∇²Vit_Ω(θ)·Z (B,T,2,2) chain-minor)."""
+    """Alg. 4 (both sweeps) in one launch: (⟨E, Z⟩ (B,), Ė = ∇²Vit_Ω(θ)·Z (B,T,2,2) chain-minor)."""
     _check(Q)
     r = r.contiguous()
     B, T = Q.shape[:2]
     dot = Q.new_empty(B)
-    Edot = new_chain_minor(B, T, 2, 2, like=Q)
+    E_dot = new_chain_minor(B, T, 2, 2, like=Q)
     if B == 0:
-        return dot, Edot
+        return dot, E_dot
     lens, has = _lens(lengths, Q)
     _launch(
         _hvp_kernel, B,
         (chain_minor(Q), chain_minor(U), r, chain_minor(Z.to(Q.dtype)), lens, _gamma(gamma, Q), dot,
-         _out(Edot), B, T),
+         _out(E_dot), B, T),
         dict(HAS_LENS=has, L2=(reg == "l2")),
     )
-    return dot, Edot
+    return dot, E_dot
