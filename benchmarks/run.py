@@ -34,10 +34,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from structattn.attention import build_attention, segmentation_potentials  # noqa: E402
+from structattn.attention import PAPER_GAMMA, build_attention, segmentation_potentials  # noqa: E402
 from structattn.ops.viterbi import resolve_backend, viterbi_backend  # noqa: E402
 
-GAMMA = {"entropy": 2.0, "l2": 10.0}  # the paper's temperatures (App. C.3), as the attention modules default to
+GAMMA = PAPER_GAMMA  # the paper's temperatures (App. C.3), as the attention modules default to
 
 
 # ---- step-level methods -------------------------------------------------------------------------------------------

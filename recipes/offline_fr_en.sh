@@ -7,8 +7,8 @@
 #   → fairseq-generate --dump-attention   → sentencepiece decode + Moses detok → sacrebleu (BLEU, chrF)
 #   → structattn-stats (attention sparsity) → structattn-report (HTML) → RESULTS.md
 #
-# Every step writes a stamp holding its command; a step whose stamp matches is skipped, a changed setting re-runs
-# it, and an interrupted training resumes from fairseq's checkpoint_last.pt.  Run with --help for the options.
+# Steps, stamps and re-runs as in recipes/lib.sh (a step whose stamp holds its command is skipped, a changed
+# setting re-runs it and what depends on it, training resumes from checkpoint_last.pt). Options: --help.
 # The whole script is one { } block, parsed before it runs: editing this file during a long run is safe.
 {
 set -euo pipefail
@@ -16,9 +16,12 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 tools="$here/tools"
+# shellcheck source=recipes/lib.sh
+. "$here/lib.sh"
 
 usage() {
-  cat <<'EOF'
+  variants_load
+  cat <<EOF
 usage: bash recipes/offline_fr_en.sh [options]
 
   --corpus NAME        bible (Segond fr → WEB en, default) | libreoffice (LibreOffice help fr → en)
@@ -26,7 +29,7 @@ usage: bash recipes/offline_fr_en.sh [options]
                        1,600 updates each, two at a time, ~10 min on 2 cores) | small (default: ~15-20 min per model
                        on 2 CPU cores) | converge (all four variants trained to a validation plateau, early
                        stopping, at most 0.5 h each, two at a time) | full (all data, paper-sized training; hours)
-  --variants "A B ..." subset of: softmax sparsemax viterbi-entropy viterbi-l2 (default: all four; quick: softmax
+  --variants "A B ..." subset of: $variants_all (default: all four; quick: softmax
                        viterbi-l2)
   --work DIR           working folder (default recipes/<corpus>_fr_en/work)
   --results FILE       write the results table here (default <work>/RESULTS.md)
@@ -37,8 +40,8 @@ usage: bash recipes/offline_fr_en.sh [options]
   --arch NAME          fairseq architecture (default structattn_lstm; structattn_lstm_paper = 2x500 biLSTM)
   --dim N              embedding/hidden width for --arch structattn_lstm (size preset: 32/64/128/256)
   --stop-hours H       wall-clock cap per training (fairseq --stop-time-hours; 0 = none; small preset 0.35)
-  --gamma-entropy G    temperature of Viterbi −H attention (default: the paper's 2)
-  --gamma-l2 G         temperature of Viterbi ℓ2 attention (default: the paper's 10)
+  --gamma-entropy G    temperature of Viterbi −H attention (default: the paper's $paper_gamma_entropy)
+  --gamma-l2 G         temperature of Viterbi ℓ2 attention (default: the paper's $paper_gamma_l2)
   --beam N             beam size (default 5; tiny preset 1)
   --lr LR              peak learning rate (size preset: 0.005 quick, 0.002 otherwise)
   --dropout P          dropout (size preset: 0 quick, 0.2 otherwise)
@@ -52,7 +55,7 @@ usage: bash recipes/offline_fr_en.sh [options]
   --schedule NAME      learning-rate schedule: inverse_sqrt (default) | fixed (quick) | plateau (converge: halve
                        the rate when the validation loss stops improving); all with 200 warm-up updates
   --patience N         stop after N validations without improvement (default -1: never; converge 3)
-  --threads N          torch threads for training/decoding (default: $OMP_NUM_THREADS or 2)
+  --threads N          torch threads for training/decoding (default: \$OMP_NUM_THREADS or 2)
   --builtin-lstm       use fairseq's own --arch lstm (softmax only, no plugin; for plumbing checks)
   --no-report          skip the HTML attention report
   --report-sentences N test sentences shown in the report (default 20; tiny 2, quick 6)
@@ -62,62 +65,24 @@ EOF
 }
 
 invocation="bash recipes/offline_fr_en.sh$(printf ' %q' "$@")"
-dim="" stop_hours=""
-max_len_b="" report_n=""
-lr="" dropout="" label_smoothing="" max_len="" jobs="" viterbi_form=stable schedule="" patience=""
-corpus=bible size=small variants="" variants_given=0 work="" results=""
-max_train="" max_test="" max_update="" max_epoch="" arch=structattn_lstm gamma_ent=2 gamma_l2=10 beam=""
-threads="${OMP_NUM_THREADS:-2}" builtin=0 report=1 dry=0 force=0
-while [ $# -gt 0 ]; do
-  case "$1" in --corpus|--size|--variants|--work|--results|--max-train|--max-test|--max-update|--max-epoch|--arch|--dim|--stop-hours|--gamma-entropy|--gamma-l2|--beam|--threads|--report-sentences|--lr|--dropout|--label-smoothing|--max-len|--jobs|--viterbi-form|--schedule|--patience) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; } ;; esac
-  case "$1" in
-    --corpus) corpus="$2"; shift 2 ;;
-    --size) size="$2"; shift 2 ;;
-    --variants) variants="$2"; variants_given=1; shift 2 ;;
-    --work) work="$2"; shift 2 ;;
-    --results) results="$2"; shift 2 ;;
-    --max-train) max_train="$2"; shift 2 ;;
-    --max-test) max_test="$2"; shift 2 ;;
-    --max-update) max_update="$2"; shift 2 ;;
-    --max-epoch) max_epoch="$2"; shift 2 ;;
-    --arch) arch="$2"; shift 2 ;;
-    --dim) dim="$2"; shift 2 ;;
-    --stop-hours) stop_hours="$2"; shift 2 ;;
-    --gamma-entropy) gamma_ent="$2"; shift 2 ;;
-    --gamma-l2) gamma_l2="$2"; shift 2 ;;
-    --beam) beam="$2"; shift 2 ;;
-    --lr) lr="$2"; shift 2 ;;
-    --dropout) dropout="$2"; shift 2 ;;
-    --label-smoothing) label_smoothing="$2"; shift 2 ;;
-    --max-len) max_len="$2"; shift 2 ;;
-    --jobs) jobs="$2"; shift 2 ;;
-    --viterbi-form) viterbi_form="$2"; shift 2 ;;
-    --schedule) schedule="$2"; shift 2 ;;
-    --patience) patience="$2"; shift 2 ;;
-    --threads) threads="$2"; shift 2 ;;
-    --builtin-lstm) builtin=1; shift ;;
-    --no-report) report=0; shift ;;
-    --report-sentences) report_n="$2"; shift 2 ;;
-    --dry-run) dry=1; shift ;;
-    --force) force=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    *) echo "error: unknown option '$1' (see --help)" >&2; exit 2 ;;
-  esac
-done
-
-die() { echo "error: $*" >&2; exit 2; }
-is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
-is_pos() { [[ "$1" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] && python3 -c "import sys; sys.exit(not float('$1') > 0)"; }
+py="${PYTHON:-python}"
+corpus=bible size=small work="" results="" max_train="" max_test="" max_update="" max_epoch="" arch=structattn_lstm
+dim="" stop_hours="" beam="" report_sentences="" lr="" dropout="" label_smoothing="" max_len="" jobs=""
+viterbi_form=stable schedule="" patience="" threads="${OMP_NUM_THREADS:-2}"
+builtin_lstm=0 no_report=0 dry_run=0 force=0
+unset variants gamma_entropy gamma_l2  # unset: not given
+parse_options "--corpus --size --variants --work --results --max-train --max-test --max-update --max-epoch --arch \
+--dim --stop-hours --gamma-entropy --gamma-l2 --beam --threads --report-sentences --lr --dropout --label-smoothing \
+--max-len --jobs --viterbi-form --schedule --patience" "--builtin-lstm --no-report --dry-run --force" "$@"
 
 case "$corpus" in bible|libreoffice) ;; *) die "--corpus must be bible or libreoffice, not '$corpus'" ;; esac
 # Size presets: train/test pairs, updates, epochs, sentencepiece vocabulary, tokens per batch, model width (with
 # --arch structattn_lstm) and a wall-clock safety cap in hours (0 = none; a capped run is flagged in RESULTS.md).
-# Optimisation defaults (overridden below for quick): the settings of the longer runs.
-p_lr=0.002 p_drop=0.2 p_ls=0.1 p_maxlen=256 p_jobs=1 p_sched=inverse_sqrt p_patience=-1
-p_variants="softmax sparsemax viterbi-entropy viterbi-l2"
+# Optimisation defaults (overridden below for quick): the settings of the longer runs; p_variants="": every variant.
+p_lr=0.002 p_drop=0.2 p_ls=0.1 p_maxlen=256 p_jobs=1 p_sched=inverse_sqrt p_patience=-1 p_variants=""
 case "$size" in
   tiny)  p_train=300  p_test=40  p_update=30    p_epoch=100 spm_vocab=500  max_tokens=2000 p_dim=32  p_hours=0
-         p_beam=1 max_len_b=5 p_report=2 ;;
+         p_beam=1 p_len_b=5 p_report=2 ;;
   # quick: the settings that learn fastest on 2 cores (measured, recipes/bible_fr_en/QUICKSTART.md): short pairs,
   # a 2k vocabulary, small batches, a high constant learning rate, no regularisation.
   quick) p_train=0    p_test=200 p_update=1600  p_epoch=100 spm_vocab=2000 max_tokens=2000 p_dim=128 p_hours=0.25
@@ -129,84 +94,45 @@ case "$size" in
   *) die "--size must be tiny, quick, small, converge or full, not '$size'" ;;
 esac
 max_train="${max_train:-$p_train}" max_test="${max_test:-$p_test}"
-beam="${beam:-${p_beam:-5}}" report_n="${report_n:-${p_report:-20}}" max_len_b="${max_len_b:-10}"
+beam="${beam:-${p_beam:-5}}" report_sentences="${report_sentences:-${p_report:-20}}" max_len_b="${p_len_b:-10}"
 max_update="${max_update:-$p_update}" max_epoch="${max_epoch:-$p_epoch}" dim="${dim:-$p_dim}"
 stop_hours="${stop_hours:-$p_hours}"
 lr="${lr:-$p_lr}" dropout="${dropout:-$p_drop}" label_smoothing="${label_smoothing:-$p_ls}"
 max_len="${max_len:-$p_maxlen}" jobs="${jobs:-$p_jobs}" schedule="${schedule:-$p_sched}"
 patience="${patience:-$p_patience}"
-[ "$variants_given" = 1 ] || variants="$p_variants"
-for v in max_train max_test max_update max_epoch beam threads dim report_n max_len jobs; do
+for v in max_train max_test max_update max_epoch beam threads dim report_sentences max_len jobs; do
   is_uint "${!v}" || die "--${v//_/-} must be a non-negative integer, not '${!v}'"
 done
 [ "$beam" -ge 1 ] || die "--beam must be >= 1"
-[ "$report_n" -ge 1 ] || die "--report-sentences must be >= 1"
+[ "$report_sentences" -ge 1 ] || die "--report-sentences must be >= 1"
 [ "$threads" -ge 1 ] || die "--threads must be >= 1"
 [ "$jobs" -ge 1 ] || die "--jobs must be >= 1"
 [ "$max_len" -ge 1 ] || die "--max-len must be >= 1"
+[ "$dim" -ge 1 ] || die "--dim must be >= 1"
 is_pos "$lr" || die "--lr must be a positive number, not '$lr'"
-is_prob() { [[ "$1" =~ ^[0-9]*\.?[0-9]+$ ]] && python3 -c "import sys; sys.exit(not float('$1') < 1)"; }
 is_prob "$dropout" || die "--dropout must be a number in [0, 1), not '$dropout'"
 is_prob "$label_smoothing" || die "--label-smoothing must be a number in [0, 1), not '$label_smoothing'"
 case "$viterbi_form" in stable|paper) ;; *) die "--viterbi-form must be stable or paper, not '$viterbi_form'" ;; esac
 case "$schedule" in inverse_sqrt|fixed|plateau) ;; *) die "--schedule must be inverse_sqrt, fixed or plateau, not '$schedule'" ;; esac
 [[ "$patience" =~ ^(-1|[0-9]+)$ ]] || die "--patience must be -1 or a non-negative integer, not '$patience'"
 [ "$max_update" -gt 0 ] || [ "$max_epoch" -gt 0 ] || die "--max-update and --max-epoch cannot both be 0"
-is_pos "$gamma_ent" || die "--gamma-entropy must be a positive number, not '$gamma_ent'"
+variants_load
+gamma_entropy="${gamma_entropy-$paper_gamma_entropy}" gamma_l2="${gamma_l2-$paper_gamma_l2}"
+is_pos "$gamma_entropy" || die "--gamma-entropy must be a positive number, not '$gamma_entropy'"
 is_pos "$gamma_l2" || die "--gamma-l2 must be a positive number, not '$gamma_l2'"
 [ "$stop_hours" = 0 ] || is_pos "$stop_hours" || die "--stop-hours must be 0 or a positive number, not '$stop_hours'"
-for v in $variants; do
-  case "$v" in softmax|sparsemax|viterbi-entropy|viterbi-l2) ;;
-    *) die "unknown variant '$v' (choose from: softmax sparsemax viterbi-entropy viterbi-l2)" ;; esac
-done
-[ -n "$variants" ] || die "--variants is empty"
-if [ "$builtin" = 1 ] && [ "$variants" != softmax ]; then
+variants="${variants-${p_variants:-$variants_all}}"
+check_variants "$variants"
+if [ "$builtin_lstm" = 1 ] && [ "$variants" != softmax ]; then
   die "--builtin-lstm only has softmax attention: add --variants softmax"
 fi
+attention_load "$variants"
 
 work="${work:-$here/${corpus}_fr_en/work}"
 results="${results:-$work/RESULTS.md}"
-if [ "$dry" = 0 ]; then mkdir -p "$work/stamps"; work="$(cd "$work" && pwd)"; fi
-log="$work/pipeline.log"
+if [ "$dry_run" = 0 ]; then mkdir -p "$work/stamps"; work="$(cd "$work" && pwd)"; fi
 export OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" PYTHONUNBUFFERED=1
-py="${PYTHON:-python}"
 raw="$work/data/raw" tok="$work/data/tok" spm="$work/data/spm" bin="$work/data/bin"
-
-say() { echo "[$(date '+%H:%M:%S')] $*" >&2; [ "$dry" = 1 ] || echo "[$(date '+%H:%M:%S')] $*" >> "$log"; }
-
-# step NAME COMMAND: run COMMAND (a bash string, pipefail on) unless stamps/NAME holds exactly this command and no
-# earlier step of the same chain (data; one variant's train → generate → … → stats) ran in this invocation: a step
-# that ran makes everything downstream of it stale (redo=1).
-redo=0
-# train_finished NAME STATUS LOG-OFFSET START: true (with a loud report) if a training step that exited non-zero had
-# finished first — fairseq's abort at exit after a mid-epoch stop (tools/train_exit.py); false with the reason if not.
-train_finished() {
-  local run="$work/runs/${1#train.}"
-  "$py" "$tools/train_exit.py" --name "$1" --status "$2" --offset "$3" --since "$4" --log "$run/train.log" \
-    --checkpoint "$run/checkpoints/checkpoint_last.pt" 2>&1 | tee -a "$log" >&2
-}
-step() {
-  local name="$1" cmd="$2" stamp="$work/stamps/$1.done"
-  if [ "$dry" = 1 ]; then printf '# %s\n%s\n\n' "$name" "$cmd"; return 0; fi
-  if [ "$force" = 0 ] && [ "$redo" = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$cmd" ]; then
-    say "skip $name (done; delete $stamp to redo)"; return 0
-  fi
-  say "run  $name"
-  echo "$cmd" >> "$work/commands.sh"
-  local t0 rc=0 log0=0; t0=$(date +%s)
-  case "$name" in train.*) log0=$(stat -c %s "$work/runs/${name#train.}/train.log" 2>/dev/null || echo 0) ;; esac
-  bash -o pipefail -c "$cmd" || rc=$?
-  if [ "$rc" != 0 ]; then case "$name" in train.*) train_finished "$name" "$rc" "$log0" "$t0" && rc=0 ;; esac; fi
-  if [ "$rc" != 0 ]; then
-    say "FAILED $name (command in $work/commands.sh)"
-    case "$name" in train.*) say "hint: training resumes from $work/runs/${name#train.}/checkpoints/checkpoint_last.pt;" \
-      "after changing model settings delete that folder" ;; esac
-    exit 1
-  fi
-  say "done $name in $(( $(date +%s) - t0 ))s"
-  printf '%s' "$cmd" > "$stamp"
-  redo=1
-}
 
 # ---------------------------------------------------------------------------------------------------- data
 if [ "$corpus" = bible ]; then
@@ -234,13 +160,7 @@ step filter-len "$py '$tools/textproc.py' filter-len '$spm/train.fr' '$spm/train
 step preprocess "rm -rf '$bin' && fairseq-preprocess --source-lang fr --target-lang en --trainpref '$spm/train.len' \
 --validpref '$spm/valid' --testpref '$spm/test' --destdir '$bin' --joined-dictionary --workers 1"
 
-data_redo=$redo
-if [ "$data_redo" = 1 ] && [ "$dry" = 0 ] && [ -d "$work/runs" ]; then
-  # Checkpoints of other data must not be resumed: keep them aside rather than deleting anyone's work.
-  stale="$work/runs.stale-$(date +%Y%m%d-%H%M%S)"
-  mv "$work/runs" "$stale"
-  say "the data changed: previous models moved to $stale"
-fi
+data_done  # a changed data set moves the old models aside (recipes/lib.sh)
 
 # ---------------------------------------------------------------------------------------------------- models
 warmup=200
@@ -261,71 +181,40 @@ train_common="--optimizer adam --adam-betas '(0.9, 0.98)' --lr $lr $sched_flags 
 [ "$max_update" -gt 0 ] && train_common="$train_common --max-update $max_update"
 [ "$max_epoch" -gt 0 ] && train_common="$train_common --max-epoch $max_epoch"
 is_pos "$stop_hours" && train_common="$train_common --stop-time-hours $stop_hours"
-[ "$dim" -ge 1 ] || die "--dim must be >= 1"
 arch_flags="--arch $arch"
 [ "$arch" = structattn_lstm ] && arch_flags="$arch_flags --encoder-embed-dim $dim --decoder-embed-dim $dim \
 --decoder-out-embed-dim $dim"
 
 variant_flags() {
-  if [ "$builtin" = 1 ]; then
+  if [ "$builtin_lstm" = 1 ]; then
     echo "--arch lstm --encoder-embed-dim $dim --decoder-embed-dim $dim --decoder-out-embed-dim $dim \
 --encoder-bidirectional --left-pad-source False"; return
   fi
-  case "$1" in
-    softmax) echo "--user-dir '$repo/user_dir' $arch_flags --attention softmax" ;;
-    sparsemax) echo "--user-dir '$repo/user_dir' $arch_flags --attention sparsemax" ;;
-    viterbi-entropy) echo "--user-dir '$repo/user_dir' $arch_flags --attention viterbi --attention-reg entropy \
---attention-gamma $gamma_ent --attention-form $viterbi_form" ;;
-    viterbi-l2) echo "--user-dir '$repo/user_dir' $arch_flags --attention viterbi --attention-reg l2 \
---attention-gamma $gamma_l2 --attention-form $viterbi_form" ;;
-  esac
+  echo "--user-dir '$repo/user_dir' $arch_flags ${attention[$1]}"
 }
 
 # torch >= 2.6 loads checkpoints weights-only; the plugin allow-lists fairseq's checkpoint contents, the builtin
 # route (no plugin) needs the old behaviour for the checkpoints this script itself wrote.
-[ "$builtin" = 1 ] && export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
-n_test=$( [ "$dry" = 1 ] && echo '$(wc -l < test.fr)' || wc -l < "$raw/test.fr")
-any_redo=$data_redo
+[ "$builtin_lstm" = 1 ] && export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
+n_test=$( [ "$dry_run" = 1 ] && echo '$(wc -l < test.fr)' || wc -l < "$raw/test.fr")
 train_cmd() {
   local run="$work/runs/$1"
   echo "mkdir -p '$run' && fairseq-train '$bin' $(variant_flags "$1") $train_common --save-dir '$run/checkpoints' \
 2>&1 | tee -a '$run/train.log' | $py '$tools/progress.py' --max-update $max_update --name $1"
 }
-# step_current NAME COMMAND: true if `step` would skip it (stamp holds this command, nothing upstream re-ran).
-step_current() {
-  [ "$force" = 0 ] && [ "$redo" = 0 ] && [ -f "$work/stamps/$1.done" ] && [ "$(cat "$work/stamps/$1.done")" = "$2" ]
-}
-# Trainings first, up to $jobs at a time (each with threads/jobs torch threads: two small LSTMs on two cores train
-# faster side by side than one after the other with two threads each); then decoding and scoring one by one.
-train_threads=$(( threads / jobs )); [ "$train_threads" -ge 1 ] || train_threads=1
-trained=" "
-batch=()
-run_batch() {
-  local pid failed=0
-  for pid in "${batch[@]}"; do wait "$pid" || failed=1; done
-  batch=()
-  [ "$failed" = 0 ] || { say "a training failed (see above)"; exit 1; }
-}
+# Trainings first, up to $jobs at a time (recipes/lib.sh: train_step); then decoding and scoring one by one.
+train_jobs=$jobs train_threads=$(( threads / jobs )); [ "$train_threads" -ge 1 ] || train_threads=1
 for v in $variants; do
-  redo=$data_redo
-  cmd="$(train_cmd "$v")"
-  step_current "train.$v" "$cmd" || trained="$trained$v "
-  if [ "$jobs" -gt 1 ] && [ "$dry" = 0 ]; then
-    OMP_NUM_THREADS=$train_threads MKL_NUM_THREADS=$train_threads step "train.$v" "$cmd" &
-    batch+=("$!")
-    [ "${#batch[@]}" -lt "$jobs" ] || run_batch
-  else
-    step "train.$v" "$cmd"
-  fi
+  chain_start
+  train_step "train.$v" "$(train_cmd "$v")"
 done
-run_batch
+train_wait
 for v in $variants; do
-  redo=$data_redo
-  case "$trained" in *" $v "*) redo=1 ;; esac
+  chain_start "train.$v"
   run="$work/runs/$v"
   gen_task="--task translation"
   dump=""
-  if [ "$builtin" = 0 ]; then
+  if [ "$builtin_lstm" = 0 ]; then
     gen_task="--user-dir '$repo/user_dir' --task structattn_translation"
     dump="--dump-attention '$run/attention.jsonl' --dump-post-process sentencepiece"
   fi
@@ -334,13 +223,12 @@ for v in $variants; do
 > '$run/generate.test.txt' 2> >(tee '$run/generate.log' | grep --line-buffered -E 'Translated|Error|error' >&2)"
   step "detok.$v" "$py '$tools/textproc.py' hyp --expected $n_test < '$run/generate.test.txt' \
 | $py '$tools/textproc.py' detok --lang en --model '$spm/spm.model' > '$run/hyp.test.en'"
-  refs="'$raw/test.en'"
   step "bleu.$v" "sacrebleu '$raw/test.en' -i '$run/hyp.test.en' -m bleu chrf -f json > '$run/score.json'"
   if [ -n "$refs_extra" ]; then
     step "bleu2.$v" "sacrebleu '$raw/test.en' '$raw/test.$refs_extra' -i '$run/hyp.test.en' -m bleu chrf -f json \
 > '$run/score.multiref.json'"
   fi
-  if [ "$builtin" = 0 ]; then
+  if [ "$builtin_lstm" = 0 ]; then
     case "$v" in viterbi-*)
       # Fallback rows (invisible in the dumped matrices) and the learned T/γ: annotates the dump for the stats.
       step "health.$v" "$py '$tools/attention_health.py' --checkpoint '$run/checkpoints/checkpoint_best.pt' \
@@ -348,12 +236,12 @@ for v in $variants; do
     esac
     step "stats.$v" "structattn-stats '$v=$run/attention.jsonl' --json > '$run/attention_stats.json'"
   fi
-  [ "$redo" = 1 ] && any_redo=1
+  chain_end
 done
 
 # ---------------------------------------------------------------------------------------------------- significance
 # Paired bootstrap (sacrebleu, 1000 resamples, 95% CIs, p-values) of every variant against softmax, when both ran.
-redo=$any_redo
+summary_start
 others=""; for v in $variants; do [ "$v" = softmax ] || others="$others $v"; done
 case " $variants " in *" softmax "*)
   if [ -n "$others" ]; then
@@ -368,17 +256,16 @@ $sys_args --n 1000 --out '$work/significance.json'"
 esac
 
 # ---------------------------------------------------------------------------------------------------- report
-if [ "$builtin" = 0 ] && [ "$report" = 1 ]; then
+if [ "$builtin_lstm" = 0 ] && [ "$no_report" = 0 ]; then
   dumps=""; for v in $variants; do dumps="$dumps '$v=$work/runs/$v/attention.jsonl'"; done
-  step report "structattn-report $dumps -o '$work/report' --force --max-sentences $report_n \
+  step report "structattn-report $dumps -o '$work/report' --force --max-sentences $report_sentences \
 --title 'structattn: $corpus fr-en, test set'"
 fi
-redo=1  # the table is cheap: always rebuilt from the files
-step results "$py '$tools/results_table.py' --work '$work' --variants $variants --out '$results' \
---corpus $corpus --ref-label $ref_label --size $size --arch $( [ "$builtin" = 1 ] && echo lstm || echo "$arch" ) \
+step_always results "$py '$tools/results_table.py' --work '$work' --variants $variants --out '$results' \
+--corpus $corpus --ref-label $ref_label --size $size --arch $( [ "$builtin_lstm" = 1 ] && echo lstm || echo "$arch" ) \
 --threads $( [ "$jobs" -gt 1 ] && echo "$train_threads" || echo "$threads" ) --jobs $jobs --max-len $max_len \
 --invocation $(printf '%q' "$invocation")"
-if [ "$dry" = 0 ]; then
+if [ "$dry_run" = 0 ]; then
   say "results: $results"
   [ -f "$work/report/index.html" ] && say "attention report: $work/report/index.html"
   cat "$results"

@@ -4,54 +4,45 @@
 #   WMT14 (Mensch & Blondel 2018, §5 + App. C.3): Europarl v7 + Common Crawl + News Commentary v9, Moses
 #   tokenisation, sentences of ≤ 50 tokens, a random 1M-pair subset, word vocabularies of 50k (OpenNMT-py's
 #   default), 2-layer 2×500 biLSTM encoder / 500 decoder with input feeding (--arch structattn_lstm_paper), SGD lr 1
-#   decayed by 0.65 per epoch after epoch 8 up to epoch 15, batch 256, outputs < 100 tokens, γ = 2 (−H) and 10 (ℓ2);
+#   decayed by 0.65 per epoch after epoch 8 up to epoch 15, batch 256, outputs < 100 tokens, the paper's γ per
+#   regulariser (structattn.attention.PAPER_GAMMA);
 #   valid newstest2013, test newstest2014 (sacrebleu's wmt14/full), detokenised BLEU.
 #   IWSLT14 de→en: fairseq's split (valid = every 23rd training pair, test = dev2010 + tst2010-2012 + TEDX dev2012),
 #   joint sentencepiece 10k, --arch structattn_lstm at width 256, Adam.
-# Every step is stamped like recipes/offline_fr_en.sh (re-running skips finished steps; training resumes).
+# Steps, stamps and re-runs as in recipes/lib.sh (a step whose stamp holds its command is skipped, a changed
+# setting re-runs it and what depends on it, training resumes from checkpoint_last.pt). Options: --help.
 {
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 repo="$(cd "$here/.." && pwd)"
 tools="$here/tools"
+# shellcheck source=recipes/lib.sh
+. "$here/lib.sh"
 
 usage() {
-  cat <<'EOF'
+  variants_load
+  cat <<EOF
 usage: bash recipes/online_nmt.sh --corpus wmt14|iwslt14 [options]
 
   --corpus NAME        wmt14 (paper set-up) | iwslt14 (de→en); set by recipes/{wmt14_fr_en,iwslt14_de_en}/run.sh
   --direction D        wmt14: fr-en (default) or en-fr; iwslt14: de-en only
-  --variants "A B ..." subset of: softmax sparsemax viterbi-entropy viterbi-l2
-                       (default: softmax viterbi-entropy viterbi-l2, the paper's Table 3)
+  --variants "A B ..." subset of: $variants_all
+                       (default: $default_variants, the paper's Table 3)
   --work DIR           working folder (default recipes/<corpus>_<direction>/work)
   --subset N           wmt14 training pairs after the length filter (default 1000000; 0 = all)
   --epochs N           override the number of epochs (paper: 15)
-  --threads N          torch CPU threads (default $OMP_NUM_THREADS or all); fairseq uses a GPU when present
+  --threads N          torch CPU threads (default \$OMP_NUM_THREADS or all); fairseq uses a GPU when present
   --dry-run            print every command (downloads included) and exit
   --force              ignore the step stamps
 EOF
 }
 
-corpus="" direction="" variants="softmax viterbi-entropy viterbi-l2" work="" subset=1000000 epochs="" dry=0 force=0
+default_variants="softmax viterbi-entropy viterbi-l2"
+corpus="" direction="" variants="$default_variants" work="" subset=1000000 epochs="" dry_run=0 force=0
 threads="${OMP_NUM_THREADS:-$(nproc)}"
+py="${PYTHON:-python}"
 invocation="bash recipes/online_nmt.sh$(printf ' %q' "$@")"
-while [ $# -gt 0 ]; do
-  case "$1" in --corpus|--direction|--variants|--work|--subset|--epochs|--threads) [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; exit 2; } ;; esac
-  case "$1" in
-    --corpus) corpus="${2:-}"; shift 2 ;;
-    --direction) direction="${2:-}"; shift 2 ;;
-    --variants) variants="${2:-}"; shift 2 ;;
-    --work) work="${2:-}"; shift 2 ;;
-    --subset) subset="${2:-}"; shift 2 ;;
-    --epochs) epochs="${2:-}"; shift 2 ;;
-    --threads) threads="${2:-}"; shift 2 ;;
-    --dry-run) dry=1; shift ;;
-    --force) force=1; shift ;;
-    -h|--help) usage; exit 0 ;;
-    *) echo "error: unknown option '$1' (see --help)" >&2; exit 2 ;;
-  esac
-done
-die() { echo "error: $*" >&2; exit 2; }
+parse_options "--corpus --direction --variants --work --subset --epochs --threads" "--dry-run --force" "$@"
 case "$corpus" in
   wmt14) direction="${direction:-fr-en}"
     case "$direction" in fr-en|en-fr) ;; *) die "--direction for wmt14 must be fr-en or en-fr, not '$direction'" ;; esac ;;
@@ -63,32 +54,14 @@ esac
 [[ "$subset" =~ ^[0-9]+$ ]] || die "--subset must be a non-negative integer, not '$subset'"
 [ -z "$epochs" ] || { [[ "$epochs" =~ ^[1-9][0-9]*$ ]] || die "--epochs must be a positive integer, not '$epochs'"; }
 [[ "$threads" =~ ^[1-9][0-9]*$ ]] || die "--threads must be a positive integer, not '$threads'"
-[ -n "$variants" ] || die "--variants is empty"
-for v in $variants; do
-  case "$v" in softmax|sparsemax|viterbi-entropy|viterbi-l2) ;;
-    *) die "unknown variant '$v' (choose from: softmax sparsemax viterbi-entropy viterbi-l2)" ;; esac
-done
+check_variants "$variants"
+gamma_entropy=$paper_gamma_entropy gamma_l2=$paper_gamma_l2  # the paper's γ; no --attention-form: the plugin's
+attention_load "$variants"
 src="${direction%-*}" tgt="${direction#*-}"
 work="${work:-$here/${corpus}_${src}_${tgt}/work}"
-py="${PYTHON:-python}"
 export OMP_NUM_THREADS="$threads" PYTHONUNBUFFERED=1
-if [ "$dry" = 0 ]; then mkdir -p "$work/stamps"; work="$(cd "$work" && pwd)"; fi
+if [ "$dry_run" = 0 ]; then mkdir -p "$work/stamps"; work="$(cd "$work" && pwd)"; fi
 dl="$work/download" raw="$work/data/raw" tok="$work/data/tok" bin="$work/data/bin"
-say() { echo "[$(date '+%H:%M:%S')] $*" >&2; [ "$dry" = 1 ] || echo "[$(date '+%H:%M:%S')] $*" >> "$work/pipeline.log"; }
-step() {
-  local name="$1" cmd="$2" stamp="$work/stamps/$1.done"
-  if [ "$dry" = 1 ]; then printf '# %s\n%s\n\n' "$name" "$cmd"; return 0; fi
-  if [ "$force" = 0 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$cmd" ]; then say "skip $name"; return 0; fi
-  say "run  $name"; echo "$cmd" >> "$work/commands.sh"
-  local t0 rc=0 log0=0 run; t0=$(date +%s) run="$work/runs/${name#train.}"
-  case "$name" in train.*) log0=$(stat -c %s "$run/train.log" 2>/dev/null || echo 0) ;; esac
-  bash -o pipefail -c "$cmd" || rc=$?
-  if [ "$rc" != 0 ]; then case "$name" in train.*)  # finished, then died at exit? (tools/train_exit.py)
-    "$py" "$here/tools/train_exit.py" --name "$name" --status "$rc" --offset "$log0" --since "$t0" \
-      --log "$run/train.log" --checkpoint "$run/checkpoints/checkpoint_last.pt" && rc=0 ;; esac; fi
-  [ "$rc" = 0 ] || { say "FAILED $name (command in $work/commands.sh)"; exit 1; }
-  printf '%s' "$cmd" > "$stamp"; say "done $name"
-}
 fetch() { # fetch NAME URL: resumable download with a progress bar
   step "download.$1" "mkdir -p '$dl' && curl -fL --retry 3 -C - --progress-bar -o '$dl/$1' '$2'"
 }
@@ -121,7 +94,7 @@ sacrebleu -t wmt13 -l $src-$tgt --echo src > '$raw/valid.$src' && sacrebleu -t w
   arch=structattn_lstm_paper arch_flags="--arch structattn_lstm_paper"
   train_flags="$($py "$tools/paper_setup.py" flags ${epochs:+--epochs $epochs}) --dropout 0.3 --criterion cross_entropy"
   gen_flags="--beam 5 --max-len-a 0 --max-len-b 100"
-  gamma_ent=2 gamma_l2=10 spm_model=""
+  spm_model=""
 else
   fetch de-en.tgz http://dl.fbaipublicfiles.com/fairseq/data/iwslt14/de-en.tgz
   step unpack "cd '$dl' && tar xzf de-en.tgz"
@@ -141,20 +114,17 @@ else
 --warmup-init-lr 1e-5 --clip-norm 1.0 --dropout 0.3 --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
 --max-tokens 8000 --max-epoch ${epochs:-30}"
   gen_flags="--beam 5 --max-len-a 1.2 --max-len-b 10"
-  gamma_ent=2 gamma_l2=10 spm_model="--model '$tok/spm.model'"
+  spm_model="--model '$tok/spm.model'"
 fi
 
+data_done  # a changed data set moves the old models aside (recipes/lib.sh)
+
 # ---------------------------------------------------------------------------------------------------- models
-n_test=$( [ "$dry" = 1 ] && echo '$(wc -l < test)' || wc -l < "$raw/test.$src")
+n_test=$( [ "$dry_run" = 1 ] && echo '$(wc -l < test)' || wc -l < "$raw/test.$src")
 for v in $variants; do
+  chain_start
   run="$work/runs/$v"
-  case "$v" in
-    softmax) att="--attention softmax" ;;
-    sparsemax) att="--attention sparsemax" ;;
-    viterbi-entropy) att="--attention viterbi --attention-reg entropy --attention-gamma $gamma_ent" ;;
-    viterbi-l2) att="--attention viterbi --attention-reg l2 --attention-gamma $gamma_l2" ;;
-  esac
-  step "train.$v" "mkdir -p '$run' && fairseq-train '$bin' --user-dir '$repo/user_dir' $arch_flags $att $train_flags \
+  train_step "train.$v" "mkdir -p '$run' && fairseq-train '$bin' --user-dir '$repo/user_dir' $arch_flags ${attention[$v]} $train_flags \
 --seed 1 --log-format json --log-interval 100 --no-epoch-checkpoints --save-dir '$run/checkpoints' \
 2>&1 | tee -a '$run/train.log' | $py '$tools/progress.py' --name $v"
   step "generate.$v" "fairseq-generate '$bin' --user-dir '$repo/user_dir' --task structattn_translation \
@@ -164,12 +134,14 @@ for v in $variants; do
 | $py '$tools/textproc.py' detok --lang $tgt $spm_model > '$run/hyp.test.$tgt'"
   step "bleu.$v" "sacrebleu '$raw/test.$tgt' -i '$run/hyp.test.$tgt' -m bleu chrf -f json > '$run/score.json'"
   step "stats.$v" "structattn-stats '$v=$run/attention.jsonl' --json > '$run/attention_stats.json'"
+  chain_end
 done
+summary_start
 dumps=""; for v in $variants; do dumps="$dumps '$v=$work/runs/$v/attention.jsonl'"; done
 step report "structattn-report $dumps -o '$work/report' --force --max-sentences 20"
-step results "$py '$tools/results_table.py' --work '$work' --variants $variants --out '$work/RESULTS.md' \
+step_always results "$py '$tools/results_table.py' --work '$work' --variants $variants --out '$work/RESULTS.md' \
 --corpus $corpus --direction $direction --src $src --ref-label $corpus --size paper --arch $arch \
 --threads $threads --invocation $(printf '%q' "$invocation")"
-[ "$dry" = 1 ] || cat "$work/RESULTS.md"
+[ "$dry_run" = 1 ] || cat "$work/RESULTS.md"
 exit 0
 }

@@ -416,10 +416,14 @@ def test_iwslt14_dry_run():
     ("recipes/offline_fr_en.sh", ["--stop-hours", "soon"], "--stop-hours must be 0 or a positive number"),
     ("recipes/offline_fr_en.sh", ["--report-sentences", "0"], "--report-sentences must be >= 1"),
     ("recipes/offline_fr_en.sh", ["--max-update", "0", "--max-epoch", "0"], "cannot both be 0"),
+    ("recipes/offline_fr_en.sh", ["--report-sentences", "x"], "--report-sentences must be a non-negative integer"),
+    ("recipes/offline_fr_en.sh", ["--dry-run", "--dim", "0"], "--dim must be >= 1"),
+    ("recipes/offline_fr_en.sh", ["--variants", " "], "--variants is empty"),
+    ("recipes/offline_fr_en.sh", ["--variants", "softmax bogus"], "unknown variant 'bogus' (choose from: softmax "),
 ])
 def test_script_argument_errors(script, args, message):
     r = _sh(script, *args, check_rc=2)
-    assert message in r.stderr
+    assert message in r.stderr and r.stdout == ""  # nothing printed or run before the arguments are checked
 
 
 def test_offline_dry_run_identical_budgets(tmp_path):
@@ -440,6 +444,196 @@ def test_offline_dry_run_identical_budgets(tmp_path):
     assert "libreoffice_corpus.py" in lo and "kjv" not in lo and "--ref-label LibreOffice" in lo
     assert "--max-update 1600 " in lo and "--encoder-embed-dim 128 " in lo and "--lr-scheduler fixed " in lo
     assert lo.count("fairseq-train") == 2 and "--attention sparsemax" not in lo  # quick: softmax vs Viterbi l2
+
+
+# ------------------------------------------------------------------------------------------------ recipes/lib.sh
+_LIB_HEAD = """set -euo pipefail
+. recipes/lib.sh
+work="$WORK" py="$PY" tools="$PWD/recipes/tools" dry_run="${DRY:-0}" force="${FORCE:-0}" train_jobs="${JOBS:-1}"
+[ "$dry_run" = 1 ] || mkdir -p "$work/stamps"
+"""
+
+
+def _lib(work: Path, body: str, check_rc=0, **env):
+    """Run BODY in bash after sourcing recipes/lib.sh, with a work folder; env: DRY, FORCE, JOBS and the body's own."""
+    import os
+
+    full_env = {**os.environ, "WORK": str(work), "PY": sys.executable, **{k: str(v) for k, v in env.items()}}
+    r = subprocess.run(["bash", "-c", _LIB_HEAD + body], capture_output=True, text=True, cwd=REPO, env=full_env,
+                       timeout=60)
+    assert r.returncode == check_rc, r.stdout + r.stderr
+    return r
+
+
+def _ran(work: Path) -> list[str]:
+    """The steps that ran since the last call (each step of the test bodies appends its name to work/ran)."""
+    path = work / "ran"
+    lines = path.read_text().split() if path.is_file() else []
+    path.write_text("")
+    return lines
+
+
+_STEPS = """
+step a "echo a >> '$work/ran'"
+step b "echo b${B:-} >> '$work/ran'"
+step c "echo c >> '$work/ran'"
+"""
+
+
+def test_lib_step_skips_matching_stamp_reruns_changed_and_downstream(tmp_path):
+    work = tmp_path / "w"
+    _lib(work, _STEPS)
+    assert _ran(work) == ["a", "b", "c"]
+    assert (work / "stamps" / "b.done").read_text() == f"echo b >> '{work}/ran'"  # the stamp holds the command
+    r = _lib(work, _STEPS)
+    assert _ran(work) == [] and f"skip a (done; delete {work}/stamps/a.done to redo)" in r.stderr
+    _lib(work, _STEPS, B=2)  # b's command changed: b and everything after it run, a is skipped
+    assert _ran(work) == ["b2", "c"]
+    (work / "stamps" / "a.done").unlink()  # a deleted stamp re-runs that step and what follows it
+    _lib(work, _STEPS, B=2)
+    assert _ran(work) == ["a", "b2", "c"]
+    _lib(work, _STEPS, B=2, FORCE=1)  # --force: every step, whatever its stamp
+    assert _ran(work) == ["a", "b2", "c"]
+    assert len((work / "commands.sh").read_text().splitlines()) == 11  # every command run is logged
+    assert "run  b" in (work / "pipeline.log").read_text()
+
+
+def test_lib_dry_run_prints_and_touches_nothing(tmp_path):
+    work = tmp_path / "none"
+    r = _lib(work, _STEPS, DRY=1)
+    assert r.stdout == f"# a\necho a >> '{work}/ran'\n\n# b\necho b >> '{work}/ran'\n\n# c\necho c >> '{work}/ran'\n\n"
+    assert not work.exists()
+
+
+def test_lib_failed_step_stops_and_is_not_stamped(tmp_path):
+    work = tmp_path / "w"
+    body = _STEPS.replace('step b "echo b${B:-}', 'step b "${FAIL:+false && }echo b${B:-}')
+    r = _lib(work, body, check_rc=1, FAIL=1)
+    assert _ran(work) == ["a"] and not (work / "stamps" / "b.done").exists()
+    assert "FAILED b" in r.stderr and "FAILED b" in (work / "pipeline.log").read_text()
+    _lib(work, body)  # fixed: a is skipped, b and c run
+    assert _ran(work) == ["b", "c"]
+    r = _lib(work, 'step train.z "exit 3"', check_rc=1)  # a training that did not finish: the resume hint
+    assert "FAILED train.z" in r.stderr
+    assert f"training resumes from {work}/runs/z/checkpoints/checkpoint_last.pt" in r.stderr
+
+
+_CHAINS = """
+step data "echo data${D:-} >> '$work/ran'"
+data_done
+for v in x y; do
+  chain_start
+  train_step "train.$v" "mkdir -p '$work/runs/$v' && echo train.$v$(printenv "T_$v" || true) >> '$work/ran'"
+done
+train_wait
+for v in x y; do
+  chain_start "train.$v"
+  step "score.$v" "echo score.$v >> '$work/ran'"
+  chain_end
+done
+summary_start
+step report "echo report >> '$work/ran'"
+step_always results "echo results >> '$work/ran'"
+"""
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_lib_chains_propagate_redo(tmp_path, jobs):
+    """data → every variant's chain (train, then score) → the summary; the results table always."""
+    work = tmp_path / "w"
+    everything = ["data", "report", "results", "score.x", "score.y", "train.x", "train.y"]
+    _lib(work, _CHAINS, JOBS=jobs)
+    assert sorted(_ran(work)) == everything
+    _lib(work, _CHAINS, JOBS=jobs)
+    assert _ran(work) == ["results"]
+    _lib(work, _CHAINS, JOBS=jobs, T_x=2)  # one training changed: its chain and the summary, not the other chain
+    assert sorted(_ran(work)) == ["report", "results", "score.x", "train.x2"]
+    (work / "stamps" / "score.y.done").unlink()
+    _lib(work, _CHAINS, JOBS=jobs, T_x=2)
+    assert _ran(work) == ["score.y", "report", "results"]
+    r = _lib(work, _CHAINS, JOBS=jobs, T_x=2, FORCE=1)  # --force: every step; no command changed, runs/ stays
+    assert sorted(_ran(work)) == ["data", "report", "results", "score.x", "score.y", "train.x2", "train.y"]
+    assert (work / "runs" / "x").is_dir() and "the data changed" not in r.stderr
+    r = _lib(work, _CHAINS, JOBS=jobs, T_x=2, D=2)  # the data changed: everything, old models moved aside
+    assert sorted(_ran(work)) == ["data2", "report", "results", "score.x", "score.y", "train.x2", "train.y"]
+    stale = list(work.glob("runs.stale-*"))
+    assert "the data changed: previous models moved to" in r.stderr and len(stale) == 1
+    assert (stale[0] / "x").is_dir() and (work / "runs" / "x").is_dir()  # the new runs start afresh
+
+
+def test_lib_parse_options(tmp_path):
+    body = """usage() { echo USAGE; }
+some_value=default some_flag=0
+parse_options "--some-value --other" "--some-flag" "$@"
+echo "$some_value $some_flag"
+"""
+    def run(*args, rc=0):
+        r = subprocess.run(["bash", "-c", "set -euo pipefail; . recipes/lib.sh\n" + body, "x", *args],
+                           capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert r.returncode == rc, r.stderr
+        return r
+
+    assert run().stdout == "default 0\n"
+    assert run("--some-flag", "--some-value", "a b").stdout == "a b 1\n"
+    assert run("--some-value", rc=2).stderr == "error: --some-value needs a value\n"
+    assert run("--nope", rc=2).stderr == "error: unknown option '--nope' (see --help)\n"
+    assert run("--some-flag", "--help").stdout == "USAGE\n"
+
+
+def test_lib_variant_table_comes_from_variants_py(tmp_path):
+    import variants
+
+    from structattn.attention import PAPER_GAMMA
+
+    r = _lib(tmp_path, """variants_load
+echo "$variants_all|$paper_gamma_entropy|$paper_gamma_l2"
+gamma_entropy=$paper_gamma_entropy gamma_l2=0.5 viterbi_form=paper
+attention_load "$variants_all"
+for v in $variants_all; do echo "${attention[$v]}"; done
+check_variants "softmax nope"
+""", check_rc=2)
+    lines = r.stdout.splitlines()
+    names = list(variants.VARIANTS)
+    assert lines[0] == f"{' '.join(names)}|{PAPER_GAMMA['entropy']:g}|{PAPER_GAMMA['l2']:g}"
+    gamma = {"entropy": f"{PAPER_GAMMA['entropy']:g}", "l2": "0.5"}
+    assert lines[1:] == [variants.fairseq_flags(v, gamma, "paper") for v in names]
+    assert lines[4] == "--attention viterbi --attention-reg l2 --attention-gamma 0.5 --attention-form paper"
+    assert r.stderr == f"error: unknown variant 'nope' (choose from: {' '.join(names)})\n"
+    assert results_table.LABELS is variants.LABELS
+
+
+def test_drivers_share_lib():
+    """Both drivers source recipes/lib.sh inside their { } block and define none of its machinery themselves."""
+    for name in ("offline_fr_en.sh", "online_nmt.sh"):
+        text = (REPO / "recipes" / name).read_text()
+        lines = text.splitlines()
+        assert lines.index("{") < lines.index('. "$here/lib.sh"') and lines[-1] == "}", name
+        for func in ("die", "is_pos", "say", "step", "step_current", "run_batch", "train_finished", "train_wait"):
+            assert f"\n{func}() {{" not in text, (name, func)
+
+
+def test_variant_table_and_paper_gamma_are_written_once():
+    """The variant names, labels and flags are only in recipes/tools/variants.py; the paper's γ only in
+    structattn.attention.PAPER_GAMMA (the recipes read both from there)."""
+    import re
+
+    import variants
+
+    names = list(variants.VARIANTS)
+    labels = [v.label for v in variants.VARIANTS.values() if v.label not in names]
+    gamma = re.compile(r"""gamma\w*=["']?(2|10)\b|["'](entropy|l2)["']:\s*(2|10)\b|--attention-gamma (2|10)\b""")
+    files = [p for p in (REPO / "recipes").rglob("*")
+             if p.suffix in (".sh", ".py") and "work" not in p.relative_to(REPO).parts]
+    assert len(files) > 10
+    for path in files:
+        if path.name == "variants.py":
+            continue
+        code = [line for line in path.read_text().splitlines() if not line.lstrip().startswith("#")]
+        for line in code:
+            assert sum(n in line for n in names) < len(names), (path, line)  # no second list of every variant
+            assert not re.search(r"softmax\|sparsemax|viterbi-entropy\)|--attention-reg", line), (path, line)
+            assert not any(label in line for label in labels), (path, line)
+            assert not gamma.search(line), (path, line)
 
 
 # ------------------------------------------------------------------------------------------------ significance

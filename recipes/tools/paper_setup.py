@@ -19,7 +19,7 @@ import random
 import sys
 
 PAPER = {"lr": 1.0, "decay": 0.65, "start_decay_at": 8, "epochs": 15, "batch_size": 256, "max_len": 50,
-         "max_output_len": 100, "clip_norm": 5.0, "gamma": {"entropy": 2.0, "l2": 10.0}}
+         "max_output_len": 100, "clip_norm": 5.0}  # γ: structattn.attention.PAPER_GAMMA
 
 
 def opennmt_lr(epoch: int, lr: float = 1.0, decay: float = 0.65, start_decay_at: int = 8) -> float:

@@ -18,6 +18,8 @@ import re
 import sys
 from pathlib import Path
 
+from variants import LABELS  # variant name → its label: the variant table, tools/variants.py (next to this file)
+
 _JSON = re.compile(r"\|\s*(train|valid|train_inner)\s*\|\s*(\{.*\})\s*$")
 # fairseq 0.12's messages when --stop-time-hours or --patience ends a training (its config dump, which also names
 # stop_time_hours, must not match)
@@ -28,13 +30,6 @@ _EARLY_STOP = re.compile(r"early stop since valid performance hasn't improved")
 FALLBACK_WARN = 0.05
 #: a hypothesis with one token this many times in a row counts as degenerate (looping) output
 REPEAT_RUN = 4
-
-LABELS = {
-    "softmax": "softmax",
-    "sparsemax": "sparsemax",
-    "viterbi-entropy": "Viterbi −H (negentropy)",
-    "viterbi-l2": "Viterbi ℓ2²",
-}
 
 
 def read_scores(path: Path) -> dict:

@@ -1,0 +1,164 @@
+# recipes/lib.sh: what the recipe drivers (offline_fr_en.sh, online_nmt.sh) share. Sourced inside their { } block
+# (a whole block is parsed before it runs, so editing a driver or this file during a long run is safe).
+#
+# Re-running a recipe (the same rules for every recipe):
+#   * Every step writes work/stamps/<step>.done holding its exact command; work/commands.sh logs every command
+#     run, work/pipeline.log what happened to every step.
+#   * A step whose stamp holds exactly its command is skipped; a missing stamp or a changed command runs it.
+#   * A step that ran makes everything downstream of it stale: the rest of its chain runs too. The chains: the
+#     data (downloads → … → fairseq-preprocess); then one per variant (train → generate → detok → BLEU → … →
+#     stats), stale when a data step ran; then the summary (significance, report), stale when any chain ran. The
+#     results table is always rebuilt.
+#   * When a data step ran because its command changed (or its stamp was deleted), work/runs is moved to
+#     work/runs.stale-<date>: models of other data are neither resumed nor deleted.
+#   * Training resumes from fairseq's runs/<variant>/checkpoints/checkpoint_last.pt: a larger budget continues a
+#     finished model; after changing the model itself delete that folder. A training that finished and then died
+#     at exit (fairseq's abort, tools/train_exit.py) is kept, once, with a loud report.
+#   * --force runs every step whatever its stamp says; since no command changed, runs/ stays and training still
+#     resumes from checkpoint_last.pt.
+#   * --dry-run prints every step ("# NAME", then its command) and touches nothing.
+#
+# A driver defines `usage` and sets py, tools, work, dry_run and force; then it runs the data steps and
+# `data_done`; per variant `chain_start`, `train_step`, the other steps, `chain_end` (or every `train_step` first,
+# `train_wait`, then the chains with `chain_start train.V`); `summary_start` and the summary steps; last
+# `step_always results ...`.
+
+# ---------------------------------------------------------------------------------------------------- arguments
+die() { echo "error: $*" >&2; exit 2; }
+is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+is_pos() { [[ "$1" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] && python3 -c "import sys; sys.exit(not float('$1') > 0)"; }
+is_prob() { [[ "$1" =~ ^[0-9]*\.?[0-9]+$ ]] && python3 -c "import sys; sys.exit(not float('$1') < 1)"; }
+
+# parse_options "VALUE-OPTIONS" "FLAG-OPTIONS" ARG...: `--some-option VALUE` sets $some_option, a flag `--some-flag`
+# sets $some_flag=1; -h/--help prints the driver's `usage` and exits; anything else is an error.
+parse_options() {
+  local _values=" $1 " _flags=" $2 "; shift 2
+  while [ $# -gt 0 ]; do
+    case "$1" in -h|--help) usage; exit 0 ;; esac
+    local _var="${1#--}"; _var="${_var//-/_}"
+    if [[ "$_values" == *" $1 "* ]]; then
+      [ $# -ge 2 ] || die "$1 needs a value"
+      printf -v "$_var" '%s' "$2"; shift 2
+    elif [[ "$_flags" == *" $1 "* ]]; then
+      printf -v "$_var" 1; shift
+    else
+      die "unknown option '$1' (see --help)"
+    fi
+  done
+}
+
+# ---------------------------------------------------------------------------------------------------- variants
+# The table is recipes/tools/variants.py (names, labels, fairseq flags; the paper's γ from structattn).
+# variants_load: sets variants_all (every variant name) and paper_gamma_entropy, paper_gamma_l2.
+variants_load() {
+  [ -z "${variants_all:-}" ] || return 0
+  local defs
+  defs="$("$py" "$tools/variants.py" shell)" || die "cannot read the variant table with $py $tools/variants.py"
+  eval "$defs"
+}
+# check_variants "A B ...": dies unless the list is a non-empty list of known variants.
+check_variants() {
+  variants_load
+  local v
+  [ -n "${1// /}" ] || die "--variants is empty"
+  for v in $1; do
+    [[ " $variants_all " == *" $v "* ]] || die "unknown variant '$v' (choose from: $variants_all)"
+  done
+}
+# attention_load "A B ...": attention[V] = the fairseq attention flags of each variant, with γ $gamma_entropy /
+# $gamma_l2 and, when set, --attention-form $viterbi_form.
+declare -A attention=()
+attention_load() {
+  local v
+  for v in $1; do
+    attention[$v]="$("$py" "$tools/variants.py" flags "$v" --gamma-entropy "$gamma_entropy" --gamma-l2 "$gamma_l2" \
+      ${viterbi_form:+--form "$viterbi_form"})" || die "no attention flags for variant '$v' ($tools/variants.py)"
+  done
+}
+
+# ---------------------------------------------------------------------------------------------------- steps
+# say MESSAGE: a time-stamped line on stderr and in work/pipeline.log.
+say() {
+  local line; line="[$(date '+%H:%M:%S')] $*"
+  echo "$line" >&2
+  [ "$dry_run" = 1 ] || echo "$line" >> "$work/pipeline.log"
+}
+
+redo=0           # a step of the current chain ran in this invocation: the rest of the chain is stale
+stamp_changed=0  # a step ran because its stamp was missing or held another command (not merely --force or redo)
+data_redo=0 any_redo=0 trained=" " batch=()
+train_jobs=1 train_threads=1
+
+stamp_matches() { [ -f "$work/stamps/$1.done" ] && [ "$(cat "$work/stamps/$1.done")" = "$2" ]; }
+# step_current NAME COMMAND: true if `step` would skip it (stamp holds this command, nothing upstream ran, no --force).
+step_current() { [ "$force" = 0 ] && [ "$redo" = 0 ] && stamp_matches "$1" "$2"; }
+
+# step NAME COMMAND: run COMMAND (a bash string, pipefail on) unless step_current; a step that ran sets redo=1.
+step() {
+  local name="$1" cmd="$2" stamp="$work/stamps/$1.done"
+  if [ "$dry_run" = 1 ]; then printf '# %s\n%s\n\n' "$name" "$cmd"; return 0; fi
+  if step_current "$name" "$cmd"; then say "skip $name (done; delete $stamp to redo)"; return 0; fi
+  stamp_matches "$name" "$cmd" || stamp_changed=1
+  say "run  $name"
+  echo "$cmd" >> "$work/commands.sh"
+  local t0 rc=0 log0=0 run="$work/runs/${name#train.}"; t0=$(date +%s)
+  case "$name" in train.*) log0=$(stat -c %s "$run/train.log" 2>/dev/null || echo 0) ;; esac
+  bash -o pipefail -c "$cmd" || rc=$?
+  if [ "$rc" != 0 ]; then case "$name" in train.*)
+    # finished, then died at exit? (fairseq's abort after a mid-epoch stop; tools/train_exit.py decides, loudly)
+    "$py" "$tools/train_exit.py" --name "$name" --status "$rc" --offset "$log0" --since "$t0" --log "$run/train.log" \
+      --checkpoint "$run/checkpoints/checkpoint_last.pt" 2>&1 | tee -a "$work/pipeline.log" >&2 && rc=0 ;; esac
+  fi
+  if [ "$rc" != 0 ]; then
+    say "FAILED $name (command in $work/commands.sh)"
+    case "$name" in train.*) say "hint: training resumes from $run/checkpoints/checkpoint_last.pt;" \
+      "after changing model settings delete that folder" ;; esac
+    exit 1
+  fi
+  say "done $name in $(( $(date +%s) - t0 ))s"
+  printf '%s' "$cmd" > "$stamp"
+  redo=1
+}
+# step_always NAME COMMAND: a step that runs every time (cheap, reads the files of the others).
+step_always() { redo=1; step "$@"; }
+
+# ---------------------------------------------------------------------------------------------------- chains
+# data_done: the end of the data chain. If a data step's command changed, the models of the old data are moved
+# aside (runs.stale-<date>) so that no training resumes from them.
+data_done() {
+  data_redo=$redo any_redo=$redo
+  if [ "$stamp_changed" = 1 ] && [ "$dry_run" = 0 ] && [ -d "$work/runs" ]; then
+    local stale; stale="$work/runs.stale-$(date +%Y%m%d-%H%M%S)"
+    mv "$work/runs" "$stale"
+    say "the data changed: previous models moved to $stale"
+  fi
+}
+# chain_start [STEP]: a variant's chain begins, stale if the data ran or if STEP (a train_step) ran.
+chain_start() {
+  redo=$data_redo
+  if [ -n "${1:-}" ] && [[ "$trained" == *" $1 "* ]]; then redo=1; fi
+}
+# chain_end: a chain in which a step ran makes the summary stale.
+chain_end() { [ "$redo" = 0 ] || any_redo=1; }
+# summary_start: the steps over all variants (significance, report) begin.
+summary_start() { redo=$any_redo; }
+
+# train_step NAME COMMAND: `step` for a training; with train_jobs > 1 up to that many run at a time in the
+# background, each with $train_threads torch threads (two small LSTMs on two cores train faster side by side than
+# one after the other with two threads each); train_wait waits for them. chain_start NAME knows whether it ran.
+train_step() {
+  step_current "$1" "$2" || trained="$trained$1 "
+  if [ "$train_jobs" -gt 1 ] && [ "$dry_run" = 0 ]; then
+    OMP_NUM_THREADS=$train_threads MKL_NUM_THREADS=$train_threads step "$1" "$2" &
+    batch+=("$!")
+    [ "${#batch[@]}" -lt "$train_jobs" ] || train_wait
+  else
+    step "$1" "$2"
+  fi
+}
+train_wait() {
+  local pid failed=0
+  for pid in "${batch[@]}"; do wait "$pid" || failed=1; done
+  batch=()
+  [ "$failed" = 0 ] || { say "a training failed (see above)"; exit 1; }
+}
