@@ -104,7 +104,8 @@ if triton is not None:
         HAS_LENS: tl.constexpr, L2: tl.constexpr, FWD: tl.constexpr, BWD: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """Alg. 3 for a block of chains: forward (value, Q, r) if FWD, backward (E, U) if BWD (from the Q, r just
-        written, or given)."""
+        written, or given). Long because it is one fused GPU kernel: both sweeps in one launch keep v, u and the
+        2×2 state in registers; helper functions would not save a line of what runs per step."""
         bidx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         bm = bidx < B
         b64 = bidx.to(tl.int64)
@@ -171,7 +172,8 @@ if triton is not None:
         HAS_LENS: tl.constexpr, L2: tl.constexpr, BLOCK: tl.constexpr,
     ):
         """Alg. 4 for a block of chains. The tangent q̇_t is parked in Ė[t] by the forward sweep and consumed in
-        place by the reverse sweep (ė_t depends on q̇_t only)."""
+        place by the reverse sweep (ė_t depends on q̇_t only). Long for the same reason as ``_vit_kernel``: one
+        fused launch, the per-step state in registers."""
         bidx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         bm = bidx < B
         b64 = bidx.to(tl.int64)
