@@ -224,7 +224,7 @@ def test_checks_only_apply_to_command_lines_that_load_the_plugin(tmp_path):
     --user-dir user_dir (other tools, other tests) must parse exactly as before."""
     pytest.importorskip("fairseq")
     sys.path.insert(0, str(ROOT))
-    import user_dir.cli_checks  # noqa: F401  (installs the hook)
+    import user_dir  # noqa: F401  (installs the hook: user_dir.fairseq_patches)
     from fairseq import options
 
     args = options.parse_args_and_arch(options.get_training_parser(), [str(tmp_path / "nodata"), "--arch", "lstm",

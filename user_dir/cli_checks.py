@@ -4,9 +4,10 @@ any work is done and before any file is created or removed.
 fairseq 0.12 finds most bad inputs only deep inside a run, as a traceback (a missing data directory or checkpoint
 in ``os.listdir``/``torch.load``; ``--bf16`` as an ``AttributeError`` about ``xla_device``; ``--fp16 --cpu`` as
 "Torch not compiled with CUDA enabled"), and ``--dump-attention`` given to fairseq-train was only noticed at the
-second batch iterator, after the dump's temporary file had been created. The plugin wraps
-``fairseq.options.parse_args_and_arch`` (which fairseq-train/-generate/-interactive call right after importing
-``--user-dir``) and checks the parsed arguments there. A failed check prints ``<prog>: error: <message>`` to
+second batch iterator, after the dump's temporary file had been created. :func:`check_args` checks the parsed
+arguments right after ``fairseq.options.parse_args_and_arch`` (which fairseq-train/-generate/-interactive call right
+after importing ``--user-dir``); the wrapper that calls it is a patch of fairseq, and lives with the others in
+``user_dir/fairseq_patches.py``. A failed check prints ``<prog>: error: <message>`` to
 stderr and exits with status 2, like argparse. Nothing changes for command lines that pass the checks.
 """
 
@@ -84,7 +85,8 @@ def check_args(args) -> str | None:
     return None
 
 
-def _loads_this_plugin(args) -> bool:
+def loads_this_plugin(args) -> bool:
+    """Whether the command line that produced ``args`` loads this plugin (``--user-dir`` is this folder)."""
     user_dir = getattr(args, "user_dir", None)
     if not user_dir:
         return False
@@ -92,34 +94,7 @@ def _loads_this_plugin(args) -> bool:
     return os.path.realpath(os.path.expanduser(str(user_dir))) == here
 
 
-def _fail(parser: argparse.ArgumentParser, message: str):
+def fail(parser: argparse.ArgumentParser, message: str):
+    """Exit like argparse does on a bad command line: ``<prog>: error: <message>``, status 2."""
     sys.stderr.write(f"{parser.prog}: error: {message}\n")
     sys.exit(2)
-
-
-def install() -> None:
-    """Wrap ``fairseq.options.parse_args_and_arch`` once (idempotent)."""
-    import fairseq.options as fairseq_options
-
-    original = fairseq_options.parse_args_and_arch
-    if getattr(original, "_structattn_checks", False):
-        return
-
-    def parse_args_and_arch(parser, input_args=None, parse_known=False, suppress_defaults=False,
-                            modify_parser=None):
-        result = original(parser, input_args=input_args, parse_known=parse_known,
-                          suppress_defaults=suppress_defaults, modify_parser=modify_parser)
-        args = result[0] if parse_known else result
-        # Only command lines that load this plugin (the wrapper stays installed for the whole process once the
-        # plugin is imported); partial namespaces (validate's overrides) are not checked.
-        if not suppress_defaults and _loads_this_plugin(args):
-            message = check_args(args)
-            if message:
-                _fail(parser, message)
-        return result
-
-    parse_args_and_arch._structattn_checks = True
-    fairseq_options.parse_args_and_arch = parse_args_and_arch
-
-
-install()

@@ -10,11 +10,15 @@ Checked against: fairseq 0.12.2 and ``fairseq-fixed`` 0.12.3.1 (the build that i
 
 Patches
 -------
-Installed here (this module): the three below. Installed by :func:`install` from its own module, where its code
-and documentation live:
+All of them are installed here (this module):
 
-* ``command-line checks`` — ``user_dir/cli_checks.py``: wraps ``fairseq.options.parse_args_and_arch`` to reject bad
-  command lines in one line before any work.
+``command-line checks`` (:func:`_install_cli_checks`)
+    *What fairseq does.* ``fairseq.options.parse_args_and_arch`` parses the command line and returns; most bad
+    inputs (a missing data directory or checkpoint, ``--fp16 --cpu``, ``--dump-attention`` given to fairseq-train)
+    surface only deep inside the run, as a traceback, sometimes after files were created.
+    *What we do.* Wrap it: after parsing, command lines that load this plugin (``--user-dir`` is this folder) go
+    through :func:`user_dir.cli_checks.check_args`, and a failed check exits like argparse (one line, status 2).
+    Other command lines in the same process, and partial namespaces (``suppress_defaults``), parse exactly as before.
 
 ``--help lists model options`` (:func:`_install_model_help`)
     *What fairseq does.* ``fairseq-train --arch A --help`` prints the help page before
@@ -95,10 +99,37 @@ def install() -> None:
     _install_checkpoint_loading()
     _install_closable_prefetch()
     _install_model_help()
+    _install_cli_checks()
+    _installed = True
+
+
+# --- command-line checks -------------------------------------------------------------------------------------------
+
+def _install_cli_checks() -> None:
+    """Wrap ``fairseq.options.parse_args_and_arch`` once (idempotent)."""
+    import fairseq.options as fairseq_options
+
     from . import cli_checks
 
-    cli_checks.install()
-    _installed = True
+    original = fairseq_options.parse_args_and_arch
+    if getattr(original, "_structattn_checks", False):
+        return
+
+    def parse_args_and_arch(parser, input_args=None, parse_known=False, suppress_defaults=False,
+                            modify_parser=None):
+        result = original(parser, input_args=input_args, parse_known=parse_known,
+                          suppress_defaults=suppress_defaults, modify_parser=modify_parser)
+        args = result[0] if parse_known else result
+        # The wrapper stays installed for the whole process once the plugin is imported: check only command lines
+        # that load this plugin.
+        if not suppress_defaults and cli_checks.loads_this_plugin(args):
+            message = cli_checks.check_args(args)
+            if message:
+                cli_checks.fail(parser, message)
+        return result
+
+    parse_args_and_arch._structattn_checks = True
+    fairseq_options.parse_args_and_arch = parse_args_and_arch
 
 
 # --- --help lists model options ------------------------------------------------------------------------------------
