@@ -1,0 +1,104 @@
+"""The attention options of ``structattn-onmt-train``: names, defaults, help and the checks run before training.
+
+OpenNMT-py spells options with underscores (``-attention_reg l2`` on the command line, ``attention_reg: l2`` in
+a YAML config). The values, defaults and checks are the fairseq plugin's (:mod:`structattn.options`):
+
+=============================  ==============================  ===========================================
+option                         values                          default
+=============================  ==============================  ===========================================
+``global_attention_function``  ``softmax``, ``sparsemax``,     ``softmax`` (OpenNMT's own default)
+                               ``viterbi``
+``attention_reg``              ``entropy``, ``l2``             ``entropy``
+``attention_gamma``            a finite number > 0             the paper's γ: 2 for entropy, 10 for l2
+``attention_form``             ``stable``, ``paper``           ``stable``
+``attention_contiguity``       a finite number                 1.0
+=============================  ==============================  ===========================================
+
+``attention_reg``, ``attention_gamma``, ``attention_form`` and ``attention_contiguity`` are used by the Viterbi
+attention only (ignored otherwise, as in the fairseq plugin). This module defines the options and reads option
+namespaces; putting the options on OpenNMT's parser (and ``viterbi`` among ``-global_attention_function``'s
+choices) is a change to OpenNMT and lives in ``patches.py`` (:func:`structattn_onmt.patches.add_train_options`).
+"""
+
+from __future__ import annotations
+
+from structattn.options import (ATTENTIONS, DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_REG, PAPER_GAMMA, REGULARIZERS,
+                                VITERBI_FORMS, AttentionOptions, resolve_options)
+
+__all__ = ["OPTION_NAMES", "MARKER", "add_attention_options", "options_from_opt", "check_train_opt", "flag"]
+
+#: the options this package adds to onmt_train's (``global_attention_function`` exists there already)
+OPTION_NAMES = ("attention_reg", "attention_gamma", "attention_form", "attention_contiguity")
+
+#: an option every model trained by ``structattn-onmt-train`` has in its checkpoint's ``opt``; models without it
+#: (trained by plain ``onmt_train``) keep OpenNMT's own attention layer when translated
+MARKER = "attention_form"
+
+
+def flag(name: str) -> str:
+    """OpenNMT's spelling of an option in messages (``attention`` is ``-global_attention_function``)."""
+    return "-global_attention_function" if name == "attention" else f"-{name}"
+
+
+def add_attention_options(group, positive_float, finite_float) -> None:
+    """Add the four Viterbi options to an OpenNMT option group (``group.add`` of configargparse)."""
+    gammas = ", ".join(f"{g:g} for {reg}" for reg, g in PAPER_GAMMA.items())
+    group.add("--attention_reg", "-attention_reg", type=str, default=DEFAULT_REG, choices=list(REGULARIZERS),
+              help="structattn: regulariser of the smoothed max in the Viterbi attention: entropy (dense, CRF "
+                   "marginals) or l2 (sparse); only used with -global_attention_function viterbi")
+    group.add("--attention_gamma", "-attention_gamma", type=positive_float, default=None, metavar="FLOAT",
+              help="structattn: temperature gamma > 0 of the Viterbi attention (smaller is sparser; l2 turns into "
+                   f"hard, non-differentiable Viterbi when gamma is too small); default: the paper's {gammas}; "
+                   "only used with -global_attention_function viterbi")
+    group.add("--attention_form", "-attention_form", type=str, default=DEFAULT_FORM, choices=list(VITERBI_FORMS),
+              help="structattn: parametrisation of the Viterbi attention: stable (scores centred per row, "
+                   "transitions T = gamma * tau with a contiguity prior) or paper (raw scores, T learned from 0, "
+                   "exactly as in the paper)")
+    group.add("--attention_contiguity", "-attention_contiguity", type=finite_float, default=DEFAULT_CONTIGUITY,
+              metavar="FLOAT",
+              help="structattn: stable form only: initial T/gamma = [[c, 0], [0, c]] (staying in a state is worth "
+                   "c*gamma)")
+
+
+def options_from_opt(opt) -> AttentionOptions | None:
+    """The attention options of a model's ``opt`` (checked, γ filled in), or None for a model trained without
+    structattn (no :data:`MARKER` option: OpenNMT's own layer). Raises ``ValueError`` naming the option."""
+    if not hasattr(opt, MARKER):
+        return None
+    return resolve_options(
+        getattr(opt, "global_attention_function", "softmax"),
+        getattr(opt, "attention_reg", DEFAULT_REG),
+        getattr(opt, "attention_gamma", None),
+        getattr(opt, "attention_form", DEFAULT_FORM),
+        getattr(opt, "attention_contiguity", DEFAULT_CONTIGUITY),
+        flag=flag,
+    )
+
+
+def check_train_opt(opt) -> list[str]:
+    """Everything wrong with a training ``opt`` that OpenNMT would only find later (or never): one message per
+    problem, empty when fine. Run before any data is read."""
+    problems = []
+    try:
+        options = options_from_opt(opt)
+    except ValueError as exc:
+        return [str(exc)]
+    attention = options.attention if options is not None else "softmax"
+    if attention not in ATTENTIONS:  # pragma: no cover - resolve_options raised already
+        problems.append(f"-global_attention_function must be one of {', '.join(ATTENTIONS)}")
+    rnn_decoder = getattr(opt, "decoder_type", "rnn") == "rnn"
+    if attention == "viterbi":
+        if not rnn_decoder:
+            problems.append("-global_attention_function viterbi is an attention of the RNN decoder (-decoder_type "
+                            f"rnn); got -decoder_type {opt.decoder_type}")
+        elif getattr(opt, "global_attention", "general") != "general":
+            problems.append("-global_attention_function viterbi needs -global_attention general (the bilinear "
+                            f"score of the paper); got -global_attention {opt.global_attention}")
+    if rnn_decoder and getattr(opt, "global_attention", "general") != "none":
+        if getattr(opt, "coverage_attn", False):
+            problems.append("-coverage_attn is not supported by structattn-onmt-train (OpenNMT's coverage loss reads "
+                            "the input-feeding decoder's attention in the time-major layout that structattn fixes)")
+        if getattr(opt, "copy_attn", False):
+            problems.append("-copy_attn is not supported by structattn-onmt-train (the copy attention is untested "
+                            "with the structattn layer); use onmt_train")
+    return problems
