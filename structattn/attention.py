@@ -51,6 +51,12 @@ update while it matters only on the γ scale, stays ≈ 0: the chain factorises 
 :func:`dead_rows` counts the rows that fell back (the modules keep running counts, see
 :meth:`ViterbiAttention.pop_fallback_counts`; the fairseq plugin logs them as ``attn_fallback``).
 
+Multi-head attention (:func:`multihead_viterbi_attention`, :class:`ViterbiNormalizer`). A Transformer's
+encoder-decoder attention scores the source itself — the scaled dot products s_t = q·k_t/√d of each head — so only
+the normaliser is replaced: every (sentence, head, target position) row is one chain with the unary scores s_t of §5,
+and each head has its own transition matrix T_h (both forms as above). The fairseq glue is
+``user_dir/structattn_transformer.py`` (docs/transformer.md).
+
 This module does not import fairseq; the fairseq glue lives in ``user_dir/``.
 """
 
@@ -80,6 +86,8 @@ __all__ = [
     "SparsemaxAttention",
     "ViterbiAttention",
     "build_attention",
+    "multihead_viterbi_attention",
+    "ViterbiNormalizer",
 ]
 
 ATTENTIONS = ("softmax", "sparsemax", "viterbi")
@@ -352,7 +360,76 @@ class SparsemaxAttention(_BilinearAttention):
         return sparsemax_attention(scores, padding_mask)
 
 
-class ViterbiAttention(_BilinearAttention):
+class _ViterbiState:
+    """What every Viterbi attention module holds (mixin of :class:`ViterbiAttention` and
+    :class:`ViterbiNormalizer`): Ω, γ, the form and its transition parameter (``transitions`` = T in the paper
+    form, ``transitions_over_gamma`` = τ = T/γ in the stable form, of shape ``shape``), and running counts of
+    attention rows, dead (fallback) rows and frozen rows."""
+
+    def _init_viterbi(self, reg: str, gamma: float | None, form: str, contiguity: float | None,
+                      shape: tuple) -> None:
+        if gamma is None:
+            if reg not in PAPER_GAMMA:
+                check_reg_gamma(reg, 1.0)  # raises the standard error
+            gamma = PAPER_GAMMA[reg]
+        self.gamma = check_reg_gamma(reg, gamma)
+        self.reg = reg
+        if form not in VITERBI_FORMS:
+            raise ValueError(f"form must be one of {VITERBI_FORMS}, got {form!r}")
+        self.form = form
+        if form == "paper":
+            if contiguity not in (None, 0, 0.0):
+                raise ValueError("contiguity is a prior of the stable form; the paper form starts from T = 0")
+            self.contiguity = 0.0
+            self.transitions = nn.Parameter(torch.zeros(shape))
+        else:
+            c = DEFAULT_CONTIGUITY if contiguity is None else contiguity
+            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
+                raise ValueError(f"contiguity must be a finite number, got {c!r}")
+            self.contiguity = float(c)
+            prior = torch.tensor([[self.contiguity, 0.0], [0.0, self.contiguity]])
+            self.transitions_over_gamma = nn.Parameter(prior.expand(shape).clone())
+        self.register_buffer("_rows", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("_dead", torch.zeros((), dtype=torch.long), persistent=False)
+        self.register_buffer("_frozen", torch.zeros((), dtype=torch.long), persistent=False)
+        #: set to a list to collect the (B,) dead-row flags of every forward (None: do not collect)
+        self.recorded_dead: list | None = None
+
+    def effective_transitions(self) -> Tensor:
+        """T as used in θ (the paper's T; γ·τ in the stable form)."""
+        return self.transitions if self.form == "paper" else self.gamma * self.transitions_over_gamma
+
+    def _normalize_rows(self, scores: Tensor, padding_mask: Tensor | None, transitions: Tensor) -> Tensor:
+        """Weights of the rows ``scores`` (N, T) under this module's form, with ``transitions`` (2, 2) or (N, 2, 2)
+        as T; counts the rows. Computed in float32 for half-precision scores, returned in their dtype."""
+        s = _upcast_half(scores)
+        s = centre_scores(s, padding_mask) if self.form == "stable" else s
+        w, p = viterbi_attention(s, transitions, padding_mask, self.reg, self.gamma, return_marginals=True)
+        self._count_rows(p, padding_mask)
+        return w.to(scores.dtype)
+
+    def _count_rows(self, marginals: Tensor, padding_mask: Tensor | None) -> None:
+        """Add the rows of ``marginals`` (N, T) (p(y_t = 1)) to the running counts."""
+        # One mask check and one masking for both counts (this runs at every decoder step).
+        p_real, has_real = _real_rows(marginals, _check_scores(marginals, padding_mask, "marginals"))
+        dead = _dead(p_real, has_real)
+        # Tensors, not Python ints: no host synchronisation per decoder step on an accelerator.
+        self._rows += has_real.sum()
+        self._dead += dead.sum()
+        self._frozen += _frozen(p_real, has_real).sum()
+        if self.recorded_dead is not None:  # per-row flags for offline analysis (attention_health.py)
+            self.recorded_dead.append(dead)
+
+    def pop_fallback_counts(self) -> tuple[int, int, int]:
+        """(rows, dead rows, frozen rows) seen by the forwards since the last call (:func:`dead_rows`,
+        :func:`frozen_rows`); resets the counts."""
+        rows, dead, frozen = int(self._rows), int(self._dead), int(self._frozen)
+        for b in (self._rows, self._dead, self._frozen):
+            b.zero_()
+        return rows, dead, frozen
+
+
+class ViterbiAttention(_ViterbiState, _BilinearAttention):
     """Segmentation attention with smoothed Viterbi marginals (ICML 2018 §5, App. C.3); see
     :func:`viterbi_attention`.
 
@@ -367,65 +444,14 @@ class ViterbiAttention(_BilinearAttention):
     def __init__(self, query_dim: int, source_dim: int, reg: str = "entropy", gamma: float | None = None,
                  form: str = "paper", contiguity: float | None = None):
         super().__init__(query_dim, source_dim)
-        if gamma is None:
-            if reg not in PAPER_GAMMA:
-                check_reg_gamma(reg, 1.0)  # raises the standard error
-            gamma = PAPER_GAMMA[reg]
-        self.gamma = check_reg_gamma(reg, gamma)
-        self.reg = reg
-        if form not in VITERBI_FORMS:
-            raise ValueError(f"form must be one of {VITERBI_FORMS}, got {form!r}")
-        self.form = form
-        if form == "paper":
-            if contiguity not in (None, 0, 0.0):
-                raise ValueError("contiguity is a prior of the stable form; the paper form starts from T = 0")
-            self.contiguity = 0.0
-            self.transitions = nn.Parameter(torch.zeros(2, 2))
-        else:
-            c = DEFAULT_CONTIGUITY if contiguity is None else contiguity
-            if isinstance(c, bool) or not isinstance(c, (int, float)) or not math.isfinite(c):
-                raise ValueError(f"contiguity must be a finite number, got {c!r}")
-            self.contiguity = float(c)
-            self.transitions_over_gamma = nn.Parameter(torch.tensor([[self.contiguity, 0.0], [0.0, self.contiguity]]))
+        self._init_viterbi(reg, gamma, form, contiguity, (2, 2))
         # Score std ≤ γ at init for states in [−1, 1]^d (see the module docstring): never start in the collapsed,
         # zero-derivative regime of ℓ2, nor in a temperature-dependent one.
         a = self.gamma * math.sqrt(3.0 / (query_dim * source_dim))
         nn.init.uniform_(self.proj.weight, -a, a)
-        self.register_buffer("_rows", torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer("_dead", torch.zeros((), dtype=torch.long), persistent=False)
-        self.register_buffer("_frozen", torch.zeros((), dtype=torch.long), persistent=False)
-        #: set to a list to collect the (B,) dead-row flags of every forward (None: do not collect)
-        self.recorded_dead: list | None = None
-
-    def effective_transitions(self) -> Tensor:
-        """T as used in θ (the paper's T; γ·τ in the stable form)."""
-        return self.transitions if self.form == "paper" else self.gamma * self.transitions_over_gamma
 
     def normalize(self, scores, padding_mask):
-        out_dtype = scores.dtype
-        s = _upcast_half(scores)
-        s = centre_scores(s, padding_mask) if self.form == "stable" else s
-        w, p = viterbi_attention(s, self.effective_transitions(), padding_mask, self.reg, self.gamma,
-                                 return_marginals=True)
-        w = w.to(out_dtype)
-        # One mask check and one masking for both counts (this runs at every decoder step).
-        p_real, has_real = _real_rows(p, _check_scores(scores, padding_mask))
-        dead = _dead(p_real, has_real)
-        # Tensors, not Python ints: no host synchronisation per decoder step on an accelerator.
-        self._rows += has_real.sum()
-        self._dead += dead.sum()
-        self._frozen += _frozen(p_real, has_real).sum()
-        if self.recorded_dead is not None:  # per-row flags for offline analysis (attention_health.py)
-            self.recorded_dead.append(dead)
-        return w
-
-    def pop_fallback_counts(self) -> tuple[int, int, int]:
-        """(rows, dead rows, frozen rows) seen by the forwards since the last call (:func:`dead_rows`,
-        :func:`frozen_rows`); resets the counts."""
-        rows, dead, frozen = int(self._rows), int(self._dead), int(self._frozen)
-        for b in (self._rows, self._dead, self._frozen):
-            b.zero_()
-        return rows, dead, frozen
+        return self._normalize_rows(scores, padding_mask, self.effective_transitions())
 
     def extra_repr(self) -> str:
         r = super().extra_repr() + f", reg={self.reg!r}, gamma={self.gamma}, form={self.form!r}"
@@ -444,3 +470,97 @@ def build_attention(attention: str, query_dim: int, source_dim: int, reg: str = 
     if attention == "viterbi":
         return ViterbiAttention(query_dim, source_dim, reg, gamma, form, contiguity)
     raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+
+
+# ---- multi-head attention (scores given, one chain per head and query) ---------------------------------------------
+
+
+def _head_rows(scores: Tensor, padding_mask: Tensor | None, transitions: Tensor):
+    """(B, H, Q, S) scores → (B·H·Q, S) rows, their padding mask and their (2, 2) or (B·H·Q, 2, 2) transitions."""
+    if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.dim() != 4:
+        raise ValueError("scores must be a floating-point tensor of shape (B, H, Q, S), got "
+                         f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}")
+    B, H, Q, S = scores.shape
+    mask = None
+    if padding_mask is not None:
+        if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
+            raise TypeError("padding_mask must be a bool tensor (True at padded positions)")
+        try:
+            mask = padding_mask.expand(B, H, Q, S).reshape(-1, S)
+        except RuntimeError:
+            raise ValueError(f"padding_mask of shape {tuple(padding_mask.shape)} does not broadcast to the scores "
+                             f"{tuple(scores.shape)}") from None
+    if not isinstance(transitions, Tensor):
+        raise TypeError("transitions must be a torch.Tensor")
+    if transitions.dim() == 3 and transitions.shape[1:] == (2, 2) and transitions.shape[0] == 1:
+        transitions = transitions[0]  # shared by the heads: broadcast, no per-row copy
+    elif transitions.dim() == 3 and transitions.shape[1:] == (2, 2) and transitions.shape[0] == H:
+        transitions = transitions[None, :, None].expand(B, H, Q, 2, 2).reshape(-1, 2, 2)
+    elif transitions.shape != (2, 2):
+        raise ValueError(f"transitions must have shape (2, 2), (1, 2, 2) or (H, 2, 2) with H = {H} heads, got "
+                         f"{tuple(transitions.shape)}")
+    return scores.reshape(-1, S), mask, transitions
+
+
+def multihead_viterbi_attention(
+    scores: Tensor,
+    transitions: Tensor,
+    padding_mask: Tensor | None = None,
+    reg: str = "entropy",
+    gamma: float = 1.0,
+    return_marginals: bool = False,
+):
+    """Segmentation attention (ICML 2018 §5) for multi-head attention: one smoothed-Viterbi chain over the source
+    per (sequence, head, query), w_t ∝ p(y_t = 1) as in :func:`viterbi_attention`.
+
+    Args:
+        scores: (B, H, Q, S) scores, e.g. a Transformer's scaled dot products q·k/√d of H heads and Q queries.
+        transitions: (H, 2, 2) — one transition matrix T per head —, or (2, 2) / (1, 2, 2) shared by the heads.
+        padding_mask: optional bool tensor broadcastable to (B, H, Q, S) (e.g. a key padding mask as
+            (B, 1, 1, S)), True at padded positions, any layout.
+        reg, gamma, return_marginals: as in :func:`viterbi_attention`.
+
+    Returns:
+        (B, H, Q, S) weights (and the marginals p(y_t = 1) if asked), each row as :func:`viterbi_attention` gives
+        it: the chain runs over the real positions only, padding gets exactly 0, an all-zero ℓ2 row falls back to
+        softmax.
+    """
+    rows, mask, trans = _head_rows(scores, padding_mask, transitions)
+    out = viterbi_attention(rows, trans, mask, reg, gamma, return_marginals)
+    if return_marginals:
+        return out[0].view(scores.shape), out[1].view(scores.shape)
+    return out.view(scores.shape)
+
+
+class ViterbiNormalizer(_ViterbiState, nn.Module):
+    """The segmentation attention's normaliser on its own, for multi-head attention (e.g. a Transformer's
+    encoder-decoder attention, whose scaled dot products replace the bilinear scores of §5): maps scores
+    (B, H, Q, S) to weights with :func:`multihead_viterbi_attention`, with ``num_heads`` learned transition
+    matrices (one per head; ``num_heads=1`` shares one across the heads).
+
+    Same parametrisations as :class:`ViterbiAttention` (module docstring): ``form="paper"`` learns T
+    (``transitions``, (num_heads, 2, 2), from 0) on the raw scores; ``form="stable"`` centres each row's scores
+    over its real positions and learns τ = T/γ (``transitions_over_gamma``, from [[c, 0], [0, c]] per head). The
+    chain runs in float32 for float16/bfloat16 scores; the weights come back in the scores' dtype. Every forward
+    adds to the running counts of :meth:`pop_fallback_counts` (one row per sequence, head and query)."""
+
+    def __init__(self, num_heads: int = 1, reg: str = "entropy", gamma: float | None = None, form: str = "paper",
+                 contiguity: float | None = None):
+        super().__init__()
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        self.num_heads = num_heads
+        self._init_viterbi(reg, gamma, form, contiguity, (num_heads, 2, 2))
+
+    def forward(self, scores: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """scores (B, H, Q, S) with H = ``num_heads`` (or any H when ``num_heads`` is 1), padding_mask bool
+        broadcastable to it (True at padding) or None → weights (B, H, Q, S)."""
+        if scores.dim() == 4 and self.num_heads != 1 and scores.shape[1] != self.num_heads:
+            raise ValueError(f"{type(self).__name__} was built for {self.num_heads} heads, got scores of shape "
+                             f"{tuple(scores.shape)}")
+        rows, mask, trans = _head_rows(scores, padding_mask, self.effective_transitions())
+        return self._normalize_rows(rows, mask, trans).view(scores.shape)
+
+    def extra_repr(self) -> str:
+        r = f"num_heads={self.num_heads}, reg={self.reg!r}, gamma={self.gamma}, form={self.form!r}"
+        return r + (f", contiguity={self.contiguity}" if self.form == "stable" else "")

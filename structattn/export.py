@@ -14,6 +14,12 @@ Format (version 1): UTF-8 JSON Lines, one JSON object per line.
 * last line, footer: ``{"type": "end", "n_records": N, "sha256": HEX, "summary": {...}}`` where ``sha256`` is
   the digest of every byte before the footer line.
 
+Multi-head models (``structattn_transformer``) dumped with ``--dump-attention-heads all`` add to each record
+``"heads": [ATT, …]``, one matrix per head of the dumped layer (same shape as ``attention``, which is then their
+mean), and to the header's metadata ``attention_layer``, ``attention_heads`` and ``num_heads``. The key is optional:
+a record without it (every dump of a single-attention model, and of older versions) reads as ``heads = None``, and
+readers that do not know it ignore it.
+
 ``ATT`` stores a float32 matrix bit-exactly, in whichever of two encodings is smaller:
 ``{"shape": [T, S], "encoding": "dense", "data": B64}`` (row-major little-endian float32) or
 ``{"shape": [T, S], "encoding": "csr", "indptr": B64, "indices": B64, "data": B64}`` (int32 / int32 / float32,
@@ -81,7 +87,8 @@ class AttentionRecord:
     source token ``src_tokens[j]``; both token lists end with the EOS symbol, padding is removed.
     ``score`` is fairseq's hypothesis score (natural log, length-normalised as in generation).
     ``extra`` holds optional fields (``src_bpe``, ``hyp_bpe``, ``ref_text``, ``positional_scores``,
-    ``pad_mass``).
+    ``pad_mass``). ``heads`` (optional, multi-head models): (H, len(tgt_tokens), len(src_tokens)), head h's
+    attention; ``attention`` is then their mean.
     """
 
     id: int
@@ -93,6 +100,7 @@ class AttentionRecord:
     attention: np.ndarray
     score: float
     extra: dict = field(default_factory=dict)
+    heads: np.ndarray | None = None
 
     def __getitem__(self, key):
         if key in self.__dataclass_fields__:
@@ -110,6 +118,14 @@ class AttentionRecord:
             )
         if not np.all(np.isfinite(a)):
             raise DumpError(f"record {self.id}/{self.nbest_rank}: attention has non-finite values")
+        h = self.heads
+        if h is not None:
+            if not isinstance(h, np.ndarray) or h.ndim != 3 or h.shape[1:] != a.shape or h.shape[0] < 1:
+                raise DumpError(f"record {self.id}/{self.nbest_rank}: heads must be a numpy array of shape "
+                                f"(H, {a.shape[0]}, {a.shape[1]}), got "
+                                f"{h.shape if isinstance(h, np.ndarray) else type(h).__name__}")
+            if not np.all(np.isfinite(h)):
+                raise DumpError(f"record {self.id}/{self.nbest_rank}: heads have non-finite values")
 
 
 # ---- matrix encoding -------------------------------------------------------------------------------------------
@@ -284,20 +300,21 @@ class DumpWriter:
         if isinstance(record, dict):
             record = AttentionRecord(**record)
         record.validate()
-        self._emit(
-            {
-                "type": "record",
-                "id": int(record.id),
-                "nbest_rank": int(record.nbest_rank),
-                "src_tokens": [str(t) for t in record.src_tokens],
-                "tgt_tokens": [str(t) for t in record.tgt_tokens],
-                "src_text": str(record.src_text),
-                "hyp_text": str(record.hyp_text),
-                "score": _json_safe(float(record.score)),
-                "attention": encode_matrix(record.attention),
-                "extra": _json_safe(dict(record.extra)),
-            }
-        )
+        obj = {
+            "type": "record",
+            "id": int(record.id),
+            "nbest_rank": int(record.nbest_rank),
+            "src_tokens": [str(t) for t in record.src_tokens],
+            "tgt_tokens": [str(t) for t in record.tgt_tokens],
+            "src_text": str(record.src_text),
+            "hyp_text": str(record.hyp_text),
+            "score": _json_safe(float(record.score)),
+            "attention": encode_matrix(record.attention),
+            "extra": _json_safe(dict(record.extra)),
+        }
+        if record.heads is not None:  # only then: records without heads keep their exact bytes
+            obj["heads"] = [encode_matrix(h) for h in record.heads]
+        self._emit(obj)
         self.n_records += 1
 
     def flush(self) -> None:
@@ -436,6 +453,7 @@ def _parse_record(path: str, k: int, line: bytes) -> AttentionRecord:
             attention=decode_matrix(obj["attention"]),
             score=float(obj["score"]),
             extra=dict(obj.get("extra") or {}),
+            heads=_decode_heads(obj.get("heads")),
         )
         rec.validate()
     except KeyError as e:
@@ -443,6 +461,18 @@ def _parse_record(path: str, k: int, line: bytes) -> AttentionRecord:
     except DumpError as e:
         raise DumpError(f"{path}:{k}: {e}") from None
     return rec
+
+
+def _decode_heads(heads) -> np.ndarray | None:
+    """The optional per-head matrices of a record: None, or (H, T, S) float32."""
+    if heads is None:
+        return None
+    if not isinstance(heads, list) or not heads:
+        raise DumpError("'heads' must be a non-empty list of attention matrices")
+    mats = [decode_matrix(h) for h in heads]
+    if any(m.shape != mats[0].shape for m in mats):
+        raise DumpError("'heads' matrices differ in shape")
+    return np.stack(mats)
 
 
 def _check_unique(path: str, records: list[AttentionRecord]) -> None:

@@ -9,4 +9,5 @@ fairseq_patches.install()  # every deliberate change to fairseq's behaviour, doc
 
 from . import checkpoint_compat  # noqa: F401  (torch.load allow-list for fairseq checkpoints, torch >= 2.6)
 from . import structattn_lstm  # noqa: F401  (model `structattn_lstm` and its architectures)
+from . import structattn_transformer  # noqa: F401  (model `structattn_transformer` and its architectures)
 from . import dump_task  # noqa: F401  (task `structattn_translation`: --dump-attention for fairseq-generate)

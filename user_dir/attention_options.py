@@ -6,7 +6,9 @@ their validation, of how they become an attention module, and of the training me
 {entropy,l2}``, ``--attention-gamma FLOAT`` (default: the paper's γ per Ω, :data:`structattn.attention.PAPER_GAMMA`),
 ``--attention-form {stable,paper}`` and ``--attention-contiguity FLOAT``. Models call :func:`add_attention_args` in
 ``add_args``, :func:`attention_defaults` in their architecture functions, :func:`resolve_attention_args` in
-``build_model`` and build the module with :func:`build_from_options`; the maths stays in :mod:`structattn.attention`.
+``build_model`` and build the module with :func:`build_from_options` (a bilinear attention layer, the LSTM) or
+:func:`build_normalizer` (the normaliser of a multi-head attention, the Transformer); the maths stays in
+:mod:`structattn.attention`.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import argparse
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from fairseq.logging import metrics
 from torch import nn
 
 from structattn.attention import (ATTENTIONS, DEFAULT_CONTIGUITY, PAPER_GAMMA, VITERBI_FORMS, ViterbiAttention,
-                                  build_attention)
+                                  ViterbiNormalizer, build_attention)
 from structattn.ops.smoothed_max import REGULARIZERS
 
 DEFAULT_ATTENTION = "viterbi"
@@ -135,28 +138,64 @@ def build_from_options(options: AttentionOptions, query_dim: int, source_dim: in
                            contiguity)
 
 
-def log_attention_metrics(att: nn.Module, prefix: str = "") -> None:
+def build_normalizer(options: AttentionOptions, num_heads: int) -> Optional[ViterbiNormalizer]:
+    """The Viterbi normaliser of a multi-head attention with ``num_heads`` heads (one transition matrix per head,
+    :class:`structattn.attention.ViterbiNormalizer`), or None for softmax/sparsemax (parameter-free: the caller
+    applies :func:`structattn.attention.softmax_attention` / ``sparsemax_attention`` to its scores)."""
+    if options.attention != "viterbi":
+        return None
+    contiguity = options.contiguity if options.form == "stable" else None
+    return ViterbiNormalizer(num_heads, options.reg, options.gamma, options.form, contiguity)
+
+
+#: the modules whose rows and transitions :func:`log_attention_metrics` logs
+VITERBI_MODULES = (ViterbiAttention, ViterbiNormalizer)
+
+
+def log_attention_metrics(att, prefix: str = "") -> None:
     """Log the fallback and frozen-row rates and the learned transitions on the γ scale of a Viterbi attention
     (no-op for softmax/sparsemax) into fairseq's active metric aggregators (train_inner/train while training, valid
     during validation): ``attn_fallback``, ``attn_frozen`` and ``T00/g T01/g T10/g T11/g`` (T[i, j]: state j at
     t−1 → state i at t; all ≈ 0 means independent positions). ``prefix`` distinguishes several attention layers.
 
+    ``att`` is one module or a list of them (e.g. the normalisers of every decoder layer of a Transformer, None
+    where a layer has none): the rates then pool the rows of all of them and T/γ is the mean over all their
+    transition matrices (one per head for a :class:`structattn.attention.ViterbiNormalizer`).
+
     Reads the counts on the host: callers skip it inside compiled graphs (the counts keep accumulating in the
     module's buffers and are logged by the next eager call)."""
-    if not isinstance(att, ViterbiAttention):
+    atts = [m for m in (att if isinstance(att, (list, tuple)) else (att,)) if isinstance(m, VITERBI_MODULES)]
+    if not atts:
         return
-    rows, dead, frozen = att.pop_fallback_counts()
+    rows, dead, frozen = (sum(c) for c in zip(*(m.pop_fallback_counts() for m in atts)))
     if rows == 0:
         return
     metrics.log_scalar(f"{prefix}attn_fallback", dead / rows, weight=rows, round=4)
     metrics.log_scalar(f"{prefix}attn_frozen", frozen / rows, weight=rows, round=4)
-    tau = (att.effective_transitions().detach() / att.gamma).cpu().tolist()
+    tau = torch.cat([(m.effective_transitions().detach() / m.gamma).reshape(-1, 2, 2) for m in atts])
+    tau = tau.mean(0).cpu().tolist()
     for i in range(2):
         for j in range(2):
             metrics.log_scalar(f"{prefix}T{i}{j}/g", tau[i][j], weight=0, round=3)
 
 
+def check_transition_keys(state_dict: dict, prefix: str, form: str) -> None:
+    """Say which ``--model-overrides`` loads a checkpoint whose Viterbi attention (parameters under ``prefix``) is
+    in the other form than the model being built (``transitions``: paper form, raw T; ``transitions_over_gamma``:
+    stable form, τ = T/γ), instead of fairseq's bare missing-key error. Checkpoints written before the stable form
+    existed record no --attention-form and are built with the new default."""
+    has_paper, has_stable = prefix + "transitions" in state_dict, prefix + "transitions_over_gamma" in state_dict
+    if form == "stable" and has_paper and not has_stable:
+        raise ValueError("this checkpoint's Viterbi attention is in the paper form (raw transitions T, from a "
+                         "version before --attention-form existed or trained with --attention-form paper); "
+                         "load it with --model-overrides \"{'attention_form': 'paper'}\"")
+    if form == "paper" and has_stable and not has_paper:
+        raise ValueError("this checkpoint's Viterbi attention is in the stable form (transitions_over_gamma); "
+                         "load it with --model-overrides \"{'attention_form': 'stable'}\"")
+
+
 __all__ = [
-    "AttentionOptions", "DEFAULT_ATTENTION", "DEFAULT_FORM", "DEFAULT_REG", "add_attention_args",
-    "attention_defaults", "build_from_options", "log_attention_metrics", "positive_float", "resolve_attention_args",
+    "AttentionOptions", "DEFAULT_ATTENTION", "DEFAULT_FORM", "DEFAULT_REG", "VITERBI_MODULES", "add_attention_args",
+    "attention_defaults", "build_from_options", "build_normalizer", "check_transition_keys", "log_attention_metrics",
+    "positive_float", "resolve_attention_args",
 ]

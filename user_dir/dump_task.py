@@ -15,6 +15,14 @@ fairseq issue #3625): the dump is then misaligned. This is not patched here; ins
 attention mass found on padding columns (``extra.pad_mass``), a warning is logged when it is not 0, and the
 footer summary records ``max_pad_mass``. (With ``--left-pad-source False`` the built-in ``lstm`` is consistent.)
 
+Multi-head models (``structattn_transformer``). The dumped attention is the encoder-decoder attention of one decoder
+layer — ``--dump-attention-layer`` (0-based, negative from the end; default: the last, the layer
+``--print-alignment`` uses) — averaged over its heads, fairseq's alignment convention; ``--dump-attention-heads all``
+also writes every head (records' ``heads``, see :mod:`structattn.export`; the model then returns the heads packed
+side by side, so beam search reorders them with the hypotheses). The header records ``attention_layer``,
+``attention_heads`` and ``num_heads``. Models with a single attention (``structattn_lstm``) refuse both options, and
+their dumps are exactly what they were before these options existed.
+
 End of the run. fairseq-generate has no end-of-run hook; this task wraps the batch iterator that
 ``get_batch_iterator`` returns. When that iterator is exhausted, fairseq-generate has run ``inference_step`` on
 every batch it yielded (its loop asks for the next batch only after finishing the current one), so the dump is
@@ -36,6 +44,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
@@ -44,6 +53,7 @@ from structattn.export import AttentionRecord, DumpWriter
 logger = logging.getLogger(__name__)
 
 PAD_MASS_TOLERANCE = 1e-6
+DUMP_HEADS = ("mean", "all")
 
 
 @dataclass
@@ -54,6 +64,21 @@ class StructAttnTranslationConfig(TranslationConfig):
             "help": "fairseq-generate only: write every n-best hypothesis' full attention matrix (target x source "
             "tokens, EOS included) to this file (structattn attention dump, JSON Lines; read with "
             "structattn.export.read_dump). Written to a temporary name and renamed on successful completion."
+        },
+    )
+    dump_attention_layer: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "multi-head models (structattn_transformer) only: the decoder layer whose encoder-decoder "
+            "attention --dump-attention writes (0-based; negative counts from the end); default: the last, the "
+            "layer fairseq's --print-alignment uses"
+        },
+    )
+    dump_attention_heads: Optional[ChoiceEnum(DUMP_HEADS)] = field(
+        default=None,
+        metadata={
+            "help": "multi-head models only: 'mean' (default) writes the average of the layer's heads, 'all' "
+            "also every head (the records' 'heads'; the structattn-stats/-report commands then show each head)"
         },
     )
     dump_post_process: Optional[str] = field(
@@ -168,6 +193,7 @@ class StructAttnTranslationTask(TranslationTask):
         self._dataset_size = None
         self._max_pad_mass = 0.0
         self._warned_pad = False
+        self._export: Optional[dict] = None  # multi-head models: {"layer", "heads", "num_heads"}
 
     # ---- capture what fairseq-generate builds -----------------------------------------------------------------
 
@@ -184,7 +210,43 @@ class StructAttnTranslationTask(TranslationTask):
         self._gen_cfg = args
         if self.cfg.dump_attention:
             _require_attention(models)
+            self._export = self._choose_exported_attention(models, args)
+        elif self.cfg.dump_attention_layer is not None or self.cfg.dump_attention_heads is not None:
+            raise ValueError("--dump-attention-layer/--dump-attention-heads choose what --dump-attention writes; "
+                             "give --dump-attention PATH too")
         return super().build_generator(models, args, **kwargs)
+
+    def _choose_exported_attention(self, models, gen_args) -> Optional[dict]:
+        """Multi-head models: make every model return the chosen layer's attention (heads averaged or packed) and
+        return what the dump records about it; None for single-attention models (nothing changes for them)."""
+        layer, heads = self.cfg.dump_attention_layer, self.cfg.dump_attention_heads
+        heads = None if heads is None else str(heads)  # fairseq's ChoiceEnum value → plain str
+        multi = [hasattr(getattr(m, "decoder", None), "set_attention_export") for m in models]
+        if not any(multi):
+            if layer is not None or heads is not None:
+                raise ValueError("--dump-attention-layer/--dump-attention-heads apply to multi-head models "
+                                 "(structattn_transformer); this model has a single attention layer")
+            return None
+        if not all(multi):
+            raise ValueError("--dump-attention: an ensemble must not mix multi-head and single-attention models")
+        heads = heads or "mean"
+        if heads == "all" and getattr(gen_args, "print_alignment", None):
+            raise ValueError("--dump-attention-heads all cannot be combined with --print-alignment (fairseq's "
+                             "alignment needs the heads' average)")
+        layers, n_heads = set(), set()
+        for m in models:
+            m.decoder.set_attention_export(layer, heads)  # validates the layer against the model
+            index = m.decoder.num_layers - 1 if m.decoder.export_layer is None else m.decoder.export_layer
+            layers.add(index)
+            n_heads.add(m.decoder.layers[index].encoder_attn.num_heads)
+        if heads == "all" and len(n_heads) > 1:
+            raise ValueError(f"--dump-attention-heads all: the ensemble's models have different numbers of heads "
+                             f"{sorted(n_heads)}")
+
+        def one_or_all(values):  # an ensemble's models may differ (e.g. layer -1 of models of different depths)
+            return min(values) if len(values) == 1 else sorted(values)
+
+        return {"attention_layer": one_or_all(layers), "attention_heads": heads, "num_heads": one_or_all(n_heads)}
 
     def build_tokenizer(self, args):
         self._tokenizer = super().build_tokenizer(args)
@@ -262,6 +324,7 @@ class StructAttnTranslationTask(TranslationTask):
             "model_args": model_cfgs,
             "layout": "attention[i, j]: target token i (EOS last) x source token j (EOS last), padding removed; "
             "ensembles: the average of the models' attention as used by fairseq's generator",
+            **(self._export or {}),
         }
 
     def _text(self, dictionary, tokens) -> tuple[str, str]:
@@ -299,9 +362,14 @@ class StructAttnTranslationTask(TranslationTask):
             common = self._source_fields(src[keep], ref)
             for rank, hypo in enumerate(hypos[i][:nbest]):
                 att = self._hypothesis_attention(hypo, sid, src.numel(), ref if scoring_reference else None)
-                pad_mass = float(att[:, ~keep].abs().sum(dim=1).max()) if (~keep).any() else 0.0
+                heads = None
+                if att.dim() == 3:  # every head: (heads, hypothesis length, padded source length)
+                    heads, att = att, att.mean(0)
+                every = att[None] if heads is None else heads
+                pad_mass = float(every[:, :, ~keep].abs().sum(dim=2).max()) if (~keep).any() else 0.0
                 self._check_pad_mass(pad_mass, sid)
-                w.write(self._record(int(sid), rank, hypo, att[:, keep], pad_mass, common))
+                kept_heads = None if heads is None else heads[:, :, keep]
+                w.write(self._record(int(sid), rank, hypo, att[:, keep], pad_mass, common, kept_heads))
                 self._written[int(sid)] = self._written.get(int(sid), 0) + 1
         w.flush()
 
@@ -314,7 +382,8 @@ class StructAttnTranslationTask(TranslationTask):
         return {"src_tokens": [self.src_dict[int(t)] for t in src_ids], "src_text": src_text, "extra": extra}
 
     def _hypothesis_attention(self, hypo, sid, src_len, scored_ref):
-        """The hypothesis' attention as (hypothesis length, padded source length), float32 on CPU.
+        """The hypothesis' attention as (hypothesis length, padded source length), float32 on CPU; with every head
+        dumped, (heads, hypothesis length, padded source length).
 
         ``scored_ref``: the padded reference when fairseq's SequenceScorer produced ``hypo`` (rows then follow
         the target's padded layout); None for SequenceGenerator output, which is (src_len x tgt_len)."""
@@ -327,14 +396,18 @@ class StructAttnTranslationTask(TranslationTask):
         att = att.detach().float().cpu()
         att = att[scored_ref.ne(self.tgt_dict.pad())] if scored_ref is not None else att.t()
         n_tokens = len(hypo["tokens"])
-        if att.shape != (n_tokens, src_len):
+        n_heads = self._export["num_heads"] if self._export and self._export["attention_heads"] == "all" else 1
+        if att.shape != (n_tokens, n_heads * src_len):
             raise RuntimeError(
                 f"--dump-attention: sentence {sid}: attention shape {tuple(att.shape)} does not match "
-                f"(hypothesis length, padded source length) = ({n_tokens}, {src_len})"
+                f"(hypothesis length, padded source length{' x heads' if n_heads > 1 else ''}) = "
+                f"({n_tokens}, {n_heads * src_len})"
             )
+        if n_heads > 1:  # columns h·src_len + j: head h on source position j (StructAttnTransformerDecoderLayer)
+            att = att.view(n_tokens, n_heads, src_len).transpose(0, 1)
         return att
 
-    def _record(self, sid, rank, hypo, att, pad_mass, common):
+    def _record(self, sid, rank, hypo, att, pad_mass, common, heads=None):
         tokens = hypo["tokens"].cpu()
         hyp_bpe, hyp_text = self._text(self.tgt_dict, tokens)
         extra = dict(common["extra"])
@@ -353,6 +426,7 @@ class StructAttnTranslationTask(TranslationTask):
             attention=att.numpy().astype(np.float32),
             score=float(hypo["score"]),
             extra=extra,
+            heads=None if heads is None else heads.numpy().astype(np.float32),
         )
 
     def _check_pad_mass(self, pad_mass, sid):

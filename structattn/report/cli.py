@@ -163,12 +163,13 @@ def _run(prog: str, fn, argv) -> int:
 
 def _stats(argv) -> int:
     from ..export import eos_symbol
-    from .stats import STAT_COLUMNS, dump_stats, format_stat
+    from .stats import STAT_COLUMNS, dump_head_count, dump_stats, format_stat
 
     p = argparse.ArgumentParser(
         prog="structattn-stats",
         description="Sparsity statistics of attention dumps: fraction of exact zeros, mean support size and "
-        "mean number of contiguous non-zero segments per target row.",
+        "mean number of contiguous non-zero segments per target row. Dumps of multi-head models written with "
+        "every head (--dump-attention-heads all) get one more row per head, LABEL/hN.",
     )
     p.add_argument("dumps", nargs="+", metavar="[LABEL=]DUMP", help="attention dump(s) (fairseq-generate --dump-attention)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -179,19 +180,26 @@ def _stats(argv) -> int:
     models = _load_all(args.dumps)
     rows = []
     for m in models:
-        st = dump_stats(m.records, nbest_rank=args.nbest_rank, exclude_eos=args.exclude_eos,
-                        eos=eos_symbol(m.metadata))
-        rows.append((m, st))
+        kw = dict(nbest_rank=args.nbest_rank, exclude_eos=args.exclude_eos, eos=eos_symbol(m.metadata))
+        heads = [dump_stats(m.records, head=h, **kw) for h in range(dump_head_count(m.records) or 0)]
+        rows.append((m, dump_stats(m.records, **kw), heads))
+
+    def plain(st):
+        return {k: (None if isinstance(v, float) and v != v else v) for k, v in st.items()}
+
     if args.json:
         out = [
             {"label": m.label, "path": m.path, "arch": m.metadata.get("arch"), "attention": m.metadata.get("attention"),
-             **{k: (None if isinstance(v, float) and v != v else v) for k, v in st.items()}}
-            for m, st in rows
+             **plain(st), **({"heads": [plain(h) for h in heads]} if heads else {})}
+            for m, st, heads in rows
         ]
         print(json.dumps(out, indent=2))
         return 0
     header = ["model"] + [name for _, name, _ in STAT_COLUMNS]
-    table = [header] + [[m.label] + [format_stat(st[k], f) for k, _, f in STAT_COLUMNS] for m, st in rows]
+    table = [header]
+    for m, st, heads in rows:
+        for label, stat in [(m.label, st)] + [(f"{m.label}/h{h}", hs) for h, hs in enumerate(heads)]:
+            table.append([label] + [format_stat(stat[k], f) for k, _, f in STAT_COLUMNS])
     widths = [max(len(r[c]) for r in table) for c in range(len(header))]
     for n, r in enumerate(table):
         print("  ".join(r[0].ljust(widths[0]) if c == 0 else r[c].rjust(widths[c]) for c in range(len(r))))

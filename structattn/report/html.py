@@ -15,7 +15,7 @@ from typing import Sequence
 
 from ..export import eos_symbol
 from ..fileio import atomic_write
-from .stats import STAT_COLUMNS, dump_stats, format_stat, matrix_stats, row_segments
+from .stats import STAT_COLUMNS, dump_head_count, dump_stats, format_stat, matrix_stats, row_segments
 
 __all__ = ["ModelDump", "build_report", "common_ids"]
 
@@ -41,6 +41,8 @@ class ModelDump:
                 parts.append(f"reg={args['attention_reg']}")
             if args.get("attention_gamma") is not None:
                 parts.append(f"γ={args['attention_gamma']}")
+        if m.get("attention_layer") is not None:  # multi-head models: which layer, heads averaged or all
+            parts.append(f"layer {m['attention_layer']}, {m.get('num_heads')} heads ({m.get('attention_heads')})")
         gen = m.get("generation") or {}
         if gen.get("beam"):
             parts.append(f"beam={gen['beam']}")
@@ -120,8 +122,13 @@ def build_report(
                    eos=eos_of[m.label])
         for m in models
     ]
+    head_stats = [  # per head, over all sentences (dumps written with every head)
+        [dump_stats(m.records, nbest_rank=nbest_rank, exclude_eos=exclude_eos, eos=eos_of[m.label], head=h)
+         for h in range(dump_head_count(m.records) or 0)]
+        for m in models
+    ]
     page_title = title or "Attention maps: " + " vs ".join(m.label for m in models)
-    parts = [_page_head(page_title, exclude_eos, nbest_rank), _stats_table(models, stats, shown_stats),
+    parts = [_page_head(page_title, exclude_eos, nbest_rank), _stats_table(models, stats, shown_stats, head_stats),
              *_contract_warnings(models)]
     if not shown:
         parts.append("<p>No sentence is present in every dump.</p>")
@@ -169,8 +176,9 @@ def _page_head(page_title: str, exclude_eos: bool, nbest_rank: int) -> str:
     ])
 
 
-def _stats_table(models, stats, shown_stats) -> str:
-    """The sparsity table: one row per model, for all sentences and for the shown ones."""
+def _stats_table(models, stats, shown_stats, head_stats=None) -> str:
+    """The sparsity table: one row per model, for all sentences and for the shown ones; then, for dumps with every
+    head, one row per head (all sentences)."""
     out = ["<table class='stats'><tr><th>model</th><th class='l'>setting</th><th class='l'>dump</th>"]
     out += [f"<th>{_e(name)}</th>" for _, name, _ in STAT_COLUMNS]
     out.append("</tr>")
@@ -181,6 +189,14 @@ def _stats_table(models, stats, shown_stats) -> str:
                        f"<td class='l'>{_e(os.path.basename(m.path) if m.path else '')}</td>")
             out += [f"<td>{_e(format_stat(st[key], f))}</td>" for key, _, f in STAT_COLUMNS]
             out.append("</tr>")
+    if any(head_stats or ()):
+        out.append(f"<tr><td colspan='{3 + len(STAT_COLUMNS)}'><i>each head, all sentences (the rows above "
+                   "describe the heads' average)</i></td></tr>")
+        for m, heads in zip(models, head_stats):
+            for h, st in enumerate(heads):
+                out.append(f"<tr><td class='label'>{_e(m.label)}/h{h}</td><td class='l'>head {h}</td><td></td>")
+                out += [f"<td>{_e(format_stat(st[key], f))}</td>" for key, _, f in STAT_COLUMNS]
+                out.append("</tr>")
     out.append("</table>")
     return "\n".join(out)
 
@@ -197,8 +213,24 @@ def _contract_warnings(models) -> list[str]:
     return out
 
 
+def _heads_figure(rec, label, name, imgdir, dpi, plot_kwargs) -> str:
+    """The grid of a record's per-head maps (written to ``imgdir``) with each head's sparsity in the caption."""
+    from .plot import heads_figure, save_figure
+
+    fig = heads_figure(rec.heads, rec.src_tokens, rec.tgt_tokens, title=f"{label}: every head", dpi=dpi,
+                       **plot_kwargs)
+    save_figure(fig, os.path.join(imgdir, name))
+    per_head = " · ".join(
+        f"h{h} zeros {st['zero_fraction']:.2f}, segments/row {st['mean_segments']:.2f}"
+        for h, st in enumerate(matrix_stats(a) for a in rec.heads))
+    return (f"<figure><img src='img/{_e(name)}' alt='attention of each head of {_e(label)} for sentence "
+            f"{rec.id}'><figcaption><span class='label'>{_e(label)}</span>, each head: {_e(per_head)}"
+            "</figcaption></figure>")
+
+
 def _sentence_section(sid, models, nbest_rank, imgdir, fmt, dpi, plot_kwargs) -> str:
-    """Source, reference and one heatmap per model (written to ``imgdir``) for sentence ``sid``."""
+    """Source, reference and one heatmap per model (written to ``imgdir``) for sentence ``sid``; for a dump with
+    every head, also the grid of its heads' maps."""
     from .plot import attention_figure, save_figure
 
     first = models[0].by_key[(sid, nbest_rank)]
@@ -224,5 +256,7 @@ def _sentence_section(sid, models, nbest_rank, imgdir, fmt, dpi, plot_kwargs) ->
             f"{st['mean_support']:.2f} · segments/row {st['mean_segments']:.2f} "
             f"(max {int(segs.max()) if segs.size else 0})</figcaption></figure>",
         ]
+        if rec.heads is not None:
+            out.append(_heads_figure(rec, m.label, f"s{sid}_m{k}_heads.{fmt}", imgdir, dpi, plot_kwargs))
     out.append("</div>")
     return "\n".join(out)

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..fileio import atomic_path
 
-__all__ = ["draw_attention", "attention_figure", "save_figure", "plot_record", "DEFAULT_CMAP", "ZERO_COLOR"]
+__all__ = ["draw_attention", "attention_figure", "heads_figure", "save_figure", "plot_record", "DEFAULT_CMAP",
+           "ZERO_COLOR"]
 
 DEFAULT_CMAP = "viridis_r"  # light yellow (small) → dark purple (large); contains no white
 ZERO_COLOR = "white"
@@ -103,6 +104,12 @@ def draw_attention(
     return image
 
 
+def _label_inches(src_tokens, tgt_tokens) -> float:
+    """Room for the tick labels (the longest token) beside a heatmap, in inches."""
+    longest = max([len(str(t)) for t in list(src_tokens or []) + list(tgt_tokens or [])] + [2])
+    return min(0.08 * longest + 0.4, 2.5)
+
+
 def attention_figure(
     attention,
     src_tokens=None,
@@ -122,8 +129,7 @@ def attention_figure(
     if a.ndim != 2:
         raise ValueError(f"attention must be a 2-D matrix, got shape {a.shape}")
     T, S = a.shape
-    longest = max([len(str(t)) for t in list(src_tokens or []) + list(tgt_tokens or [])] + [2])
-    label_in = min(0.08 * longest + 0.4, 2.5)
+    label_in = _label_inches(src_tokens, tgt_tokens)
     width = max(S, 1) * cell_inches + label_in + (0.9 if colorbar else 0.2)
     height = max(T, 1) * cell_inches + label_in + (0.35 if title else 0.1)
     fig = Figure(figsize=(max(width, 2.0), max(height, 1.6)), dpi=dpi, layout="constrained")
@@ -135,6 +141,56 @@ def attention_figure(
         cb.ax.tick_params(labelsize=7)
     if title:
         ax.set_title(title, fontsize=9)
+    return fig
+
+
+def heads_figure(
+    heads,
+    src_tokens=None,
+    tgt_tokens=None,
+    *,
+    titles: Sequence[str] | None = None,
+    ncols: int = 4,
+    title: str | None = None,
+    colorbar: bool = True,
+    dpi: float = 100,
+    cell_inches: float = CELL_INCHES,
+    **draw_kwargs,
+):
+    """A Figure (Agg canvas) with one heatmap per head, ``heads`` (H, T, S) (a record's ``heads``), in a grid of
+    ``ncols`` columns, all on the same colour scale (``vmax``, default 1) with one colour bar; ``titles`` default to
+    "head h"."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    h = np.asarray(heads)
+    if h.ndim != 3 or h.shape[0] < 1:
+        raise ValueError(f"heads must have shape (H, T, S), got {h.shape}")
+    if titles is not None and len(titles) != h.shape[0]:
+        raise ValueError(f"{len(titles)} titles for {h.shape[0]} heads")
+    if isinstance(ncols, bool) or not isinstance(ncols, int) or ncols < 1:
+        raise ValueError(f"ncols must be a positive int, got {ncols!r}")
+    H, T, S = h.shape
+    ncols = min(ncols, H)
+    nrows = -(-H // ncols)
+    label_in = _label_inches(src_tokens, tgt_tokens)
+    width = ncols * (max(S, 1) * cell_inches + label_in) + (0.9 if colorbar else 0.2)
+    height = nrows * (max(T, 1) * cell_inches + label_in + 0.35) + (0.4 if title else 0.1)
+    fig = Figure(figsize=(max(width, 2.0), max(height, 1.6)), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    image = None
+    for k, ax in enumerate(axes.ravel()):
+        if k >= H:
+            ax.set_axis_off()
+            continue
+        image = draw_attention(ax, h[k], src_tokens, tgt_tokens, **draw_kwargs)
+        ax.set_title(titles[k] if titles is not None else f"head {k}", fontsize=9)
+    if colorbar:
+        cb = fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.03, pad=0.02)
+        cb.ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 

@@ -15,6 +15,10 @@ For a matrix A (target rows × source columns) we count, with *exact* zeros (A =
   hypotheses); it is n/a when a record does not carry it (softmax/sparsemax dumps, or dumps not annotated).
 
 Dump-level numbers pool over cells (zero fraction) or over target rows (means), i.e. long sentences weigh more.
+
+Multi-head dumps (records with ``heads``, :mod:`structattn.export`): the statistics above describe ``attention``, the
+heads' average; :func:`dump_stats` with ``head=h`` computes the same statistics on head h's matrices, and
+:func:`dump_head_count` says how many heads the records of a dump have.
 """
 
 from __future__ import annotations
@@ -25,8 +29,8 @@ import numpy as np
 
 from ..export import DEFAULT_EOS
 
-__all__ = ["row_support", "row_segments", "matrix_stats", "dump_stats", "select_records", "record_fallback_rows",
-           "STAT_COLUMNS"]
+__all__ = ["row_support", "row_segments", "matrix_stats", "dump_stats", "dump_head_count", "select_records",
+           "record_fallback_rows", "STAT_COLUMNS"]
 
 # (key, column title, format) in the order tables show them
 STAT_COLUMNS = [
@@ -113,20 +117,32 @@ def select_records(records: Iterable, nbest_rank: int | None = 0) -> list:
     return [r for r in records if nbest_rank is None or r.nbest_rank == nbest_rank]
 
 
-def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bool = False, eos: str = DEFAULT_EOS) -> dict:
+def dump_head_count(records: Iterable) -> int | None:
+    """The number of heads of a multi-head dump (every record has ``heads``, all with that many), else None."""
+    counts = {None if getattr(r, "heads", None) is None else r.heads.shape[0] for r in records}
+    return counts.pop() if len(counts) == 1 else None
+
+
+def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bool = False, eos: str = DEFAULT_EOS,
+               head: int | None = None) -> dict:
     """Pooled statistics over the records of a dump.
 
-    ``exclude_eos`` drops the final EOS row and the EOS source column before counting. Returns the keys of
+    ``exclude_eos`` drops the final EOS row and the EOS source column before counting. ``head``: the statistics of
+    that head's matrices (records' ``heads[head]``) instead of ``attention``. Returns the keys of
     :data:`STAT_COLUMNS` plus ``n_records`` and ``n_cells``; means are NaN when there is no row, and
     ``fallback_fraction`` (fallback rows / rows) is NaN unless every chosen record says which of its rows fell
     back (:func:`record_fallback_rows`).
     """
     chosen = select_records(records, nbest_rank)
+    if head is not None:
+        missing = [r.id for r in chosen if getattr(r, "heads", None) is None or not 0 <= head < r.heads.shape[0]]
+        if missing:
+            raise ValueError(f"head {head}: record {missing[0]} has no such head (dump without per-head attention?)")
     n_cells = zeros = 0
     n_fallback, fallback_known = 0, bool(chosen)
     supports, rel_supports, segments = [], [], []
     for r in chosen:
-        a = np.asarray(r.attention)
+        a = np.asarray(r.attention if head is None else r.heads[head])
         if exclude_eos:
             a = _trim_eos(a, r.src_tokens, r.tgt_tokens, eos)
         fb = record_fallback_rows(r, a.shape[0])
