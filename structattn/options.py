@@ -17,8 +17,8 @@ contiguity c (stable)     a finite number                          :data:`DEFAUL
 ========================  =======================================  ================================================
 
 This module imports no toolkit (argparse only for the ``type=`` callables' error class), so that glue for any
-toolkit can share one definition of the values and their checks. The fairseq plugin's own copy lives in
-``user_dir/attention_options.py``; ``tests/test_onmt_options.py`` checks that the two agree.
+toolkit can share one definition of the values and their checks: the fairseq plugin's flags
+(``user_dir/attention_options.py``) and the OpenNMT-py options (``structattn_onmt/options.py``) are spellings of it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from torch import nn
 
-from .attention import ATTENTIONS, DEFAULT_CONTIGUITY, PAPER_GAMMA, VITERBI_FORMS, build_attention
+from .attention import ATTENTIONS, DEFAULT_CONTIGUITY, PAPER_GAMMA, VITERBI_FORMS, ViterbiNormalizer, build_attention
 from .ops.smoothed_max import REGULARIZERS
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "finite_float",
     "resolve_options",
     "build_from_options",
+    "build_normalizer",
 ]
 
 DEFAULT_REG = "entropy"
@@ -125,3 +126,13 @@ def build_from_options(options: AttentionOptions, query_dim: int, source_dim: in
     contiguity = options.contiguity if options.form == "stable" else None
     return build_attention(options.attention, query_dim, source_dim, options.reg, options.gamma, options.form,
                            contiguity)
+
+
+def build_normalizer(options: AttentionOptions, num_heads: int) -> Optional[ViterbiNormalizer]:
+    """The Viterbi normaliser of a multi-head attention with ``num_heads`` transition matrices (one per head, or 1
+    shared by the heads; :class:`structattn.attention.ViterbiNormalizer`), or None for softmax/sparsemax
+    (parameter-free: the caller applies :func:`structattn.attention.softmax_attention` / ``sparsemax_attention``)."""
+    if options.attention != "viterbi":
+        return None
+    contiguity = options.contiguity if options.form == "stable" else None
+    return ViterbiNormalizer(num_heads, options.reg, options.gamma, options.form, contiguity)

@@ -13,43 +13,17 @@ their validation, of how they become an attention module, and of the training me
 
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass
-from typing import Optional
-
 import torch
 from fairseq.logging import metrics
-from torch import nn
 
-from structattn.attention import (ATTENTIONS, DEFAULT_CONTIGUITY, PAPER_GAMMA, VITERBI_FORMS, ViterbiAttention,
-                                  ViterbiNormalizer, build_attention)
-from structattn.ops.smoothed_max import REGULARIZERS
+from structattn.attention import ATTENTIONS, DEFAULT_CONTIGUITY, PAPER_GAMMA, VITERBI_FORMS, ViterbiAttention, \
+    ViterbiNormalizer
+# The values, defaults and checks are toolkit-neutral and shared with the OpenNMT-py glue (structattn.options);
+# this module adds what is fairseq's: the flags, the architecture defaults, the metrics.
+from structattn.options import (DEFAULT_FORM, DEFAULT_REG, REGULARIZERS, AttentionOptions, build_from_options,
+                                build_normalizer, positive_float, resolve_options)
 
 DEFAULT_ATTENTION = "viterbi"
-DEFAULT_REG = "entropy"
-DEFAULT_FORM = "stable"
-
-
-@dataclass(frozen=True)
-class AttentionOptions:
-    """The validated attention options of a model (γ filled in with the paper's value for Viterbi attention)."""
-
-    attention: str
-    reg: str
-    gamma: Optional[float]
-    form: str
-    contiguity: Optional[float]
-
-
-def positive_float(text: str) -> float:
-    """argparse type for --attention-gamma: a finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
-    if not (value > 0.0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
-    return value
 
 
 def _choices(values) -> str:
@@ -62,9 +36,10 @@ def add_attention_args(parser) -> None:
     gammas = ", ".join(f"{g:g} for {reg}" for reg, g in PAPER_GAMMA.items())
     parser.add_argument(
         "--attention", choices=ATTENTIONS, metavar=_choices(ATTENTIONS),
-        help="attention layer: softmax (fairseq's bilinear attention), sparsemax (sparse projection of the "
-             "same scores) or viterbi (segmentation attention with smoothed Viterbi marginals, Mensch & "
-             f"Blondel 2018 §5); default: {DEFAULT_ATTENTION}",
+        help="attention normaliser of the model's scores (the LSTM's bilinear scores, the Transformer's per-head "
+             "scaled dot products over the source): softmax, sparsemax (sparse projection of the same scores) or "
+             "viterbi (segmentation attention with smoothed Viterbi marginals, Mensch & Blondel 2018 §5); default: "
+             f"{DEFAULT_ATTENTION}",
     )
     parser.add_argument(
         "--attention-reg", choices=REGULARIZERS, metavar=_choices(REGULARIZERS),
@@ -104,48 +79,12 @@ def resolve_attention_args(args) -> AttentionOptions:
     """Validate the attention options on ``args`` (also for models built without the command line) and fill in
     γ's paper default (:data:`structattn.attention.PAPER_GAMMA`) when the Viterbi attention is used without
     --attention-gamma; the filled-in γ is written back to ``args`` so that the checkpoint records it."""
-    attention = getattr(args, "attention", DEFAULT_ATTENTION)
-    reg = getattr(args, "attention_reg", DEFAULT_REG)
-    gamma = getattr(args, "attention_gamma", None)
-    if attention not in ATTENTIONS:
-        raise ValueError(f"--attention must be one of {', '.join(ATTENTIONS)}; got {attention!r}")
-    if reg not in REGULARIZERS:
-        raise ValueError(f"--attention-reg must be one of {', '.join(REGULARIZERS)}; got {reg!r}")
-    if gamma is not None:
-        try:
-            gamma = positive_float(str(gamma))
-        except argparse.ArgumentTypeError as exc:
-            raise ValueError(f"--attention-gamma {exc}") from None
-    form = getattr(args, "attention_form", DEFAULT_FORM)
-    if form not in VITERBI_FORMS:
-        raise ValueError(f"--attention-form must be one of {', '.join(VITERBI_FORMS)}; got {form!r}")
-    contiguity = getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY)
-    if contiguity is not None and not (isinstance(contiguity, (int, float)) and abs(float(contiguity)) < float("inf")):
-        raise ValueError(f"--attention-contiguity must be a finite number; got {contiguity!r}")
-    if attention == "viterbi" and gamma is None:
-        gamma = PAPER_GAMMA[reg]
-        args.attention_gamma = gamma
-    return AttentionOptions(attention, reg, gamma, form, contiguity)
-
-
-def build_from_options(options: AttentionOptions, query_dim: int, source_dim: int) -> nn.Module:
-    """The attention module (:mod:`structattn.attention`) the options describe, scoring a query of ``query_dim``
-    against sources of ``source_dim``."""
-    if options.attention != "viterbi":
-        return build_attention(options.attention, query_dim, source_dim)
-    contiguity = options.contiguity if options.form == "stable" else None
-    return build_attention(options.attention, query_dim, source_dim, options.reg, options.gamma, options.form,
-                           contiguity)
-
-
-def build_normalizer(options: AttentionOptions, num_heads: int) -> Optional[ViterbiNormalizer]:
-    """The Viterbi normaliser of a multi-head attention with ``num_heads`` heads (one transition matrix per head,
-    :class:`structattn.attention.ViterbiNormalizer`), or None for softmax/sparsemax (parameter-free: the caller
-    applies :func:`structattn.attention.softmax_attention` / ``sparsemax_attention`` to its scores)."""
-    if options.attention != "viterbi":
-        return None
-    contiguity = options.contiguity if options.form == "stable" else None
-    return ViterbiNormalizer(num_heads, options.reg, options.gamma, options.form, contiguity)
+    options = resolve_options(getattr(args, "attention", DEFAULT_ATTENTION), getattr(args, "attention_reg", DEFAULT_REG),
+                              getattr(args, "attention_gamma", None), getattr(args, "attention_form", DEFAULT_FORM),
+                              getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY))
+    if options.attention == "viterbi" and getattr(args, "attention_gamma", None) is None:
+        args.attention_gamma = options.gamma
+    return options
 
 
 #: the modules whose rows and transitions :func:`log_attention_metrics` logs

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from structattn.attention import ViterbiAttention
 
 from .attention_options import (AttentionOptions, add_attention_args, attention_defaults, build_from_options,
-                                log_attention_metrics, resolve_attention_args)
+                                check_transition_keys, log_attention_metrics, resolve_attention_args)
 from .distributed import check_data_parallel_launch
 
 
@@ -184,15 +184,7 @@ class StructAttnLSTMModel(LSTMModel):
         att = self.decoder.attention.attention
         if not isinstance(att, ViterbiAttention):
             return
-        prefix = (name + "." if name else "") + "decoder.attention.attention."
-        has_paper, has_stable = prefix + "transitions" in state_dict, prefix + "transitions_over_gamma" in state_dict
-        if att.form == "stable" and has_paper and not has_stable:
-            raise ValueError("this checkpoint's Viterbi attention is in the paper form (raw transitions T, from a "
-                             "version before --attention-form existed or trained with --attention-form paper); "
-                             "load it with --model-overrides \"{'attention_form': 'paper'}\"")
-        if att.form == "paper" and has_stable and not has_paper:
-            raise ValueError("this checkpoint's Viterbi attention is in the stable form (transitions_over_gamma); "
-                             "load it with --model-overrides \"{'attention_form': 'stable'}\"")
+        check_transition_keys(state_dict, (name + "." if name else "") + "decoder.attention.attention.", att.form)
 
 
 def _build_embeddings(args, task) -> tuple[nn.Embedding, Optional[nn.Embedding]]:
