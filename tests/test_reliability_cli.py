@@ -102,6 +102,9 @@ def _cases(t, ro):
                              f"directory '{t / 'nodir'}' does not exist", True),
         "dump is dir": (_generate(t, "--dump-attention", t), f"cannot write attention dump '{t}': it is a directory; give a file "
                         "name", True),
+        "dump heads without dump": (_generate(t, "--dump-attention-heads", "all"), "--dump-attention-layer/"
+                                    "--dump-attention-heads choose what --dump-attention writes; give "
+                                    "--dump-attention PATH too", True),
         "missing checkpoint": (_generate(t, path=t / "nope.pt"), f"--path: checkpoint file '{t / 'nope.pt'}' not "
                                "found", True),
         "generate missing data": (_generate(t, data=t / "nodata"), f"data directory '{t / 'nodata'}' does not "

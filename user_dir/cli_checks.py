@@ -65,6 +65,10 @@ def check_args(args) -> str | None:
             if not os.path.isfile(p):
                 return f"--path: checkpoint file {p!r} not found"
     dump = getattr(args, "dump_attention", None)
+    if not dump and (getattr(args, "dump_attention_layer", None) is not None
+                     or getattr(args, "dump_attention_heads", None) is not None):
+        return ("--dump-attention-layer/--dump-attention-heads choose what --dump-attention writes; give "
+                "--dump-attention PATH too")
     if dump:
         if kind != "generate":
             return ("--dump-attention works with fairseq-generate only (one pass over --gen-subset); remove it "
