@@ -49,6 +49,7 @@ __all__ = [
     "FORMAT_VERSION",
     "DEFAULT_EOS",
     "eos_symbol",
+    "plain_options",
     "AttentionRecord",
     "DumpError",
     "IncompleteDumpError",
@@ -64,6 +65,21 @@ FORMAT_NAME = "structattn-attention-dump"
 FORMAT_VERSION = 1
 #: End-of-sentence token of dumps whose header does not name one (``eos_symbol``): fairseq's.
 DEFAULT_EOS = "</s>"
+
+
+def plain_options(options) -> dict:
+    """A model's options (a dict or an argparse-style namespace) as the JSON-friendly ``model_args`` of a dump
+    header: scalars and lists of scalars, private (``_``) keys dropped, in the options' order."""
+    items = options.items() if isinstance(options, dict) else vars(options).items()
+    out = {}
+    for k, v in items:
+        if k.startswith("_"):
+            continue
+        if isinstance(v, (bool, int, float, str)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
+            out[k] = list(v)
+    return out
 
 
 def eos_symbol(metadata: dict) -> str:

@@ -34,7 +34,7 @@ import sys
 import numpy as np
 import torch
 
-from structattn.export import AttentionRecord, DumpWriter
+from structattn.export import AttentionRecord, DumpWriter, plain_options
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +48,7 @@ GENERATION_KEYS = ("beam_size", "n_best", "min_length", "max_length", "max_lengt
 
 def _plain(opt) -> dict:
     """An option namespace as JSON-friendly values."""
-    out = {}
-    for k, v in sorted(vars(opt).items()):
-        if k.startswith("_"):
-            continue
-        if isinstance(v, (bool, int, float, str)) or v is None:
-            out[k] = v
-        elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
-            out[k] = list(v)
-    return out
+    return plain_options(dict(sorted(vars(opt).items())))
 
 
 def _strip_specials(tokens) -> list:

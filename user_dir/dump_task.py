@@ -48,7 +48,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from structattn.export import AttentionRecord, DumpWriter
+from structattn.export import AttentionRecord, DumpWriter, plain_options
 
 logger = logging.getLogger(__name__)
 
@@ -101,17 +101,7 @@ def _plain(cfg) -> dict:
             cfg = OmegaConf.to_container(cfg, resolve=False)
     except ImportError:  # pragma: no cover - omegaconf ships with fairseq
         pass
-    if not isinstance(cfg, dict):
-        cfg = dict(vars(cfg))
-    out = {}
-    for k, v in cfg.items():
-        if k.startswith("_"):
-            continue
-        if isinstance(v, (bool, int, float, str)) or v is None:
-            out[k] = v
-        elif isinstance(v, (list, tuple)) and all(isinstance(x, (bool, int, float, str)) for x in v):
-            out[k] = list(v)
-    return out
+    return plain_options(cfg)
 
 
 def _require_attention(models):
