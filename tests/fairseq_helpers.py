@@ -119,3 +119,48 @@ def hypotheses(generate_stdout: str) -> dict:
             idx, _score, text = (line.split("\t") + ["", ""])[:3]
             hyps[int(idx[2:])] = text
     return hyps
+
+
+# ---- in-process model tests: a toy dictionary, random sentences, padded batches ----------------------------------
+
+
+def toy_dictionary(n: int = 12):
+    """A fairseq Dictionary with the 4 specials and the symbols w0 … w{n-1}."""
+    from fairseq.data import Dictionary
+
+    d = Dictionary()
+    for i in range(n):
+        d.add_symbol(f"w{i}")
+    return d
+
+
+def random_sentences(d, lengths, seed: int = 1) -> list:
+    """Random token tensors of the given lengths, each ending with EOS."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return [torch.cat([torch.randint(d.nspecial, len(d), (L - 1,), generator=g), torch.tensor([d.eos()])])
+            for L in lengths]
+
+
+def pad_batch(d, sents, layout: str):
+    """(src_tokens, src_lengths) padded on the "left", the "right", or "mixed" (even rows left, odd rows right)."""
+    import torch
+
+    T = max(len(s) for s in sents)
+    rows = []
+    for i, s in enumerate(sents):
+        pad = torch.full((T - len(s),), d.pad())
+        left = layout == "left" or (layout == "mixed" and i % 2 == 0)
+        rows.append(torch.cat([pad, s]) if left else torch.cat([s, pad]))
+    return torch.stack(rows), torch.tensor([len(s) for s in sents])
+
+
+def random_prev_output(d, B: int, U: int, seed: int = 2):
+    """(B, U) random decoder inputs starting with EOS (fairseq's prev_output_tokens)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    prev = torch.randint(d.nspecial, len(d), (B, U), generator=g)
+    prev[:, 0] = d.eos()
+    return prev

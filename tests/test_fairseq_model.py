@@ -13,13 +13,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fairseq_helpers import ROOT
+from fairseq_helpers import ROOT, pad_batch, random_prev_output, random_sentences, toy_dictionary
 
 fairseq = pytest.importorskip("fairseq")
 
 sys.path.insert(0, str(ROOT))
 from fairseq import options  # noqa: E402
-from fairseq.data import Dictionary  # noqa: E402
 from fairseq.models.lstm import LSTMModel, base_architecture  # noqa: E402
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
@@ -37,13 +36,6 @@ VARIANTS = {
 }
 
 
-def _dictionary(n=12):
-    d = Dictionary()
-    for i in range(n):
-        d.add_symbol(f"w{i}")
-    return d
-
-
 def _args(arch=structattn_lstm, **kw):
     args = argparse.Namespace(
         arch="structattn_lstm", criterion="cross_entropy", dropout=0.0, encoder_embed_dim=16,
@@ -55,7 +47,7 @@ def _args(arch=structattn_lstm, **kw):
 
 def _model(variant, seed=0, **kw):
     torch.manual_seed(seed)
-    d = _dictionary()
+    d = toy_dictionary()
     task = SimpleNamespace(source_dictionary=d, target_dictionary=d)
     model = StructAttnLSTMModel.build_model(_args(**VARIANTS[variant], **kw), task).double().eval()
     # fairseq's initialisation gives near-uniform attention; larger random weights make it peaked enough that a
@@ -68,30 +60,6 @@ def _model(variant, seed=0, **kw):
     return model, d
 
 
-def _sentences(d, lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.cat([torch.randint(d.nspecial, len(d), (L - 1,), generator=g), torch.tensor([d.eos()])])
-            for L in lengths]
-
-
-def _batch(d, sents, layout):
-    """src_tokens padded on the left, the right, or 'mixed' (even rows left, odd rows right)."""
-    T = max(len(s) for s in sents)
-    rows = []
-    for i, s in enumerate(sents):
-        pad = torch.full((T - len(s),), d.pad())
-        left = layout == "left" or (layout == "mixed" and i % 2 == 0)
-        rows.append(torch.cat([pad, s]) if left else torch.cat([s, pad]))
-    return torch.stack(rows), torch.tensor([len(s) for s in sents])
-
-
-def _prev_output(d, B, U, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    prev = torch.randint(d.nspecial, len(d), (B, U), generator=g)
-    prev[:, 0] = d.eos()
-    return prev
-
-
 # ---- padding and the attention column contract ------------------------------------------------------------------------
 
 
@@ -99,9 +67,9 @@ def _prev_output(d, B, U, seed=2):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_padded_batch_equals_single_sentences(variant, layout):
     model, d = _model(variant)
-    sents = _sentences(d, [6, 3, 5, 1, 6])
-    src, lengths = _batch(d, sents, layout)
-    prev = _prev_output(d, len(sents), 5)
+    sents = random_sentences(d, [6, 3, 5, 1, 6])
+    src, lengths = pad_batch(d, sents, layout)
+    prev = random_prev_output(d, len(sents), 5)
     with torch.no_grad():
         logits, attn = model(src, lengths, prev)
     assert attn.shape == (len(sents), 5, src.shape[1])
@@ -119,12 +87,12 @@ def test_padded_batch_equals_single_sentences(variant, layout):
 
 def test_same_sentence_left_and_right_padded_in_one_batch():
     model, d = _model("viterbi-l2")
-    s = _sentences(d, [4])[0]
+    s = random_sentences(d, [4])[0]
     T = 7
     left = torch.cat([torch.full((T - 4,), d.pad()), s])
     right = torch.cat([s, torch.full((T - 4,), d.pad())])
     src = torch.stack([left, right])
-    prev = _prev_output(d, 1, 4).expand(2, 4)
+    prev = random_prev_output(d, 1, 4).expand(2, 4)
     with torch.no_grad():
         _, attn = model(src, torch.tensor([4, 4]), prev)
     torch.testing.assert_close(attn[0, :, T - 4 :], attn[1, :, :4], rtol=1e-12, atol=1e-12)
@@ -143,9 +111,9 @@ def test_softmax_variant_equals_fairseq_lstm_with_realigned_attention():
     state = dict(model.state_dict())
     state["decoder.attention.input_proj.weight"] = state.pop("decoder.attention.attention.proj.weight")
     ref.load_state_dict(state)
-    sents = _sentences(d, [6, 5, 3, 2])  # fairseq's encoder wants lengths sorted, descending
-    src, lengths = _batch(d, sents, "left")
-    prev = _prev_output(d, 4, 6)
+    sents = random_sentences(d, [6, 5, 3, 2])  # fairseq's encoder wants lengths sorted, descending
+    src, lengths = pad_batch(d, sents, "left")
+    prev = random_prev_output(d, 4, 6)
     with torch.no_grad():
         logits, attn = model(src, lengths, prev)
         logits_ref, attn_ref = ref(src, lengths, prev)
@@ -169,8 +137,8 @@ def _incremental(model, enc, prev, state=None):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_incremental_decoding_equals_full_forward(variant):
     model, d = _model(variant)
-    src, lengths = _batch(d, _sentences(d, [5, 2, 4]), "left")
-    prev = _prev_output(d, 3, 6)
+    src, lengths = pad_batch(d, random_sentences(d, [5, 2, 4]), "left")
+    prev = random_prev_output(d, 3, 6)
     with torch.no_grad():
         logits, attn = model(src, lengths, prev)
         enc = model.encoder(src, lengths)
@@ -182,8 +150,8 @@ def test_incremental_decoding_equals_full_forward(variant):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_reorder_incremental_state(variant):
     model, d = _model(variant)
-    src, lengths = _batch(d, _sentences(d, [5, 2, 4]), "left")
-    prev = _prev_output(d, 3, 5)
+    src, lengths = pad_batch(d, random_sentences(d, [5, 2, 4]), "left")
+    prev = random_prev_output(d, 3, 5)
     new_order = torch.tensor([2, 0, 0])  # what beam search does: drop, keep and duplicate hypotheses
     with torch.no_grad():
         enc = model.encoder(src, lengths)
@@ -200,8 +168,8 @@ def test_reorder_incremental_state(variant):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_beam_search_batch_equals_single_and_attention_is_aligned(variant):
     model, d = _model(variant)
-    sents = _sentences(d, [6, 4, 2])
-    src, lengths = _batch(d, sents, "left")
+    sents = random_sentences(d, [6, 4, 2])
+    src, lengths = pad_batch(d, sents, "left")
     gen = SequenceGenerator([model], d, beam_size=3, max_len_b=8, max_len_a=0)
     with torch.no_grad():
         hypos = gen.forward({"net_input": {"src_tokens": src, "src_lengths": lengths}})
@@ -293,7 +261,7 @@ def test_bad_options_give_short_clear_errors(extra, message):
 
 
 def test_build_model_validates_programmatic_args_and_fills_paper_gamma():
-    d = _dictionary()
+    d = toy_dictionary()
     task = SimpleNamespace(source_dictionary=d, target_dictionary=d)
     with pytest.raises(ValueError, match="--attention must be one of"):
         StructAttnLSTMModel.build_model(_args(attention="dot"), task)
@@ -311,11 +279,11 @@ def test_empty_source_sentence_is_rejected():
     model, d = _model("softmax")
     src = torch.tensor([[d.pad(), d.pad()], [4, d.eos()]])
     with pytest.raises(ValueError, match="no token"):
-        model(src, torch.tensor([0, 2]), _prev_output(d, 2, 3))
+        model(src, torch.tensor([0, 2]), random_prev_output(d, 2, 3))
 
 
 def test_paper_architecture():
-    d = _dictionary()
+    d = toy_dictionary()
     task = SimpleNamespace(source_dictionary=d, target_dictionary=d)
     args = argparse.Namespace(arch="structattn_lstm_paper", criterion="cross_entropy", attention="viterbi",
                               attention_reg="l2")
@@ -334,8 +302,8 @@ def test_paper_architecture():
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cuda_matches_cpu(variant):
     model, d = _model(variant)
-    src, lengths = _batch(d, _sentences(d, [6, 3, 5]), "left")
-    prev = _prev_output(d, 3, 5)
+    src, lengths = pad_batch(d, random_sentences(d, [6, 3, 5]), "left")
+    prev = random_prev_output(d, 3, 5)
     with torch.no_grad():
         logits, attn = model(src, lengths, prev)
         model.cuda()

@@ -14,13 +14,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fairseq_helpers import ROOT
+from fairseq_helpers import ROOT, pad_batch, random_prev_output, random_sentences, toy_dictionary
 
 fairseq = pytest.importorskip("fairseq")
 
 sys.path.insert(0, str(ROOT))
 from fairseq import options  # noqa: E402
-from fairseq.data import Dictionary  # noqa: E402
 from fairseq.logging import metrics  # noqa: E402
 from fairseq.models.transformer import TransformerModel  # noqa: E402
 from fairseq.models.transformer import tiny_architecture as fairseq_tiny  # noqa: E402
@@ -48,13 +47,6 @@ HEADS, LAYERS = 4, 2
 F32 = dict(rtol=1e-5, atol=1e-6)
 
 
-def _dictionary(n=12):
-    d = Dictionary()
-    for i in range(n):
-        d.add_symbol(f"w{i}")
-    return d
-
-
 def _args(arch=structattn_transformer_tiny, **kw):
     args = argparse.Namespace(arch="structattn_transformer_tiny", dropout=0.0, encoder_embed_dim=16,
                               encoder_ffn_embed_dim=24, encoder_attention_heads=2, decoder_attention_heads=HEADS,
@@ -69,7 +61,7 @@ def _task(d):
 
 def _model(variant, seed=0, **kw):
     torch.manual_seed(seed)
-    d = _dictionary()
+    d = toy_dictionary()
     model = StructAttnTransformerModel.build_model(_args(**VARIANTS[variant], **kw), _task(d)).double().eval()
     # Larger random weights than fairseq's initialisation: peaked (and, for l2, sparse) attention, so that a
     # mis-indexed column, a leaked padding position or a wrong head would show.
@@ -83,28 +75,6 @@ def _model(variant, seed=0, **kw):
     return model, d
 
 
-def _sentences(d, lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.cat([torch.randint(d.nspecial, len(d), (L - 1,), generator=g), torch.tensor([d.eos()])])
-            for L in lengths]
-
-
-def _batch(d, sents, layout):
-    T = max(len(s) for s in sents)
-    rows = []
-    for s in sents:
-        pad = torch.full((T - len(s),), d.pad())
-        rows.append(torch.cat([pad, s]) if layout == "left" else torch.cat([s, pad]))
-    return torch.stack(rows), torch.tensor([len(s) for s in sents])
-
-
-def _prev_output(d, B, U, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    prev = torch.randint(d.nspecial, len(d), (B, U), generator=g)
-    prev[:, 0] = d.eos()
-    return prev
-
-
 def _forward(model, src, lengths, prev):
     logits, extra = model(src, lengths, prev)
     return logits, extra["attn"][0]
@@ -114,7 +84,7 @@ def _forward(model, src, lengths, prev):
 
 
 def test_architectures_and_parameters():
-    d = _dictionary()
+    d = toy_dictionary()
     model = StructAttnTransformerModel.build_model(_args(attention="viterbi", attention_reg="l2"), _task(d))
     norms = model.decoder.normalizers()
     assert len(norms) == LAYERS and all(n.num_heads == HEADS for n in norms)
@@ -144,8 +114,8 @@ def test_softmax_equals_fairseq_transformer():
     fairseq_tiny(args)
     ref = TransformerModel.build_model(args, _task(d)).double().eval()
     ref.load_state_dict(model.state_dict())  # strict: the same parameters
-    src, lengths = _batch(d, _sentences(d, [6, 3, 5]), "left")
-    prev = _prev_output(d, 3, 5)
+    src, lengths = pad_batch(d, random_sentences(d, [6, 3, 5]), "left")
+    prev = random_prev_output(d, 3, 5)
     with torch.no_grad():
         logits, attn = _forward(model, src, lengths, prev)
         logits_ref, attn_ref = _forward(ref, src, lengths, prev)
@@ -158,9 +128,9 @@ def test_softmax_equals_fairseq_transformer():
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_padded_batch_equals_single_sentences(variant, layout):
     model, d = _model(variant)
-    sents = _sentences(d, [6, 3, 5, 1])
-    src, lengths = _batch(d, sents, layout)
-    prev = _prev_output(d, len(sents), 5)
+    sents = random_sentences(d, [6, 3, 5, 1])
+    src, lengths = pad_batch(d, sents, layout)
+    prev = random_prev_output(d, len(sents), 5)
     with torch.no_grad():
         logits, attn = _forward(model, src, lengths, prev)
     pad = src.eq(d.pad())
@@ -177,8 +147,8 @@ def test_padded_batch_equals_single_sentences(variant, layout):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_incremental_decoding_equals_full_forward(variant):
     model, d = _model(variant)
-    src, lengths = _batch(d, _sentences(d, [5, 2, 4]), "left")
-    prev = _prev_output(d, 3, 6)
+    src, lengths = pad_batch(d, random_sentences(d, [5, 2, 4]), "left")
+    prev = random_prev_output(d, 3, 6)
     state = {}
     with torch.no_grad():
         logits, attn = _forward(model, src, lengths, prev)
@@ -193,8 +163,8 @@ def test_beam_search_equals_forced_full_forward(variant):
     """Beam search (incremental, beams sharing the encoder keys, reordered states) scores every hypothesis as a
     non-incremental forward of that hypothesis does, and its attention is that forward's, in src_tokens columns."""
     model, d = _model(variant)
-    sents = _sentences(d, [6, 4, 2])
-    src, lengths = _batch(d, sents, "left")
+    sents = random_sentences(d, [6, 4, 2])
+    src, lengths = pad_batch(d, sents, "left")
     gen = SequenceGenerator([model], d, beam_size=3, max_len_b=6, max_len_a=0)
     with torch.no_grad():
         hypos = gen.forward({"net_input": {"src_tokens": src, "src_lengths": lengths}})
@@ -224,8 +194,8 @@ def test_transitions_shared_by_the_heads_of_a_layer():
     for k in [k for k in state if k.endswith("transitions_over_gamma")]:
         state[k] = state[k].expand(HEADS, 2, 2).clone()
     per_head.load_state_dict(state)
-    src, lengths = _batch(d, _sentences(d, [6, 3]), "left")
-    prev = _prev_output(d, 2, 4)
+    src, lengths = pad_batch(d, random_sentences(d, [6, 3]), "left")
+    prev = random_prev_output(d, 2, 4)
     with torch.no_grad():
         torch.testing.assert_close(_forward(shared, src, lengths, prev), _forward(per_head, src, lengths, prev),
                                    rtol=1e-12, atol=1e-12)
@@ -234,8 +204,8 @@ def test_transitions_shared_by_the_heads_of_a_layer():
 def test_per_head_transitions_get_their_own_gradients():
     model, d = _model("viterbi-entropy")
     model.train()
-    src, lengths = _batch(d, _sentences(d, [6, 4]), "left")
-    logits, _ = _forward(model, src, lengths, _prev_output(d, 2, 4))
+    src, lengths = pad_batch(d, random_sentences(d, [6, 4]), "left")
+    logits, _ = _forward(model, src, lengths, random_prev_output(d, 2, 4))
     logits.sum().backward()
     for n in model.decoder.normalizers():
         g = n.transitions_over_gamma.grad
@@ -248,8 +218,8 @@ def test_per_head_transitions_get_their_own_gradients():
 
 def test_attention_export_layer_and_heads():
     model, d = _model("viterbi-l2")
-    src, lengths = _batch(d, _sentences(d, [6, 3]), "left")
-    prev = _prev_output(d, 2, 4)
+    src, lengths = pad_batch(d, random_sentences(d, [6, 3]), "left")
+    prev = random_prev_output(d, 2, 4)
     S = src.shape[1]
     with torch.no_grad():
         _, last = _forward(model, src, lengths, prev)
@@ -282,8 +252,8 @@ def test_attention_export_layer_and_heads():
 def test_low_precision_runs_the_chain_in_float32():
     model, d = _model("viterbi-l2")
     model = model.float()
-    src, lengths = _batch(d, _sentences(d, [6, 3]), "left")
-    prev = _prev_output(d, 2, 4)
+    src, lengths = pad_batch(d, random_sentences(d, [6, 3]), "left")
+    prev = random_prev_output(d, 2, 4)
     with torch.no_grad():
         _, attn32 = _forward(model, src, lengths, prev)
     seen = []
@@ -301,9 +271,9 @@ def test_low_precision_runs_the_chain_in_float32():
 def test_training_metrics_pool_layers_and_heads():
     model, d = _model("viterbi-entropy")
     model.train()
-    src, lengths = _batch(d, _sentences(d, [6, 4, 3]), "left")
+    src, lengths = pad_batch(d, random_sentences(d, [6, 4, 3]), "left")
     with metrics.aggregate(new_root=True) as agg:
-        _forward(model, src, lengths, _prev_output(d, 3, 5))
+        _forward(model, src, lengths, random_prev_output(d, 3, 5))
     values = agg.get_smoothed_values()
     assert values["attn_fallback"] == 0 and values["attn_frozen"] == 0
     taus = torch.cat([n.transitions_over_gamma.detach() for n in model.decoder.normalizers()]).mean(0)
@@ -361,7 +331,7 @@ def test_bad_options_give_short_clear_errors(extra, message):
 
 
 def test_build_model_errors():
-    task = _task(_dictionary())
+    task = _task(toy_dictionary())
     with pytest.raises(ValueError, match="--attention must be one of"):
         StructAttnTransformerModel.build_model(_args(attention="dot"), task)
     with pytest.raises(ValueError, match="--attention-gamma must be a finite number > 0"):
