@@ -10,18 +10,22 @@
 #     stats), stale when a data step ran; then the summary (significance, report), stale when any chain ran. The
 #     results table is always rebuilt.
 #   * When a data step ran because its command changed (or its stamp was deleted), work/runs is moved to
-#     work/runs.stale-<date>: models of other data are neither resumed nor deleted.
+#     work/runs.stale-<date>: models of other data are neither resumed nor deleted. A data step of one toolkit
+#     only (after `data_shared`: fairseq-preprocess, OpenNMT's vocabulary) moves aside only that toolkit's run
+#     folders (the ones given to `data_done`), so fairseq and OpenNMT-py runs can share one work folder.
 #   * Training resumes from fairseq's runs/<variant>/checkpoints/checkpoint_last.pt: a larger budget continues a
 #     finished model; after changing the model itself delete that folder. A training that finished and then died
-#     at exit (fairseq's abort, tools/train_exit.py) is kept, once, with a loud report.
+#     at exit (fairseq's abort, tools/train_exit.py) is kept, once, with a loud report. OpenNMT-py trainings
+#     (steps train.onmt-<variant>, folders runs/onmt-<variant>) resume from their newest model_step_N.pt the same
+#     way (tools/onmt_checkpoints.py).
 #   * --force runs every step whatever its stamp says; since no command changed, runs/ stays and training still
 #     resumes from checkpoint_last.pt.
 #   * --dry-run prints every step ("# NAME", then its command) and touches nothing.
 #
-# A driver defines `usage` and sets py, tools, work, dry_run and force; then it runs the data steps and
-# `data_done`; per variant `chain_start`, `train_step`, the other steps, `chain_end` (or every `train_step` first,
-# `train_wait`, then the chains with `chain_start train.V`); `summary_start` and the summary steps; last
-# `step_always results ...`.
+# A driver defines `usage` and sets py, tools, work, dry_run and force; then it runs the data steps (optionally
+# `data_shared` after those every toolkit uses) and `data_done`; per variant `chain_start`, `train_step`, the
+# other steps, `chain_end` (or every `train_step` first, `train_wait`, then the chains with `chain_start
+# train.V`); `summary_start` and the summary steps; last `step_always results ...`.
 
 # ---------------------------------------------------------------------------------------------------- arguments
 die() { echo "error: $*" >&2; exit 2; }
@@ -65,14 +69,15 @@ check_variants() {
     [[ " $variants_all " == *" $v "* ]] || die "unknown variant '$v' (choose from: $variants_all)"
   done
 }
-# attention_load "A B ...": attention[V] = the fairseq attention flags of each variant, with γ $gamma_entropy /
-# $gamma_l2 and, when set, --attention-form $viterbi_form.
+# attention_load "A B ..." [TOOLKIT]: attention[V] = the attention flags of each variant (fairseq's, or with TOOLKIT
+# onmt structattn-onmt-train's), with γ $gamma_entropy / $gamma_l2 and, when set, the form $viterbi_form.
 declare -A attention=()
 attention_load() {
   local v
   for v in $1; do
     attention[$v]="$("$py" "$tools/variants.py" flags "$v" --gamma-entropy "$gamma_entropy" --gamma-l2 "$gamma_l2" \
-      ${viterbi_form:+--form "$viterbi_form"})" || die "no attention flags for variant '$v' ($tools/variants.py)"
+      ${viterbi_form:+--form "$viterbi_form"} ${2:+--toolkit "$2"})" \
+      || die "no attention flags for variant '$v' ($tools/variants.py)"
   done
 }
 
@@ -86,6 +91,7 @@ say() {
 
 redo=0           # a step of the current chain ran in this invocation: the rest of the chain is stale
 stamp_changed=0  # a step ran because its stamp was missing or held another command (not merely --force or redo)
+shared_changed=""  # stamp_changed at `data_shared` (empty: the driver has no toolkit-specific data steps)
 data_redo=0 any_redo=0 trained=" " batch=()
 train_jobs=1 train_threads=1
 
@@ -104,15 +110,19 @@ step() {
   local t0 rc=0 log0=0 run="$work/runs/${name#train.}"; t0=$(date +%s)
   case "$name" in train.*) log0=$(stat -c %s "$run/train.log" 2>/dev/null || echo 0) ;; esac
   bash -o pipefail -c "$cmd" || rc=$?
-  if [ "$rc" != 0 ]; then case "$name" in train.*)
+  if [ "$rc" != 0 ]; then case "$name" in train.onmt-*) ;; train.*)
     # finished, then died at exit? (fairseq's abort after a mid-epoch stop; tools/train_exit.py decides, loudly)
     "$py" "$tools/train_exit.py" --name "$name" --status "$rc" --offset "$log0" --since "$t0" --log "$run/train.log" \
       --checkpoint "$run/checkpoints/checkpoint_last.pt" 2>&1 | tee -a "$work/pipeline.log" >&2 && rc=0 ;; esac
   fi
   if [ "$rc" != 0 ]; then
     say "FAILED $name (command in $work/commands.sh)"
-    case "$name" in train.*) say "hint: training resumes from $run/checkpoints/checkpoint_last.pt;" \
-      "after changing model settings delete that folder" ;; esac
+    case "$name" in
+      train.onmt-*) say "hint: training resumes from the newest $run/model_step_*.pt;" \
+        "after changing model settings delete that folder" ;;
+      train.*) say "hint: training resumes from $run/checkpoints/checkpoint_last.pt;" \
+        "after changing model settings delete that folder" ;;
+    esac
     exit 1
   fi
   say "done $name in $(( $(date +%s) - t0 ))s"
@@ -123,14 +133,27 @@ step() {
 step_always() { redo=1; step "$@"; }
 
 # ---------------------------------------------------------------------------------------------------- chains
-# data_done: the end of the data chain. If a data step's command changed, the models of the old data are moved
-# aside (runs.stale-<date>) so that no training resumes from them.
+# data_shared: the data steps so far are every toolkit's; those after it (up to data_done) are one toolkit's.
+data_shared() { shared_changed=$stamp_changed; }
+# data_done [FOLDER ...]: the end of the data chain. If a data step's command changed, the models of the old data
+# are moved aside (runs.stale-<date>) so that no training resumes from them: all of work/runs, or, when only steps
+# after data_shared changed, just the run folders FOLDER... (that toolkit's).
 data_done() {
   data_redo=$redo any_redo=$redo
   if [ "$stamp_changed" = 1 ] && [ "$dry_run" = 0 ] && [ -d "$work/runs" ]; then
-    local stale; stale="$work/runs.stale-$(date +%Y%m%d-%H%M%S)"
-    mv "$work/runs" "$stale"
-    say "the data changed: previous models moved to $stale"
+    local stale f moved=0; stale="$work/runs.stale-$(date +%Y%m%d-%H%M%S)"
+    if [ "$shared_changed" = 0 ] && [ $# -gt 0 ]; then
+      for f in "$@"; do
+        [ -e "$work/runs/$f" ] || continue
+        mkdir -p "$stale"
+        mv "$work/runs/$f" "$stale/"
+        moved=1
+      done
+    else
+      mv "$work/runs" "$stale"
+      moved=1
+    fi
+    [ "$moved" = 0 ] || say "the data changed: previous models moved to $stale"
   fi
 }
 # chain_start [STEP]: a variant's chain begins, stale if the data ran or if STEP (a train_step) ran.

@@ -7,6 +7,11 @@
 #   → fairseq-generate --dump-attention   → sentencepiece decode + Moses detok → sacrebleu (BLEU, chrF)
 #   → structattn-stats (attention sparsity) → structattn-report (HTML) → RESULTS.md
 #
+# --toolkit onmt trains the same variants with OpenNMT-py instead (structattn-onmt-train/-translate, docs/onmt.md)
+# on the same sentencepiece data, budget and scoring: onmt_build_vocab → structattn-onmt-train → the checkpoint of
+# lowest validation perplexity → structattn-onmt-translate -dump_attention → the same detok, sacrebleu, stats,
+# significance and report; its runs are work/runs/onmt-<variant>, its rows join the fairseq ones in RESULTS.md.
+#
 # Steps, stamps and re-runs as in recipes/lib.sh (a step whose stamp holds its command is skipped, a changed
 # setting re-runs it and what depends on it, training resumes from checkpoint_last.pt). Options: --help.
 # The whole script is one { } block, parsed before it runs: editing this file during a long run is safe.
@@ -56,6 +61,10 @@ usage: bash recipes/offline_fr_en.sh [options]
                        the rate when the validation loss stops improving); all with 200 warm-up updates
   --patience N         stop after N validations without improvement (default -1: never; converge 3)
   --threads N          torch threads for training/decoding (default: \$OMP_NUM_THREADS or 2)
+  --toolkit NAME       fairseq (default) | onmt: train with OpenNMT-py (structattn-onmt-train, docs/onmt.md) on
+                       the same data, budget and scoring; runs in <work>/runs/onmt-<variant>, rows next to the
+                       fairseq ones in RESULTS.md. Sizes tiny, quick and small only; not with --arch,
+                       --builtin-lstm, --max-epoch, --stop-hours, --patience or --schedule plateau
   --builtin-lstm       use fairseq's own --arch lstm (softmax only, no plugin; for plumbing checks)
   --no-report          skip the HTML attention report
   --report-sentences N test sentences shown in the report (default 20; tiny 2, quick 6)
@@ -68,14 +77,15 @@ invocation="bash recipes/offline_fr_en.sh$(printf ' %q' "$@")"
 py="${PYTHON:-python}"
 corpus=bible size=small work="" results="" max_train="" max_test="" max_update="" max_epoch="" arch=structattn_lstm
 dim="" stop_hours="" beam="" report_sentences="" lr="" dropout="" label_smoothing="" max_len="" jobs=""
-viterbi_form=stable schedule="" patience="" threads="${OMP_NUM_THREADS:-2}"
+viterbi_form=stable schedule="" patience="" threads="${OMP_NUM_THREADS:-2}" toolkit=fairseq
 builtin_lstm=0 no_report=0 dry_run=0 force=0
 unset variants gamma_entropy gamma_l2  # unset: not given
 parse_options "--corpus --size --variants --work --results --max-train --max-test --max-update --max-epoch --arch \
 --dim --stop-hours --gamma-entropy --gamma-l2 --beam --threads --report-sentences --lr --dropout --label-smoothing \
---max-len --jobs --viterbi-form --schedule --patience" "--builtin-lstm --no-report --dry-run --force" "$@"
+--max-len --jobs --viterbi-form --schedule --patience --toolkit" "--builtin-lstm --no-report --dry-run --force" "$@"
 
 case "$corpus" in bible|libreoffice) ;; *) die "--corpus must be bible or libreoffice, not '$corpus'" ;; esac
+case "$toolkit" in fairseq|onmt) ;; *) die "--toolkit must be fairseq or onmt, not '$toolkit'" ;; esac
 # Size presets: train/test pairs, updates, epochs, sentencepiece vocabulary, tokens per batch, model width (with
 # --arch structattn_lstm) and a wall-clock safety cap in hours (0 = none; a capped run is flagged in RESULTS.md).
 # Optimisation defaults (overridden below for quick): the settings of the longer runs; p_variants="": every variant.
@@ -93,6 +103,19 @@ case "$size" in
   full)  p_train=0    p_test=0   p_update=0     p_epoch=30  spm_vocab=8000 max_tokens=6000 p_dim=256 p_hours=0 ;;
   *) die "--size must be tiny, quick, small, converge or full, not '$size'" ;;
 esac
+# OpenNMT-py's trainer counts steps: no epoch limit, wall-clock cap or plateau schedule (docs/recipes.md). Checked on
+# the options as given, before the presets fill them in.
+if [ "$toolkit" = onmt ]; then
+  [ "$builtin_lstm" = 0 ] || die "--builtin-lstm is fairseq's own LSTM: it cannot be combined with --toolkit onmt"
+  case "$size" in converge|full) die "--toolkit onmt maps the step-based sizes only (tiny, quick, small): --size \
+$size needs an epoch limit, a wall-clock cap or a plateau schedule, which OpenNMT-py's trainer does not have" ;; esac
+  [ "$arch" = structattn_lstm ] || die "--arch is a fairseq architecture: --toolkit onmt trains OpenNMT-py's \
+1-layer biLSTM encoder-decoder (width: --dim)"
+  [ -z "$max_epoch" ] || die "--max-epoch: OpenNMT-py counts steps only; use --max-update with --toolkit onmt"
+  [ -z "$stop_hours" ] || die "--stop-hours: OpenNMT-py has no wall-clock cap (--toolkit onmt)"
+  [ -z "$patience" ] || [ "$patience" = -1 ] || die "--patience is not mapped to OpenNMT-py (--toolkit onmt)"
+  [ "$schedule" != plateau ] || die "--schedule plateau: OpenNMT-py has no plateau schedule (--toolkit onmt)"
+fi
 max_train="${max_train:-$p_train}" max_test="${max_test:-$p_test}"
 beam="${beam:-${p_beam:-5}}" report_sentences="${report_sentences:-${p_report:-20}}" max_len_b="${p_len_b:-10}"
 max_update="${max_update:-$p_update}" max_epoch="${max_epoch:-$p_epoch}" dim="${dim:-$p_dim}"
@@ -116,6 +139,18 @@ case "$viterbi_form" in stable|paper) ;; *) die "--viterbi-form must be stable o
 case "$schedule" in inverse_sqrt|fixed|plateau) ;; *) die "--schedule must be inverse_sqrt, fixed or plateau, not '$schedule'" ;; esac
 [[ "$patience" =~ ^(-1|[0-9]+)$ ]] || die "--patience must be -1 or a non-negative integer, not '$patience'"
 [ "$max_update" -gt 0 ] || [ "$max_epoch" -gt 0 ] || die "--max-update and --max-epoch cannot both be 0"
+if [ "$toolkit" = onmt ]; then
+  [ "$max_update" -gt 0 ] || die "--toolkit onmt needs --max-update > 0 (OpenNMT-py counts steps only)"
+  # Validation and checkpoints every gcd(200, N) steps (all N steps below 200), so that the last step is validated
+  # and saved; one log line every gcd(25, N) steps, so that the last step is logged.
+  onmt_every=$max_update onmt_report=$max_update a=25
+  while [ "$a" -gt 0 ]; do b=$(( onmt_report % a )); onmt_report=$a; a=$b; done
+  if [ "$max_update" -ge 200 ]; then
+    a=200; while [ "$a" -gt 0 ]; do b=$(( onmt_every % a )); onmt_every=$a; a=$b; done
+    [ "$onmt_every" -ge 25 ] || die "--max-update $max_update with --toolkit onmt: use a value below 200 or a \
+multiple of 25 (OpenNMT-py validates and saves every gcd(200, N) = $onmt_every steps; the last step must be one)"
+  fi
+fi
 variants_load
 gamma_entropy="${gamma_entropy-$paper_gamma_entropy}" gamma_l2="${gamma_l2-$paper_gamma_l2}"
 is_pos "$gamma_entropy" || die "--gamma-entropy must be a positive number, not '$gamma_entropy'"
@@ -126,13 +161,27 @@ check_variants "$variants"
 if [ "$builtin_lstm" = 1 ] && [ "$variants" != softmax ]; then
   die "--builtin-lstm only has softmax attention: add --variants softmax"
 fi
-attention_load "$variants"
+attention_load "$variants" "$toolkit"
+if [ "$toolkit" = onmt ] && [ "$dry_run" = 0 ]; then
+  for c in onmt_build_vocab structattn-onmt-train structattn-onmt-translate; do
+    command -v "$c" > /dev/null || die "--toolkit onmt needs '$c' on PATH: install OpenNMT-py with \
+scripts/install_onmt.sh and this package with pip install -e . (docs/onmt.md)"
+  done
+fi
+# The variants of each toolkit (one of the two is empty), their run folders runs/<prefix><variant>, and the
+# summary's names: significance<sfx>.json, report<sfx>/.
+fs_variants="$variants" onmt_variants="" rp="" sfx=""
+[ "$toolkit" = fairseq ] || fs_variants="" onmt_variants="$variants" rp=onmt- sfx=.onmt
 
 work="${work:-$here/${corpus}_fr_en/work}"
 results="${results:-$work/RESULTS.md}"
+if [ "$toolkit" = onmt ] && [[ "$work" =~ [[:space:]] ]]; then
+  die "--toolkit onmt: the work folder must not contain white space (a resumed training names its checkpoint \
+unquoted), not '$work'"
+fi
 if [ "$dry_run" = 0 ]; then mkdir -p "$work/stamps"; work="$(cd "$work" && pwd)"; fi
 export OMP_NUM_THREADS="$threads" MKL_NUM_THREADS="$threads" PYTHONUNBUFFERED=1
-raw="$work/data/raw" tok="$work/data/tok" spm="$work/data/spm" bin="$work/data/bin"
+raw="$work/data/raw" tok="$work/data/tok" spm="$work/data/spm" bin="$work/data/bin" onmt="$work/data/onmt"
 
 # ---------------------------------------------------------------------------------------------------- data
 if [ "$corpus" = bible ]; then
@@ -157,10 +206,27 @@ done
 # Long pairs are dropped from training only (they cost the most per update and teach little at small budgets).
 step filter-len "$py '$tools/textproc.py' filter-len '$spm/train.fr' '$spm/train.en' --max-len $max_len \
 --out-src '$spm/train.len.fr' --out-tgt '$spm/train.len.en'"
-step preprocess "rm -rf '$bin' && fairseq-preprocess --source-lang fr --target-lang en --trainpref '$spm/train.len' \
+data_shared  # the steps above are both toolkits'; a change below moves aside only that toolkit's runs
+if [ "$toolkit" = fairseq ]; then
+  step preprocess "rm -rf '$bin' && fairseq-preprocess --source-lang fr --target-lang en --trainpref '$spm/train.len' \
 --validpref '$spm/valid' --testpref '$spm/test' --destdir '$bin' --joined-dictionary --workers 1"
-
-data_done  # a changed data set moves the old models aside (recipes/lib.sh)
+  data_done $variants_all  # a changed data set moves the old models aside (recipes/lib.sh)
+else
+  # OpenNMT-py reads the sentencepiece text itself: one shared vocabulary of the training pairs fairseq-preprocess
+  # reads (its --joined-dictionary), every piece kept.
+  step onmt-vocab "mkdir -p '$onmt' && cat > '$onmt/data.yaml' <<'EOF' \
+&& onmt_build_vocab -config '$onmt/data.yaml' -n_sample -1
+save_data: \"$onmt/sample\"
+src_vocab: \"$onmt/vocab.shared\"
+share_vocab: true
+src_words_min_frequency: 1
+overwrite: true
+data:
+  corpus_1: {path_src: \"$spm/train.len.fr\", path_tgt: \"$spm/train.len.en\", weight: 1}
+  valid: {path_src: \"$spm/valid.fr\", path_tgt: \"$spm/valid.en\"}
+EOF"
+  data_done $(for v in $variants_all; do printf 'onmt-%s ' "$v"; done)
+fi
 
 # ---------------------------------------------------------------------------------------------------- models
 warmup=200
@@ -202,14 +268,22 @@ train_cmd() {
   echo "mkdir -p '$run' && fairseq-train '$bin' $(variant_flags "$1") $train_common --save-dir '$run/checkpoints' \
 2>&1 | tee -a '$run/train.log' | $py '$tools/progress.py' --max-update $max_update --name $1"
 }
+# bleu_steps NAME RUN: sacrebleu of RUN/hyp.test.en against the reference (and both references).
+bleu_steps() {
+  step "bleu.$1" "sacrebleu '$raw/test.en' -i '$2/hyp.test.en' -m bleu chrf -f json > '$2/score.json'"
+  if [ -n "$refs_extra" ]; then
+    step "bleu2.$1" "sacrebleu '$raw/test.en' '$raw/test.$refs_extra' -i '$2/hyp.test.en' -m bleu chrf -f json \
+> '$2/score.multiref.json'"
+  fi
+}
 # Trainings first, up to $jobs at a time (recipes/lib.sh: train_step); then decoding and scoring one by one.
 train_jobs=$jobs train_threads=$(( threads / jobs )); [ "$train_threads" -ge 1 ] || train_threads=1
-for v in $variants; do
+for v in $fs_variants; do
   chain_start
   train_step "train.$v" "$(train_cmd "$v")"
 done
 train_wait
-for v in $variants; do
+for v in $fs_variants; do
   chain_start "train.$v"
   run="$work/runs/$v"
   gen_task="--task translation"
@@ -223,11 +297,7 @@ for v in $variants; do
 > '$run/generate.test.txt' 2> >(tee '$run/generate.log' | grep --line-buffered -E 'Translated|Error|error' >&2)"
   step "detok.$v" "$py '$tools/textproc.py' hyp --expected $n_test < '$run/generate.test.txt' \
 | $py '$tools/textproc.py' detok --lang en --model '$spm/spm.model' > '$run/hyp.test.en'"
-  step "bleu.$v" "sacrebleu '$raw/test.en' -i '$run/hyp.test.en' -m bleu chrf -f json > '$run/score.json'"
-  if [ -n "$refs_extra" ]; then
-    step "bleu2.$v" "sacrebleu '$raw/test.en' '$raw/test.$refs_extra' -i '$run/hyp.test.en' -m bleu chrf -f json \
-> '$run/score.multiref.json'"
-  fi
+  bleu_steps "$v" "$run"
   if [ "$builtin_lstm" = 0 ]; then
     case "$v" in viterbi-*)
       # Fallback rows (invisible in the dumped matrices) and the learned T/γ: annotates the dump for the stats.
@@ -239,35 +309,94 @@ for v in $variants; do
   chain_end
 done
 
+# ------------------------------------------------------------------------------------------ models (OpenNMT-py)
+# The same budget in OpenNMT-py's terms (--toolkit onmt; docs/recipes.md lists what cannot be the same): the same
+# sentencepiece pairs, embedding width, Adam (betas, clipping), dropout, label smoothing, tokens per batch, seed and
+# number of updates. A 1-layer biLSTM encoder with `dim` units per direction, as fairseq's; the decoder is 2·dim wide
+# (OpenNMT-py needs encoder and decoder of one size) and feeds its attention back (input feeding). inverse_sqrt is
+# OpenNMT-py's noam schedule scaled to peak at --lr after the same warm-up (noam: lr·d^-1/2·min(s^-1/2, s·w^-3/2));
+# fixed is a constant rate (no warm-up: OpenNMT-py has none without decay). No weight decay (OpenNMT-py's adam has
+# none).
+onmt_hidden=$(( 2 * dim ))
+case "$schedule" in
+  inverse_sqrt) onmt_sched="-decay_method noam -warmup_steps $warmup -learning_rate \
+$(awk -v lr="$lr" -v w="$warmup" -v d="$onmt_hidden" 'BEGIN { printf "%.6g", lr * sqrt(w * d) }')" ;;
+  *) onmt_sched="-decay_method none -learning_rate $lr -learning_rate_decay 1.0" ;;
+esac
+onmt_common="-encoder_type brnn -rnn_type LSTM -layers 1 -word_vec_size $dim -hidden_size $onmt_hidden \
+-global_attention general -dropout $dropout -optim adam -adam_beta1 0.9 -adam_beta2 0.98 $onmt_sched \
+-max_grad_norm 1.0 -label_smoothing $label_smoothing -batch_type tokens -batch_size $max_tokens \
+-valid_batch_size $max_tokens -normalization tokens -train_steps $max_update -valid_steps ${onmt_every:-} \
+-save_checkpoint_steps ${onmt_every:-} -keep_checkpoint -1 -report_every ${onmt_report:-} -seed 1 -num_workers 0 \
+-bucket_size 32768"
+# A training resumes from its newest model_step_N.pt (skipped when that already holds the budget), as fairseq's
+# from checkpoint_last.pt (tools/onmt_checkpoints.py).
+onmt_train_cmd() {
+  local run="$work/runs/onmt-$1"
+  echo "mkdir -p '$run' && { $py '$tools/onmt_checkpoints.py' trained --run '$run' --steps $max_update \
+|| structattn-onmt-train -config '$onmt/data.yaml' $onmt_common ${attention[$1]} -save_model '$run/model' \
+\$($py '$tools/onmt_checkpoints.py' resume --run '$run') 2>&1 | tee -a '$run/train.log' \
+| $py '$tools/progress.py' --max-update $max_update --name onmt-$1; }"
+}
+for v in $onmt_variants; do
+  chain_start
+  train_step "train.onmt-$v" "$(onmt_train_cmd "$v")"
+done
+train_wait
+for v in $onmt_variants; do
+  chain_start "train.onmt-$v"
+  run="$work/runs/onmt-$v"
+  # OpenNMT-py keeps every checkpoint and no "best" one: the saved step of lowest validation perplexity (≤ budget).
+  step "best.onmt-$v" "$py '$tools/onmt_checkpoints.py' best --run '$run' --steps $max_update"
+  # Translations are sentencepiece pieces (-output and the dump's texts); the length limit is per batch.
+  step "translate.onmt-$v" "structattn-onmt-translate -model '$run/model_best.pt' -src '$spm/test.fr' \
+-output '$run/hyp.test.spm.en' -beam_size $beam -batch_size 32 -max_length 256 -max_length_ratio 1.5 \
+-dump_attention '$run/attention.jsonl' > '$run/translate.log' 2>&1 || { tail -n 30 '$run/translate.log' >&2; exit 1; }"
+  step "detok.onmt-$v" "$py '$tools/textproc.py' detok --lang en --model '$spm/spm.model' --expected $n_test \
+< '$run/hyp.test.spm.en' > '$run/hyp.test.en'"
+  bleu_steps "onmt-$v" "$run"
+  case "$v" in viterbi-*)
+    # Fallback rows by forced decoding of the dumped hypotheses, and the learned T/γ (as for fairseq).
+    step "health.onmt-$v" "$py '$tools/attention_health.py' --toolkit onmt --checkpoint '$run/model_best.pt' \
+--dump '$run/attention.jsonl' --annotate --json '$run/health.json'" ;;
+  esac
+  step "stats.onmt-$v" "structattn-stats 'onmt-$v=$run/attention.jsonl' --json > '$run/attention_stats.json'"
+  chain_end
+done
+
 # ---------------------------------------------------------------------------------------------------- significance
-# Paired bootstrap (sacrebleu, 1000 resamples, 95% CIs, p-values) of every variant against softmax, when both ran.
+# Paired bootstrap (sacrebleu, 1000 resamples, 95% CIs, p-values) of every variant against softmax, when both ran
+# (the runs of this toolkit: runs/<rp><variant>, significance<sfx>.json).
 summary_start
 others=""; for v in $variants; do [ "$v" = softmax ] || others="$others $v"; done
 case " $variants " in *" softmax "*)
   if [ -n "$others" ]; then
-    sys_args=""; for v in $others; do sys_args="$sys_args --system '$v=$work/runs/$v/hyp.test.en'"; done
-    step significance "$py '$tools/significance.py' --refs '$raw/test.en' --baseline 'softmax=$work/runs/softmax/hyp.test.en' \
-$sys_args --n 1000 --out '$work/significance.json'"
+    sys_args=""; for v in $others; do sys_args="$sys_args --system '$rp$v=$work/runs/$rp$v/hyp.test.en'"; done
+    step "significance$sfx" "$py '$tools/significance.py' --refs '$raw/test.en' --baseline '${rp}softmax=$work/runs/${rp}softmax/hyp.test.en' \
+$sys_args --n 1000 --out '$work/significance$sfx.json'"
     if [ -n "$refs_extra" ]; then
-      step significance2 "$py '$tools/significance.py' --refs '$raw/test.en' '$raw/test.$refs_extra' \
---baseline 'softmax=$work/runs/softmax/hyp.test.en' $sys_args --n 1000 --out '$work/significance.multiref.json'"
+      step "significance2$sfx" "$py '$tools/significance.py' --refs '$raw/test.en' '$raw/test.$refs_extra' \
+--baseline '${rp}softmax=$work/runs/${rp}softmax/hyp.test.en' $sys_args --n 1000 --out '$work/significance$sfx.multiref.json'"
     fi
   fi ;;
 esac
 
 # ---------------------------------------------------------------------------------------------------- report
 if [ "$builtin_lstm" = 0 ] && [ "$no_report" = 0 ]; then
-  dumps=""; for v in $variants; do dumps="$dumps '$v=$work/runs/$v/attention.jsonl'"; done
-  step report "structattn-report $dumps -o '$work/report' --force --max-sentences $report_sentences \
---title 'structattn: $corpus fr-en, test set'"
+  dumps=""; for v in $variants; do dumps="$dumps '$rp$v=$work/runs/$rp$v/attention.jsonl'"; done
+  step "report$sfx" "structattn-report $dumps -o '$work/report$sfx' --force --max-sentences $report_sentences \
+--title 'structattn: $corpus fr-en, test set$( [ -z "$rp" ] || echo ' (OpenNMT-py)' )'"
 fi
+# The table has the rows of both toolkits (those of the other one when they have a score).
+tk_args="--arch $( [ "$builtin_lstm" = 1 ] && echo lstm || echo "$arch" )"
+[ "$toolkit" = fairseq ] || tk_args="--toolkit $toolkit"
 step_always results "$py '$tools/results_table.py' --work '$work' --variants $variants --out '$results' \
---corpus $corpus --ref-label $ref_label --size $size --arch $( [ "$builtin_lstm" = 1 ] && echo lstm || echo "$arch" ) \
+--corpus $corpus --ref-label $ref_label --size $size $tk_args \
 --threads $( [ "$jobs" -gt 1 ] && echo "$train_threads" || echo "$threads" ) --jobs $jobs --max-len $max_len \
 --invocation $(printf '%q' "$invocation")"
 if [ "$dry_run" = 0 ]; then
   say "results: $results"
-  [ -f "$work/report/index.html" ] && say "attention report: $work/report/index.html"
+  [ -f "$work/report$sfx/index.html" ] && say "attention report: $work/report$sfx/index.html"
   cat "$results"
 fi
 exit 0

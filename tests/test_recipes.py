@@ -4,6 +4,7 @@ dry runs.  The end-to-end pipeline on real verses is in tests/test_recipes_e2e.p
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -301,6 +302,177 @@ def test_results_table_refuses_empty_run(tmp_path):
     assert not (tmp_path / "R.md").exists()
 
 
+# ------------------------------------------------------------------------------------------------ OpenNMT-py runs
+def _onmt_log(path: Path, fallback="0.0000", resumed=False):
+    """A structattn-onmt-train log as OpenNMT-py 3.5.1 writes it (real lines of a tiny Viterbi run), optionally
+    followed by a resumed run."""
+    t = "[2026-12-02 05:10:49,312 INFO] "
+    lines = [t + "* number of parameters: 135676",
+             t + "Start training loop and validate every 20 steps..."]
+    for step, sents, bsz, sec in ((10, 100, "1554/1423/20", 6), (20, 72, "1476/1300/14", 14)):
+        lines += [t + f"Step {step:2d}/   20; acc: 18.4; ppl: 160.5; xent: 5.1; lr: 0.00111; sents: {sents:7d}; "
+                  f"bsz: {bsz}; 7032/6786 tok/s; {sec:6d} sec;",
+                  t + f"Step {step}; structattn attention: attn_fallback {fallback}; attn_frozen 0.0100; "
+                  "T/g [[0.991, 0.014], [0.013, 1.009]]"]
+    lines += [t + "valid stats calculation", "                           took: 1.6 s.",
+              t + "Validation perplexity: 132.235", t + "Validation accuracy: 18.4432",
+              t + "Saving checkpoint /w/runs/onmt-viterbi-l2/model_step_20.pt"]
+    if resumed:
+        lines += [t + "Loading checkpoint from /w/runs/onmt-viterbi-l2/model_step_20.pt",
+                  t + "* number of parameters: 135676",
+                  t + "Start training loop and validate every 20 steps...",
+                  t + "Step 40/   40; acc: 20.0; ppl: 120.0; xent: 4.8; lr: 0.00090; sents:     110; "
+                  "bsz: 1500/1400/22; 7000/6500 tok/s;      9 sec;",
+                  t + "Validation perplexity: 140.5", t + "Saving checkpoint /w/runs/onmt-viterbi-l2/model_step_40.pt"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_parse_onmt_train_log(tmp_path):
+    _onmt_log(tmp_path / "train.log")
+    t = results_table.parse_onmt_train_log(tmp_path / "train.log")
+    assert t["updates"] == 20 and t["params"] == 135676 and t["sentences"] == 172
+    assert t["target_tokens"] == 1423 * 10 + 1300 * 10  # mean target tokens per batch x steps of each interval
+    assert t["compute_s"] == 14 and t["tokens_per_s"] == pytest.approx(27230 / 14)
+    assert t["validations"] == [(20, 132.235)] and t["saved"] == [20] and t["best_valid_ppl"] == 132.235
+    assert t["final_train_loss"] == 5.1 and t["epochs"] is None and not t["early_stop"]
+    assert t["train_health"] == {"step": 20, "fallback": 0.0, "frozen": 0.01,
+                                 "T_over_gamma": [[0.991, 0.014], [0.013, 1.009]]}
+    _onmt_log(tmp_path / "resumed.log", resumed=True)  # a resumed run: its time adds up, its steps continue
+    t = results_table.parse_onmt_train_log(tmp_path / "resumed.log")
+    assert t["updates"] == 40 and t["compute_s"] == 14 + 9 and t["sentences"] == 282
+    assert t["target_tokens"] == 27230 + 1400 * 20
+    assert t["validations"] == [(20, 132.235), (40, 140.5)] and t["saved"] == [20, 40]
+    assert results_table.parse_onmt_train_log(_write(tmp_path / "empty.log", "no training\n"))["validations"] == []
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def _scored_run(run: Path, bleu: float, hyps="a b c\nd e f\n"):
+    run.mkdir(parents=True)
+    (run / "score.json").write_text(json.dumps([{"name": "BLEU", "score": bleu, "signature": "nrefs:1|bleu-sig"},
+                                                {"name": "chrF2", "score": 30.0, "signature": "nrefs:1|chrf-sig"}]))
+    (run / "attention_stats.json").write_text(json.dumps([{"zero_fraction": 0.5, "mean_support": 2.0,
+                                                           "mean_segments": 1.0}]))
+    (run / "hyp.test.en").write_text(hyps)
+
+
+def test_results_table_onmt_rows_next_to_fairseq(tmp_path, capsys):
+    """--toolkit onmt: rows of runs/onmt-V, the fairseq runs with a score beside them (one table), a toolkit and a
+    params column, epochs from the sentences seen, the training log's fallback as a warning."""
+    work = tmp_path / "work"
+    _scored_run(work / "runs" / "viterbi-l2", 5.0)
+    _train_log(work / "runs" / "viterbi-l2" / "train.log")
+    with open(work / "runs" / "viterbi-l2" / "train.log", "a") as f:
+        f.write("2026 | INFO | fairseq_cli.train | num. shared model params: 87,612 (num. trained: 87,612)\n")
+    (work / "stamps").mkdir(parents=True)
+    (work / "stamps" / "train.viterbi-l2.done").write_text("mkdir -p x && fairseq-train bin --arch structattn_lstm "
+                                                          "--attention viterbi 2>&1 | tee -a log")
+    _scored_run(work / "runs" / "onmt-viterbi-l2", 6.0)
+    _onmt_log(work / "runs" / "onmt-viterbi-l2" / "train.log", fallback="0.2500")
+    (work / "runs" / "onmt-viterbi-l2" / "health.json").write_text(json.dumps(
+        {"fallback_fraction": 0.01, "T_over_gamma": [[0.99, 0.01], [0.01, 1.0]], "independent_positions": False}))
+    (work / "stamps" / "train.onmt-viterbi-l2.done").write_text(
+        "mkdir -p '/w/runs/onmt-viterbi-l2' && { python tools/onmt_checkpoints.py trained --run r --steps 20 || "
+        "structattn-onmt-train -config c.yaml -global_attention_function viterbi -save_model m 2>&1 | tee -a log; }")
+    spm = work / "data" / "spm"
+    spm.mkdir(parents=True)
+    (spm / "train.len.fr").write_text("x\n" * 86)
+    out = tmp_path / "R.md"
+    results_table.main(["--work", str(work), "--variants", "viterbi-l2", "softmax", "--toolkit", "onmt",
+                        "--out", str(out)])
+    text = out.read_text()
+    lines = text.splitlines()
+    head = next(line for line in lines if line.startswith("| attention |"))
+    assert head.startswith("| attention | toolkit | BLEU (WEB) | chrF2 (WEB) | params | updates | epochs |")
+    rows = [line for line in lines if line.startswith("| Viterbi ℓ2²")]
+    assert len(rows) == 2 and "| fairseq | 5.0 |" in rows[0] and "| OpenNMT-py | 6.0 |" in rows[1]
+    assert "| 87,612 | 60 | 2 |" in rows[0] and "| 135,676 | 20 | 2.0 | 0.2 min | 1945 |" in rows[1]
+    assert "| 0.010 | [[0.99, 0.01], [0.01, 1.00]] |" in rows[1]
+    assert "runs/onmt-softmax/score.json" in text and "runs/softmax/score.json" not in text  # missing: onmt's only
+    assert "* Model: `--arch structattn_lstm`" in text and "* OpenNMT-py rows (`--toolkit onmt`)" in text
+    assert "```bash\nstructattn-onmt-train -config c.yaml -global_attention_function viterbi -save_model m\n```" in text
+    warnings = [line for line in lines if "**WARNING**" in line]
+    assert len(warnings) == 1 and "Viterbi ℓ2² (OpenNMT-py): 25.0% of attention rows fell back" in warnings[0]
+    assert "WARNING:" in capsys.readouterr().err
+    # the fairseq table of the same folder has the OpenNMT-py row too; a fairseq-only folder keeps the old columns
+    results_table.main(["--work", str(work), "--variants", "viterbi-l2", "--out", str(out)])
+    assert out.read_text().count("| Viterbi ℓ2² |") == 2
+    (work / "runs" / "onmt-viterbi-l2" / "score.json").unlink()
+    results_table.main(["--work", str(work), "--variants", "viterbi-l2", "--out", str(out)])
+    text = out.read_text()
+    assert "toolkit" not in text.split("\n| Viterbi")[0] and "OpenNMT-py rows" not in text
+
+
+def test_onmt_checkpoints_resume_and_best(tmp_path):
+    import onmt_checkpoints
+
+    run = tmp_path / "onmt-viterbi-l2"
+    tool = [sys.executable, str(TOOLS / "onmt_checkpoints.py")]
+
+    def call(*args):
+        return subprocess.run(tool + [str(a) for a in args], capture_output=True, text=True, timeout=60)
+
+    run.mkdir()
+    assert call("resume", "--run", run).stdout == ""  # a fresh run
+    assert call("trained", "--run", run, "--steps", 20).returncode == 1
+    for step in (20, 40):
+        (run / f"model_step_{step}.pt").write_text("x")
+    (run / "model_step_x.pt").write_text("not a step")
+    assert call("resume", "--run", run).stdout == f"-train_from {run / 'model_step_40.pt'}\n"
+    done = call("trained", "--run", run, "--steps", 40)
+    assert done.returncode == 0 and "already holds step 40 >= 40" in done.stderr
+    assert call("trained", "--run", run, "--steps", 60).returncode == 1
+    _onmt_log(run / "train.log", resumed=True)  # validations: step 20 ppl 132.235, step 40 ppl 140.5
+    assert call("best", "--run", run, "--steps", 40).returncode == 0
+    assert os.readlink(run / "model_best.pt") == "model_step_20.pt"
+    best = json.loads((run / "best.json").read_text())
+    assert best["step"] == 20 and best["valid_ppl"] == 132.235 and best["validations"] == [[20, 132.235], [40, 140.5]]
+    (run / "model_step_20.pt").unlink()  # only saved steps count, and only within the budget
+    assert call("best", "--run", run, "--steps", 40).returncode == 0
+    assert os.readlink(run / "model_best.pt") == "model_step_40.pt"
+    r = call("best", "--run", run, "--steps", 30)
+    assert r.returncode == 2 and "no saved checkpoint of step <= 30" in r.stderr
+    assert onmt_checkpoints.pick_best([(20, 5.0), (40, 5.0)], {20, 40}, 40) == (40, 5.0)  # ties: the later step
+
+
+def test_onmt_progress_and_detok_expected(tmp_path):
+    import progress
+
+    line = ("[2026-12-02 05:10:49,312 INFO] Step  5/   30; acc: 0.1; ppl: 496.8; xent: 6.2; lr: 0.00150; sents:     118;"
+            " bsz: 1576/1449/24; 1543/1418 tok/s;      5 sec;")
+    assert progress.format_onmt_line(line, 30, "onmt-softmax", 0, None) == \
+        "onmt-softmax: update 5/30 ppl 496.8 acc 0.1 tgt tok/s 1418"
+    assert progress.format_onmt_line("[x INFO] Validation perplexity: 132.235", 30, "v", 0, None) == \
+        "v: validation perplexity 132.235"
+    assert progress.format_onmt_line("[x INFO] Step 5; structattn attention: attn_fallback 0", 30, "v", 0, None) is None
+    r = subprocess.run([sys.executable, str(TOOLS / "textproc.py"), "detok", "--lang", "en", "--expected", "3"],
+                       input="a b\nc\n", capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "2 input lines, expected 3" in r.stderr and r.stdout == ""
+
+
+def test_variant_table_onmt_spelling():
+    import variants
+
+    gamma = {"entropy": "2", "l2": "0.5"}
+    assert variants.onmt_flags("softmax", gamma) == "-global_attention_function softmax"
+    assert variants.onmt_flags("viterbi-l2", gamma, "paper") == \
+        "-global_attention_function viterbi -attention_reg l2 -attention_gamma 0.5 -attention_form paper"
+    assert variants.onmt_flags("viterbi-entropy", gamma) == \
+        "-global_attention_function viterbi -attention_reg entropy -attention_gamma 2"
+    assert variants.split_run("onmt-viterbi-l2") == ("viterbi-l2", "onmt")
+    assert variants.split_run("softmax") == ("softmax", "fairseq") == variants.split_run("softmax")
+    assert variants.run_label("onmt-sparsemax") == "sparsemax (OpenNMT-py)" and variants.run_label("sparsemax") == "sparsemax"
+    # every option the table writes is one structattn-onmt-train knows (structattn_onmt/options.py)
+    from structattn_onmt.options import OPTION_NAMES
+
+    for name in variants.VARIANTS:
+        flags = variants.onmt_flags(name, gamma, "stable").split()[::2]
+        assert all(f == "-global_attention_function" or f[1:] in OPTION_NAMES for f in flags), flags
+
+
 # ------------------------------------------------------------------------------------------------ paper set-up
 def test_opennmt_lr_reference():
     assert [paper_setup.opennmt_lr(e) for e in (1, 8, 9, 10)] == [1.0, 1.0, 0.65, 0.65 ** 2]
@@ -420,6 +592,23 @@ def test_iwslt14_dry_run():
     ("recipes/offline_fr_en.sh", ["--dry-run", "--dim", "0"], "--dim must be >= 1"),
     ("recipes/offline_fr_en.sh", ["--variants", " "], "--variants is empty"),
     ("recipes/offline_fr_en.sh", ["--variants", "softmax bogus"], "unknown variant 'bogus' (choose from: softmax "),
+    ("recipes/offline_fr_en.sh", ["--toolkit", "tensorflow"], "--toolkit must be fairseq or onmt, not 'tensorflow'"),
+    ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--builtin-lstm", "--variants", "softmax"],
+     "--builtin-lstm is fairseq's own LSTM: it cannot be combined with --toolkit onmt"),
+    ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--size", "converge"],
+     "--toolkit onmt maps the step-based sizes only (tiny, quick, small): --size converge"),
+    ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--size", "full"], "--size full needs an epoch limit"),
+    ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--arch", "structattn_lstm_paper"],
+     "--arch is a fairseq architecture"),
+    ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--max-epoch", "3"], "--max-epoch: OpenNMT-py counts steps"),
+    ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--stop-hours", "1"], "OpenNMT-py has no wall-clock cap"),
+    ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--patience", "3"], "--patience is not mapped"),
+    ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--schedule", "plateau"], "no plateau schedule"),
+    ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--max-update", "0"], "--toolkit onmt needs --max-update > 0"),
+    ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--max-update", "210"],
+     "--max-update 210 with --toolkit onmt: use a value below 200 or a multiple of 25"),
+    ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--work", "/tmp/a b", "--dry-run"],
+     "the work folder must not contain white space"),
 ])
 def test_script_argument_errors(script, args, message):
     r = _sh(script, *args, check_rc=2)
@@ -444,6 +633,72 @@ def test_offline_dry_run_identical_budgets(tmp_path):
     assert "libreoffice_corpus.py" in lo and "kjv" not in lo and "--ref-label LibreOffice" in lo
     assert "--max-update 1600 " in lo and "--encoder-embed-dim 128 " in lo and "--lr-scheduler fixed " in lo
     assert lo.count("fairseq-train") == 2 and "--attention sparsemax" not in lo  # quick: softmax vs Viterbi l2
+
+
+def _steps(out: str) -> dict:
+    """A dry run's output → {step name: command}."""
+    blocks = [b for b in out.split("\n\n") if b.startswith("# ")]
+    return {b.split("\n", 1)[0][2:]: b.split("\n", 1)[1] for b in blocks}
+
+
+def test_offline_dry_run_onmt(tmp_path):
+    """--toolkit onmt: the data steps fairseq's runs use (same commands, so one work folder serves both), then
+    OpenNMT-py's vocabulary, trainings with identical budgets in runs/onmt-<variant>, the best checkpoint, the same
+    scoring, and the summary under its own names."""
+    import re
+
+    import variants
+
+    work = tmp_path / "w"
+    fs = _steps(_sh("recipes/bible_fr_en/run.sh", "--dry-run", "--work", work).stdout)
+    on = _steps(_sh("recipes/bible_fr_en/run.sh", "--dry-run", "--work", work, "--toolkit", "onmt").stdout)
+    assert not work.exists()
+    shared = [name for name in fs if name in on]
+    assert shared[0] == "prepare" and "filter-len" in shared and "preprocess" not in on
+    assert all(fs[name] == on[name] for name in shared if name != "results")
+    assert not any("fairseq-" in cmd for cmd in on.values())
+    assert "onmt_build_vocab -config" in on["onmt-vocab"] and "share_vocab: true" in on["onmt-vocab"]
+    assert f'path_src: "{work}/data/spm/train.len.fr"' in on["onmt-vocab"]
+    trains = {name: cmd for name, cmd in on.items() if name.startswith("train.")}
+    assert list(trains) == [f"train.onmt-{v}" for v in variants.VARIANTS]
+    gamma = {"entropy": "2", "l2": "10"}
+    strip = set()
+    for name, cmd in trains.items():
+        v = name[len("train.onmt-"):]
+        assert f" {variants.onmt_flags(v, gamma, 'stable')} -save_model '{work}/runs/onmt-{v}/model' " in cmd
+        assert f"trained --run '{work}/runs/onmt-{v}' --steps 600 || structattn-onmt-train" in cmd
+        assert f"$(python '{TOOLS}/onmt_checkpoints.py' resume --run '{work}/runs/onmt-{v}')" in cmd
+        strip.add(cmd.replace(variants.onmt_flags(v, gamma, "stable"), "").replace(v, "V"))
+    assert len(strip) == 1  # everything but the attention and the run folder is identical
+    # the small preset in OpenNMT-py's terms: width 128 (decoder 256), inverse_sqrt = noam peaking at --lr 0.002
+    # after fairseq's 151 warm-up updates (0.002 * sqrt(151 * 256) = 0.393223), 6000 tokens, every 200 steps
+    cmd = trains["train.onmt-softmax"]
+    assert "--warmup-updates 151 " in fs["train.softmax"]
+    for flag in ("-word_vec_size 128 -hidden_size 256", "-decay_method noam -warmup_steps 151 -learning_rate 0.393223",
+                 "-batch_type tokens -batch_size 6000", "-train_steps 600 -valid_steps 200 -save_checkpoint_steps 200",
+                 "-report_every 25", "-dropout 0.2", "-label_smoothing 0.1", "-max_grad_norm 1.0", "-seed 1"):
+        assert flag in cmd, flag
+    assert f"best --run '{work}/runs/onmt-viterbi-l2' --steps 600" in on["best.onmt-viterbi-l2"]
+    assert f"-model '{work}/runs/onmt-viterbi-l2/model_best.pt'" in on["translate.onmt-viterbi-l2"]
+    assert "-dump_attention" in on["translate.onmt-viterbi-l2"] and "-beam_size 5 " in on["translate.onmt-viterbi-l2"]
+    assert "--expected" in on["detok.onmt-softmax"]
+    assert on["bleu.onmt-softmax"] == fs["bleu.softmax"].replace("/runs/softmax/", "/runs/onmt-softmax/")
+    assert "--toolkit onmt" in on["health.onmt-viterbi-l2"] and "health.onmt-softmax" not in on
+    assert "'onmt-softmax=" in on["significance.onmt"] and "significance.onmt.json" in on["significance.onmt"]
+    assert "-o '" + str(work) + "/report.onmt'" in on["report.onmt"]
+    assert "--toolkit onmt" in on["results"] and "--arch" not in on["results"]
+    # quick and tiny: a constant rate (no warm-up in OpenNMT-py), and the last step validated and logged
+    quick = _steps(_sh("recipes/bible_fr_en/run.sh", "--dry-run", "--size", "quick", "--toolkit", "onmt").stdout)
+    assert list(k for k in quick if k.startswith("train.")) == ["train.onmt-softmax", "train.onmt-viterbi-l2"]
+    assert "-decay_method none -learning_rate 0.005 -learning_rate_decay 1.0" in quick["train.onmt-softmax"]
+    tiny = _steps(_sh("recipes/bible_fr_en/run.sh", "--dry-run", "--size", "tiny", "--toolkit", "onmt",
+                      "--viterbi-form", "paper", "--gamma-l2", "5").stdout)
+    assert re.search(r"-train_steps 30 -valid_steps 30 -save_checkpoint_steps 30 .*-report_every 5 ",
+                     tiny["train.onmt-softmax"])
+    assert "-attention_reg l2 -attention_gamma 5 -attention_form paper " in tiny["train.onmt-viterbi-l2"]
+    assert "-beam_size 1 " in tiny["translate.onmt-softmax"]
+    help_text = _sh("recipes/offline_fr_en.sh", "--help").stdout
+    assert "--toolkit NAME" in help_text and "onmt" in help_text
 
 
 # ------------------------------------------------------------------------------------------------ recipes/lib.sh
@@ -559,6 +814,71 @@ def test_lib_chains_propagate_redo(tmp_path, jobs):
     stale = list(work.glob("runs.stale-*"))
     assert "the data changed: previous models moved to" in r.stderr and len(stale) == 1
     assert (stale[0] / "x").is_dir() and (work / "runs" / "x").is_dir()  # the new runs start afresh
+
+
+def test_onmt_noam_flags_reproduce_fairseq_inverse_sqrt():
+    """The recipe's OpenNMT-py schedule (noam, learning rate lr·sqrt(warm-up·hidden)) against fairseq's own
+    inverse_sqrt scheduler built from the recipe's fairseq flags: the same curve (during the warm-up up to fairseq's
+    initial 1e-5), one update ahead: OpenNMT-py's update s uses noam(s), fairseq's update s + 1 the rate its
+    scheduler sets after s updates."""
+    import re
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("fairseq")
+    optimizers = pytest.importorskip("onmt.utils.optimizers")
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.optim import build_optimizer
+    from fairseq.optim.lr_scheduler import build_lr_scheduler
+
+    fs = _steps(_sh("recipes/bible_fr_en/run.sh", "--dry-run", "--size", "tiny", "--max-update", "100").stdout)
+    on = _steps(_sh("recipes/bible_fr_en/run.sh", "--dry-run", "--size", "tiny", "--max-update", "100",
+                    "--toolkit", "onmt").stdout)
+    flags = re.search(r"--optimizer adam .*?--warmup-init-lr \S+", fs["train.softmax"]).group(0)
+    args = options.parse_args_and_arch(options.get_training_parser(), ["data", "--arch", "lstm"]
+                                       + flags.replace("'(0.9, 0.98)'", "(0.9,0.98)").split())
+    cfg = convert_namespace_to_omegaconf(args)
+    opt = build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))])
+    sched = build_lr_scheduler(cfg.lr_scheduler, opt)
+    onmt_lr = float(re.search(r"-learning_rate (\S+)", on["train.onmt-softmax"]).group(1))
+    warmup = int(re.search(r"-warmup_steps (\d+)", on["train.onmt-softmax"]).group(1))
+    hidden = int(re.search(r"-hidden_size (\d+)", on["train.onmt-softmax"]).group(1))
+    assert warmup == cfg.lr_scheduler.warmup_updates == 26
+    for step in range(1, 101):
+        fairseq_rate = sched.step_update(step)  # the rate after `step` updates: that of update step + 1
+        rate = onmt_lr * optimizers.noam_decay(step, warmup_steps=warmup, model_size=hidden)  # update `step`
+        assert rate == pytest.approx(fairseq_rate, rel=1e-5, abs=1.1e-5), step
+
+
+def test_lib_toolkit_data_step_moves_only_its_runs(tmp_path):
+    """A data step after data_shared (one toolkit's: fairseq-preprocess, OpenNMT's vocabulary) that changed moves
+    aside only the run folders given to data_done; a shared data step that changed moves all of runs/."""
+    work = tmp_path / "w"
+    body = """
+step data "echo data${D:-} >> '$work/ran'"
+data_shared
+step vocab "echo vocab${V:-} >> '$work/ran'"
+data_done onmt-x onmt-y
+mkdir -p "$work/runs/x" "$work/runs/onmt-x"
+"""
+    _lib(work, body)
+    assert _ran(work) == ["data", "vocab"]
+    r = _lib(work, body, V=2)  # the toolkit's step changed: only its folders move
+    stale = list(work.glob("runs.stale-*"))
+    assert _ran(work) == ["vocab2"] and len(stale) == 1 and "previous models moved to" in r.stderr
+    assert [p.name for p in stale[0].iterdir()] == ["onmt-x"] and (work / "runs" / "x").is_dir()
+    r = _lib(work, body, V=2)
+    assert _ran(work) == [] and "moved" not in r.stderr
+    (work / "stamps" / "vocab.done").unlink()  # nothing of that toolkit to move: no message
+    (work / "runs" / "onmt-x").rmdir()
+    r = _lib(work, body, V=2)
+    assert _ran(work) == ["vocab2"] and "moved" not in r.stderr
+    import shutil
+
+    shutil.rmtree(stale[0])
+    _lib(work, body, V=2, D=2)  # a shared step changed: everything moves, as before
+    stale = list(work.glob("runs.stale-*"))
+    assert len(stale) == 1 and (stale[0] / "x").is_dir()
 
 
 def test_lib_parse_options(tmp_path):

@@ -3,6 +3,8 @@ learned transitions T/γ.
 
     python recipes/tools/attention_health.py --checkpoint CKPT --data BIN --dump attention.jsonl \
         --annotate --json health.json
+    python recipes/tools/attention_health.py --toolkit onmt --checkpoint RUN/model_best.pt \
+        --dump RUN/attention.jsonl --annotate --json health.json
 
 Fallback rows. A Viterbi attention row falls back to softmax when p(y_t = 1) = 0 for every source position
 (:func:`structattn.attention.dead_rows`); the dumped matrix (a dense softmax row) cannot show it. This tool
@@ -19,6 +21,11 @@ gate. For the stable form (prior τ = [[c, 0], [0, c]] at init) the change from 
 Output JSON: {"attention", "reg", "gamma", "form", "T_over_gamma", "T_over_gamma_init", "independent_positions",
 "T_over_gamma_moved", "rows", "fallback_rows", "fallback_fraction", "max_abs_diff"}; softmax/sparsemax models give
 only "attention" and nulls.
+
+OpenNMT-py models (``--toolkit onmt --checkpoint RUN/model_best.pt --dump RUN/attention.jsonl``, no ``--data``: the
+vocabulary is in the checkpoint): the same report, with the model loaded as ``structattn-onmt-translate`` loads
+it and the dumped hypotheses forced through OpenNMT-py's encoder-decoder (right-padded sources, the decoder start
+token first). The recipes run it on the dumps of ``structattn-onmt-translate -dump_attention``.
 """
 from __future__ import annotations
 
@@ -49,7 +56,10 @@ def transitions_report(att) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--data", required=True, help="fairseq binary data folder (for the dictionaries)")
+    p.add_argument("--toolkit", choices=("fairseq", "onmt"), default="fairseq",
+                   help="fairseq (default: a fairseq-train checkpoint, with --data) or onmt (a structattn-onmt-train "
+                        "checkpoint, dumped by structattn-onmt-translate -dump_attention)")
+    p.add_argument("--data", help="fairseq binary data folder (for the dictionaries; --toolkit fairseq)")
     p.add_argument("--dump", help="attention dump of fairseq-generate --dump-attention (omit: transitions only)")
     p.add_argument("--annotate", action="store_true", help="rewrite --dump with extra.fallback_rows per record")
     p.add_argument("--json", help="write the report here (default: stdout)")
@@ -57,22 +67,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.annotate and not args.dump:
         p.error("--annotate needs --dump")
+    if args.toolkit == "fairseq" and not args.data:
+        p.error("--toolkit fairseq needs --data")
 
     import numpy as np
     import torch
-    from fairseq import checkpoint_utils
 
     from structattn.attention import ViterbiAttention
     from structattn.export import read_dump, write_dump
 
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from fairseq import utils as fairseq_utils
-
-    fairseq_utils.import_user_module(argparse.Namespace(user_dir=os.path.join(repo, "user_dir")))
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.checkpoint],
-                                                                     arg_overrides={"data": args.data})
-    model = models[0].eval()
-    att = model.decoder.attention.attention
+    model, att, forward = (_load_onmt if args.toolkit == "onmt" else _load_fairseq)(args)
     report = {"checkpoint": args.checkpoint, "attention": type(att).__name__}
     if not isinstance(att, ViterbiAttention):
         report.update(reg=None, gamma=None, form=None, T_over_gamma=None, independent_positions=None,
@@ -83,37 +87,22 @@ def main(argv=None) -> int:
     report.update(transitions_report(att))
     if args.dump:
         metadata, records = read_dump(args.dump, sort=False)
-        src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
-        pad, eos = tgt_dict.pad(), tgt_dict.eos()
         rows = dead_total = 0
         max_diff = 0.0
         att.pop_fallback_counts()
         with torch.no_grad():
             for start in range(0, len(records), args.batch_size):
                 batch = records[start:start + args.batch_size]
-                src = [torch.tensor([src_dict.index(t) for t in r.src_tokens]) for r in batch]
-                tgt = [torch.tensor([tgt_dict.index(t) for t in r.tgt_tokens]) for r in batch]
-                S, T = max(len(x) for x in src), max(len(x) for x in tgt)
-                src_tokens = torch.full((len(batch), S), pad, dtype=torch.long)
-                prev = torch.full((len(batch), T), pad, dtype=torch.long)
-                for i, (s_ids, t_ids) in enumerate(zip(src, tgt)):
-                    src_tokens[i, S - len(s_ids):] = s_ids  # left padding, as fairseq's translation task
-                    prev[i, 0] = eos
-                    prev[i, 1:len(t_ids)] = t_ids[:-1]
-                lengths = src_tokens.ne(pad).sum(1)
                 att.recorded_dead = []
                 try:
-                    _, attn = model(src_tokens, lengths, prev)
+                    attns = forward(batch)  # per record: (len(tgt_tokens), len(src_tokens)) forced attention
                     flags = torch.stack(att.recorded_dead, 1)  # (bsz, T)
                 finally:
                     att.recorded_dead = None
                 att.pop_fallback_counts()
-                if isinstance(attn, dict):  # fairseq decoders differ: a tensor, or {"attn": [tensor]}
-                    attn = attn["attn"][0] if isinstance(attn["attn"], (list, tuple)) else attn["attn"]
-                # (bsz, T, S), columns in the source's (left-padded) layout
                 for i, r in enumerate(batch):
-                    n = len(tgt[i])
-                    a = attn[i, :n, S - len(src[i]):].float().numpy()
+                    n = len(r.tgt_tokens)
+                    a = attns[i]
                     max_diff = max(max_diff, float(np.abs(a - np.asarray(r.attention, dtype=np.float32)).max()))
                     fb = [int(k) for k in torch.nonzero(flags[i, :n]).flatten().tolist()]
                     r.extra["fallback_rows"] = fb
@@ -131,6 +120,87 @@ def main(argv=None) -> int:
             write_dump(args.dump, meta, records, summary)
     _emit(report, args.json)
     return 0
+
+
+def _load_fairseq(args):
+    """(model, its attention module, forward(records) → forced attention per record) of a fairseq checkpoint."""
+    import torch
+    from fairseq import checkpoint_utils
+    from fairseq import utils as fairseq_utils
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    fairseq_utils.import_user_module(argparse.Namespace(user_dir=os.path.join(repo, "user_dir")))
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.checkpoint],
+                                                                     arg_overrides={"data": args.data})
+    model = models[0].eval()
+    src_dict, tgt_dict = task.source_dictionary, task.target_dictionary
+    pad, eos = tgt_dict.pad(), tgt_dict.eos()
+
+    def forward(batch):
+        src = [torch.tensor([src_dict.index(t) for t in r.src_tokens]) for r in batch]
+        tgt = [torch.tensor([tgt_dict.index(t) for t in r.tgt_tokens]) for r in batch]
+        S, T = max(len(x) for x in src), max(len(x) for x in tgt)
+        src_tokens = torch.full((len(batch), S), pad, dtype=torch.long)
+        prev = torch.full((len(batch), T), pad, dtype=torch.long)
+        for i, (s_ids, t_ids) in enumerate(zip(src, tgt)):
+            src_tokens[i, S - len(s_ids):] = s_ids  # left padding, as fairseq's translation task
+            prev[i, 0] = eos
+            prev[i, 1:len(t_ids)] = t_ids[:-1]
+        lengths = src_tokens.ne(pad).sum(1)
+        _, attn = model(src_tokens, lengths, prev)
+        if isinstance(attn, dict):  # fairseq decoders differ: a tensor, or {"attn": [tensor]}
+            attn = attn["attn"][0] if isinstance(attn["attn"], (list, tuple)) else attn["attn"]
+        # (bsz, T, S), columns in the source's (left-padded) layout
+        return [attn[i, :len(tgt[i]), S - len(src[i]):].float().numpy() for i in range(len(batch))]
+
+    return model, model.decoder.attention.attention, forward
+
+
+def _load_onmt(args):
+    """(model, its attention module, forward(records) → forced attention per record) of a structattn-onmt-train
+    checkpoint, loaded as structattn-onmt-translate loads it. OpenNMT-py pads sources on the right and starts the
+    target with its decoder start token; the dump's target tokens end with </s> when the search ended there."""
+    import torch
+
+    try:
+        from structattn_onmt import patches
+    except ImportError:  # a checkout whose environment was installed before structattn_onmt existed
+        sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+        from structattn_onmt import patches
+
+    patches.quiet_onmt_warnings()
+    patches.install()
+    import onmt.model_builder
+    from onmt.bin.translate import _get_parser
+    from onmt.constants import DefaultTokens
+
+    opt = _get_parser().parse_args(["-model", args.checkpoint, "-src", os.devnull])
+    vocabs, model, _ = onmt.model_builder.load_test_model(opt)
+    model.eval()
+    layer = model.decoder.attn
+    att = getattr(layer, "attention", None)  # the library's module (structattn_onmt.layer, `general` score)
+    if att is None:
+        raise SystemExit(f"{args.checkpoint}: not a structattn-onmt-train model with the general score")
+    src_vocab, tgt_vocab = vocabs["src"], vocabs["tgt"]
+    start = vocabs.get("decoder_start_token", DefaultTokens.BOS)
+    src_pad = src_vocab.lookup_token(DefaultTokens.PAD)
+    tgt_pad = tgt_vocab.lookup_token(DefaultTokens.PAD)
+
+    def forward(batch):
+        src = [src_vocab(list(r.src_tokens)) for r in batch]
+        tgt = [tgt_vocab([start] + list(r.tgt_tokens)) for r in batch]  # model() drops the last one (dec_in)
+        S, T = max(len(x) for x in src), max(len(x) for x in tgt)
+        src_t = torch.full((len(batch), S, 1), src_pad, dtype=torch.long)
+        tgt_t = torch.full((len(batch), T, 1), tgt_pad, dtype=torch.long)
+        for i, (s_ids, t_ids) in enumerate(zip(src, tgt)):
+            src_t[i, :len(s_ids), 0] = torch.tensor(s_ids)
+            tgt_t[i, :len(t_ids), 0] = torch.tensor(t_ids)
+        src_len = torch.tensor([len(x) for x in src])
+        _, attns = model(src_t, tgt_t, src_len)
+        attn = attns["std"]  # (bsz, T - 1, S): batch-major (structattn_onmt.patches: attention layout)
+        return [attn[i, :len(tgt[i]) - 1, :len(src[i])].float().numpy() for i in range(len(batch))]
+
+    return model, att, forward
 
 
 def _emit(report, path):

@@ -1,7 +1,8 @@
 """Condense ``fairseq-train --log-format json`` output (stdin) into one progress line per log interval (stderr).
 
 The full log is kept by ``tee`` before this filter; here we only show update n/N, loss, speed and an ETA, and
-pass through warnings and errors so that a failing run says why.
+pass through warnings and errors so that a failing run says why. ``structattn-onmt-train`` output (OpenNMT-py's
+``Step N/M; acc: …; ppl: …; … tok/s; T sec;`` and ``Validation perplexity: X`` lines) is condensed the same way.
 """
 from __future__ import annotations
 
@@ -12,6 +13,23 @@ import sys
 import time
 
 _JSON = re.compile(r"(\{.*\})\s*$")
+_ONMT_STEP = re.compile(r"\bStep\s+(\d+)/\s*\d+; acc:\s*(\S+); ppl:\s*(\S+);.*?(\d+)/\s*(\d+) tok/s;")
+_ONMT_VALID = re.compile(r"Validation perplexity:\s*(\S+)")
+
+
+def format_onmt_line(line: str, max_update: int, name: str, t0: float, first_update: int | None) -> str | None:
+    """One progress line for OpenNMT-py's training report or validation line, else None."""
+    m = _ONMT_STEP.search(line)
+    if m:
+        upd = int(m.group(1))
+        msg = f"{name}: update {upd}" + (f"/{max_update}" if max_update else "")
+        msg += f" ppl {m.group(3).rstrip(';')} acc {m.group(2).rstrip(';')} tgt tok/s {m.group(5)}"
+        if max_update and first_update is not None and upd > first_update:
+            rate = (upd - first_update) / max(time.time() - t0, 1e-6)
+            msg += f" eta {max(max_update - upd, 0) / rate / 60:.1f} min"
+        return msg
+    m = _ONMT_VALID.search(line)
+    return f"{name}: validation perplexity {m.group(1)}" if m else None
 
 
 def format_line(rec: dict, max_update: int, name: str, t0: float, first_update: int | None) -> str | None:
@@ -51,6 +69,13 @@ def main(argv=None):
                 if msg:
                     print(msg, file=sys.stderr, flush=True)
                 continue
+        step = _ONMT_STEP.search(line)
+        if step and first is None:
+            first, t0 = int(step.group(1)), time.time()
+        msg = format_onmt_line(line, args.max_update, args.name, t0, first)
+        if msg:
+            print(msg, file=sys.stderr, flush=True)
+            continue
         if re.search(r"Error|error:|Traceback|WARNING|done training|Exception", line):
             sys.stderr.write(line)
             sys.stderr.flush()

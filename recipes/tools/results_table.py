@@ -6,6 +6,13 @@ Reads, for every variant ``V`` in ``<work>/runs/V/``: ``score.json`` (and ``scor
 transitions T/γ of Viterbi models) and ``hyp.test.en`` (degenerate-output checks); the data sizes from
 ``<work>/data``; the commands from ``<work>/stamps``.
 Nothing is estimated: a missing file is shown as "–" and listed under "Missing".
+
+OpenNMT-py runs (``--toolkit onmt``: ``<work>/runs/onmt-V/``, :data:`variants.RUN_PREFIX`) have the same files;
+their ``train.log`` is ``structattn-onmt-train``'s (:func:`parse_onmt_train_log`: the ``Step N/M; ... tok/s; T
+sec`` lines, ``Validation perplexity``, saved checkpoints, the parameter count and the Viterbi attention's
+``structattn attention: attn_fallback ...`` lines). The table holds the rows of ``--toolkit`` for every variant
+and, next to them, those of the other toolkit that have a ``score.json`` (one work folder, one table; a
+*toolkit* and a *params* column appear when an OpenNMT-py row is present).
 """
 from __future__ import annotations
 
@@ -18,13 +25,28 @@ import re
 import sys
 from pathlib import Path
 
-from variants import LABELS  # variant name → its label: the variant table, tools/variants.py (next to this file)
+# the variant table, tools/variants.py (next to this file): variant name → its label; toolkits and run folders
+from variants import LABELS, TOOLKITS, run_label, run_name
 
 _JSON = re.compile(r"\|\s*(train|valid|train_inner)\s*\|\s*(\{.*\})\s*$")
 # fairseq 0.12's messages when --stop-time-hours or --patience ends a training (its config dump, which also names
 # stop_time_hours, must not match)
 _TIME_STOP = re.compile(r"exceeded --stop-time-hours|Stopping training due to cumulative_training_time")
 _EARLY_STOP = re.compile(r"early stop since valid performance hasn't improved")
+_FAIRSEQ_PARAMS = re.compile(r"num\. shared model params: ([\d,]+)")
+# OpenNMT-py 3.5 (onmt/utils/statistics.py, report_manager.py, model_saver.py, trainer.py, models/model.py) and the
+# structattn_onmt health line (structattn_onmt/patches.py: viterbi_health)
+_ONMT_STEP = re.compile(r"\bStep\s+(\d+)/\s*\d+;(.*)$")
+_ONMT_FIELD = re.compile(r"(acc|ppl|xent|lr|sents):\s*([-+0-9.eEinfa]+);")
+_ONMT_BSZ = re.compile(r"bsz:\s*(\d+)/\s*(\d+)/\s*(\d+);")
+_ONMT_SEC = re.compile(r"([\d.]+)\s+sec;")
+_ONMT_VALID = re.compile(r"Validation perplexity:\s*([-+0-9.eEinfa]+)")
+_ONMT_SAVED = re.compile(r"Saving checkpoint \S*_step_(\d+)\.pt")
+_ONMT_START = re.compile(r"Start training loop")
+_ONMT_PARAMS = re.compile(r"\* number of parameters:\s*(\d+)")
+_ONMT_EARLY_STOP = re.compile(r"earlystopper has_stopped")
+_ONMT_HEALTH = re.compile(r"Step (\d+); structattn attention: attn_fallback ([0-9.]+); attn_frozen ([0-9.]+); "
+                          r"T/g \[\[([-0-9.e]+), ([-0-9.e]+)\], \[([-0-9.e]+), ([-0-9.e]+)\]\]")
 
 #: a Viterbi model spending more than this fraction of its attention rows on the softmax fallback is flagged
 FALLBACK_WARN = 0.05
@@ -82,6 +104,71 @@ def parse_train_log(path: Path) -> dict:
     return out
 
 
+def fairseq_params(path: Path) -> int | None:
+    """The model's parameter count from a fairseq-train log (``num. shared model params: N``; the last run's)."""
+    hits = _FAIRSEQ_PARAMS.findall(path.read_text(errors="replace"))
+    return int(hits[-1].replace(",", "")) if hits else None
+
+
+def parse_onmt_train_log(path: Path) -> dict:
+    """Training summary from a ``structattn-onmt-train`` log (possibly several resumed runs appended), in the keys of
+    :func:`parse_train_log` plus ``sentences``, ``validations`` [(step, perplexity)], ``saved`` [steps],
+    ``best_valid_ppl``, ``params`` and ``train_health`` (the last ``structattn attention`` line: fallback, frozen,
+    T/γ). ``compute_s`` is the training loop's wall time (OpenNMT-py's ``T sec``, validation and checkpointing
+    included) summed over the runs; target tokens = Σ mean target tokens per batch × steps of each report
+    interval; ``epochs`` stays None (OpenNMT-py logs none: the caller divides ``sentences`` by the training
+    pairs)."""
+    out = {"stopped_by_time": False, "early_stop": False, "validations": [], "saved": []}
+    sessions, sec = [], None  # the last "T sec" of each training run in the log
+    tokens, sentences, last_step, fields = 0.0, 0, 0, {}
+    for line in path.read_text(errors="replace").splitlines():
+        h = _ONMT_HEALTH.search(line)
+        if h:
+            v = [float(x) for x in h.groups()[1:]]
+            out["train_health"] = {"step": int(h.group(1)), "fallback": v[0], "frozen": v[1],
+                                   "T_over_gamma": [[v[2], v[3]], [v[4], v[5]]]}
+            continue
+        m = _ONMT_STEP.search(line)
+        if m:
+            step, rest = int(m.group(1)), m.group(2)
+            fields = dict(_ONMT_FIELD.findall(rest))
+            bsz, t = _ONMT_BSZ.search(rest), _ONMT_SEC.search(rest)
+            if bsz:
+                tokens += float(bsz.group(2)) * max(step - last_step, 0)
+            if "sents" in fields:
+                sentences += int(float(fields["sents"]))
+            if t:
+                if sec is not None and float(t.group(1)) < sec:  # a new run without its start line
+                    sessions.append(sec)
+                sec = float(t.group(1))
+            last_step = step
+            continue
+        if _ONMT_START.search(line):
+            if sec is not None:
+                sessions.append(sec)
+            sec = None
+        elif (v := _ONMT_VALID.search(line)):
+            out["validations"].append((last_step, float(v.group(1))))
+        elif (s := _ONMT_SAVED.search(line)):
+            out["saved"].append(int(s.group(1)))
+        elif (n := _ONMT_PARAMS.search(line)):
+            out["params"] = int(n.group(1))
+        elif _ONMT_EARLY_STOP.search(line):
+            out["early_stop"] = True
+    if sec is not None:
+        sessions.append(sec)
+    if last_step == 0:
+        return out
+    compute = sum(sessions)
+    out.update(updates=last_step, epochs=None, sentences=sentences, target_tokens=tokens, compute_s=compute,
+               wall_s=compute, tokens_per_s=tokens / compute if compute > 0 else None)
+    if "xent" in fields:
+        out["final_train_loss"] = float(fields["xent"])
+    if out["validations"]:
+        out["best_valid_ppl"] = min(p for _, p in out["validations"])
+    return out
+
+
 def output_health(path: Path) -> dict | None:
     """Degenerate-output checks of a hypothesis file: the fraction of hypotheses with a whitespace token repeated
     :data:`REPEAT_RUN` times in a row, the fraction of distinct hypotheses and of empty ones."""
@@ -109,11 +196,15 @@ def health_warnings(rows) -> list[str]:
     independent-positions Viterbi model; looping output)."""
     warn = []
     for r in rows:
-        h, o, label = r.get("health") or {}, r.get("output") or {}, LABELS.get(r["variant"], r["variant"])
+        h, o, label = r.get("health") or {}, r.get("output") or {}, run_label(r.get("run", r["variant"]))
         fb = h.get("fallback_fraction")
         if fb is not None and fb > FALLBACK_WARN:
             warn.append(f"{label}: {fb:.1%} of attention rows fell back to softmax (> {FALLBACK_WARN:.0%}): this "
                         "model's attention is largely a softmax attention, not a structured one.")
+        th = (r.get("train") or {}).get("train_health") or {}  # OpenNMT-py's training log
+        if th.get("fallback", 0) > FALLBACK_WARN:
+            warn.append(f"{label}: {th['fallback']:.1%} of attention rows fell back to softmax in the last logged "
+                        f"training steps (step {th['step']}, train.log; > {FALLBACK_WARN:.0%}).")
         if h.get("independent_positions"):
             warn.append(f"{label}: learned transitions T/γ = {fmt_transitions(h.get('T_over_gamma'))} never left 0: "
                         "an independent-positions model (the chain is not used).")
@@ -135,7 +226,7 @@ def significance_lines(work: Path, ref_labels: dict) -> list[str]:
         base = sig["baseline"]
         if not out:
             out += ["## Significance", "",
-                    f"Paired bootstrap resampling against {LABELS.get(base, base)} (sacrebleu `PairedTest`, "
+                    f"Paired bootstrap resampling against {run_label(base)} (sacrebleu `PairedTest`, "
                     f"{sig['n_samples']} resamples, seed {sig['seed']}; Koehn 2004): mean ± half-width of the 95% "
                     "confidence interval, Δ = score − baseline score, p = probability of a difference at least this "
                     "large by chance (p < 0.05: significant).", ""]
@@ -143,7 +234,7 @@ def significance_lines(work: Path, ref_labels: dict) -> list[str]:
                 "|---|---|---|---|---|---|---|"]
         b = sig["systems"][base]
         for sysname, m in sig["systems"].items():
-            cells = [LABELS.get(sysname, sysname)]
+            cells = [run_label(sysname)]
             for metric in ("BLEU", "chrF2"):
                 r = m[metric]
                 cells.append(f"{r['mean']:.1f} ± {r['ci']:.1f}" if r.get("ci") is not None else fmt(r["score"]))
@@ -188,45 +279,64 @@ def machine() -> str:
     return f"{os.cpu_count()} CPU cores ({cpu}), {platform.system()} {platform.release()}, Python {platform.python_version()}"
 
 
-def _last_train_command(work: Path, variant: str):
-    """The last training command of ``variant`` in work/commands.sh (every command the recipe ran, in order)."""
+def _last_train_command(work: Path, run: str, toolkit: str = "fairseq"):
+    """The last training command of run folder ``run`` in work/commands.sh (every command the recipe ran, in
+    order)."""
     log = work / "commands.sh"
     if not log.is_file():
         return None
-    hits = [line for line in log.read_text().splitlines() if "fairseq-train" in line and f"/runs/{variant}/" in line]
+    tool = "structattn-onmt-train" if toolkit == "onmt" else "fairseq-train"
+    hits = [line for line in log.read_text().splitlines() if tool in line and f"/runs/{run}/" in line]
     return hits[-1].strip() if hits else None
 
 
-def collect(work: Path, variants):
+def collect(work: Path, variants, toolkit: str = "fairseq"):
+    """One row per variant of ``toolkit``, each followed by the other toolkit's run of that variant when it has a
+    score (fairseq rows first)."""
     rows, missing = [], []
+    train_pairs = None
     for v in variants:
-        run = work / "runs" / v
-        row = {"variant": v}
-        for key, name in (("single", "score.json"), ("multi", "score.multiref.json")):
-            p = run / name
-            if p.is_file():
-                row[key] = read_scores(p)
-            elif key == "single" or (work / "data" / "raw" / "test.kjv.en").is_file():
+        for tk in TOOLKITS:
+            name = run_name(v, tk)
+            run = work / "runs" / name
+            if tk != toolkit and not (run / "score.json").is_file():
+                continue
+            row = {"variant": v, "toolkit": tk, "run": name}
+            for key, fname in (("single", "score.json"), ("multi", "score.multiref.json")):
+                p = run / fname
+                if p.is_file():
+                    row[key] = read_scores(p)
+                elif key == "single" or (work / "data" / "raw" / "test.kjv.en").is_file():
+                    missing.append(str(p))
+            p = run / "train.log"
+            if not p.is_file():
+                row["train"] = {}
                 missing.append(str(p))
-        p = run / "train.log"
-        row["train"] = parse_train_log(p) if p.is_file() else {}
-        if not p.is_file():
-            missing.append(str(p))
-        p = run / "attention_stats.json"
-        if p.is_file():
-            stats = json.loads(p.read_text())
-            row["stats"] = stats[0] if isinstance(stats, list) else stats
-        else:
-            missing.append(str(p))
-        p = run / "health.json"
-        if p.is_file():
-            row["health"] = json.loads(p.read_text())
-        elif v.startswith("viterbi"):
-            missing.append(str(p))
-        row["output"] = output_health(run / "hyp.test.en")
-        stamp = work / "stamps" / f"train.{v}.done"
-        row["train_cmd"] = stamp.read_text().strip() if stamp.is_file() else _last_train_command(work, v)
-        rows.append(row)
+            elif tk == "onmt":
+                row["train"] = parse_onmt_train_log(p)
+                if train_pairs is None:
+                    train_pairs = line_count(next(iter(sorted((work / "data" / "spm").glob("train.len.*"))),
+                                                  work / "missing"))
+                if row["train"].get("sentences") is not None and train_pairs:
+                    row["train"]["epochs"] = row["train"]["sentences"] / train_pairs
+            else:
+                row["train"] = parse_train_log(p)
+                row["train"]["params"] = fairseq_params(p)
+            p = run / "attention_stats.json"
+            if p.is_file():
+                stats = json.loads(p.read_text())
+                row["stats"] = stats[0] if isinstance(stats, list) else stats
+            else:
+                missing.append(str(p))
+            p = run / "health.json"
+            if p.is_file():
+                row["health"] = json.loads(p.read_text())
+            elif v.startswith("viterbi"):
+                missing.append(str(p))
+            row["output"] = output_health(run / "hyp.test.en")
+            stamp = work / "stamps" / f"train.{name}.done"
+            row["train_cmd"] = stamp.read_text().strip() if stamp.is_file() else _last_train_command(work, name, tk)
+            rows.append(row)
     return rows, missing
 
 
@@ -234,23 +344,34 @@ def render(work: Path, rows, missing, args) -> str:
     """The whole RESULTS.md: header (machine, data, model), the table, warnings, column notes, significance,
     signatures, commands."""
     has_multi = any("multi" in r for r in rows)
+    has_onmt = any(r.get("toolkit") == "onmt" for r in rows)
     table, sigs = _table(rows, args, has_multi)
-    out = _header(work, args, has_multi) + table
+    out = _header(work, args, has_multi, rows) + table
     warnings = health_warnings(rows)
     if warnings:
         out += ["**Warnings**", ""] + [f"* **WARNING** {w}" for w in warnings] + [""]
-    out += [COLUMN_NOTES, ""]
-    out += significance_lines(work, {"significance.json": args.ref_label,
-                                     "significance.multiref.json": f"{args.ref_label}+{args.ref2_label}"})
+    out += [COLUMN_NOTES + (" " + ONMT_COLUMN_NOTES if has_onmt else ""), ""]
+    r1, r2, onmt = args.ref_label, args.ref2_label, TOOLKITS["onmt"]
+    out += significance_lines(work, {"significance.json": r1, "significance.multiref.json": f"{r1}+{r2}",
+                                     "significance.onmt.json": f"{r1}; {onmt} runs",
+                                     "significance.onmt.multiref.json": f"{r1}+{r2}; {onmt} runs"})
     out += ["Signatures:", ""] + [f"* {s}" for s in sorted(sigs)] + [""]
-    report = work / "report" / "index.html"
-    if report.is_file():
-        out += [f"Attention report (side-by-side maps of the first test sentences): `{report}`.", ""]
+    for folder, what in (("report", ""), ("report.onmt", f", {onmt} runs")):
+        report = work / folder / "index.html"
+        if report.is_file():
+            out += [f"Attention report (side-by-side maps of the first test sentences{what}): `{report}`.", ""]
     out += _commands(rows, missing, args)
     return "\n".join(out) + "\n"
 
 
-def _header(work: Path, args, has_multi: bool) -> list[str]:
+def _fairseq_arch(rows) -> str:
+    """The --arch of the fairseq rows' training commands (when they agree), else "?"."""
+    found = {m.group(1) for r in rows if r.get("toolkit", "fairseq") == "fairseq" and r.get("train_cmd")
+             for m in [re.search(r"--arch (\S+)", r["train_cmd"])] if m}
+    return found.pop() if len(found) == 1 else "?"
+
+
+def _header(work: Path, args, has_multi: bool, rows=()) -> list[str]:
     """Title, provenance, machine, data sizes, corpus split and model."""
     raw, spm = work / "data" / "raw", work / "data" / "spm"
     corpus_info = {}
@@ -282,44 +403,66 @@ def _header(work: Path, args, has_multi: bool) -> list[str]:
                    f"{corpus_info['test_books']} (numbers 1 = Genesis … 66 = Revelation), the rest train. Source "
                    f"{corpus_info.get('source')}, reference {corpus_info.get('target')}"
                    + (f", second reference {corpus_info['second_reference']}" if has_multi else "") + ".")
-    out.append(f"* Model: `--arch {args.arch}`; identical data, optimiser, batch and update budget for every "
-               f"variant (full commands below).")
+    toolkits = {r.get("toolkit", "fairseq") for r in rows} or {args.toolkit}
+    if "fairseq" in toolkits:
+        arch = args.arch if args.toolkit == "fairseq" else _fairseq_arch(rows)
+        out.append(f"* Model: `--arch {arch}`; identical data, optimiser, batch and update budget for every "
+                   f"variant (full commands below).")
+    if "onmt" in toolkits:
+        out.append(ONMT_MODEL)
     out.append("")
     return out
+
+
+ONMT_MODEL = ("* OpenNMT-py rows (`--toolkit onmt`): `structattn-onmt-train` (docs/onmt.md), a 1-layer bidirectional "
+    "LSTM encoder and a 1-layer input-feeding LSTM decoder with the bilinear (`general`) score; identical data (the "
+    "same sentencepiece pairs), optimiser, batch and update budget for every variant (full commands below). Not as "
+    "in the fairseq rows: the decoder is twice as wide (OpenNMT-py needs encoder and decoder of one size: see "
+    "*params*), no weight decay, no wall-clock cap, `--schedule fixed` without warm-up (`inverse_sqrt` = OpenNMT's "
+    "`noam` with the same warm-up and peak); validation and checkpoints every `-valid_steps` only, the test set "
+    "translated with the saved step of lowest validation perplexity (`runs/onmt-*/best.json`); the length limit of "
+    "a translation is per batch (1.5 × its longest source + 5, at most 256).")
 
 
 def _table(rows, args, has_multi: bool) -> tuple[list[str], set]:
     """The results table (one row per variant) and the sacrebleu signatures it used."""
     r1, r2 = args.ref_label, args.ref2_label
-    head = ["attention", f"BLEU ({r1})"] + ([f"BLEU ({r1}+{r2})"] if has_multi else []) + [
-        f"chrF2 ({r1})", "updates", "epochs", "train time", "tokens/s", "exact zeros", "support/row",
+    has_onmt = any(r.get("toolkit") == "onmt" for r in rows)
+    head = ["attention"] + (["toolkit"] if has_onmt else []) + [f"BLEU ({r1})"] + (
+        [f"BLEU ({r1}+{r2})"] if has_multi else []) + [f"chrF2 ({r1})"] + (["params"] if has_onmt else []) + [
+        "updates", "epochs", "train time", "tokens/s", "exact zeros", "support/row",
         "segments/row", "fallback rows", "T/γ", "looping hyps", "distinct hyps"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     sigs = set()
     for r in rows:
-        cells, row_sigs = _row_cells(r, has_multi)
+        cells, row_sigs = _row_cells(r, has_multi, has_onmt)
         sigs |= row_sigs
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     return out, sigs
 
 
-def _row_cells(r: dict, has_multi: bool) -> tuple[list[str], set]:
+def _row_cells(r: dict, has_multi: bool, has_onmt: bool = False) -> tuple[list[str], set]:
     """One variant's cells, in the order of the table's head, and its sacrebleu signatures."""
     t, s = r.get("train", {}), r.get("stats", {})
     single = r.get("single", {})
     sigs = {f"{rec['name']} (1 ref): `{rec['signature']}`" for rec in single.values()}
-    cells = [LABELS.get(r["variant"], r["variant"]), fmt(single.get("BLEU", {}).get("score"))]
+    cells = [LABELS.get(r["variant"], r["variant"])] + ([TOOLKITS[r.get("toolkit", "fairseq")]] if has_onmt else [])
+    cells.append(fmt(single.get("BLEU", {}).get("score")))
     if has_multi:
         mb = r.get("multi", {}).get("BLEU", {})
         if mb:
             sigs.add(f"BLEU (2 refs): `{mb['signature']}`")
         cells.append(fmt(mb.get("score")))
     wall = t.get("compute_s")
-    cells += [fmt(single.get("chrF2", {}).get("score")),
-              fmt(t.get("updates"), "{}") + (" (time cap)" if t.get("stopped_by_time") else "")
+    cells.append(fmt(single.get("chrF2", {}).get("score")))
+    if has_onmt:
+        cells.append(fmt(t.get("params"), "{:,}"))
+    epochs = t.get("epochs")
+    cells += [fmt(t.get("updates"), "{}") + (" (time cap)" if t.get("stopped_by_time") else "")
               + (" (early stop)" if t.get("early_stop") else ""),
-              fmt(t.get("epochs"), "{}"), "–" if wall is None else f"{wall / 60:.1f} min",
+              fmt(epochs, "{:.1f}" if isinstance(epochs, float) else "{}"),
+              "–" if wall is None else f"{wall / 60:.1f} min",
               fmt(t.get("tokens_per_s"), "{:.0f}"), fmt(s.get("zero_fraction"), "{:.3f}"),
               fmt(s.get("mean_support"), "{:.2f}"), fmt(s.get("mean_segments"), "{:.2f}")]
     h, o = r.get("health") or {}, r.get("output") or {}
@@ -342,6 +485,12 @@ COLUMN_NOTES = ("Columns: BLEU/chrF2 by sacrebleu on detokenised output (sentenc
     "test sentences. \"(time cap)\" marks a training stopped by `--stop-time-hours` before its update budget, "
     "\"(early stop)\" one stopped by `--patience` (validation loss no longer improving: a plateau).")
 
+ONMT_COLUMN_NOTES = ("*toolkit*: the trainer; *params*: the model's parameters (its training log). OpenNMT-py rows: "
+    "*train time* = the training loop's wall time (its log's `T sec`: validation and checkpointing included), "
+    "*tokens/s* = target tokens of its logged batches per second of that time, *epochs* = training sentences seen / "
+    "training pairs (OpenNMT-py logs no epochs); *fallback rows* and *T/γ* by the same forced decoding of the "
+    "dumped hypotheses (`attention_health.py --toolkit onmt`).")
+
 
 def _commands(rows, missing, args) -> list[str]:
     """The recipe invocation, the training commands as run, and what was missing."""
@@ -349,7 +498,10 @@ def _commands(rows, missing, args) -> list[str]:
     out += ["Training commands as run (from the step stamps, else the last one in commands.sh):", ""]
     for r in rows:
         if r["train_cmd"]:
-            cmd = r["train_cmd"].split(" 2>&1 ")[0]
+            cmd = r["train_cmd"]
+            if "structattn-onmt-train" in cmd:  # after the recipe's "already trained?" check
+                cmd = cmd[cmd.index("structattn-onmt-train"):]
+            cmd = cmd.split(" 2>&1 ")[0]
             out += ["```bash", cmd, "```"]
     if missing:
         out += ["", "## Missing", ""] + [f"* `{m}`" for m in missing]
@@ -363,7 +515,9 @@ def main(argv=None):
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--corpus", default="bible")
     p.add_argument("--size", default="?")
-    p.add_argument("--arch", default="?")
+    p.add_argument("--arch", default="?", help="fairseq architecture (of --toolkit fairseq runs)")
+    p.add_argument("--toolkit", default="fairseq", choices=list(TOOLKITS),
+                   help="the toolkit of the --variants runs (the other toolkit's runs with a score are added)")
     p.add_argument("--threads", default="?", help="torch threads of each training")
     p.add_argument("--jobs", default="1", help="trainings run at the same time")
     p.add_argument("--max-len", default=None, help="longest training pair kept (subword tokens per side)")
@@ -377,7 +531,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (args.work / "runs").is_dir():
         p.error(f"{args.work}/runs does not exist: run the recipe first")
-    rows, missing = collect(args.work, args.variants)
+    rows, missing = collect(args.work, args.variants, args.toolkit)
     if not any("single" in r for r in rows):
         p.error("no variant has a score.json yet: nothing to tabulate")
     args.out.parent.mkdir(parents=True, exist_ok=True)

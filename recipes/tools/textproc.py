@@ -3,7 +3,8 @@
 * ``tok``:        Moses punctuation normalisation + Moses tokenisation (sacremoses, no HTML escaping).
 * ``spm-train``:  a joint sentencepiece model trained on the *training* files only.
 * ``spm-encode``: tokenised text → subword pieces.
-* ``detok``:      pieces → sentencepiece decode → Moses detokenisation (the text that BLEU is computed on).
+* ``detok``:      pieces → sentencepiece decode → Moses detokenisation (the text that BLEU is computed on);
+                  ``--expected N`` checks the number of lines (OpenNMT-py's translations: one per test line).
 * ``hyp``:        extract hypotheses from ``fairseq-generate`` output in input order (``H-<id>`` lines).
 
 The ``sentencepiece`` wheel has no ``spm_*`` executables, hence this small wrapper.
@@ -105,6 +106,8 @@ def main(argv=None):
     d = sub.add_parser("detok", help="sentencepiece-decode then Moses-detokenise stdin")
     d.add_argument("--lang", required=True)
     d.add_argument("--model", help="sentencepiece model (omit when the input is not subword-encoded)")
+    d.add_argument("--expected", type=int,
+                   help="number of input lines (one hypothesis per test sentence; another count is an error)")
     tr = sub.add_parser("spm-train", help="train a joint sentencepiece model")
     tr.add_argument("--input", nargs="+", required=True)
     tr.add_argument("--model-prefix", required=True)
@@ -140,6 +143,10 @@ def main(argv=None):
     if args.cmd == "tok":
         it = moses_tokenize(lines, args.lang)
     elif args.cmd == "detok":
+        if args.expected is not None:  # read all first: a short file writes nothing
+            lines = list(lines)
+            if len(lines) != args.expected:
+                p.error(f"detok: {len(lines)} input lines, expected {args.expected} (one per test sentence)")
         it = moses_detokenize(spm_decode(lines, args.model) if args.model else lines, args.lang)
     elif args.cmd == "spm-encode":
         it = spm_encode(lines, args.model)

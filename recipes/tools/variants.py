@@ -1,10 +1,13 @@
-"""The attention variants the recipes compare: the one table of their names, labels and fairseq flags.
+"""The attention variants the recipes compare: the one table of their names, labels and flags (fairseq and
+OpenNMT-py spellings).
 
 A variant is a name on the recipes' command line (``--variants "softmax viterbi-l2"``) and a run folder
-(``work/runs/<name>``); its label names it in the result tables; its flags select the attention of the structattn
-fairseq plugin (``fairseq-train --user-dir user_dir ...``). A Viterbi variant also gets the temperature γ of its
-regulariser (default: the paper's, :data:`structattn.attention.PAPER_GAMMA`) and, when the recipe sets one, an
-``--attention-form``.
+(``work/runs/<name>`` for fairseq, ``work/runs/onmt-<name>`` for OpenNMT-py: :data:`RUN_PREFIX`); its label names
+it in the result tables; its flags select the attention of the structattn fairseq plugin (``fairseq-train
+--user-dir user_dir ...``) or of the OpenNMT-py glue (``structattn-onmt-train ...``, docs/onmt.md). A Viterbi
+variant also gets the temperature γ of its regulariser (default: the paper's,
+:data:`structattn.attention.PAPER_GAMMA`) and, when the recipe sets one, an ``--attention-form``
+(``-attention_form``).
 
 The shell recipes read the table through this file's command line (``recipes/lib.sh``)::
 
@@ -14,8 +17,10 @@ The shell recipes read the table through this file's command line (``recipes/lib
         paper_gamma_l2=10
     python recipes/tools/variants.py flags viterbi-l2 --gamma-l2 5 --form stable
         --attention viterbi --attention-reg l2 --attention-gamma 5 --attention-form stable
+    python recipes/tools/variants.py flags viterbi-l2 --toolkit onmt --form stable
+        -global_attention_function viterbi -attention_reg l2 -attention_gamma 10 -attention_form stable
 
-``results_table.py`` imports :data:`LABELS`.
+``results_table.py`` imports :data:`LABELS`, :data:`TOOLKITS`, :func:`run_name` and :func:`run_label`.
 """
 from __future__ import annotations
 
@@ -28,19 +33,49 @@ from typing import NamedTuple, Optional
 class Variant(NamedTuple):
     label: str  # in the result tables and reports
     flags: str  # fairseq attention flags
-    reg: Optional[str] = None  # Viterbi regulariser (a key of PAPER_GAMMA): adds --attention-gamma (and -form)
+    onmt: str  # the same attention in OpenNMT-py's spelling (structattn-onmt-train, docs/onmt.md)
+    reg: Optional[str] = None  # Viterbi regulariser (a key of PAPER_GAMMA): adds the γ (and form) flags
 
 
 #: name → variant, in the order the recipes run and tabulate them.
 VARIANTS = {
-    "softmax": Variant("softmax", "--attention softmax"),
-    "sparsemax": Variant("sparsemax", "--attention sparsemax"),
-    "viterbi-entropy": Variant("Viterbi −H (negentropy)", "--attention viterbi --attention-reg entropy", "entropy"),
-    "viterbi-l2": Variant("Viterbi ℓ2²", "--attention viterbi --attention-reg l2", "l2"),
+    "softmax": Variant("softmax", "--attention softmax", "-global_attention_function softmax"),
+    "sparsemax": Variant("sparsemax", "--attention sparsemax", "-global_attention_function sparsemax"),
+    "viterbi-entropy": Variant("Viterbi −H (negentropy)", "--attention viterbi --attention-reg entropy",
+                               "-global_attention_function viterbi -attention_reg entropy", "entropy"),
+    "viterbi-l2": Variant("Viterbi ℓ2²", "--attention viterbi --attention-reg l2",
+                          "-global_attention_function viterbi -attention_reg l2", "l2"),
 }
 
 LABELS = {name: v.label for name, v in VARIANTS.items()}
 REGULARISERS = tuple(v.reg for v in VARIANTS.values() if v.reg)
+
+#: toolkit (the recipes' --toolkit) → its name in the result tables
+TOOLKITS = {"fairseq": "fairseq", "onmt": "OpenNMT-py"}
+#: toolkit → prefix of its run folders (work/runs/<prefix><variant>), so that both can share one work folder
+RUN_PREFIX = {"fairseq": "", "onmt": "onmt-"}
+#: toolkit → its spelling of the Viterbi variants' γ and form options
+_GAMMA_FORM = {"fairseq": ("--attention-gamma", "--attention-form"), "onmt": ("-attention_gamma", "-attention_form")}
+
+
+def run_name(variant: str, toolkit: str = "fairseq") -> str:
+    """The run folder (under work/runs) of ``variant`` trained with ``toolkit``."""
+    return RUN_PREFIX[toolkit] + variant
+
+
+def split_run(run: str) -> tuple[str, str]:
+    """A run folder name → (variant, toolkit); names that are no run of a known variant are fairseq's."""
+    for toolkit, prefix in RUN_PREFIX.items():
+        if prefix and run.startswith(prefix) and run[len(prefix):] in VARIANTS:
+            return run[len(prefix):], toolkit
+    return run, "fairseq"
+
+
+def run_label(run: str) -> str:
+    """The label of a run folder name in tables: the variant's label, and the toolkit unless it is fairseq."""
+    variant, toolkit = split_run(run)
+    label = LABELS.get(variant, variant)
+    return label if toolkit == "fairseq" else f"{label} ({TOOLKITS[toolkit]})"
 
 
 def paper_gamma() -> dict:
@@ -50,13 +85,25 @@ def paper_gamma() -> dict:
     return dict(PAPER_GAMMA)
 
 
-def fairseq_flags(name: str, gamma: dict, form: str | None = None) -> str:
-    """The attention flags of variant ``name``; ``gamma`` maps each regulariser to its γ as written on the command
-    line (a string: the recipes' commands, hence their stamps, keep the user's spelling)."""
+def attention_flags(name: str, gamma: dict, form: str | None = None, toolkit: str = "fairseq") -> str:
+    """The attention flags of variant ``name`` for ``toolkit``; ``gamma`` maps each regulariser to its γ as written on
+    the command line (a string: the recipes' commands, hence their stamps, keep the user's spelling)."""
     v = VARIANTS[name]
+    flags = v.flags if toolkit == "fairseq" else v.onmt
     if not v.reg:
-        return v.flags
-    return f"{v.flags} --attention-gamma {gamma[v.reg]}" + (f" --attention-form {form}" if form else "")
+        return flags
+    gamma_flag, form_flag = _GAMMA_FORM[toolkit]
+    return f"{flags} {gamma_flag} {gamma[v.reg]}" + (f" {form_flag} {form}" if form else "")
+
+
+def fairseq_flags(name: str, gamma: dict, form: str | None = None) -> str:
+    """The fairseq attention flags of variant ``name`` (:func:`attention_flags`)."""
+    return attention_flags(name, gamma, form, "fairseq")
+
+
+def onmt_flags(name: str, gamma: dict, form: str | None = None) -> str:
+    """The ``structattn-onmt-train`` attention flags of variant ``name`` (:func:`attention_flags`)."""
+    return attention_flags(name, gamma, form, "onmt")
 
 
 def _number(x: float) -> str:
@@ -67,8 +114,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("shell", help="the variant names and the paper's γ as shell assignments")
-    f = sub.add_parser("flags", help="the fairseq attention flags of one variant")
+    f = sub.add_parser("flags", help="the attention flags of one variant")
     f.add_argument("variant", choices=list(VARIANTS))
+    f.add_argument("--toolkit", choices=list(TOOLKITS), default="fairseq",
+                   help="fairseq (fairseq-train --user-dir user_dir) or onmt (structattn-onmt-train); default fairseq")
     for reg in REGULARISERS:
         f.add_argument(f"--gamma-{reg}", metavar="G", help="γ of this regulariser (default: the paper's)")
     f.add_argument("--form", help="--attention-form of the Viterbi variants (default: none, the plugin's)")
@@ -82,7 +131,7 @@ def main(argv=None) -> int:
     reg = VARIANTS[args.variant].reg
     if reg and gamma[reg] is None:
         gamma[reg] = _number(paper_gamma()[reg])
-    print(fairseq_flags(args.variant, gamma, args.form))
+    print(attention_flags(args.variant, gamma, args.form, args.toolkit))
     return 0
 
 
