@@ -965,8 +965,11 @@ def test_paired_bootstrap_against_baseline(tmp_path):
     bad = [f"a dog {i}" for i in range(40)]
     near = list(good)
     near[0] = "the cat sat"
-    out = significance.paired_bootstrap([refs], [("softmax", good), ("near", near), ("bad", bad)], 200, 1)
+    out = significance.paired_bootstrap([refs], [("softmax", good), ("near", near), ("bad", bad), ("same", good)],
+                                        200, 1)
     assert out["baseline"] == "softmax" and out["systems"]["softmax"]["BLEU"]["p_value"] is None
+    # identical outputs: no difference at all (sacrebleu alone would say p = 1/201)
+    assert out["systems"]["same"]["BLEU"]["p_value"] == 1.0 and out["systems"]["same"]["chrF2"]["p_value"] == 1.0
     assert out["systems"]["near"]["BLEU"]["p_value"] > 0.05  # one sentence of forty: not significant
     assert out["systems"]["bad"]["BLEU"]["p_value"] < 0.05 and out["systems"]["bad"]["chrF2"]["p_value"] < 0.05
     assert out["systems"]["bad"]["BLEU"]["score"] < out["systems"]["softmax"]["BLEU"]["score"]

@@ -51,11 +51,15 @@ def paired_bootstrap(refs: list[list[str]], systems: list[tuple[str, list[str]]]
     signatures, scores = test()
     out = {"baseline": systems[0][0], "n_samples": n, "seed": seed,
            "signatures": {k: str(v) for k, v in signatures.items()}, "systems": {}}
-    for i, (name, _) in enumerate(systems):
+    for i, (name, hyps) in enumerate(systems):
         entry = {}
+        # sacrebleu's bootstrap counts resamples whose difference *exceeds* the observed one, so a system identical
+        # to the baseline (difference 0 in every resample) gets the smallest p-value, 1/(n+1): no evidence of any
+        # difference reads as the strongest. The honest p-value of identical outputs is 1.
+        identical = i > 0 and hyps == systems[0][1]
         for metric in metrics:
             res = scores[metric][i]
-            p = getattr(res, "p_value", None)
+            p = 1.0 if identical else getattr(res, "p_value", None)
             entry[metric] = {"score": float(res.score), "mean": float(res.mean) if res.mean is not None else None,
                              "ci": float(res.ci) if res.ci is not None else None,
                              "p_value": None if i == 0 or p is None else float(p)}
