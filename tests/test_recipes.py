@@ -249,8 +249,9 @@ def test_results_table_health_columns_and_warnings(tmp_path, capsys):
         "viterbi-entropy": {"fallback_fraction": 0.0, "T_over_gamma": [[0.01, 0.0], [0.0, -0.02]],
                             "independent_positions": True},
     }
-    hyps = {"viterbi-l2": "a b c\nd e f\n", "viterbi-entropy": "a b c\na b c\n", "softmax": "x , , , , y\nz\n"}
-    for v in ("viterbi-l2", "viterbi-entropy", "softmax"):
+    hyps = {"viterbi-l2": "a b c\nd e f\n", "viterbi-entropy": "a b c\na b c\n", "softmax": "x , , , , y\nz\n",
+            "sparsemax": "\nz\n"}
+    for v in ("viterbi-l2", "viterbi-entropy", "softmax", "sparsemax"):
         run = work / "runs" / v
         run.mkdir(parents=True)
         (run / "score.json").write_text(json.dumps(score))
@@ -259,7 +260,7 @@ def test_results_table_health_columns_and_warnings(tmp_path, capsys):
             (run / "health.json").write_text(json.dumps(healths[v]))
     out = tmp_path / "R.md"
     results_table.main(["--work", str(work), "--variants", "viterbi-l2", "viterbi-entropy", "softmax",
-                        "--out", str(out)])
+                        "sparsemax", "--out", str(out)])
     text = out.read_text()
     l2 = next(line for line in text.splitlines() if line.startswith("| Viterbi ℓ2²"))
     assert "| 0.125 | [[1.20, 0.36], [-0.20, 0.80]] | 0.000 | 1.000 |" in l2
@@ -268,10 +269,11 @@ def test_results_table_health_columns_and_warnings(tmp_path, capsys):
     sm = next(line for line in text.splitlines() if line.startswith("| softmax"))
     assert "| – | – | 0.500 | 1.000 |" in sm  # one of two hypotheses loops; no Viterbi health for softmax
     warnings = [line for line in text.splitlines() if "**WARNING**" in line]
-    assert len(warnings) == 3
+    assert len(warnings) == 4
     assert "12.5% of attention rows fell back" in warnings[0] and "never left 0" in warnings[1]
     assert "50% of hypotheses repeat a token 4 times" in warnings[2]
-    assert capsys.readouterr().err.count("WARNING:") == 3
+    assert "sparsemax: 50% of hypotheses are empty" in warnings[3]
+    assert capsys.readouterr().err.count("WARNING:") == 4
 
 
 def test_output_health_counts():

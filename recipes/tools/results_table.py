@@ -193,7 +193,7 @@ def fmt_transitions(t) -> str:
 
 def health_warnings(rows) -> list[str]:
     """Loud lines for models whose structured attention did not do its job (a fallback-heavy or an
-    independent-positions Viterbi model; looping output)."""
+    independent-positions Viterbi model; looping or empty output)."""
     warn = []
     for r in rows:
         h, o, label = r.get("health") or {}, r.get("output") or {}, run_label(r.get("run", r["variant"]))
@@ -211,6 +211,8 @@ def health_warnings(rows) -> list[str]:
         if o.get("repeat_fraction", 0) > 0.05:
             warn.append(f"{label}: {o['repeat_fraction']:.0%} of hypotheses repeat a token {REPEAT_RUN} times in a "
                         "row (looping output).")
+        if o.get("empty_fraction", 0) > 0.05:
+            warn.append(f"{label}: {o['empty_fraction']:.0%} of hypotheses are empty (the model does not translate).")
     return warn
 
 
