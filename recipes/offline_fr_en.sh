@@ -42,8 +42,11 @@ usage: bash recipes/offline_fr_en.sh [options]
   --max-test N         test pairs (overrides the size preset; 0 = all)
   --max-update N       training updates per model (overrides the size preset)
   --max-epoch N        training epochs per model (overrides the size preset)
-  --arch NAME          fairseq architecture (default structattn_lstm; structattn_lstm_paper = 2x500 biLSTM)
-  --dim N              embedding/hidden width for --arch structattn_lstm (size preset: 32/64/128/256)
+  --arch NAME          fairseq architecture (default structattn_lstm; structattn_lstm_paper = 2x500 biLSTM;
+                       structattn_transformer_tiny (2+2 layers, 4 heads; CPU), structattn_transformer_iwslt_de_en,
+                       structattn_transformer: per-head structured cross-attention, docs/transformer.md)
+  --dim N              embedding/hidden width for --arch structattn_lstm and structattn_transformer_tiny (FFN 2x)
+                       (size preset: 32/64/128/256)
   --stop-hours H       wall-clock cap per training (fairseq --stop-time-hours; 0 = none; small preset 0.35)
   --gamma-entropy G    temperature of Viterbi −H attention (default: the paper's $paper_gamma_entropy)
   --gamma-l2 G         temperature of Viterbi ℓ2 attention (default: the paper's $paper_gamma_l2)
@@ -248,8 +251,15 @@ train_common="--optimizer adam --adam-betas '(0.9, 0.98)' --lr $lr $sched_flags 
 [ "$max_epoch" -gt 0 ] && train_common="$train_common --max-epoch $max_epoch"
 is_pos "$stop_hours" && train_common="$train_common --stop-time-hours $stop_hours"
 arch_flags="--arch $arch"
-[ "$arch" = structattn_lstm ] && arch_flags="$arch_flags --encoder-embed-dim $dim --decoder-embed-dim $dim \
---decoder-out-embed-dim $dim"
+case "$arch" in
+  structattn_lstm) arch_flags="$arch_flags --encoder-embed-dim $dim --decoder-embed-dim $dim \
+--decoder-out-embed-dim $dim" ;;
+  # The CPU-sized Transformer takes the preset's width (FFN 2x, 4 heads); the iwslt/base ones keep their own sizes.
+  # One joined dictionary: every Transformer shares its embeddings, as fairseq's IWSLT example does.
+  structattn_transformer_tiny) arch_flags="$arch_flags --share-all-embeddings --encoder-embed-dim $dim \
+--decoder-embed-dim $dim --encoder-ffn-embed-dim $(( 2 * dim )) --decoder-ffn-embed-dim $(( 2 * dim ))" ;;
+  structattn_transformer*) arch_flags="$arch_flags --share-all-embeddings" ;;
+esac
 
 variant_flags() {
   if [ "$builtin_lstm" = 1 ]; then
@@ -299,8 +309,9 @@ for v in $fs_variants; do
 | $py '$tools/textproc.py' detok --lang en --model '$spm/spm.model' > '$run/hyp.test.en'"
   bleu_steps "$v" "$run"
   if [ "$builtin_lstm" = 0 ]; then
-    case "$v" in viterbi-*)
-      # Fallback rows (invisible in the dumped matrices) and the learned T/γ: annotates the dump for the stats.
+    # Fallback rows (invisible in the dumped matrices) and the learned T/γ: annotates the dump for the stats. The
+    # tool reads one LSTM attention; a Transformer's fallback rate is in its training log (attn_fallback).
+    case "$arch:$v" in structattn_transformer*) ;; *:viterbi-*)
       step "health.$v" "$py '$tools/attention_health.py' --checkpoint '$run/checkpoints/checkpoint_best.pt' \
 --data '$bin' --dump '$run/attention.jsonl' --annotate --json '$run/health.json'" ;;
     esac

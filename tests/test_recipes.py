@@ -992,3 +992,20 @@ def test_paired_bootstrap_against_baseline(tmp_path):
     assert row.count("| 0.010 |") == 2  # p = 1/(100+1) rounded: the bad system loses every resample
     with pytest.raises(SystemExit):
         significance.main(["--refs", str(tmp_path / "ref"), "--baseline", f"softmax={tmp_path / 'a'}"])
+
+
+def test_transformer_arch_in_the_recipe_and_its_health_from_the_log(tmp_path):
+    """--arch structattn_transformer_tiny: the preset's width, shared embeddings, no attention_health step (it reads
+    one LSTM attention); the table takes the Viterbi health of the last validation in train.log instead."""
+    out = subprocess.run(["bash", str(REPO / "recipes" / "bible_fr_en" / "run.sh"), "--dry-run", "--size", "quick",
+                          "--arch", "structattn_transformer_tiny", "--variants", "viterbi-l2"],
+                         capture_output=True, text=True, check=True).stdout
+    assert ("--arch structattn_transformer_tiny --share-all-embeddings --encoder-embed-dim 128 --decoder-embed-dim "
+            "128 --encoder-ffn-embed-dim 256 --decoder-ffn-embed-dim 256") in out
+    assert "# health." not in out and "# stats.viterbi-l2" in out
+    log = tmp_path / "train.log"
+    _train_log(log)
+    log.write_text(log.read_text() + '2026 | INFO | valid | {"epoch": 2, "valid_loss": "7.0", "valid_attn_fallback": '
+                   '"0.0125", "valid_T00/g": "1.2", "valid_T01/g": "0.1", "valid_T10/g": "-0.3", "valid_T11/g": "0.9"}\n')
+    h = results_table.parse_train_log(log)["valid_health"]
+    assert h["fallback_fraction"] == 0.0125 and h["T_over_gamma"] == [[1.2, 0.1], [-0.3, 0.9]]

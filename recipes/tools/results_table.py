@@ -101,6 +101,13 @@ def parse_train_log(path: Path) -> dict:
                final_train_loss=float(last["train_loss"]))
     if valid:
         out["best_valid_loss"] = min(float(v["valid_loss"]) for v in valid)
+        last_valid = valid[-1]
+        if "valid_attn_fallback" in last_valid:  # a Viterbi model's metrics (user_dir/attention_options.py)
+            out["valid_health"] = {
+                "fallback_fraction": float(last_valid["valid_attn_fallback"]),
+                "T_over_gamma": [[float(last_valid.get(f"valid_T{i}{j}/g", "nan")) for j in range(2)] for i in range(2)],
+                "source": "the last validation of train.log (pooled over layers and heads)",
+            }
     return out
 
 
@@ -333,6 +340,8 @@ def collect(work: Path, variants, toolkit: str = "fairseq"):
             p = run / "health.json"
             if p.is_file():
                 row["health"] = json.loads(p.read_text())
+            elif row["train"].get("valid_health"):  # models attention_health.py does not read (the Transformer)
+                row["health"] = row["train"]["valid_health"]
             elif v.startswith("viterbi"):
                 missing.append(str(p))
             row["output"] = output_health(run / "hyp.test.en")
