@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 from typing import IO, Iterator
 
-__all__ = ["atomic_path", "atomic_write", "discard", "temp_path"]
+__all__ = ["atomic_path", "atomic_write", "discard", "replace_dir", "temp_path"]
 
 
 def temp_path(path: str | os.PathLike) -> str:
@@ -54,3 +56,19 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
             fh.flush()
             if fsync:
                 os.fsync(fh.fileno())
+
+
+def replace_dir(staging: str, outdir: str) -> None:
+    """Put the fully written folder ``staging`` (a sibling of ``outdir``) in place of ``outdir``: renamed onto a
+    missing or empty ``outdir``; an existing non-empty one is first renamed aside and removed only once the new one
+    is in place, so that ``outdir`` is never a half-written folder (at worst, for an instant, absent)."""
+    if os.path.isdir(outdir) and os.listdir(outdir):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(outdir)}.old-", dir=os.path.dirname(outdir))
+        os.rmdir(old)
+        os.rename(outdir, old)
+        os.rename(staging, outdir)
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if os.path.isdir(outdir):
+        os.rmdir(outdir)
+    os.rename(staging, outdir)

@@ -37,3 +37,19 @@ def test_atomic_path_names_a_sibling_and_cleans_up(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         with atomic_write(target, "a"):
             pass
+
+
+def test_replace_dir_swaps_whole_folders(tmp_path):
+    from structattn.fileio import replace_dir
+
+    out = tmp_path / "report"
+    for content, existing in (("first", None), ("second", "full"), ("third", "empty")):
+        staging = tmp_path / f".stage-{content}"
+        staging.mkdir()
+        (staging / "index.html").write_text(content)
+        if existing == "empty":
+            for p in out.iterdir():
+                p.unlink()
+        replace_dir(str(staging), str(out))
+        assert (out / "index.html").read_text() == content and not staging.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt"] * 0 + ["report"]

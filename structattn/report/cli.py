@@ -234,20 +234,7 @@ def _plot(argv) -> int:
     from .plot import attention_figure, save_figure
 
     m = _load(args.dump)
-    recs = [r for r in m.records if args.nbest_rank is None or r.nbest_rank == args.nbest_rank]
-    if args.ids is not None:
-        have = {r.id for r in recs}
-        missing = [i for i in args.ids if i not in have]
-        if missing:
-            raise CliError(f"{args.dump} has no sentence with id {missing[0]}"
-                           + (f" at n-best rank {args.nbest_rank}" if args.nbest_rank is not None else ""))
-        wanted = set(args.ids)
-        recs = [r for r in recs if r.id in wanted]
-    if args.max_sentences is not None:
-        keep = sorted({r.id for r in recs})[: args.max_sentences]
-        recs = [r for r in recs if r.id in set(keep)]
-    if not recs:
-        raise CliError(f"{args.dump}: no hypothesis to draw")
+    recs = _records_to_draw(m, args)
     title = args.title if args.title is not None else m.describe()
     outdir = os.path.abspath(args.output_dir)
     staging = _staging_dir(outdir)
@@ -270,6 +257,26 @@ def _plot(argv) -> int:
         raise
     print(f"wrote {len(names)} images to {outdir}")
     return 0
+
+
+def _records_to_draw(m, args) -> list:
+    """The records of ``m`` that structattn-plot draws: the chosen n-best rank, --ids (each must exist), at most
+    --max-sentences sentences (lowest ids first)."""
+    recs = [r for r in m.records if args.nbest_rank is None or r.nbest_rank == args.nbest_rank]
+    if args.ids is not None:
+        have = {r.id for r in recs}
+        missing = [i for i in args.ids if i not in have]
+        if missing:
+            raise CliError(f"{args.dump} has no sentence with id {missing[0]}"
+                           + (f" at n-best rank {args.nbest_rank}" if args.nbest_rank is not None else ""))
+        wanted = set(args.ids)
+        recs = [r for r in recs if r.id in wanted]
+    if args.max_sentences is not None:
+        keep = sorted({r.id for r in recs})[: args.max_sentences]
+        recs = [r for r in recs if r.id in set(keep)]
+    if not recs:
+        raise CliError(f"{args.dump}: no hypothesis to draw")
+    return recs
 
 
 def plot_main(argv=None) -> int:
@@ -300,6 +307,7 @@ def _report(argv) -> int:
     if args.nbest_rank is None:
         p.error("--nbest-rank all is not supported by the report; give one rank")
     kw = _plot_kwargs(args)
+    from ..fileio import replace_dir
     from .html import build_report
 
     outdir = os.path.abspath(args.output_dir)
@@ -315,18 +323,7 @@ def _report(argv) -> int:
         except ValueError as e:
             raise CliError(str(e)) from None
         n_images = len(os.listdir(os.path.join(staging, "img")))
-        if os.path.isdir(outdir):
-            if os.listdir(outdir):
-                old = tempfile.mkdtemp(prefix=f".{os.path.basename(outdir)}.old-", dir=os.path.dirname(outdir))
-                os.rmdir(old)
-                os.rename(outdir, old)
-                os.rename(staging, outdir)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.rmdir(outdir)
-                os.rename(staging, outdir)
-        else:
-            os.rename(staging, outdir)
+        replace_dir(staging, outdir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
