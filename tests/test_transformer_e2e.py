@@ -188,14 +188,24 @@ def test_dump_option_errors(data, trained, tmp_path):
         (["--dump-attention", tmp_path / "a.jsonl", "--dump-attention-layer", "2"], "the decoder has 2 layers"),
         (["--dump-attention", tmp_path / "b.jsonl", "--dump-attention-heads", "all", "--print-alignment"],
          "cannot be combined with --print-alignment"),
-        (["--dump-attention-heads", "all"], "give --dump-attention PATH too"),
     ):
         args = parse(*extra)
         with pytest.raises(ValueError, match=message):
             tasks.setup_task(args).build_generator([model], args)
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
-        parse("--dump-attention", tmp_path / "c.jsonl", "--dump-attention-heads", "max")
-    assert exit_info.value.code == 2
-    assert "argument --dump-attention-heads: invalid choice: 'max'" in err.getvalue().strip().splitlines()[-1]
+    args = parse("--dump-attention", tmp_path / "d.jsonl", "--dump-attention-heads", "all")
+    args.dump_attention = None  # programmatic use, past the command-line check: the task refuses it too
+    with pytest.raises(ValueError, match="give --dump-attention PATH too"):
+        tasks.setup_task(args).build_generator([model], args)
+    # Caught on the command line already (user_dir/cli_checks.py; the task repeats the check for programmatic use):
+    # one line, exit status 2, as argparse does for an unknown --dump-attention-heads.
+    for extra, message in (
+        (["--dump-attention-heads", "all"], "give --dump-attention PATH too"),
+        (["--dump-attention", tmp_path / "c.jsonl", "--dump-attention-heads", "max"],
+         "argument --dump-attention-heads: invalid choice: 'max'"),
+    ):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+            parse(*extra)
+        assert exit_info.value.code == 2
+        assert message in err.getvalue().strip().splitlines()[-1]
     assert not list(tmp_path.iterdir()), "nothing written"
