@@ -165,7 +165,8 @@ def original(module, name: str):
 
 
 def install() -> None:
-    """Install every patch of the module docstring (idempotent)."""
+    """Install every patch of the module docstring (idempotent). Long because it is the one list of them, in the
+    order they must go in (each line names the OpenNMT function it wraps)."""
     global _installed
     if _installed:
         return
