@@ -166,7 +166,7 @@ def original(module, name: str):
 
 def install() -> None:
     """Install every patch of the module docstring (idempotent). Long because it is the one list of them, in the
-    order they must go in (each line names the OpenNMT function it wraps)."""
+    order they go in (each line names the OpenNMT function or method it replaces)."""
     global _installed
     if _installed:
         return
