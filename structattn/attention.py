@@ -67,8 +67,14 @@ import math
 import torch
 from torch import Tensor, nn
 
+from .ops.segmentation import (
+    centre_rows,
+    check_transitions,
+    masked_softmax,
+    segmentation_potentials,
+    segmentation_weights,
+)
 from .ops.smoothed_max import check_reg_gamma, sparsemax
-from .ops.viterbi import viterbi_marginals
 
 __all__ = [
     "ATTENTIONS",
@@ -147,12 +153,7 @@ def softmax_attention(scores: Tensor, padding_mask: Tensor | None = None) -> Ten
         (B, T) weights: non-negative, summing to 1 over real positions, exactly 0 on padding (all 0 on a row that
         has no real position).
     """
-    padding_mask = _check_scores(scores, padding_mask)
-    if padding_mask is None:
-        return torch.softmax(scores, dim=-1)
-    # A finite fill (not −inf) keeps all-padding rows free of NaN, in the value and in the gradient.
-    filled = scores.masked_fill(padding_mask, torch.finfo(scores.dtype).min)
-    return torch.softmax(filled, dim=-1).masked_fill(padding_mask, 0.0)
+    return masked_softmax(scores, _check_scores(scores, padding_mask))
 
 
 def sparsemax_attention(scores: Tensor, padding_mask: Tensor | None = None) -> Tensor:
@@ -171,21 +172,6 @@ def sparsemax_attention(scores: Tensor, padding_mask: Tensor | None = None) -> T
     filled = torch.where(padding_mask, top - 2.0, scores)
     w = sparsemax(filled)
     return w.masked_fill(~real, 0.0)
-
-
-def segmentation_potentials(scores: Tensor, transitions: Tensor) -> Tensor:
-    """θ (B, T, 2, 2) of the segmentation attention (§5): θ[t, 1, j] = s_t + T[1, j], θ[t, 0, j] = T[0, j].
-
-    ``transitions`` is T, of shape (2, 2) or (B, 2, 2); T[i, j] scores state j at t−1 → state i at t."""
-    if transitions.shape[-2:] != (2, 2) or transitions.dim() not in (2, 3):
-        raise ValueError(f"transitions must have shape (2, 2) or (B, 2, 2), got {tuple(transitions.shape)}")
-    if transitions.dim() == 3 and transitions.shape[0] != scores.shape[0]:
-        raise ValueError(f"transitions has batch size {transitions.shape[0]}, scores has {scores.shape[0]}")
-    trans = transitions if transitions.dim() == 2 else transitions[:, None]
-    # θ = T + s ⊗ [[0, 0], [1, 1]] (state 0 has no unary score): one fused op; the equivalent stack + broadcast
-    # add runs ~5x slower on CPU with these size-2 inner dimensions, and this is on every decoder step.
-    rows = scores.new_tensor([[0.0, 0.0], [1.0, 1.0]])
-    return torch.addcmul(trans.to(scores.dtype), scores[:, :, None, None], rows)
 
 
 def viterbi_attention(
@@ -217,36 +203,16 @@ def viterbi_attention(
     """
     gamma = check_reg_gamma(reg, gamma)
     padding_mask = _check_scores(scores, padding_mask)
-    if not isinstance(transitions, Tensor):
-        raise TypeError("transitions must be a torch.Tensor")
-    out_dtype = scores.dtype
-    scores = _upcast_half(scores)
-    B, T = scores.shape
-    if padding_mask is None:
-        theta = segmentation_potentials(scores, transitions)
-        p = viterbi_marginals(theta, None, reg, gamma)[:, :, 1, :].sum(-1)
-    else:
-        # Compact real positions to the front, in order, so that the chain sees exactly the unpadded sentence
-        # whatever the padding side: column t goes to `dest[b, t]` (its rank among the real positions, padding
-        # after them). One cumsum and a scatter: a sort here cost more than the whole Viterbi kernel. Padded
-        # scores are zeroed (callers may fill them with ±inf/NaN) and ignored by viterbi_marginals via `lengths`.
-        real = ~padding_mask
-        rank = real.cumsum(1)
-        lengths = rank[:, -1]
-        pads_before = torch.arange(1, T + 1, device=scores.device) - rank
-        dest = torch.where(real, rank - 1, lengths[:, None] + pads_before - 1)
-        compact = torch.zeros_like(scores).scatter(1, dest, scores.masked_fill(padding_mask, 0.0))
-        theta = segmentation_potentials(compact, transitions)
-        p = viterbi_marginals(theta, lengths, reg, gamma)[:, :, 1, :].sum(-1).gather(1, dest)
-    total = p.sum(-1, keepdim=True)
-    ok = total > torch.finfo(p.dtype).tiny
-    # A safe denominator: dividing by 0 in the branch that torch.where discards would still put NaN in the gradient.
-    w = p / torch.where(ok, total, torch.ones_like(total))
-    # Eager mode computes the fallback only when a row needs it; compiled code always does (no host read).
-    if torch.compiler.is_compiling() or not bool(ok.all()):
-        w = torch.where(ok, w, softmax_attention(scores, padding_mask))
-    w, p = w.to(out_dtype), p.to(out_dtype)
+    w, p = _viterbi_rows(scores, check_transitions(transitions, scores.shape[0]), 1, padding_mask, reg, gamma)
     return (w, p) if return_marginals else w
+
+
+def _viterbi_rows(scores: Tensor, trans: Tensor, tdiv: int, padding_mask: Tensor | None, reg: str, gamma: float,
+                  centre: bool = False) -> tuple[Tensor, Tensor]:
+    """(w, p) of :func:`structattn.ops.segmentation.segmentation_weights` on checked arguments, computed in float32
+    for half-precision scores and returned in their dtype."""
+    w, p = segmentation_weights(_upcast_half(scores), trans, padding_mask, reg, gamma, centre=centre, tdiv=tdiv)
+    return w.to(scores.dtype), p.to(scores.dtype)
 
 
 def _upcast_half(x: Tensor) -> Tensor:
@@ -259,13 +225,7 @@ def _upcast_half(x: Tensor) -> Tensor:
 def centre_scores(scores: Tensor, padding_mask: Tensor | None = None) -> Tensor:
     """s̃_t = s_t − mean_{t' real} s_{t'}: each row centred over its real positions (padding left as it is, a row
     without real positions unchanged). Used by the stable form of :class:`ViterbiAttention` (module docstring)."""
-    padding_mask = _check_scores(scores, padding_mask)
-    if padding_mask is None:
-        return scores - scores.mean(-1, keepdim=True)
-    real = (~padding_mask).to(scores.dtype)
-    n = real.sum(-1, keepdim=True).clamp_min(1.0)
-    mean = (scores.masked_fill(padding_mask, 0.0) * real).sum(-1, keepdim=True) / n
-    return torch.where(padding_mask, scores, scores - mean)
+    return centre_rows(scores, _check_scores(scores, padding_mask))
 
 
 def dead_rows(marginals: Tensor, padding_mask: Tensor | None = None) -> Tensor:
@@ -399,14 +359,14 @@ class _ViterbiState:
         """T as used in θ (the paper's T; γ·τ in the stable form)."""
         return self.transitions if self.form == "paper" else self.gamma * self.transitions_over_gamma
 
-    def _normalize_rows(self, scores: Tensor, padding_mask: Tensor | None, transitions: Tensor) -> Tensor:
-        """Weights of the rows ``scores`` (N, T) under this module's form, with ``transitions`` (2, 2) or (N, 2, 2)
-        as T; counts the rows. Computed in float32 for half-precision scores, returned in their dtype."""
-        s = _upcast_half(scores)
-        s = centre_scores(s, padding_mask) if self.form == "stable" else s
-        w, p = viterbi_attention(s, transitions, padding_mask, self.reg, self.gamma, return_marginals=True)
+    def _normalize_rows(self, scores: Tensor, padding_mask: Tensor | None, trans: Tensor, tdiv: int = 1) -> Tensor:
+        """Weights of the rows ``scores`` (N, T) under this module's form, row b with T = ``trans[(b // tdiv) % M]``
+        (``trans`` (M, 2, 2)); counts the rows. Computed in float32 for half-precision scores, returned in their
+        dtype."""
+        padding_mask = _check_scores(scores, padding_mask)
+        w, p = _viterbi_rows(scores, trans, tdiv, padding_mask, self.reg, self.gamma, centre=self.form == "stable")
         self._count_rows(p, padding_mask)
-        return w.to(scores.dtype)
+        return w
 
     def _count_rows(self, marginals: Tensor, padding_mask: Tensor | None) -> None:
         """Add the rows of ``marginals`` (N, T) (p(y_t = 1)) to the running counts."""
@@ -451,7 +411,7 @@ class ViterbiAttention(_ViterbiState, _BilinearAttention):
         nn.init.uniform_(self.proj.weight, -a, a)
 
     def normalize(self, scores, padding_mask):
-        return self._normalize_rows(scores, padding_mask, self.effective_transitions())
+        return self._normalize_rows(scores, padding_mask, self.effective_transitions()[None])
 
     def extra_repr(self) -> str:
         r = super().extra_repr() + f", reg={self.reg!r}, gamma={self.gamma}, form={self.form!r}"
@@ -476,7 +436,9 @@ def build_attention(attention: str, query_dim: int, source_dim: int, reg: str = 
 
 
 def _head_rows(scores: Tensor, padding_mask: Tensor | None, transitions: Tensor):
-    """(B, H, Q, S) scores → (B·H·Q, S) rows, their padding mask and their (2, 2) or (B·H·Q, 2, 2) transitions."""
+    """(B, H, Q, S) scores → (B·H·Q, S) rows, their padding mask, and the transitions as (M, 2, 2) with the divisor
+    ``tdiv`` of :func:`~structattn.ops.segmentation.segmentation_weights` (row b uses ``trans[(b // tdiv) % M]``):
+    one matrix per head (M = H, tdiv = Q; rows are in (batch, head, query) order) or one shared (M = 1)."""
     if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.dim() != 4:
         raise ValueError("scores must be a floating-point tensor of shape (B, H, Q, S), got "
                          f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}")
@@ -492,14 +454,14 @@ def _head_rows(scores: Tensor, padding_mask: Tensor | None, transitions: Tensor)
                              f"{tuple(scores.shape)}") from None
     if not isinstance(transitions, Tensor):
         raise TypeError("transitions must be a torch.Tensor")
-    if transitions.dim() == 3 and transitions.shape[1:] == (2, 2) and transitions.shape[0] == 1:
-        transitions = transitions[0]  # shared by the heads: broadcast, no per-row copy
-    elif transitions.dim() == 3 and transitions.shape[1:] == (2, 2) and transitions.shape[0] == H:
-        transitions = transitions[None, :, None].expand(B, H, Q, 2, 2).reshape(-1, 2, 2)
-    elif transitions.shape != (2, 2):
+    if transitions.dim() == 3 and transitions.shape[1:] == (2, 2) and transitions.shape[0] in (1, H):
+        trans = transitions  # one per head (or shared): indexed per row by the kernel, no per-row copy
+    elif transitions.shape == (2, 2):
+        trans = transitions[None]
+    else:
         raise ValueError(f"transitions must have shape (2, 2), (1, 2, 2) or (H, 2, 2) with H = {H} heads, got "
                          f"{tuple(transitions.shape)}")
-    return scores.reshape(-1, S), mask, transitions
+    return scores.reshape(-1, S), mask, trans, Q
 
 
 def multihead_viterbi_attention(
@@ -525,11 +487,10 @@ def multihead_viterbi_attention(
         it: the chain runs over the real positions only, padding gets exactly 0, an all-zero ℓ2 row falls back to
         softmax.
     """
-    rows, mask, trans = _head_rows(scores, padding_mask, transitions)
-    out = viterbi_attention(rows, trans, mask, reg, gamma, return_marginals)
-    if return_marginals:
-        return out[0].view(scores.shape), out[1].view(scores.shape)
-    return out.view(scores.shape)
+    gamma = check_reg_gamma(reg, gamma)
+    rows, mask, trans, tdiv = _head_rows(scores, padding_mask, transitions)
+    w, p = _viterbi_rows(rows, trans, tdiv, _check_scores(rows, mask), reg, gamma)
+    return (w.view(scores.shape), p.view(scores.shape)) if return_marginals else w.view(scores.shape)
 
 
 class ViterbiNormalizer(_ViterbiState, nn.Module):
@@ -558,8 +519,8 @@ class ViterbiNormalizer(_ViterbiState, nn.Module):
         if scores.dim() == 4 and self.num_heads != 1 and scores.shape[1] != self.num_heads:
             raise ValueError(f"{type(self).__name__} was built for {self.num_heads} heads, got scores of shape "
                              f"{tuple(scores.shape)}")
-        rows, mask, trans = _head_rows(scores, padding_mask, self.effective_transitions())
-        return self._normalize_rows(rows, mask, trans).view(scores.shape)
+        rows, mask, trans, tdiv = _head_rows(scores, padding_mask, self.effective_transitions())
+        return self._normalize_rows(rows, mask, trans, tdiv).view(scores.shape)
 
     def extra_repr(self) -> str:
         r = f"num_heads={self.num_heads}, reg={self.reg!r}, gamma={self.gamma}, form={self.form!r}"

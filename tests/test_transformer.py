@@ -371,7 +371,9 @@ def test_library_normalizer_matches_rows_of_viterbi_attention():
             m = mask[b, 0].expand(4, 6)
             ref = viterbi_attention(centre_scores(scores[b, h], m), n.gamma * n.transitions_over_gamma[h], m, "l2",
                                     1.0)
-            torch.testing.assert_close(w[b, h], ref, rtol=0, atol=0)
+            # The normaliser centres inside the fused kernel, centre_scores with torch's reduction: the means may
+            # differ in the last bit.
+            torch.testing.assert_close(w[b, h], ref, rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match="built for 3 heads"):
         n(scores[:, :2], mask)
 

@@ -13,6 +13,12 @@ the tangents x_dot, v_dot, q_dot, u_dot, e_dot/E_dot; a trailing 0/1 (00..11) is
 trailing b a per-chain base pointer (Qb = Q + b·T·S·S).
 """
 
+from ._cpu_segment_source import _SEGMENT_BODY
+
+#: Chains per block of the vectorised S = 2 passes (``CB`` in the C source); the fused segmentation kernels store
+#: their saved tensors block by block, so their callers size them with it.
+CHAINS_PER_BLOCK = 64
+
 # Kept as a Python string (not a .c file) so that it ships with the package without package-data settings.
 _BODY = r"""
 /* ---- max_Omega and its gradient on one row x[0..S-1]; returns the value, writes q = argmax ------------------ */
@@ -119,7 +125,7 @@ static inline int64_t chain_len_SFX(const int64_t *lens, int64_t b, int64_t T)
    a, b is 0 after the shift by the max, and fl(x1 − x0) = −fl(x0 − x1)). Padded steps (t ≥ L) are computed on the
    (finite) padding and discarded by the masks. */
 
-static void forward2_block_SFX(int64_t b0, int64_t nb, int64_t T, const real *theta, const int64_t *lens, int l2,
+VEC_CLONES static void forward2_block_SFX(int64_t b0, int64_t nb, int64_t T, const real *theta, const int64_t *lens, int l2,
                                real g, real *value, real *Q, real *r)
 {
     real v0[CB], v1[CB], ex0[CB], ex1[CB], lp0[CB], lp1[CB]; /* v_{t-1}; exp(-|x_i0 - x_i1|/g) and its log1p */
@@ -359,10 +365,13 @@ void vit_hvp_SFX(int64_t B, int64_t T, int64_t S, const real *Q, const real *U, 
 }
 """
 
-_HEADER = r"""#include <math.h>
+_HEADER = r"""#include <float.h>
+#include <math.h>
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
-#define CB 64 /* chains per block of the vectorised S = 2 forward: their state (v, exp, log1p) stays in L1 */
+#define CB @CB@ /* chains per block of the vectorised S = 2 passes: their state (v, exp, log1p) stays in L1 */
 /* glibc >= 2.35 on x86-64 ships vector versions of exp and log1p (libmvec); declaring them lets GCC vectorise the
    loops that call them (with -fopenmp-simd -fno-math-errno), without -ffast-math, whose crtfastmath.o would flush
    denormals to zero process-wide. Elsewhere the loops stay scalar and give the same results. */
@@ -372,18 +381,25 @@ __attribute__((simd("notinbranch"))) float expf(float);
 __attribute__((simd("notinbranch"))) float log1pf(float);
 __attribute__((simd("notinbranch"))) double exp(double);
 __attribute__((simd("notinbranch"))) double log1p(double);
+/* The vectorised loops are compiled three times, for SSE2 (any x86-64), AVX2 and AVX-512, and the loader picks the
+   widest the CPU has (GCC function multiversioning, an ifunc): 4, 8 or 16 float lanes, with libmvec's matching exp
+   and log1p. The library stays portable across x86-64 machines (one cached file may serve several). */
+#define VEC_CLONES __attribute__((target_clones("default", "avx2", "arch=skylake-avx512")))
+#else
+#define VEC_CLONES
 #endif
 """
 
 
 def source() -> str:
     """The full C translation unit: the body instantiated for float (``_f32``) and double (``_f64``)."""
-    parts = [_HEADER]
-    for real, sfx, exp, log, log1p in (
-        ("float", "f32", "expf", "logf", "log1pf"),
-        ("double", "f64", "exp", "log", "log1p"),
+    parts = [_HEADER.replace("@CB@", str(CHAINS_PER_BLOCK))]
+    for real, sfx, exp, log, log1p, tiny in (
+        ("float", "f32", "expf", "logf", "log1pf", "FLT_MIN"),
+        ("double", "f64", "exp", "log", "log1p", "DBL_MIN"),
     ):
-        body = _BODY.replace("_SFX", "_" + sfx).replace("EXP(", exp + "(").replace("LOG(", log + "(")
+        body = (_BODY + _SEGMENT_BODY).replace("_SFX", "_" + sfx).replace("EXP(", exp + "(").replace("LOG(", log + "(")
         body = body.replace("LOG1P(", log1p + "(").replace("FABS(", ("fabsf(" if real == "float" else "fabs("))
+        body = body.replace("REAL_TINY", tiny)  # torch.finfo(dtype).tiny: the dead-row threshold of the unfused path
         parts.append(f"#define real {real}\n{body}\n#undef real\n")
     return "".join(parts)

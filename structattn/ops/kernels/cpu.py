@@ -29,11 +29,13 @@ import torch
 from torch import Tensor
 
 from ...fileio import atomic_path
-from ._cpu_source import source
+from ._cpu_source import CHAINS_PER_BLOCK, source
 
-__all__ = ["available", "unavailable_reason", "load", "forward", "marginals", "backward", "hvp", "library_path"]
+__all__ = ["available", "unavailable_reason", "load", "forward", "marginals", "backward", "hvp", "segment_forward",
+           "segment_backward", "segment_workspace", "library_path"]
 
-_CFLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-Werror=implicit-function-declaration"]
+_CFLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
+           "-Werror=implicit-function-declaration"]
 # Honour the `#pragma omp simd` loops (vectorised across chains) without OpenMP's runtime; a compiler that does not
 # know the flag gets a second try without it (same code, scalar loops).
 _SIMD_FLAGS = ["-fopenmp-simd"]
@@ -94,6 +96,12 @@ def _declare(lib) -> None:
         getattr(lib, f"vit_hvp_{sfx}").argtypes = [i64, i64, i64] + [ptr] * 5 + [c_int, c_double, ptr, ptr]
         for name in ("forward", "backward", "marginals", "hvp"):
             getattr(lib, f"vit_{name}_{sfx}").restype = None
+        getattr(lib, f"seg_forward_{sfx}").argtypes = [i64, i64, ptr, ptr, ptr, i64, i64, c_int, c_int, c_double,
+                                                       c_int] + [ptr] * 8
+        getattr(lib, f"seg_backward_{sfx}").argtypes = [i64, i64] + [ptr] * 9 + [i64, i64, c_int, c_int, c_double,
+                                                                                 c_int, ptr, ptr]
+        getattr(lib, f"seg_forward_{sfx}").restype = c_int
+        getattr(lib, f"seg_backward_{sfx}").restype = c_int
 
 
 def load():
@@ -143,14 +151,14 @@ def unavailable_reason() -> str | None:
     return _error
 
 
-def _fn(name: str, dtype: torch.dtype):
+def _fn(name: str, dtype: torch.dtype, prefix: str = "vit"):
     lib = load()
     if lib is None:
         raise RuntimeError(f"the C Viterbi kernel is unavailable: {_error}")
     if dtype == torch.float32:
-        return getattr(lib, f"vit_{name}_f32")
+        return getattr(lib, f"{prefix}_{name}_f32")
     if dtype == torch.float64:
-        return getattr(lib, f"vit_{name}_f64")
+        return getattr(lib, f"{prefix}_{name}_f64")
     raise TypeError(f"the C Viterbi kernel supports float32 and float64, got {dtype}")
 
 
@@ -213,3 +221,57 @@ def hvp(Q: Tensor, U: Tensor, r: Tensor, Z: Tensor, lengths: Tensor | None, reg:
         B, T, S, _p(Q), _p(U), _p(r), _p(Z), _p(lens), int(reg == "l2"), gamma, _p(dot), _p(E_dot)
     )
     return dot, E_dot
+
+
+# ---- fused segmentation attention (structattn.ops.segmentation) -------------------------------------------------
+# What the forward saves for the backward lives in two flat buffers, a real one (Q, U, r, tot) and an int32 one (idx,
+# len), passed to C as pointers at offsets: at attention sizes every tensor allocated or viewed per call costs ~1 µs.
+
+
+def segment_workspace(N: int, T: int) -> tuple[int, int]:
+    """Sizes (reals, int32s) of the two buffers that :func:`segment_forward` returns for N rows of T positions."""
+    nblk = -(-N // CHAINS_PER_BLOCK)
+    return nblk * CHAINS_PER_BLOCK * (6 * T + 2) + N, N * (T + 1)
+
+
+def _segment_pointers(ws: Tensor, iws: Tensor, N: int, T: int):
+    """(Q, U, r, tot, idx, len) as addresses into the buffers (layouts in ``_cpu_segment_source``)."""
+    nblk = -(-N // CHAINS_PER_BLOCK)
+    q, u, r, tot = 0, nblk * CHAINS_PER_BLOCK * 4 * T, nblk * CHAINS_PER_BLOCK * 6 * T, \
+        nblk * CHAINS_PER_BLOCK * (6 * T + 2)
+    base, size, ibase = ws.data_ptr(), ws.element_size(), iws.data_ptr()
+    return base + q * size, base + u * size, base + r * size, base + tot * size, ibase, ibase + 4 * N * T
+
+
+def segment_forward(scores: Tensor, mask: Tensor | None, trans: Tensor, tdiv: int, centre: bool, reg: str,
+                    gamma: float, nthreads: int = 1):
+    """Weights and marginals of the segmentation attention of every row of ``scores`` (N, T), in one call.
+
+    ``scores`` contiguous float32/float64; ``mask`` (N, T) contiguous bool (True at padding) or None; ``trans``
+    (M, 2, 2) contiguous, of the scores' dtype: row b uses ``trans[(b // tdiv) % M]``. Returns (number of rows with a
+    non-finite real score or transition, (w, p, ws, iws)): the weights and marginals (N, T) and the two buffers that
+    :func:`segment_backward` needs."""
+    N, T = scores.shape
+    n_real, n_int = segment_workspace(N, T)
+    w, p, ws = scores.new_empty(N, T), scores.new_empty(N, T), scores.new_empty(n_real)
+    iws = torch.empty(n_int, dtype=torch.int32)
+    bad = _fn("forward", scores.dtype, "seg")(
+        N, T, scores.data_ptr(), _p(mask), trans.data_ptr(), tdiv, trans.shape[0], int(centre), int(reg == "l2"),
+        gamma, nthreads, w.data_ptr(), p.data_ptr(), *_segment_pointers(ws, iws, N, T))
+    if bad < 0:
+        raise MemoryError("the fused segmentation kernel could not allocate its workspace")
+    return bad, (w, p, ws, iws)
+
+
+def segment_backward(gw: Tensor, gp: Tensor | None, w: Tensor, ws: Tensor, iws: Tensor, M: int, tdiv: int,
+                     centre: bool, reg: str, gamma: float, nthreads: int = 1):
+    """(∂L/∂s (N, T), ∂L/∂T (M, 2, 2)) from ∂L/∂w, ∂L/∂p (or None; both contiguous, of w's dtype) and what
+    :func:`segment_forward` returned."""
+    N, T = w.shape
+    gs, gT = torch.empty_like(w), w.new_empty(M, 2, 2)
+    rc = _fn("backward", w.dtype, "seg")(
+        N, T, gw.data_ptr(), _p(gp), w.data_ptr(), *_segment_pointers(ws, iws, N, T), tdiv, M, int(centre),
+        int(reg == "l2"), gamma, nthreads, gs.data_ptr(), gT.data_ptr())
+    if rc < 0:
+        raise MemoryError("the fused segmentation kernel could not allocate its workspace")
+    return gs, gT
