@@ -68,9 +68,13 @@ import torch
 from torch import Tensor, nn
 
 from .ops.segmentation import (
+    DEAD,
+    FROZEN,
+    HAS_REAL,
     centre_rows,
     check_transitions,
     masked_softmax,
+    row_flags,
     segmentation_potentials,
     segmentation_weights,
 )
@@ -208,11 +212,14 @@ def viterbi_attention(
 
 
 def _viterbi_rows(scores: Tensor, trans: Tensor, tdiv: int, padding_mask: Tensor | None, reg: str, gamma: float,
-                  centre: bool = False) -> tuple[Tensor, Tensor]:
-    """(w, p) of :func:`structattn.ops.segmentation.segmentation_weights` on checked arguments, computed in float32
-    for half-precision scores and returned in their dtype."""
-    w, p = segmentation_weights(_upcast_half(scores), trans, padding_mask, reg, gamma, centre=centre, tdiv=tdiv)
-    return w.to(scores.dtype), p.to(scores.dtype)
+                  centre: bool = False, flags: bool = False):
+    """:func:`structattn.ops.segmentation.segmentation_weights` on checked arguments, computed in float32 for
+    half-precision scores, w and p returned in their dtype."""
+    out = segmentation_weights(_upcast_half(scores), trans, padding_mask, reg, gamma, centre=centre, tdiv=tdiv,
+                               flags=flags)
+    if out[0].dtype != scores.dtype:
+        out = (out[0].to(scores.dtype), out[1].to(scores.dtype), *out[2:])
+    return out
 
 
 def _upcast_half(x: Tensor) -> Tensor:
@@ -238,8 +245,7 @@ def dead_rows(marginals: Tensor, padding_mask: Tensor | None = None) -> Tensor:
     Returns:
         (B,) bool, True on dead rows. A row without any real position is not counted as dead (it has no
         attention at all, nothing fell back)."""
-    p, has_real = _real_rows(marginals, _check_scores(marginals, padding_mask, "marginals"))
-    return _dead(p, has_real)
+    return (row_flags(marginals, _check_scores(marginals, padding_mask, "marginals")) & DEAD) != 0
 
 
 def frozen_rows(marginals: Tensor, padding_mask: Tensor | None = None) -> Tensor:
@@ -249,24 +255,7 @@ def frozen_rows(marginals: Tensor, padding_mask: Tensor | None = None) -> Tensor
     the scores or the transitions through it (App. C.3). Dead rows (:func:`dead_rows`, all 0) are frozen; so are
     *saturated* rows (all 1: uniform weights over the sentence) and any other binary path. Same arguments and
     return as :func:`dead_rows`."""
-    p, has_real = _real_rows(marginals, _check_scores(marginals, padding_mask, "marginals"))
-    return _frozen(p, has_real)
-
-
-def _real_rows(marginals: Tensor, padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """(detached marginals with padding set to 0, (B,) rows that have a real position); mask already checked."""
-    p = marginals.detach()
-    if padding_mask is None:
-        return p, torch.full((p.shape[0],), p.shape[1] > 0, dtype=torch.bool, device=p.device)
-    return p.masked_fill(padding_mask, 0.0), ~padding_mask.all(-1)
-
-
-def _dead(p: Tensor, has_real: Tensor) -> Tensor:
-    return (p.sum(-1) <= torch.finfo(p.dtype).tiny) & has_real
-
-
-def _frozen(p: Tensor, has_real: Tensor) -> Tensor:
-    return ((p == 0) | (p == 1)).all(-1) & has_real  # padding was set to 0: binary
+    return (row_flags(marginals, _check_scores(marginals, padding_mask, "marginals")) & FROZEN) != 0
 
 
 # ---- modules ------------------------------------------------------------------------------------------------------
@@ -360,23 +349,22 @@ class _ViterbiState:
         return self.transitions if self.form == "paper" else self.gamma * self.transitions_over_gamma
 
     def _normalize_rows(self, scores: Tensor, padding_mask: Tensor | None, trans: Tensor, tdiv: int = 1) -> Tensor:
-        """Weights of the rows ``scores`` (N, T) under this module's form, row b with T = ``trans[(b // tdiv) % M]``
-        (``trans`` (M, 2, 2)); counts the rows. Computed in float32 for half-precision scores, returned in their
-        dtype."""
+        """Weights of the rows ``scores`` (N, T) under this module's form, with T = ``trans`` (2, 2) or, for
+        ``trans`` (M, 2, 2), T = ``trans[(b // tdiv) % M]`` for row b; counts the rows. Computed in float32 for
+        half-precision scores, returned in their dtype."""
         padding_mask = _check_scores(scores, padding_mask)
-        w, p = _viterbi_rows(scores, trans, tdiv, padding_mask, self.reg, self.gamma, centre=self.form == "stable")
-        self._count_rows(p, padding_mask)
+        w, _, flags = _viterbi_rows(scores, trans, tdiv, padding_mask, self.reg, self.gamma,
+                                    centre=self.form == "stable", flags=True)
+        self._count_rows(flags)
         return w
 
-    def _count_rows(self, marginals: Tensor, padding_mask: Tensor | None) -> None:
-        """Add the rows of ``marginals`` (N, T) (p(y_t = 1)) to the running counts."""
-        # One mask check and one masking for both counts (this runs at every decoder step).
-        p_real, has_real = _real_rows(marginals, _check_scores(marginals, padding_mask, "marginals"))
-        dead = _dead(p_real, has_real)
+    def _count_rows(self, flags: Tensor) -> None:
+        """Add rows to the running counts, given their (N,) flags (:func:`structattn.ops.segmentation.row_flags`)."""
+        dead = (flags & DEAD) != 0
         # Tensors, not Python ints: no host synchronisation per decoder step on an accelerator.
-        self._rows += has_real.sum()
+        self._rows += (flags & HAS_REAL).sum()
         self._dead += dead.sum()
-        self._frozen += _frozen(p_real, has_real).sum()
+        self._frozen += ((flags & FROZEN) != 0).sum()
         if self.recorded_dead is not None:  # per-row flags for offline analysis (attention_health.py)
             self.recorded_dead.append(dead)
 
@@ -411,7 +399,7 @@ class ViterbiAttention(_ViterbiState, _BilinearAttention):
         nn.init.uniform_(self.proj.weight, -a, a)
 
     def normalize(self, scores, padding_mask):
-        return self._normalize_rows(scores, padding_mask, self.effective_transitions()[None])
+        return self._normalize_rows(scores, padding_mask, self.effective_transitions())
 
     def extra_repr(self) -> str:
         r = super().extra_repr() + f", reg={self.reg!r}, gamma={self.gamma}, form={self.form!r}"
@@ -436,9 +424,9 @@ def build_attention(attention: str, query_dim: int, source_dim: int, reg: str = 
 
 
 def _head_rows(scores: Tensor, padding_mask: Tensor | None, transitions: Tensor):
-    """(B, H, Q, S) scores → (B·H·Q, S) rows, their padding mask, and the transitions as (M, 2, 2) with the divisor
-    ``tdiv`` of :func:`~structattn.ops.segmentation.segmentation_weights` (row b uses ``trans[(b // tdiv) % M]``):
-    one matrix per head (M = H, tdiv = Q; rows are in (batch, head, query) order) or one shared (M = 1)."""
+    """(B, H, Q, S) scores → (B·H·Q, S) rows, their padding mask, the transitions and the divisor ``tdiv`` of
+    :func:`~structattn.ops.segmentation.segmentation_weights`: (H, 2, 2) with tdiv = Q (row b, in (batch, head, query)
+    order, uses ``trans[(b // Q) % H]``, its head's), or (2, 2) / (1, 2, 2) shared by the heads."""
     if not isinstance(scores, Tensor) or not scores.is_floating_point() or scores.dim() != 4:
         raise ValueError("scores must be a floating-point tensor of shape (B, H, Q, S), got "
                          f"{tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__}")
@@ -457,7 +445,7 @@ def _head_rows(scores: Tensor, padding_mask: Tensor | None, transitions: Tensor)
     if transitions.dim() == 3 and transitions.shape[1:] == (2, 2) and transitions.shape[0] in (1, H):
         trans = transitions  # one per head (or shared): indexed per row by the kernel, no per-row copy
     elif transitions.shape == (2, 2):
-        trans = transitions[None]
+        trans = transitions
     else:
         raise ValueError(f"transitions must have shape (2, 2), (1, 2, 2) or (H, 2, 2) with H = {H} heads, got "
                          f"{tuple(transitions.shape)}")

@@ -182,6 +182,36 @@ def test_compiler_without_the_simd_flag_still_builds_the_kernel(tmp_path):
     assert proc.stdout.strip().endswith("ok")
 
 
+@needs_c
+@pytest.mark.parametrize("flags", [["-DSTRUCTATTN_NO_CLONES"], ["-fstructattn-no-such-flag"]])
+def test_fused_segmentation_kernel_without_clones_or_simd(tmp_path, flags):
+    """The fallback builds (no per-ISA clones; no clones and no -fopenmp-simd) give the fused segmentation attention
+    the numbers of the unfused path."""
+    proc = _run_py(
+        f"""
+        import torch
+        from structattn.ops.kernels import cpu
+        from structattn.ops import segmentation as S
+        cpu._SIMD_FLAGS = {flags!r}
+        assert cpu.available(), cpu.unavailable_reason()
+        s = torch.randn(70, 9, dtype=torch.float64, requires_grad=True)
+        t = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+        mask = torch.rand(70, 9) < 0.3
+        for reg in ("entropy", "l2"):
+            outs = []
+            for f in (S.segmentation_weights, lambda *a, **k: S._unfused(*a, k["centre"], 1)):
+                w, p = f(s, t, mask, reg, 1.5, centre=True)
+                outs.append((w, p, *torch.autograd.grad((w * torch.arange(9)).sum(), (s, t))))
+            for a, b in zip(*outs):
+                assert (a - b).abs().max() < 1e-12
+        print("ok")
+        """,
+        {"STRUCTATTN_KERNEL_CACHE": str(tmp_path / "cache")},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+
+
 # ---- dispatch ------------------------------------------------------------------------------------------------------
 
 

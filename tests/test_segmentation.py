@@ -71,6 +71,9 @@ def test_fused_equals_unfused(dtype, reg, gamma, layout, centre):
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     for a, b, name in zip(fused, ref, ("w", "p", "dL/ds", "dL/dT")):
         torch.testing.assert_close(a, b, **tol, msg=f"{name} differs")
+    # the row flags (real position, dead, frozen) of the C kernel = those computed with tensor ops
+    flags = S.segmentation_weights(scores, trans, mask, reg, gamma, centre=centre, flags=True)[2]
+    assert flags.dtype == torch.int32 and torch.equal(flags, S.row_flags(ref[1], mask))
     w = fused[0]
     if mask is not None:
         assert (w[mask] == 0).all() and (fused[2][mask] == 0).all()
@@ -106,6 +109,9 @@ def test_dead_rows_fall_back_to_softmax_with_its_gradient():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     w, p = fused[0], fused[1]
     assert (p[1:3] == 0).all()
+    flags = S.segmentation_weights(scores, trans, mask, "l2", 1.0, flags=True)[2]
+    assert torch.equal(flags, S.row_flags(ref[1], mask))
+    assert flags[:3].tolist() == [0, S.HAS_REAL | S.DEAD | S.FROZEN, S.HAS_REAL | S.DEAD | S.FROZEN]
     soft = torch.softmax(scores[1:3].masked_fill(mask[1:3], -1e300), -1).masked_fill(mask[1:3], 0)
     torch.testing.assert_close(w[1:3], soft, rtol=1e-14, atol=1e-14)
     assert fused[2][1:3].abs().sum() > 0  # the fallback keeps a gradient
@@ -205,7 +211,7 @@ def test_opcheck(reg, padded):
     result = torch.library.opcheck(S._forward_op, (s, t, mask, reg, 0.7, True, 1))
     assert set(result.values()) == {"SUCCESS"}, result
     with torch.no_grad():
-        w, p, ws, iws = S._forward_op(s, t, mask, reg, 0.7, True, 1)
+        w, p, flags, ws, iws = S._forward_op(s, t, mask, reg, 0.7, True, 1)
     args = (torch.randn_like(w), torch.randn_like(w), w, ws, iws, 5, reg, 0.7, True, 1)
     result = torch.library.opcheck(S._backward_op, args)
     assert set(result.values()) == {"SUCCESS"}, result

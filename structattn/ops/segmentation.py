@@ -35,11 +35,31 @@ from torch import Tensor
 from .kernels import cpu as _cpu
 from .viterbi import _interpreting, _resolve, get_default_backend, viterbi_marginals
 
-__all__ = ["check_transitions", "segmentation_potentials", "segmentation_weights", "masked_softmax", "centre_rows", "fused_path_available"]
+__all__ = ["check_transitions", "segmentation_potentials", "segmentation_weights", "row_flags", "masked_softmax",
+           "centre_rows", "fused_path_available", "HAS_REAL", "DEAD", "FROZEN"]
 
 #: Rows × positions above which the fused kernel splits its blocks between threads (when torch has more than one):
 #: a thread start costs ~10–20 µs, about the work of 10k chain steps.
 _THREAD_MIN_WORK = 16384
+
+
+#: Bits of the row flags (:func:`row_flags`): the row has a real position; it is *dead* (p(y_t = 1) ≤ tiny, the
+#: smallest normal float, at every real t: it falls back to softmax); it is *frozen* (every real p(y_t = 1) exactly 0
+#: or 1: a hard path, whose ℓ2 Jacobian is 0). Dead and frozen rows have a real position.
+HAS_REAL, DEAD, FROZEN = 1, 2, 4
+
+
+def row_flags(p: Tensor, mask: Tensor | None) -> Tensor:
+    """(N,) int32 flags (:data:`HAS_REAL` | :data:`DEAD` | :data:`FROZEN`) of rows of marginals p (N, T), ``mask``
+    True at padding (already checked). The fused kernel computes the same flags in C."""
+    p = p.detach()
+    if mask is None:
+        has_real = torch.full((p.shape[0],), p.shape[1] > 0, dtype=torch.bool, device=p.device)
+    else:
+        p, has_real = p.masked_fill(mask, 0.0), ~mask.all(-1)
+    dead = (p.sum(-1) <= torch.finfo(p.dtype).tiny) & has_real
+    frozen = ((p == 0) | (p == 1)).all(-1) & has_real  # padding was set to 0: binary
+    return has_real.int() * HAS_REAL + dead.int() * DEAD + frozen.int() * FROZEN
 
 
 def masked_softmax(scores: Tensor, mask: Tensor | None) -> Tensor:
@@ -63,14 +83,15 @@ def centre_rows(scores: Tensor, mask: Tensor | None) -> Tensor:
 
 
 def check_transitions(transitions, batch: int) -> Tensor:
-    """T of shape (2, 2) or (``batch``, 2, 2) → (M, 2, 2) with M = 1 or ``batch``; TypeError/ValueError otherwise."""
+    """``transitions`` itself if it is a tensor of shape (2, 2) or (``batch``, 2, 2); TypeError/ValueError
+    otherwise."""
     if not isinstance(transitions, Tensor):
         raise TypeError("transitions must be a torch.Tensor")
     if transitions.shape[-2:] != (2, 2) or transitions.dim() not in (2, 3):
         raise ValueError(f"transitions must have shape (2, 2) or (B, 2, 2), got {tuple(transitions.shape)}")
     if transitions.dim() == 3 and transitions.shape[0] != batch:
         raise ValueError(f"transitions has batch size {transitions.shape[0]}, scores has {batch}")
-    return transitions[None] if transitions.dim() == 2 else transitions
+    return transitions
 
 
 def segmentation_potentials(scores: Tensor, transitions: Tensor) -> Tensor:
@@ -95,16 +116,19 @@ def fused_path_available(scores: Tensor) -> bool:
 
 
 def segmentation_weights(scores: Tensor, trans: Tensor, mask: Tensor | None, reg: str, gamma: float, *,
-                         centre: bool = False, tdiv: int = 1) -> tuple[Tensor, Tensor]:
-    """(w, p): the segmentation attention weights and p(y_t = 1) of every row of ``scores`` (module docstring).
+                         centre: bool = False, tdiv: int = 1, flags: bool = False):
+    """(w, p) — or (w, p, row flags) if ``flags`` — the segmentation attention weights and p(y_t = 1) of every row of
+    ``scores`` (module docstring).
 
     Args (checked by the callers in :mod:`structattn.attention`):
         scores: (N, T) float32/float64 scores; padded entries may hold anything (±inf, NaN), they are not read.
-        trans: (M, 2, 2) transition matrices; row b uses ``trans[(b // tdiv) % M]`` (M = 1: shared; M = N: one
-            per row; M = heads with tdiv = queries: the rows of multi-head attention in (batch, head, query) order).
+        trans: (2, 2) transition matrix shared by the rows, or (M, 2, 2) matrices, row b using
+            ``trans[(b // tdiv) % M]`` (M = N: one per row; M = heads with tdiv = queries: the rows of multi-head
+            attention in (batch, head, query) order).
         mask: (N, T) bool, True at padding (any layout), or None.
         reg, gamma: Ω and γ > 0.
         centre: centre each row's real scores on their mean first (the stable form).
+        flags: also return the (N,) int32 flags of :func:`row_flags` (free on the fused path).
 
     Returns:
         w (N, T) (0 on padding, rows summing to 1, all-padding rows all 0) and p (N, T) (before normalisation and
@@ -115,8 +139,9 @@ def segmentation_weights(scores: Tensor, trans: Tensor, mask: Tensor | None, reg
             out = _forward_op(scores, trans, mask, reg, gamma, centre, tdiv)
         else:
             out = _FusedFunction.apply(scores, trans, mask, reg, gamma, centre, tdiv)
-        return out[0], out[1]
-    return _unfused(scores, trans, mask, reg, gamma, centre, tdiv)
+        return out[:3] if flags else out[:2]
+    w, p = _unfused(scores, trans, mask, reg, gamma, centre, tdiv)
+    return (w, p, row_flags(p, mask)) if flags else (w, p)
 
 
 # ---- unfused path (tensor operations) -------------------------------------------------------------------------------
@@ -124,6 +149,8 @@ def segmentation_weights(scores: Tensor, trans: Tensor, mask: Tensor | None, reg
 
 def _row_transitions(trans: Tensor, n: int, tdiv: int) -> Tensor:
     """(2, 2) when shared, else the (n, 2, 2) per-row matrices."""
+    if trans.dim() == 2:
+        return trans
     if trans.shape[0] == 1:
         return trans[0]
     if trans.shape[0] == n and tdiv == 1:
@@ -184,8 +211,8 @@ def _ready(x: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def _forward_impl(scores: Tensor, trans: Tensor, mask: Tensor | None, reg: str, gamma: float, centre: bool,
-                  tdiv: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(w, p, ws, iws): the outputs and the buffers the backward needs; raises on non-finite input."""
+                  tdiv: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(w, p, flags, ws, iws): the outputs and the buffers the backward needs; raises on non-finite input."""
     scores = _ready(scores, scores.dtype)
     bad, out = _cpu.segment_forward(scores, _ready(mask, torch.bool), _ready(trans, scores.dtype), tdiv, centre,
                                     reg, gamma, _threads(*scores.shape))
@@ -198,7 +225,7 @@ def _forward_impl(scores: Tensor, trans: Tensor, mask: Tensor | None, reg: str, 
 
 def _backward_impl(gw: Tensor, gp: Tensor | None, w: Tensor, ws: Tensor, iws: Tensor, M: int, reg: str,
                    gamma: float, centre: bool, tdiv: int) -> tuple[Tensor, Tensor]:
-    """(∂L/∂s (N, T), ∂L/∂T (M, 2, 2))."""
+    """(∂L/∂s (N, T), ∂L/∂T (M, 2, 2), or (2, 2) when M = 0: one shared matrix given as (2, 2))."""
     return _cpu.segment_backward(_ready(gw, w.dtype), _ready(gp, w.dtype), w, ws, iws, M, tdiv, centre, reg, gamma,
                                  _threads(*w.shape))
 
@@ -212,20 +239,20 @@ _backward_op = torch.library.custom_op(f"{_NS}::segmentation_attention_backward"
 def _(scores, trans, mask, reg, gamma, centre, tdiv):
     N, T = scores.shape
     n_real, n_int = _cpu.segment_workspace(N, T)
-    return (scores.new_empty(N, T), scores.new_empty(N, T), scores.new_empty(n_real),
-            scores.new_empty(n_int, dtype=torch.int32))
+    return (scores.new_empty(N, T), scores.new_empty(N, T), scores.new_empty(N, dtype=torch.int32),
+            scores.new_empty(n_real), scores.new_empty(n_int, dtype=torch.int32))
 
 
 @_backward_op.register_fake
 def _(gw, gp, w, ws, iws, M, reg, gamma, centre, tdiv):
-    return torch.empty_like(w), w.new_empty(M, 2, 2)
+    return torch.empty_like(w), (w.new_empty(M, 2, 2) if M else w.new_empty(2, 2))
 
 
 def _setup(ctx, inputs, output):
     scores, trans, mask, reg, gamma, centre, tdiv = inputs
-    w, p, ws, iws = output
+    w, p, flags, ws, iws = output
     ctx.reg, ctx.gamma, ctx.centre, ctx.tdiv = reg, gamma, centre, tdiv
-    ctx.mark_non_differentiable(ws, iws)
+    ctx.mark_non_differentiable(flags, ws, iws)
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(scores, trans, mask, w, ws, iws)
 
@@ -240,7 +267,8 @@ def _grad(ctx, gw, gp, backward_pass):
         # recording and differentiate it (its backward is Alg. 4, whose own backward is the reference code).
         return _grad_of_unfused(ctx, scores, trans, mask, gw, gp) + none
     gw = torch.zeros_like(w) if gw is None else gw
-    gs, gT = backward_pass(gw, gp, w, ws, iws, trans.shape[0], ctx.reg, ctx.gamma, ctx.centre, ctx.tdiv)
+    M = 0 if trans.dim() == 2 else trans.shape[0]
+    gs, gT = backward_pass(gw, gp, w, ws, iws, M, ctx.reg, ctx.gamma, ctx.centre, ctx.tdiv)
     return (gs if gs.dtype == scores.dtype else gs.to(scores.dtype)), \
         (gT if gT.dtype == trans.dtype else gT.to(trans.dtype)), *none
 

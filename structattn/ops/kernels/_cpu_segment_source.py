@@ -36,7 +36,7 @@ typedef struct seg_args_SFX {
     const real *s, *trans, *gw, *gp, *w_in;
     const uint8_t *mask;
     real *w, *p, *Q, *U, *r, *tot, *gs, *gTrow;
-    int32_t *idx, *len;
+    int32_t *idx, *len, *flags;
     int64_t blk0, blk1;                 /* the blocks of this worker */
     int status;                         /* forward: rows with a non-finite input; -1: out of memory */
     void (*fn)(struct seg_args_SFX *);
@@ -222,8 +222,15 @@ VEC_CLONES static void seg_forward_blocks_SFX(seg_args_SFX *a)
             memset(wb, 0, sizeof(real) * T);
             memset(pb, 0, sizeof(real) * T);
             real tot = 0;
-            for (int64_t k = 0; k < n; k++) tot += P[k * CB + i];
+            int binary = 1;
+            for (int64_t k = 0; k < n; k++) {
+                tot += P[k * CB + i];
+                binary &= P[k * CB + i] == (real)0.0 || P[k * CB + i] == (real)1.0;
+            }
             a->tot[b] = tot;
+            /* has a real position | dead (falls back to softmax) | frozen (binary marginals): see
+               structattn.attention.dead_rows and frozen_rows */
+            a->flags[b] = n > 0 ? 1 | (tot > REAL_TINY ? 0 : 2) | (binary ? 4 : 0) : 0;
             for (int64_t k = 0; k < n; k++) pb[ib[k]] = P[k * CB + i];
             if (tot > REAL_TINY) {
                 /* a division, not a product with 1/tot: a row with one real position gets exactly w = 1 */
@@ -241,9 +248,10 @@ VEC_CLONES static void seg_forward_blocks_SFX(seg_args_SFX *a)
     free(P);
 }
 
-/* jac for one pair: out = J_Omega(q) x at S = 2, the arithmetic of jac_SFX */
-#define SEG_JAC2(q0, q1, x0, x1, o0, o1) do {                                                                    \
-        if (!l2) {                                                                                                 \
+/* jac for one pair: out = J_Omega(q) x at S = 2, the arithmetic of jac_SFX; L2 is a literal 0 or 1, so that each
+   loop that uses it is compiled for one Omega, without a branch that would stop its vectorisation */
+#define SEG_JAC2(L2, q0, q1, x0, x1, o0, o1) do {                                                                \
+        if (!(L2)) {                                                                                               \
             real s_ = (q0) * (x0) + (q1) * (x1);                                                                   \
             o0 = ((q0) * (x0) - (q0) * s_) / g;                                                                    \
             o1 = ((q1) * (x1) - (q1) * s_) / g;                                                                    \
@@ -253,6 +261,23 @@ VEC_CLONES static void seg_forward_blocks_SFX(seg_args_SFX *a)
             real n_ = (real)(a_ + b_);                                                                             \
             o0 = a_ ? ((x0) - s_ / n_) / g : (real)0.0;                                                            \
             o1 = b_ ? ((x1) - s_ / n_) / g : (real)0.0;                                                            \
+        }                                                                                                          \
+    } while (0)
+
+/* Alg. 4, forward sweep at step t over the chains of a block: v_dot_t and the tangents q_dot_t (parked in QD) */
+#define SEG_HVP_FORWARD_STEP(L2) do {                                                                              \
+        _Pragma("omp simd")                                                                                        \
+        for (int64_t i = 0; i < nb; i++) {                                                                         \
+            int act = tt < Lr[i];                                                                                  \
+            real q0 = q[i], q1 = q[CB + i], q2 = q[2 * CB + i], q3 = q[3 * CB + i];                                \
+            real x0 = vd0[i], x1 = vd1[i], x2 = z[i] + vd0[i], x3 = z[i] + vd1[i];                                 \
+            real n0 = q0 * x0 + q1 * x1, n1 = q2 * x2 + q3 * x3;                                                   \
+            real o0, o1, o2, o3;                                                                                   \
+            SEG_JAC2(L2, q0, q1, x0, x1, o0, o1);                                                                  \
+            SEG_JAC2(L2, q2, q3, x2, x3, o2, o3);                                                                  \
+            qd[i] = o0; qd[CB + i] = o1; qd[2 * CB + i] = o2; qd[3 * CB + i] = o3;                                 \
+            vd0[i] = act ? n0 : vd0[i];                                                                            \
+            vd1[i] = act ? n1 : vd1[i];                                                                            \
         }                                                                                                          \
     } while (0)
 
@@ -293,27 +318,16 @@ VEC_CLONES static void seg_backward_blocks_SFX(seg_args_SFX *a)
             vd0[i] = 0; vd1[i] = 0;
             a00[i] = 0; a01[i] = 0; a10[i] = 0; a11[i] = 0;
         }
-        /* Alg. 4, forward sweep: v_dot_t and the tangents q_dot_t (parked in QD) */
+        /* Alg. 4, forward sweep */
         for (int64_t t = 0; t < Lmax; t++) {
             const real tt = (real)t, *q = Qk + t * 4 * CB, *z = Z + t * CB;
             real *qd = QD + t * 4 * CB;
-            #pragma omp simd
-            for (int64_t i = 0; i < nb; i++) {
-                int act = tt < Lr[i];
-                real q0 = q[i], q1 = q[CB + i], q2 = q[2 * CB + i], q3 = q[3 * CB + i];
-                real x0 = vd0[i], x1 = vd1[i], x2 = z[i] + vd0[i], x3 = z[i] + vd1[i];
-                real n0 = q0 * x0 + q1 * x1, n1 = q2 * x2 + q3 * x3;
-                real o0, o1, o2, o3;
-                SEG_JAC2(q0, q1, x0, x1, o0, o1);
-                SEG_JAC2(q2, q3, x2, x3, o2, o3);
-                qd[i] = o0; qd[CB + i] = o1; qd[2 * CB + i] = o2; qd[3 * CB + i] = o3;
-                vd0[i] = act ? n0 : vd0[i];
-                vd1[i] = act ? n1 : vd1[i];
-            }
+            if (!l2) SEG_HVP_FORWARD_STEP(0);
+            else SEG_HVP_FORWARD_STEP(1);
         }
         for (int64_t i = 0; i < nb; i++) {
             real r0 = rk[i], r1 = rk[CB + i], o0, o1;
-            SEG_JAC2(r0, r1, vd0[i], vd1[i], o0, o1);
+            SEG_JAC2(l2, r0, r1, vd0[i], vd1[i], o0, o1);
             ud0[i] = o0;
             ud1[i] = o1;
         }
@@ -362,17 +376,18 @@ VEC_CLONES static void seg_backward_blocks_SFX(seg_args_SFX *a)
     free(QD);
 }
 
-/* Forward: w, p (N, T); saved Q, U, r (block layout), tot (N), idx (N, T), len (N). Returns the number of rows with
-   a non-finite real score or transition (then the outputs are meaningless), or -1 when out of memory. */
+/* Forward: w, p (N, T), flags (N): 1 = the row has a real position, 2 = dead, 4 = frozen; saved Q, U, r (block
+   layout), tot (N), idx (N, T), len (N). Returns the number of rows with a non-finite real score or transition (then
+   the outputs are meaningless), or -1 when out of memory. */
 int seg_forward_SFX(int64_t N, int64_t T, const real *s, const uint8_t *mask, const real *trans, int64_t tdiv,
-                    int64_t M, int centre, int l2, double gd, int nthreads, real *w, real *p, real *Q, real *U,
-                    real *r, real *tot, int32_t *idx, int32_t *len)
+                    int64_t M, int centre, int l2, double gd, int nthreads, real *w, real *p, int32_t *flags,
+                    real *Q, real *U, real *r, real *tot, int32_t *idx, int32_t *len)
 {
     seg_args_SFX a;
     memset(&a, 0, sizeof a);
     a.N = N; a.T = T; a.tdiv = tdiv; a.M = M; a.centre = centre; a.l2 = l2; a.g = (real)gd;
     a.s = s; a.mask = mask; a.trans = trans;
-    a.w = w; a.p = p; a.Q = Q; a.U = U; a.r = r; a.tot = tot; a.idx = idx; a.len = len;
+    a.w = w; a.p = p; a.flags = flags; a.Q = Q; a.U = U; a.r = r; a.tot = tot; a.idx = idx; a.len = len;
     a.fn = seg_forward_blocks_SFX;
     return seg_run_SFX(&a, (N + CB - 1) / CB, nthreads);
 }
@@ -404,4 +419,5 @@ int seg_backward_SFX(int64_t N, int64_t T, const real *gw, const real *gp, const
 }
 
 #undef SEG_JAC2
+#undef SEG_HVP_FORWARD_STEP
 """

@@ -381,10 +381,14 @@ __attribute__((simd("notinbranch"))) float expf(float);
 __attribute__((simd("notinbranch"))) float log1pf(float);
 __attribute__((simd("notinbranch"))) double exp(double);
 __attribute__((simd("notinbranch"))) double log1p(double);
+#endif
 /* The vectorised loops are compiled three times, for SSE2 (any x86-64), AVX2 and AVX-512, and the loader picks the
    widest the CPU has (GCC function multiversioning, an ifunc): 4, 8 or 16 float lanes, with libmvec's matching exp
-   and log1p. The library stays portable across x86-64 machines (one cached file may serve several). */
-#define VEC_CLONES __attribute__((target_clones("default", "avx2", "arch=skylake-avx512")))
+   and log1p. The library stays portable across x86-64 machines (one cached file may serve several). A compiler that
+   refuses the attribute gets a second try with -DSTRUCTATTN_NO_CLONES (kernels/cpu.py). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
+    (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35)) && !defined(STRUCTATTN_NO_CLONES)
+#define VEC_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
 #else
 #define VEC_CLONES
 #endif

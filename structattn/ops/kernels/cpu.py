@@ -79,10 +79,13 @@ def _compile(path: str, cc: str) -> None:
         src = os.path.join(tmp, "viterbi.c")
         with open(src, "w") as f:
             f.write(source())
-        proc = subprocess.run([cc, *_CFLAGS, *_SIMD_FLAGS, src, "-o", out, "-lm"], capture_output=True, text=True,
-                              timeout=120)
-        if proc.returncode != 0:
-            proc = subprocess.run([cc, *_CFLAGS, src, "-o", out, "-lm"], capture_output=True, text=True, timeout=120)
+        # Fallbacks for older compilers: without the per-ISA clones of the vectorised loops (GCC's target_clones),
+        # then without -fopenmp-simd too (same code, scalar loops).
+        for extra in (_SIMD_FLAGS, [*_SIMD_FLAGS, "-DSTRUCTATTN_NO_CLONES"], ["-DSTRUCTATTN_NO_CLONES"]):
+            proc = subprocess.run([cc, *_CFLAGS, *extra, src, "-o", out, "-lm"], capture_output=True, text=True,
+                                  timeout=120)
+            if proc.returncode == 0:
+                break
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
 
@@ -97,7 +100,7 @@ def _declare(lib) -> None:
         for name in ("forward", "backward", "marginals", "hvp"):
             getattr(lib, f"vit_{name}_{sfx}").restype = None
         getattr(lib, f"seg_forward_{sfx}").argtypes = [i64, i64, ptr, ptr, ptr, i64, i64, c_int, c_int, c_double,
-                                                       c_int] + [ptr] * 8
+                                                       c_int] + [ptr] * 9
         getattr(lib, f"seg_backward_{sfx}").argtypes = [i64, i64] + [ptr] * 9 + [i64, i64, c_int, c_int, c_double,
                                                                                  c_int, ptr, ptr]
         getattr(lib, f"seg_forward_{sfx}").restype = c_int
@@ -248,29 +251,31 @@ def segment_forward(scores: Tensor, mask: Tensor | None, trans: Tensor, tdiv: in
     """Weights and marginals of the segmentation attention of every row of ``scores`` (N, T), in one call.
 
     ``scores`` contiguous float32/float64; ``mask`` (N, T) contiguous bool (True at padding) or None; ``trans``
-    (M, 2, 2) contiguous, of the scores' dtype: row b uses ``trans[(b // tdiv) % M]``. Returns (number of rows with a
-    non-finite real score or transition, (w, p, ws, iws)): the weights and marginals (N, T) and the two buffers that
-    :func:`segment_backward` needs."""
+    (2, 2) or (M, 2, 2) contiguous, of the scores' dtype: row b uses ``trans[(b // tdiv) % M]``. Returns (number of rows with a
+    non-finite real score or transition, (w, p, flags, ws, iws)): the weights and marginals (N, T), the rows' flags
+    (N,) int32 (1: has a real position, 2: dead, 4: frozen) and the two buffers that :func:`segment_backward`
+    needs."""
     N, T = scores.shape
     n_real, n_int = segment_workspace(N, T)
     w, p, ws = scores.new_empty(N, T), scores.new_empty(N, T), scores.new_empty(n_real)
-    iws = torch.empty(n_int, dtype=torch.int32)
+    iws, flags = torch.empty(n_int, dtype=torch.int32), torch.empty(N, dtype=torch.int32)
     bad = _fn("forward", scores.dtype, "seg")(
-        N, T, scores.data_ptr(), _p(mask), trans.data_ptr(), tdiv, trans.shape[0], int(centre), int(reg == "l2"),
-        gamma, nthreads, w.data_ptr(), p.data_ptr(), *_segment_pointers(ws, iws, N, T))
+        N, T, scores.data_ptr(), _p(mask), trans.data_ptr(), tdiv, 1 if trans.dim() == 2 else trans.shape[0],
+        int(centre), int(reg == "l2"),
+        gamma, nthreads, w.data_ptr(), p.data_ptr(), flags.data_ptr(), *_segment_pointers(ws, iws, N, T))
     if bad < 0:
         raise MemoryError("the fused segmentation kernel could not allocate its workspace")
-    return bad, (w, p, ws, iws)
+    return bad, (w, p, flags, ws, iws)
 
 
 def segment_backward(gw: Tensor, gp: Tensor | None, w: Tensor, ws: Tensor, iws: Tensor, M: int, tdiv: int,
                      centre: bool, reg: str, gamma: float, nthreads: int = 1):
     """(∂L/∂s (N, T), ∂L/∂T (M, 2, 2)) from ∂L/∂w, ∂L/∂p (or None; both contiguous, of w's dtype) and what
-    :func:`segment_forward` returned."""
+    :func:`segment_forward` returned. M = 0: one matrix shared by the rows, ∂L/∂T of shape (2, 2)."""
     N, T = w.shape
-    gs, gT = torch.empty_like(w), w.new_empty(M, 2, 2)
+    gs, gT = torch.empty_like(w), (w.new_empty(M, 2, 2) if M else w.new_empty(2, 2))
     rc = _fn("backward", w.dtype, "seg")(
-        N, T, gw.data_ptr(), _p(gp), w.data_ptr(), *_segment_pointers(ws, iws, N, T), tdiv, M, int(centre),
+        N, T, gw.data_ptr(), _p(gp), w.data_ptr(), *_segment_pointers(ws, iws, N, T), tdiv, max(M, 1), int(centre),
         int(reg == "l2"), gamma, nthreads, gs.data_ptr(), gT.data_ptr())
     if rc < 0:
         raise MemoryError("the fused segmentation kernel could not allocate its workspace")
