@@ -8,7 +8,8 @@
 #   regulariser (structattn.attention.PAPER_GAMMA);
 #   valid newstest2013, test newstest2014 (sacrebleu's wmt14/full), detokenised BLEU.
 #   IWSLT14 de→en: fairseq's split (valid = every 23rd training pair, test = dev2010 + tst2010-2012 + TEDX dev2012),
-#   joint sentencepiece 10k, --arch structattn_lstm at width 256, Adam.
+#   joint sentencepiece 10k, --arch structattn_lstm at width 256, Adam; or (--arch) a Transformer with structured
+#   cross-attention per head (docs/transformer.md) trained with the settings of fairseq's IWSLT14 example.
 # Steps, stamps and re-runs as in recipes/lib.sh (a step whose stamp holds its command is skipped, a changed
 # setting re-runs it and what depends on it, training resumes from checkpoint_last.pt). Options: --help.
 {
@@ -29,6 +30,11 @@ usage: bash recipes/online_nmt.sh --corpus wmt14|iwslt14 [options]
   --variants "A B ..." subset of: $variants_all
                        (default: $default_variants, the paper's Table 3)
   --work DIR           working folder (default recipes/<corpus>_<direction>/work)
+  --arch NAME          iwslt14: structattn_lstm (default, width 256) | structattn_transformer_iwslt_de_en (fairseq's
+                       transformer_iwslt_de_en sizes) | structattn_transformer (Transformer-Base) |
+                       structattn_transformer_tiny; Transformers share all embeddings and train with fairseq's IWSLT14
+                       example settings (Adam, lr 5e-4, inverse_sqrt with 4000 warm-up updates, dropout 0.3, label
+                       smoothing 0.1, 4096 tokens per batch). wmt14: the paper's structattn_lstm_paper only
   --subset N           wmt14 training pairs after the length filter (default 1000000; 0 = all)
   --epochs N           override the number of epochs (paper: 15)
   --threads N          torch CPU threads (default \$OMP_NUM_THREADS or all); fairseq uses a GPU when present
@@ -38,16 +44,23 @@ EOF
 }
 
 default_variants="softmax viterbi-entropy viterbi-l2"
-corpus="" direction="" variants="$default_variants" work="" subset=1000000 epochs="" dry_run=0 force=0
+corpus="" direction="" variants="$default_variants" work="" subset=1000000 epochs="" arch="" dry_run=0 force=0
 threads="${OMP_NUM_THREADS:-$(nproc)}"
 py="${PYTHON:-python}"
 invocation="bash recipes/online_nmt.sh$(printf ' %q' "$@")"
-parse_options "--corpus --direction --variants --work --subset --epochs --threads" "--dry-run --force" "$@"
+parse_options "--corpus --direction --variants --work --subset --epochs --threads --arch" "--dry-run --force" "$@"
 case "$corpus" in
   wmt14) direction="${direction:-fr-en}"
-    case "$direction" in fr-en|en-fr) ;; *) die "--direction for wmt14 must be fr-en or en-fr, not '$direction'" ;; esac ;;
+    case "$direction" in fr-en|en-fr) ;; *) die "--direction for wmt14 must be fr-en or en-fr, not '$direction'" ;; esac
+    arch="${arch:-structattn_lstm_paper}"
+    [ "$arch" = structattn_lstm_paper ] || die "--arch for wmt14 must be structattn_lstm_paper (the paper's set-up; \
+its separate 50k word vocabularies do not suit a Transformer's shared embeddings), not '$arch'" ;;
   iwslt14) direction="${direction:-de-en}"
-    [ "$direction" = de-en ] || die "--direction for iwslt14 must be de-en, not '$direction'" ;;
+    [ "$direction" = de-en ] || die "--direction for iwslt14 must be de-en, not '$direction'"
+    arch="${arch:-structattn_lstm}"
+    case "$arch" in structattn_lstm|structattn_transformer|structattn_transformer_iwslt_de_en|structattn_transformer_tiny) ;;
+      *) die "--arch for iwslt14 must be structattn_lstm, structattn_transformer_iwslt_de_en, structattn_transformer or \
+structattn_transformer_tiny, not '$arch'" ;; esac ;;
   "") die "--corpus is required (wmt14 or iwslt14)" ;;
   *) die "--corpus must be wmt14 or iwslt14, not '$corpus'" ;;
 esac
@@ -91,7 +104,7 @@ sacrebleu -t wmt13 -l $src-$tgt --echo src > '$raw/valid.$src' && sacrebleu -t w
   # Word-level vocabularies of 50k per language, like OpenNMT-py's preprocess defaults.
   step preprocess "rm -rf '$bin' && fairseq-preprocess --source-lang $src --target-lang $tgt --trainpref '$tok/train' \
 --validpref '$tok/valid' --testpref '$tok/test' --destdir '$bin' --nwordssrc 50000 --nwordstgt 50000 --workers $threads"
-  arch=structattn_lstm_paper arch_flags="--arch structattn_lstm_paper"
+  arch_flags="--arch structattn_lstm_paper"
   train_flags="$($py "$tools/paper_setup.py" flags ${epochs:+--epochs $epochs}) --dropout 0.3 --criterion cross_entropy"
   gen_flags="--beam 5 --max-len-a 0 --max-len-b 100"
   spm_model=""
@@ -109,10 +122,18 @@ else
   done; done
   step preprocess "rm -rf '$bin' && fairseq-preprocess --source-lang de --target-lang en --trainpref '$tok/train.spm' \
 --validpref '$tok/valid.spm' --testpref '$tok/test.spm' --destdir '$bin' --joined-dictionary --workers $threads"
-  arch=structattn_lstm arch_flags="--arch structattn_lstm --encoder-embed-dim 256 --decoder-embed-dim 256 --decoder-out-embed-dim 256"
-  train_flags="--optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.002 --lr-scheduler inverse_sqrt --warmup-updates 2000 \
+  if [ "$arch" = structattn_lstm ]; then
+    arch_flags="--arch structattn_lstm --encoder-embed-dim 256 --decoder-embed-dim 256 --decoder-out-embed-dim 256"
+    train_flags="--optimizer adam --adam-betas '(0.9, 0.98)' --lr 0.002 --lr-scheduler inverse_sqrt --warmup-updates 2000 \
 --warmup-init-lr 1e-5 --clip-norm 1.0 --dropout 0.3 --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
 --max-tokens 8000 --max-epoch ${epochs:-30}"
+  else
+    # fairseq's examples/translation IWSLT14 Transformer recipe; one joined dictionary, so all embeddings are shared.
+    arch_flags="--arch $arch --share-all-embeddings"
+    train_flags="--optimizer adam --adam-betas '(0.9, 0.98)' --clip-norm 0.0 --lr 5e-4 --lr-scheduler inverse_sqrt \
+--warmup-updates 4000 --dropout 0.3 --weight-decay 0.0001 --criterion label_smoothed_cross_entropy --label-smoothing 0.1 \
+--max-tokens 4096 --max-epoch ${epochs:-50}"
+  fi
   gen_flags="--beam 5 --max-len-a 1.2 --max-len-b 10"
   spm_model="--model '$tok/spm.model'"
 fi

@@ -571,12 +571,30 @@ def test_iwslt14_dry_run():
     out = _sh("recipes/iwslt14_de_en/run.sh", "--dry-run", "--epochs", "3").stdout
     assert "iwslt14/de-en.tgz" in out and "--source-lang de --target-lang en" in out
     assert "--max-epoch 3" in out and "--joined-dictionary" in out
+    assert "--arch structattn_lstm --encoder-embed-dim 256" in out and "--arch structattn_lstm " in out
+
+
+@pytest.mark.parametrize("arch", ["structattn_transformer_iwslt_de_en", "structattn_transformer",
+                                  "structattn_transformer_tiny"])
+def test_iwslt14_dry_run_with_a_transformer(arch):
+    """--arch: a Transformer with structured cross-attention, fairseq's IWSLT14 example settings, shared embeddings
+    over the joined dictionary; every variant's attention flags; the results table names the arch."""
+    out = _sh("recipes/iwslt14_de_en/run.sh", "--dry-run", "--arch", arch).stdout
+    trains = [line for line in out.splitlines() if "fairseq-train" in line]
+    assert len(trains) == 3
+    for line, flags in zip(trains, ("--attention softmax", "--attention viterbi --attention-reg entropy",
+                                    "--attention viterbi --attention-reg l2")):
+        assert f"--arch {arch} --share-all-embeddings --attention" in line and flags in line
+        assert "--lr 5e-4 --lr-scheduler inverse_sqrt --warmup-updates 4000" in line and "--max-epoch 50" in line
+    assert f"--arch {arch} " in [line for line in out.splitlines() if "results_table.py" in line][0]
 
 
 @pytest.mark.parametrize("script, args, message", [
     ("recipes/online_nmt.sh", [], "--corpus is required"),
     ("recipes/wmt14_fr_en/run.sh", ["--direction", "de-en"], "must be fr-en or en-fr"),
     ("recipes/iwslt14_de_en/run.sh", ["--direction", "en-de"], "must be de-en"),
+    ("recipes/iwslt14_de_en/run.sh", ["--arch", "transformer"], "--arch for iwslt14 must be structattn_lstm"),
+    ("recipes/wmt14_fr_en/run.sh", ["--arch", "structattn_transformer"], "--arch for wmt14 must be"),
     ("recipes/wmt14_fr_en/run.sh", ["--variants", "attention"], "unknown variant 'attention'"),
     ("recipes/wmt14_fr_en/run.sh", ["--subset", "-3"], "--subset must be"),
     ("recipes/wmt14_fr_en/run.sh", ["--epochs"], "--epochs needs a value"),
