@@ -38,9 +38,10 @@ from .viterbi import _interpreting, _resolve, get_default_backend, viterbi_margi
 __all__ = ["check_transitions", "segmentation_potentials", "segmentation_weights", "row_flags", "masked_softmax",
            "centre_rows", "fused_path_available", "HAS_REAL", "DEAD", "FROZEN"]
 
-#: Rows × positions above which the fused kernel splits its blocks between threads (when torch has more than one):
-#: a thread start costs ~10–20 µs, about the work of 10k chain steps.
-_THREAD_MIN_WORK = 16384
+#: Rows × positions per thread below which the fused kernel does not split its blocks between threads (when torch
+#: has more than one): measured on a 2-core VM, a second thread made 512 rows × 50 positions (25.6k chain steps,
+#: 0.26 ms forward + backward) slower, 0.36 ms, and 11200 × 45 faster, 8.0 → 5.6 ms (benchmarks/RESULTS.md).
+_THREAD_MIN_WORK = 131072
 
 
 #: Bits of the row flags (:func:`row_flags`): the row has a real position; it is *dead* (p(y_t = 1) ≤ tiny, the

@@ -14,7 +14,7 @@ for chain i), so the inner loops over the chains of a block read and write conse
 2-state recursion is sequential in t: SIMD lanes are chains, not states). The saved Q (Alg. 3's argmax gradients),
 U (adjoints) and r are stored block by block in that layout: (nblocks, T, 4, CB), (nblocks, T, 2, CB),
 (nblocks, 2, CB). Blocks are independent: with ``nthreads`` > 1 they are split between POSIX threads (the caller
-decides when the work is large enough to pay for a thread start); every output element is written by one thread
+decides when the work is large enough to pay for starting threads); every output element is written by one thread
 and ∂L/∂T is reduced afterwards in row order, so the results do not depend on the thread count.
 
 The arithmetic of each step is that of the unfused kernels (``_cpu_source``), operation for operation, so the fused
