@@ -181,9 +181,27 @@ def test_non_finite_real_scores_or_transitions_are_refused():
         viterbi_attention(s, torch.zeros(2, 2), mask)
     with pytest.raises(ValueError, match="non-finite"):
         viterbi_attention(torch.randn(3, 4), torch.tensor([[0.0, float("inf")], [0.0, 0.0]]))
-    # a sum that overflows float32 is not a non-finite score
+    # finite scores whose sum overflows float32 are not non-finite scores: the stable form centres them
+    mixed = torch.tensor([[3e38, 3e38, -1.0]])
+    w = S.segmentation_weights(mixed, torch.zeros(2, 2), None, "l2", 1.0, centre=True)[0]
+    ref = S._unfused(mixed.double(), torch.zeros(2, 2, dtype=torch.float64), None, "l2", 1.0, True, 1)[0]
+    torch.testing.assert_close(w.double(), ref)
+    # finite scores and transitions whose potentials s_t + T[1, j], or the path values summing them, overflow are
+    # refused, not turned into NaN marginals and a silent softmax fallback
     big = torch.full((1, 4), 3e38)
-    assert torch.isfinite(viterbi_attention(big, torch.zeros(2, 2))).all()
+    with pytest.raises(ValueError, match="overflow"):
+        viterbi_attention(big[:, :1], torch.tensor([[0.0, 0.0], [1e38, 1e38]]))
+    with pytest.raises(ValueError, match="overflow"):
+        viterbi_attention(big, torch.zeros(2, 2))
+
+
+def test_transitions_or_mask_on_another_device_are_refused():
+    """A C kernel given a pointer to another device's memory would crash the process: refused with a clear error."""
+    s = torch.randn(3, 4)
+    with pytest.raises(ValueError, match="transitions is on meta, the scores on cpu"):
+        viterbi_attention(s, torch.zeros(2, 2, device="meta"))
+    with pytest.raises(ValueError, match="padding_mask is on meta"):
+        S.segmentation_weights(s, torch.zeros(2, 2), torch.zeros(3, 4, dtype=torch.bool, device="meta"), "l2", 1.0)
 
 
 def test_public_functions_take_the_fused_path_and_the_reference_backend_turns_it_off():

@@ -135,6 +135,9 @@ def segmentation_weights(scores: Tensor, trans: Tensor, mask: Tensor | None, reg
         w (N, T) (0 on padding, rows summing to 1, all-padding rows all 0) and p (N, T) (before normalisation and
         fallback). Differentiable w.r.t. ``scores`` and ``trans``, twice where Vit_Ω is.
     """
+    for name, x in (("transitions", trans), ("padding_mask", mask)):
+        if x is not None and x.device != scores.device:
+            raise ValueError(f"{name} is on {x.device}, the scores on {scores.device}: put them on one device")
     if scores.numel() > 0 and fused_path_available(scores):
         if torch.compiler.is_compiling():
             out = _forward_op(scores, trans, mask, reg, gamma, centre, tdiv)
@@ -219,8 +222,9 @@ def _forward_impl(scores: Tensor, trans: Tensor, mask: Tensor | None, reg: str, 
                                     reg, gamma, _threads(*scores.shape))
     if bad:
         raise ValueError(
-            f"{bad} attention row(s) have non-finite (NaN or ±inf) scores at real (non-padded) positions or "
-            "non-finite transitions; Vit_Ω needs finite potentials (mark padding with padding_mask instead)")
+            f"{bad} attention row(s) have non-finite (NaN or ±inf) scores at real (non-padded) positions, non-finite "
+            "transitions, or scores so large that the potentials overflow; Vit_Ω needs finite potentials (mark "
+            "padding with padding_mask instead)")
     return out
 
 

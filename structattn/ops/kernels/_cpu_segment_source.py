@@ -95,6 +95,7 @@ VEC_CLONES static void seg_forward_blocks_SFX(seg_args_SFX *a)
         real t00[CB], t01[CB], t10[CB], t11[CB], v0[CB], v1[CB], ex0[CB], ex1[CB], lp0[CB], lp1[CB];
         real u0[CB], u1[CB];
         int64_t L[CB], Lmax = 0;
+        int bad_row[CB];
         real Lr[CB]; /* L as a real: the step masks then compare reals, which vectorise with the real lanes */
         /* compaction (and centring) of the real positions; transitions of each chain */
         for (int64_t i = 0; i < nb; i++) {
@@ -118,6 +119,10 @@ VEC_CLONES static void seg_forward_blocks_SFX(seg_args_SFX *a)
                 for (int64_t j = 0; j < k; j++) bad |= !isfinite(X[j * CB + i]);
             if (a->centre && k > 0) {
                 real mean = sum / (real)k;
+                if (!bad && !isfinite(sum)) { /* finite scores whose sum overflows: average the scaled scores */
+                    mean = 0;
+                    for (int64_t j = 0; j < k; j++) mean += X[j * CB + i] / (real)k;
+                }
                 for (int64_t j = 0; j < k; j++) X[j * CB + i] -= mean;
             }
             for (int64_t j = k; j < T; j++) { X[j * CB + i] = 0; ib[j] = -1; }
@@ -127,6 +132,7 @@ VEC_CLONES static void seg_forward_blocks_SFX(seg_args_SFX *a)
             if (k > Lmax) Lmax = k;
             t00[i] = tr[0]; t01[i] = tr[1]; t10[i] = tr[2]; t11[i] = tr[3];
             v0[i] = 0; v1[i] = 0;
+            bad_row[i] = bad;
             a->status += bad;
         }
         /* The saved buffers are returned to torch: every element gets a defined value, also the steps after the
@@ -194,6 +200,9 @@ VEC_CLONES static void seg_forward_blocks_SFX(seg_args_SFX *a)
             }
         }
         for (int64_t i = 0; i < nb; i++) {
+            /* finite scores and transitions whose potentials (s_t + T[1, j]) or running values overflow: refused like
+               non-finite input (the unfused path would return NaN weights or fall back to softmax silently) */
+            if (!(isfinite(v0[i]) && isfinite(v1[i])) && !bad_row[i]) a->status++;
             maxarg2_SFX(v0[i], v1[i], l2, g, rk + i, rk + CB + i);
             u0[i] = rk[i];
             u1[i] = rk[CB + i];
