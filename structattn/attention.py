@@ -57,7 +57,10 @@ the normaliser is replaced: every (sentence, head, target position) row is one c
 and each head has its own transition matrix T_h (both forms as above). The fairseq glue is
 ``user_dir/structattn_transformer.py`` (docs/transformer.md).
 
-This module does not import fairseq; the fairseq glue lives in ``user_dir/``.
+Where the computation lives. This module holds the checks, the public functions and the modules; the Viterbi
+normaliser itself (θ, compaction, w ∝ p, fallback, row flags) is :func:`structattn.ops.segmentation.segmentation_weights`,
+which runs it as two fused C calls (forward, backward with Alg. 4) on CPU and as the tensor operations described above
+elsewhere (docs/speed.md). This module does not import fairseq; the fairseq glue lives in ``user_dir/``.
 """
 
 from __future__ import annotations
