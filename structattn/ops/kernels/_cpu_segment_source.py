@@ -179,23 +179,15 @@ VEC_CLONES static void seg_forward_blocks_SFX(seg_args_SFX *a)
             } else {
                 #pragma omp simd
                 for (int64_t i = 0; i < nb; i++) {
-                    real xs[4] = {t00[i] + v0[i], t01[i] + v1[i], (x[i] + t10[i]) + v0[i], (x[i] + t11[i]) + v1[i]};
-                    real v_next[2], pq[4];
-                    for (int k = 0; k < 2; k++) {
-                        real m = xs[2 * k] >= xs[2 * k + 1] ? xs[2 * k] : xs[2 * k + 1];
-                        real aa = xs[2 * k] - m, bb = xs[2 * k + 1] - m;
-                        real ya = aa / g, yb = bb / g;
-                        real p1 = ((real)1.0 + yb - ya) * (real)0.5;
-                        p1 = p1 < (real)0.0 ? (real)0.0 : (p1 > (real)1.0 ? (real)1.0 : p1);
-                        real p0 = (real)1.0 - p1;
-                        pq[2 * k] = p0;
-                        pq[2 * k + 1] = p1;
-                        v_next[k] = (p0 * aa + p1 * bb) - (real)(0.5 * (double)g) * (p0 * p0 + p1 * p1) + m;
-                    }
+                    real x00 = t00[i] + v0[i], x01 = t01[i] + v1[i];
+                    real x10 = (x[i] + t10[i]) + v0[i], x11 = (x[i] + t11[i]) + v1[i];
+                    real pq[4], v_next0, v_next1;
+                    L2MAX2(x00, x01, g, pq[0], pq[1], v_next0);
+                    L2MAX2(x10, x11, g, pq[2], pq[3], v_next1);
                     int act = tt < Lr[i];
                     for (int k = 0; k < 4; k++) q[k * CB + i] = act ? pq[k] : (real)0.0;
-                    v0[i] = act ? v_next[0] : v0[i];
-                    v1[i] = act ? v_next[1] : v1[i];
+                    v0[i] = act ? v_next0 : v0[i];
+                    v1[i] = act ? v_next1 : v1[i];
                 }
             }
         }
@@ -257,23 +249,8 @@ VEC_CLONES static void seg_forward_blocks_SFX(seg_args_SFX *a)
     free(P);
 }
 
-/* jac for one pair: out = J_Omega(q) x at S = 2, the arithmetic of jac_SFX; L2 is a literal 0 or 1, so that each
-   loop that uses it is compiled for one Omega, without a branch that would stop its vectorisation */
-#define SEG_JAC2(L2, q0, q1, x0, x1, o0, o1) do {                                                                \
-        if (!(L2)) {                                                                                               \
-            real s_ = (q0) * (x0) + (q1) * (x1);                                                                   \
-            o0 = ((q0) * (x0) - (q0) * s_) / g;                                                                    \
-            o1 = ((q1) * (x1) - (q1) * s_) / g;                                                                    \
-        } else {                                                                                                   \
-            int a_ = (q0) > 0, b_ = (q1) > 0;                                                                      \
-            real s_ = (a_ ? (x0) : (real)0.0) + (b_ ? (x1) : (real)0.0);                                           \
-            real n_ = (real)(a_ + b_);                                                                             \
-            o0 = a_ ? ((x0) - s_ / n_) / g : (real)0.0;                                                            \
-            o1 = b_ ? ((x1) - s_ / n_) / g : (real)0.0;                                                            \
-        }                                                                                                          \
-    } while (0)
-
-/* Alg. 4, forward sweep at step t over the chains of a block: v_dot_t and the tangents q_dot_t (parked in QD) */
+/* Alg. 4, forward sweep at step t over the chains of a block: v_dot_t and the tangents q_dot_t (parked in QD). L2 is a
+   literal 0 or 1: each loop is compiled for one Omega, without a branch that would stop its vectorisation. */
 #define SEG_HVP_FORWARD_STEP(L2) do {                                                                              \
         _Pragma("omp simd")                                                                                        \
         for (int64_t i = 0; i < nb; i++) {                                                                         \
@@ -281,10 +258,8 @@ VEC_CLONES static void seg_forward_blocks_SFX(seg_args_SFX *a)
             real q0 = q[i], q1 = q[CB + i], q2 = q[2 * CB + i], q3 = q[3 * CB + i];                                \
             real x0 = vd0[i], x1 = vd1[i], x2 = z[i] + vd0[i], x3 = z[i] + vd1[i];                                 \
             real n0 = q0 * x0 + q1 * x1, n1 = q2 * x2 + q3 * x3;                                                   \
-            real o0, o1, o2, o3;                                                                                   \
-            SEG_JAC2(L2, q0, q1, x0, x1, o0, o1);                                                                  \
-            SEG_JAC2(L2, q2, q3, x2, x3, o2, o3);                                                                  \
-            qd[i] = o0; qd[CB + i] = o1; qd[2 * CB + i] = o2; qd[3 * CB + i] = o3;                                 \
+            jac2_SFX(q0, q1, x0, x1, L2, g, qd + i, qd + CB + i);                                                \
+            jac2_SFX(q2, q3, x2, x3, L2, g, qd + 2 * CB + i, qd + 3 * CB + i);                                   \
             vd0[i] = act ? n0 : vd0[i];                                                                            \
             vd1[i] = act ? n1 : vd1[i];                                                                            \
         }                                                                                                          \
@@ -335,10 +310,7 @@ VEC_CLONES static void seg_backward_blocks_SFX(seg_args_SFX *a)
             else SEG_HVP_FORWARD_STEP(1);
         }
         for (int64_t i = 0; i < nb; i++) {
-            real r0 = rk[i], r1 = rk[CB + i], o0, o1;
-            SEG_JAC2(l2, r0, r1, vd0[i], vd1[i], o0, o1);
-            ud0[i] = o0;
-            ud1[i] = o1;
+            jac2_SFX(rk[i], rk[CB + i], vd0[i], vd1[i], l2, g, ud0 + i, ud1 + i);
         }
         /* Alg. 4, reverse sweep: E_dot_t = Q_t * u_dot_{t+1} + Q_dot_t * u_{t+1}; dL/ds_t = E_dot[t, 1, :] summed */
         for (int64_t t = Lmax - 1; t >= 0; t--) {
@@ -385,6 +357,14 @@ VEC_CLONES static void seg_backward_blocks_SFX(seg_args_SFX *a)
     free(QD);
 }
 
+/* The arguments both passes share; the rest of the struct zeroed (no pointer left undefined). */
+static void seg_args_init_SFX(seg_args_SFX *a, int64_t N, int64_t T, int64_t tdiv, int64_t M, int centre, int l2,
+                              double gd)
+{
+    memset(a, 0, sizeof *a);
+    a->N = N; a->T = T; a->tdiv = tdiv; a->M = M; a->centre = centre; a->l2 = l2; a->g = (real)gd;
+}
+
 /* Forward: w, p (N, T), flags (N): 1 = the row has a real position, 2 = dead, 4 = frozen; saved Q, U, r (block
    layout), tot (N), idx (N, T), len (N). Returns the number of rows with a non-finite real score or transition (then
    the outputs are meaningless), or -1 when out of memory. */
@@ -393,8 +373,7 @@ int seg_forward_SFX(int64_t N, int64_t T, const real *s, const uint8_t *mask, co
                     real *Q, real *U, real *r, real *tot, int32_t *idx, int32_t *len)
 {
     seg_args_SFX a;
-    memset(&a, 0, sizeof a);
-    a.N = N; a.T = T; a.tdiv = tdiv; a.M = M; a.centre = centre; a.l2 = l2; a.g = (real)gd;
+    seg_args_init_SFX(&a, N, T, tdiv, M, centre, l2, gd);
     a.s = s; a.mask = mask; a.trans = trans;
     a.w = w; a.p = p; a.flags = flags; a.Q = Q; a.U = U; a.r = r; a.tot = tot; a.idx = idx; a.len = len;
     a.fn = seg_forward_blocks_SFX;
@@ -410,8 +389,7 @@ int seg_backward_SFX(int64_t N, int64_t T, const real *gw, const real *gp, const
     real *gTrow = (real *)malloc(sizeof(real) * 4 * (size_t)(N > 0 ? N : 1)); /* dL/dT of each row */
     if (!gTrow) return -1;
     seg_args_SFX a;
-    memset(&a, 0, sizeof a);
-    a.N = N; a.T = T; a.tdiv = tdiv; a.M = M; a.centre = centre; a.l2 = l2; a.g = (real)gd;
+    seg_args_init_SFX(&a, N, T, tdiv, M, centre, l2, gd);
     a.gw = gw; a.gp = gp; a.w_in = w; a.Q = (real *)Q; a.U = (real *)U; a.r = (real *)r; a.tot = (real *)tot;
     a.idx = (int32_t *)idx; a.len = (int32_t *)len; a.gs = gs; a.gTrow = gTrow;
     a.fn = seg_backward_blocks_SFX;
@@ -427,6 +405,6 @@ int seg_backward_SFX(int64_t N, int64_t T, const real *gw, const real *gp, const
     return 0;
 }
 
-#undef SEG_JAC2
 #undef SEG_HVP_FORWARD_STEP
+#undef L2MAX2
 """

@@ -23,31 +23,42 @@ CHAINS_PER_BLOCK = 64
 _BODY = r"""
 /* ---- max_Omega and its gradient on one row x[0..S-1]; returns the value, writes q = argmax ------------------ */
 
+/* S = 2, Omega = l2: v = max_Omega(x0, x1), (q0, q1) its gradient, the projection of (x0, x1)/g on the simplex,
+   q1 = clip((1 + (x1 - x0)/g)/2, 0, 1), shifted by the max as below. A macro, not an inline function: GCC (12)
+   vectorises the loops over chains that expand it, and not those that call an inline function with these selects
+   ("control flow in loop"). */
+#define L2MAX2(x0_, x1_, g_, q0_, q1_, v_) do {                                                                   \
+        real m_ = (x0_) >= (x1_) ? (x0_) : (x1_);                                                                  \
+        real a_ = (x0_) - m_, b_ = (x1_) - m_;                                                                     \
+        real ya_ = a_ / (g_), yb_ = b_ / (g_);                                                                     \
+        real p1_ = ((real)1.0 + yb_ - ya_) * (real)0.5;                                                            \
+        p1_ = p1_ < (real)0.0 ? (real)0.0 : (p1_ > (real)1.0 ? (real)1.0 : p1_);                                   \
+        real p0_ = (real)1.0 - p1_;                                                                                \
+        q0_ = p0_;                                                                                                 \
+        q1_ = p1_;                                                                                                 \
+        v_ = (p0_ * a_ + p1_ * b_) - (real)(0.5 * (double)(g_)) * (p0_ * p0_ + p1_ * p1_) + m_;                    \
+    } while (0)
+
 static real maxarg2_SFX(real x0, real x1, int l2, real g, real *q0, real *q1)
 {
+    if (l2) {
+        real v;
+        L2MAX2(x0, x1, g, *q0, *q1, v);
+        return v;
+    }
     /* Shift by the max like smoothed_max._max_argmax: values grow linearly in T, the shifted ones stay O(spread). */
     real m = x0 >= x1 ? x0 : x1;
     real a = x0 - m, b = x1 - m;
     real ya = a / g, yb = b / g;
-    if (!l2) {
-        /* One of ya, yb is 0 and the other is -|d|: logsumexp = log1p(ex), softmax = (1, ex)/(1 + ex) with
-           ex = exp(-|d|). One exp and one log1p instead of the reference's 4 exp + 1 log (same value to rounding);
-           the exp is the cost of this kernel. */
-        real ex = EXP(ya < yb ? ya : yb);
-        real lse = LOG1P(ex);
-        real inv = (real)1.0 / ((real)1.0 + ex);
-        *q0 = ya < yb ? ex * inv : inv;
-        *q1 = ya < yb ? inv : ex * inv;
-        return g * lse + m;
-    } else {
-        /* projection of a 2-vector on the simplex: q1 = clip((1 + y1 - y0)/2, 0, 1) */
-        real p1 = ((real)1.0 + yb - ya) * (real)0.5;
-        p1 = p1 < (real)0.0 ? (real)0.0 : (p1 > (real)1.0 ? (real)1.0 : p1);
-        real p0 = (real)1.0 - p1;
-        *q0 = p0;
-        *q1 = p1;
-        return (p0 * a + p1 * b) - (real)(0.5 * (double)g) * (p0 * p0 + p1 * p1) + m;
-    }
+    /* One of ya, yb is 0 and the other is -|d|: logsumexp = log1p(ex), softmax = (1, ex)/(1 + ex) with
+       ex = exp(-|d|). One exp and one log1p instead of the reference's 4 exp + 1 log (same value to rounding);
+       the exp is the cost of this kernel. */
+    real ex = EXP(ya < yb ? ya : yb);
+    real lse = LOG1P(ex);
+    real inv = (real)1.0 / ((real)1.0 + ex);
+    *q0 = ya < yb ? ex * inv : inv;
+    *q1 = ya < yb ? inv : ex * inv;
+    return g * lse + m;
 }
 
 static void sort_desc_SFX(real *a, int n)
@@ -97,9 +108,30 @@ static real maxarg_SFX(const real *x, int S, int l2, real g, real *q, real *y, r
     return val - (real)(0.5 * (double)g) * sq + m;
 }
 
+/* S = 2: (o0, o1) = J_Omega(q) x (jac_SFX below, specialised); inline and branch-free but for l2, which the
+   vectorised loops pass as a literal */
+static inline void jac2_SFX(real q0, real q1, real x0, real x1, int l2, real g, real *o0, real *o1)
+{
+    if (!l2) {
+        real s = q0 * x0 + q1 * x1;
+        *o0 = (q0 * x0 - q0 * s) / g;
+        *o1 = (q1 * x1 - q1 * s) / g;
+    } else {
+        int a = q0 > 0, b = q1 > 0;
+        real s = (a ? x0 : (real)0.0) + (b ? x1 : (real)0.0);
+        real n = (real)(a + b);
+        *o0 = a ? (x0 - s / n) / g : (real)0.0;
+        *o1 = b ? (x1 - s / n) / g : (real)0.0;
+    }
+}
+
 /* J_Omega(q) x  (Hessian of max_Omega at the point whose gradient is q) */
 static void jac_SFX(const real *q, const real *x, int S, int l2, real g, real *out)
 {
+    if (S == 2) {
+        jac2_SFX(q[0], q[1], x[0], x[1], l2, g, out, out + 1);
+        return;
+    }
     if (!l2) {
         real s = 0;
         for (int k = 0; k < S; k++) s += q[k] * x[k];
@@ -167,23 +199,13 @@ VEC_CLONES static void forward2_block_SFX(int64_t b0, int64_t nb, int64_t T, con
             for (int64_t i = 0; i < nb; i++) {
                 const real *thi = th + i * TS;
                 real *qi = q + i * TS;
-                real x[4] = {thi[0] + v0[i], thi[1] + v1[i], thi[2] + v0[i], thi[3] + v1[i]};
-                real v_next[2], p[4];
-                for (int k = 0; k < 2; k++) {
-                    real m = x[2 * k] >= x[2 * k + 1] ? x[2 * k] : x[2 * k + 1];
-                    real a = x[2 * k] - m, b = x[2 * k + 1] - m;
-                    real ya = a / g, yb = b / g;
-                    real p1 = ((real)1.0 + yb - ya) * (real)0.5;
-                    p1 = p1 < (real)0.0 ? (real)0.0 : (p1 > (real)1.0 ? (real)1.0 : p1);
-                    real p0 = (real)1.0 - p1;
-                    p[2 * k] = p0;
-                    p[2 * k + 1] = p1;
-                    v_next[k] = (p0 * a + p1 * b) - (real)(0.5 * (double)g) * (p0 * p0 + p1 * p1) + m;
-                }
+                real p[4], v_next0, v_next1;
+                L2MAX2(thi[0] + v0[i], thi[1] + v1[i], g, p[0], p[1], v_next0);
+                L2MAX2(thi[2] + v0[i], thi[3] + v1[i], g, p[2], p[3], v_next1);
                 int act = t < L[i];
                 for (int k = 0; k < 4; k++) qi[k] = act ? p[k] : (real)0.0;
-                v0[i] = act ? v_next[0] : v0[i];
-                v1[i] = act ? v_next[1] : v1[i];
+                v0[i] = act ? v_next0 : v0[i];
+                v1[i] = act ? v_next1 : v1[i];
             }
         }
     }
