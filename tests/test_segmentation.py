@@ -15,7 +15,8 @@ from structattn.ops import segmentation as S
 from structattn.ops.kernels import cpu as C
 from structattn.ops.viterbi import viterbi_backend
 
-pytestmark = pytest.mark.skipif(not C.available(), reason="the C kernel is unavailable (no C compiler)")
+# Only a machine without a C compiler skips: a kernel that fails to compile must fail these tests, not skip them.
+pytestmark = pytest.mark.skipif(C._compiler() is None, reason="no C compiler on this machine ($CC, cc, gcc, clang)")
 
 REGS = [("entropy", 2.0), ("l2", 10.0), ("l2", 0.3)]
 
