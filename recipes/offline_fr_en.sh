@@ -64,6 +64,8 @@ usage: bash recipes/offline_fr_en.sh [options]
                        the rate when the validation loss stops improving); all with 200 warm-up updates
   --patience N         stop after N validations without improvement (default -1: never; converge 3)
   --threads N          torch threads for training/decoding (default: \$OMP_NUM_THREADS or 2)
+  --seed N             random seed of every training (initialisation, batch order, dropout; default 1); the
+                       data split and the quick test subset do not depend on it
   --toolkit NAME       fairseq (default) | onmt: train with OpenNMT-py (structattn-onmt-train, docs/onmt.md) on
                        the same data, budget and scoring; runs in <work>/runs/onmt-<variant>, rows next to the
                        fairseq ones in RESULTS.md. Sizes tiny, quick and small only; not with --arch,
@@ -81,11 +83,11 @@ py="${PYTHON:-python}"
 corpus=bible size=small work="" results="" max_train="" max_test="" max_update="" max_epoch="" arch=structattn_lstm
 dim="" stop_hours="" beam="" report_sentences="" lr="" dropout="" label_smoothing="" max_len="" jobs=""
 viterbi_form=stable schedule="" patience="" threads="${OMP_NUM_THREADS:-2}" toolkit=fairseq
-builtin_lstm=0 no_report=0 dry_run=0 force=0
+builtin_lstm=0 no_report=0 dry_run=0 force=0 seed=1
 unset variants gamma_entropy gamma_l2  # unset: not given
 parse_options "--corpus --size --variants --work --results --max-train --max-test --max-update --max-epoch --arch \
 --dim --stop-hours --gamma-entropy --gamma-l2 --beam --threads --report-sentences --lr --dropout --label-smoothing \
---max-len --jobs --viterbi-form --schedule --patience --toolkit" "--builtin-lstm --no-report --dry-run --force" "$@"
+--max-len --jobs --viterbi-form --schedule --patience --toolkit --seed" "--builtin-lstm --no-report --dry-run --force" "$@"
 
 case "$corpus" in bible|libreoffice) ;; *) die "--corpus must be bible or libreoffice, not '$corpus'" ;; esac
 case "$toolkit" in fairseq|onmt) ;; *) die "--toolkit must be fairseq or onmt, not '$toolkit'" ;; esac
@@ -126,7 +128,7 @@ stop_hours="${stop_hours:-$p_hours}"
 lr="${lr:-$p_lr}" dropout="${dropout:-$p_drop}" label_smoothing="${label_smoothing:-$p_ls}"
 max_len="${max_len:-$p_maxlen}" jobs="${jobs:-$p_jobs}" schedule="${schedule:-$p_sched}"
 patience="${patience:-$p_patience}"
-for v in max_train max_test max_update max_epoch beam threads dim report_sentences max_len jobs; do
+for v in max_train max_test max_update max_epoch beam threads dim report_sentences max_len jobs seed; do
   is_uint "${!v}" || die "--${v//_/-} must be a non-negative integer, not '${!v}'"
 done
 [ "$beam" -ge 1 ] || die "--beam must be >= 1"
@@ -245,7 +247,7 @@ train_common="--optimizer adam --adam-betas '(0.9, 0.98)' --lr $lr $sched_flags 
 --clip-norm 1.0 --dropout $dropout --weight-decay 0.0001 \
 --criterion label_smoothed_cross_entropy --label-smoothing $label_smoothing --max-tokens $max_tokens \
 --max-source-positions 256 --max-target-positions 256 --skip-invalid-size-inputs-valid-test \
---seed 1 --num-workers 0 --log-format json --log-interval 25 --no-epoch-checkpoints \
+--seed $seed --num-workers 0 --log-format json --log-interval 25 --no-epoch-checkpoints \
 --save-interval-updates 200 --keep-interval-updates 1 --validate-interval-updates 0 --patience $patience"
 [ "$max_update" -gt 0 ] && train_common="$train_common --max-update $max_update"
 [ "$max_epoch" -gt 0 ] && train_common="$train_common --max-epoch $max_epoch"
@@ -338,7 +340,7 @@ onmt_common="-encoder_type brnn -rnn_type LSTM -layers 1 -word_vec_size $dim -hi
 -global_attention general -dropout $dropout -optim adam -adam_beta1 0.9 -adam_beta2 0.98 $onmt_sched \
 -max_grad_norm 1.0 -label_smoothing $label_smoothing -batch_type tokens -batch_size $max_tokens \
 -valid_batch_size $max_tokens -normalization tokens -train_steps $max_update -valid_steps ${onmt_every:-} \
--save_checkpoint_steps ${onmt_every:-} -keep_checkpoint -1 -report_every ${onmt_report:-} -seed 1 -num_workers 0 \
+-save_checkpoint_steps ${onmt_every:-} -keep_checkpoint -1 -report_every ${onmt_report:-} -seed $seed -num_workers 0 \
 -bucket_size 32768"
 # A training resumes from its newest model_step_N.pt (skipped when that already holds the budget), as fairseq's
 # from checkpoint_last.pt (tools/onmt_checkpoints.py).

@@ -36,7 +36,8 @@ from .kernels import cpu as _cpu
 from .viterbi import _interpreting, _resolve, get_default_backend, viterbi_marginals
 
 __all__ = ["check_transitions", "segmentation_potentials", "segmentation_weights", "row_flags", "masked_softmax",
-           "centre_rows", "fused_path_available", "HAS_REAL", "DEAD", "FROZEN"]
+           "centre_rows", "fused_path_available", "chain_coupling", "coupling_verdict", "INDEPENDENT_KAPPA",
+           "HAS_REAL", "DEAD", "FROZEN"]
 
 #: Rows × positions per thread below which the fused kernel does not split its blocks between threads (when torch
 #: has more than one): measured on a 2-core VM, a second thread made 512 rows × 50 positions (25.6k chain steps,
@@ -105,6 +106,43 @@ def segmentation_potentials(scores: Tensor, transitions: Tensor) -> Tensor:
     # add runs ~5x slower on CPU with these size-2 inner dimensions, and this was on every decoder step.
     rows = scores.new_tensor([[0.0, 0.0], [1.0, 1.0]])
     return torch.addcmul(trans.to(scores.dtype), scores[:, :, None, None], rows)
+
+
+#: |κ| below which :func:`coupling_verdict` calls a chain "independent positions". For Ω = −γH, κ is the log odds
+#: ratio of the pairwise factor of two neighbours: |κ| < 0.25 means that attending to x_{t-1} changes the odds of
+#: attending to x_t by less than e^0.25 ≈ 1.28×, whatever the scores — a chain that adds next to nothing to
+#: independent per-position gates. (The stable form's contiguity prior c = 1 starts at κ = 2c = 2.)
+INDEPENDENT_KAPPA = 0.25
+
+
+def chain_coupling(transitions: Tensor, gamma: float = 1.0) -> Tensor:
+    """κ = (T[0, 0] + T[1, 1] − T[0, 1] − T[1, 0]) / γ of transition matrices ``transitions`` (..., 2, 2) → (...).
+
+    Why this number and not the entries of T: a transition matrix of the form T[i, j] = f(i) + g(j) makes the
+    chain factorise into independent positions, for both Ω — the DP value of step t is then
+    v_{t,i} = θ_t(i) + f(i) + max_Ω(g + v_{t−1}) (max_Ω commutes with adding a constant), so every local argmax_Ω
+    of Alg. 3's backward pass is the same whatever the next state, and p(y_t = 1) is a per-position gate: T only
+    shifts the scores. Of the four entries of T, three are such a shift (f(0), f(1), g(1) − g(0) and a common
+    constant account for them); κ is the one direction that couples neighbours: κ > 0 rewards staying in a state
+    (contiguous segments), κ < 0 rewards switching, κ = 0 is independent positions. For Ω = −γH, κ is the log odds
+    ratio of the neighbours' pairwise factor; for ℓ2 it is the same scale-free measure (tested: κ = 0 gives the
+    per-position marginals exactly for both Ω, tests/test_coupling.py)."""
+    if not isinstance(transitions, Tensor) or transitions.shape[-2:] != (2, 2):
+        raise ValueError(f"transitions must be a tensor of shape (..., 2, 2), got "
+                         f"{getattr(transitions, 'shape', type(transitions))}")
+    if not (isinstance(gamma, (int, float)) and not isinstance(gamma, bool) and gamma > 0 and gamma < float("inf")):
+        raise ValueError(f"gamma must be a finite number > 0, got {gamma!r}")
+    t = transitions.detach()
+    return (t[..., 0, 0] + t[..., 1, 1] - t[..., 0, 1] - t[..., 1, 0]) / gamma
+
+
+def coupling_verdict(kappa: float) -> str:
+    """``"independent positions"`` if |κ| < :data:`INDEPENDENT_KAPPA`, else ``"contiguous"`` (κ > 0: staying in a
+    state is rewarded) or ``"alternating"`` (κ < 0: switching is rewarded)."""
+    kappa = float(kappa)
+    if abs(kappa) < INDEPENDENT_KAPPA:
+        return "independent positions"
+    return "contiguous" if kappa > 0 else "alternating"
 
 
 def fused_path_available(scores: Tensor) -> bool:
