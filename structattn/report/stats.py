@@ -8,6 +8,11 @@ For a matrix A (target rows × source columns) we count, with *exact* zeros (A =
 * segments of row i: the number of maximal runs of consecutive non-zero cells (1 for a contiguous block,
   0 for an all-zero row; the segmentation attention of Mensch & Blondel §5 tends to give few segments);
 * empty rows: rows with no non-zero cell (possible with ℓ2 Viterbi attention, where all p(y_t = 1) can be 0);
+* EOS mass: the mean weight a target row puts on the source's end-of-sentence column (the target's own EOS row
+  excluded, which rightly attends there). A model that *parks* its attention on the source EOS — whose encoder state
+  summarises the whole sentence, so a decoder can ignore the alignment and behave like a language model — shows
+  a mass near 1 (a quickstart softmax model once had 0.91 and wrote fluent text unrelated to the source); n/a when
+  no record's source ends with the EOS symbol;
 * fallback rows: the fraction of rows where the Viterbi attention had p(y_t = 1) = 0 for every t and fell back to
   softmax (:func:`structattn.attention.dead_rows`). A fallback row is a dense softmax row, which the matrix alone
   cannot tell from a live one, so this is read from the records' ``extra["fallback_rows"]`` (indices of the rows
@@ -30,7 +35,7 @@ import numpy as np
 from ..export import DEFAULT_EOS
 
 __all__ = ["row_support", "row_segments", "matrix_stats", "dump_stats", "dump_head_count", "select_records",
-           "record_fallback_rows", "STAT_COLUMNS"]
+           "record_fallback_rows", "eos_mass_rows", "STAT_COLUMNS"]
 
 # (key, column title, format) in the order tables show them
 STAT_COLUMNS = [
@@ -42,6 +47,7 @@ STAT_COLUMNS = [
     ("mean_segments", "segments/row", "{:.2f}"),
     ("empty_rows", "empty rows", "{:d}"),
     ("fallback_fraction", "fallback rows", "{:.3f}"),
+    ("eos_mass", "EOS mass", "{:.3f}"),
 ]
 
 FALLBACK_KEY = "fallback_rows"
@@ -66,6 +72,17 @@ def row_segments(a) -> np.ndarray:
         return np.zeros(nz.shape[0], dtype=np.int64)
     starts = nz[:, 1:] & ~nz[:, :-1]
     return nz[:, 0].astype(np.int64) + starts.sum(axis=1)
+
+
+def eos_mass_rows(a, src_tokens, tgt_tokens, eos: str = DEFAULT_EOS) -> np.ndarray | None:
+    """The weight each target row (the final EOS row excluded) puts on the source EOS column of the full matrix
+    ``a``; None when the source does not end with ``eos``."""
+    a = _as_matrix(a)
+    if not len(src_tokens) or src_tokens[-1] != eos or a.shape[1] == 0:
+        return None
+    if len(tgt_tokens) and tgt_tokens[-1] == eos:
+        a = a[:-1]
+    return a[:, -1]
 
 
 def _trim_eos(a: np.ndarray, src_tokens, tgt_tokens, eos: str) -> np.ndarray:
@@ -131,7 +148,7 @@ def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bo
     that head's matrices (records' ``heads[head]``) instead of ``attention``. Returns the keys of
     :data:`STAT_COLUMNS` plus ``n_records`` and ``n_cells``; means are NaN when there is no row, and
     ``fallback_fraction`` (fallback rows / rows) is NaN unless every chosen record says which of its rows fell
-    back (:func:`record_fallback_rows`).
+    back (:func:`record_fallback_rows`). ``eos_mass`` is measured on the full matrices (before ``exclude_eos``).
     """
     chosen = select_records(records, nbest_rank)
     if head is not None:
@@ -140,9 +157,12 @@ def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bo
             raise ValueError(f"head {head}: record {missing[0]} has no such head (dump without per-head attention?)")
     n_cells = zeros = 0
     n_fallback, fallback_known = 0, bool(chosen)
-    supports, rel_supports, segments = [], [], []
+    supports, rel_supports, segments, eos_masses = [], [], [], []
     for r in chosen:
         a = np.asarray(r.attention if head is None else r.heads[head])
+        em = eos_mass_rows(a, r.src_tokens, r.tgt_tokens, eos)
+        if em is not None:
+            eos_masses.append(em)
         if exclude_eos:
             a = _trim_eos(a, r.src_tokens, r.tgt_tokens, eos)
         fb = record_fallback_rows(r, a.shape[0])
@@ -160,6 +180,7 @@ def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bo
     sup = np.concatenate(supports) if supports else np.zeros(0)
     rel = np.concatenate(rel_supports) if rel_supports else np.zeros(0)
     seg = np.concatenate(segments) if segments else np.zeros(0)
+    em = np.concatenate(eos_masses) if eos_masses else np.zeros(0)
     nan = float("nan")
     return {
         "n_sentences": len({r.id for r in chosen}),
@@ -172,6 +193,7 @@ def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bo
         "mean_segments": float(seg.mean()) if seg.size else nan,
         "empty_rows": int((sup == 0).sum()),
         "fallback_fraction": n_fallback / sup.size if fallback_known and sup.size else nan,
+        "eos_mass": float(em.mean()) if em.size else nan,
     }
 
 
