@@ -17,6 +17,16 @@
 {
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+for arg in "$@"; do  # --help: before any set-up (a fresh clone has no environment yet)
+  case "$arg" in -h|--help)
+    echo "usage: bash recipes/quickstart.sh [options of recipes/offline_fr_en.sh]"
+    echo
+    echo "Sets up .venv (or \$STRUCTATTN_VENV) unless an environment is active, then runs"
+    echo "bash recipes/offline_fr_en.sh --size quick --work recipes/bible_fr_en/work/quickstart [options]:"
+    echo
+    exec bash recipes/offline_fr_en.sh --help ;;
+  esac
+done
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 t0=$(date +%s)
 venv="${STRUCTATTN_VENV:-.venv}"
