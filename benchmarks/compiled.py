@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Eager vs torch.compile: the same attention step and decoder step, timed both ways (issue 13, item 1).
+"""Eager vs torch.compile: the same attention step and decoder step, timed both ways.
 
     python benchmarks/compiled.py                 # all parts, writes its section of benchmarks/RESULTS.md
     python benchmarks/compiled.py --no-decoder    # without the fairseq decoder step
