@@ -89,7 +89,7 @@ def attention_step(B, T, H, seed=0):
     r = torch.randn(B, H, generator=g)
     mods = {"softmax": build_attention("softmax", H, H)}
     for reg, label in (("entropy", "-H"), ("l2", "l2")):
-        m = build_attention("viterbi", H, H, reg, GAMMA[reg])
+        m = build_attention("viterbi", H, H, reg, GAMMA[reg], "paper")  # raw T, set below
         with torch.no_grad():
             m.transitions.copy_(torch.tensor([[0.5, -0.5], [-0.5, 0.5]]))
         mods[f"viterbi {label}"] = m
