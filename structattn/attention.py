@@ -59,8 +59,8 @@ attention changes two things, both measured on Bible fr→en (``recipes/bible_fr
   useful speed and the chain starts out preferring contiguous segments.
 
 Defaults (:mod:`structattn.options`, one definition for the library and both plugins): the stable form, the
-paper's γ per Ω (:data:`PAPER_GAMMA`), c = :data:`~structattn.options.DEFAULT_CONTIGUITY`, Ω = −γH — the settings
-every committed result used. They are provisional: the evidence for the stable form is one quick ℓ2 run (paper
+paper's γ per Ω (:data:`PAPER_GAMMA`), c = :data:`~structattn.options.DEFAULT_CONTIGUITY`, and Ω = −γH where no
+``reg`` is given — the form, γ and prior every committed result used. They are provisional: the evidence for the stable form is one quick ℓ2 run (paper
 form 12.9 vs stable 13.7 BLEU, p = 0.10, ``recipes/bible_fr_en/QUICKSTART.md``); the study that decides between
 the forms (run to convergence, more than one seed) goes into ``recipes/bible_fr_en/RESULTS.md``, and its winner
 becomes the default in :mod:`structattn.options`. Pass ``form="paper"`` for the paper's model.
