@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Eager vs torch.compile: the same attention step and decoder step, timed both ways (issue 13, item 1).
+"""Eager vs torch.compile: the same attention step and decoder step, timed both ways.
 
     python benchmarks/compiled.py                 # all parts, writes its section of benchmarks/RESULTS.md
     python benchmarks/compiled.py --no-decoder    # without the fairseq decoder step
@@ -89,7 +89,7 @@ def attention_step(B, T, H, seed=0):
     r = torch.randn(B, H, generator=g)
     mods = {"softmax": build_attention("softmax", H, H)}
     for reg, label in (("entropy", "-H"), ("l2", "l2")):
-        m = build_attention("viterbi", H, H, reg, GAMMA[reg])
+        m = build_attention("viterbi", H, H, reg, GAMMA[reg], "paper")  # raw T, set below
         with torch.no_grad():
             m.transitions.copy_(torch.tensor([[0.5, -0.5], [-0.5, 0.5]]))
         mods[f"viterbi {label}"] = m

@@ -108,7 +108,8 @@ def build_steps(B, T, H, seed, with_naive=True, with_torch_struct=True, device="
     vit = {}
     for reg in ("entropy", "l2"):
         torch.manual_seed(seed)
-        m = build_attention("viterbi", H, H, reg, GAMMA[reg]).to(device)
+        # the paper form (raw T), like the naive anchor whose θ it is timed against
+        m = build_attention("viterbi", H, H, reg, GAMMA[reg], "paper").to(device)
         with torch.no_grad():
             m.transitions.copy_(torch.tensor([[0.5, -0.5], [-0.5, 0.5]]))  # some contiguity, not the zero init
         vit[reg] = m

@@ -33,12 +33,21 @@ is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 is_pos() { [[ "$1" =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] && python3 -c "import sys; sys.exit(not float('$1') > 0)"; }
 is_prob() { [[ "$1" =~ ^[0-9]*\.?[0-9]+$ ]] && python3 -c "import sys; sys.exit(not float('$1') < 1)"; }
 
+# help_usage: the driver's `usage`, also on a fresh clone before the set-up: where no python can read the variant
+# table yet (structattn not installed, or no `python`), its values are shown as placeholders instead of failing.
+help_usage() {
+  local defs
+  defs="$( (variants_load && printf 'variants_all=%q paper_gamma_entropy=%q paper_gamma_l2=%q' "$variants_all"     "$paper_gamma_entropy" "$paper_gamma_l2") 2>/dev/null )" || defs="variants_all='(listed once structattn is installed)' paper_gamma_entropy='γ for −H' paper_gamma_l2='γ for ℓ2'"
+  eval "$defs"
+  usage
+}
+
 # parse_options "VALUE-OPTIONS" "FLAG-OPTIONS" ARG...: `--some-option VALUE` sets $some_option, a flag `--some-flag`
 # sets $some_flag=1; -h/--help prints the driver's `usage` and exits; anything else is an error.
 parse_options() {
   local _values=" $1 " _flags=" $2 "; shift 2
   while [ $# -gt 0 ]; do
-    case "$1" in -h|--help) usage; exit 0 ;; esac
+    case "$1" in -h|--help) help_usage; exit 0 ;; esac
     local _var="${1#--}"; _var="${_var//-/_}"
     if [[ "$_values" == *" $1 "* ]]; then
       [ $# -ge 2 ] || die "$1 needs a value"

@@ -31,7 +31,7 @@ usage: bash recipes/offline_fr_en.sh [options]
 
   --corpus NAME        bible (Segond fr → WEB en, default) | libreoffice (LibreOffice help fr → en)
   --size NAME          tiny (CI: few hundred verses, ~1 min) | quick (the quickstart: softmax and Viterbi l2,
-                       1,600 updates each, two at a time, ~10 min on 2 cores) | small (default: ~15-20 min per model
+                       1,600 updates each, two at a time, ~8 min on 2 cores) | small (default: ~15-20 min per model
                        on 2 CPU cores) | converge (all four variants trained to a validation plateau, early
                        stopping, at most 0.5 h each, two at a time) | full (all data, paper-sized training; hours)
   --variants "A B ..." subset of: $variants_all (default: all four; quick: softmax

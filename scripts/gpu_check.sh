@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command GPU validation of structattn (issue 13, item 4): install what is missing, run the CUDA tests, the
+# One-command GPU validation of structattn: install what is missing, run the CUDA tests, the
 # step-level and normaliser benchmarks and a short fairseq training on the GPU, and write one report file with
 # the numbers (ratios to softmax measured in the same run). Budget: under 10 minutes on a GPU machine with the
 # packages already installed (building fairseq from its sdist adds ~4 min once). Report format: docs/speed.md.

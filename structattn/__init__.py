@@ -18,6 +18,7 @@ from .ops import (
     viterbi_marginals,
     viterbi_value,
 )
+from .ops.viterbi import get_default_backend, set_default_backend, viterbi_backend
 
 __version__ = "0.1.0"
 
@@ -27,11 +28,14 @@ __all__ = [
     "SmoothedViterbi",
     "ViterbiMarginals",
     "argmax_omega",
+    "get_default_backend",
     "jacobian_product",
     "max_argmax_omega",
     "max_omega",
+    "set_default_backend",
     "smoothed_max",
     "sparsemax",
+    "viterbi_backend",
     "viterbi_hvp",
     "viterbi_marginals",
     "viterbi_value",

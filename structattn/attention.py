@@ -32,21 +32,38 @@ hard, zero-derivative Viterbi when |θ| ≫ γ, App. C.3). M starts at U(−a, a
 for encoder/decoder states with entries in [−1, 1] (LSTM outputs) the initial score std is at most γ, whatever γ
 and the sizes; in the paper form T starts at 0 (no preference between attending or not, nor for contiguity).
 
-Dead rows and the trainable form (a documented departure from the paper, selectable). In the paper's form
-(``form="paper"``: θ built from the raw scores s and a raw T initialised at 0) training can *kill* ℓ2 rows: the
-weights w = p/Σp ignore a common shift of the scores, so nothing holds the level of s, which drifts; once every
-position loses to the all-zero path by ≥ γ (two states: q = clip((1 + Δ/γ)/2, 0, 1)), p ≡ 0, the Jacobian of the
-row is 0, the row falls back to softmax, and no gradient pushes it back. And T, moved by Adam by about lr per
-update while it matters only on the γ scale, stays ≈ 0: the chain factorises into independent positions. The
-``form="stable"`` attention (the fairseq plugin's default) changes two things, both measured on Bible fr→en
-(``recipes/bible_fr_en/RESULTS.md``):
+The level of the scores matters in the paper's form. Unlike softmax, w = p/Σp is *not* invariant to a common
+shift s_t → s_t + b of a row's scores: the shift raises θ[t, 1, ·] against θ[t, 0, ·], i.e. makes attending
+cheaper everywhere, and so changes how many positions are attended. With −H and T = 0 the positions are
+independent and p(y_t = 1) = sigmoid(s_t/γ), so w ∝ exp(s_t/γ) = softmax(s/γ) for a very negative level and
+w → uniform for a very positive one (γ = 1, b = −10, 0, +10: from softmax(s) to uniform); with ℓ2 a low enough level
+puts every row on the all-zero path. In the paper's model the level is thus a per-query degree of freedom: each
+query chooses, through it, how broad its attention is.
+
+Dead rows and the stable form (a documented departure from the paper, selectable, and the *provisional*
+default). In the paper's form (``form="paper"``: θ built from the raw scores s and a raw T initialised at 0)
+training can *kill* ℓ2 rows: nothing anchors the level of s, which drifts; once every position loses to the
+all-zero path by ≥ γ (two states: q = clip((1 + Δ/γ)/2, 0, 1)), p ≡ 0, the Jacobian of the row is 0, the row
+falls back to softmax, and no gradient pushes it back. And T, moved by Adam by about lr per update while it
+matters only on the γ scale, stays ≈ 0: the chain factorises into independent positions. The ``form="stable"``
+attention changes two things, both measured on Bible fr→en (``recipes/bible_fr_en/RESULTS.md``):
 
 * scores are **centred per row** over the real positions, s̃_t = s_t − mean_{t' real} s_{t'}, before θ is built.
-  w and the fallback are unchanged by the shift for softmax, but the chain now sees a level that cannot drift:
-  max_t s̃_t ≥ 0, so a row dies only if the *learned* transitions make attending cost ≥ γ everywhere;
+  This is not a reparameterisation: it removes the per-query level described above, so the weights no longer
+  depend on a common shift of a row's scores (only on their differences, as softmax's do), and how broad a row's
+  attention is can only be learned through the spread of its scores and the shared transitions T. In exchange
+  the level cannot drift: max_t s̃_t ≥ 0, so a row dies only if the *learned* transitions make attending cost
+  ≥ γ everywhere. The softmax fallback is unchanged by the centring;
 * **transitions on the γ scale**, T = γ·τ with τ the parameter (``transitions_over_gamma``), initialised with a
   contiguity prior τ = [[c, 0], [0, c]] (staying in a state is worth c·γ): Adam's ~lr steps on τ move T/γ at a
   useful speed and the chain starts out preferring contiguous segments.
+
+Defaults (:mod:`structattn.options`, one definition for the library and both plugins): the stable form, the
+paper's γ per Ω (:data:`PAPER_GAMMA`), c = :data:`~structattn.options.DEFAULT_CONTIGUITY`, and Ω = −γH where no
+``reg`` is given — the form, γ and prior every committed result used. They are provisional: the evidence for the stable form is one quick ℓ2 run (paper
+form 12.9 vs stable 13.7 BLEU, p = 0.10, ``recipes/bible_fr_en/QUICKSTART.md``); the study that decides between
+the forms (run to convergence, more than one seed) goes into ``recipes/bible_fr_en/RESULTS.md``, and its winner
+becomes the default in :mod:`structattn.options`. Pass ``form="paper"`` for the paper's model.
 
 :func:`dead_rows` counts the rows that fell back (the modules keep running counts, see
 :meth:`ViterbiAttention.pop_fallback_counts`; the fairseq plugin logs them as ``attn_fallback``).
@@ -82,6 +99,8 @@ from .ops.segmentation import (
     segmentation_weights,
 )
 from .ops.smoothed_max import check_reg_gamma, sparsemax
+from .options import (ATTENTIONS, DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_REG, PAPER_GAMMA, VITERBI_FORMS,
+                      paper_gamma)
 
 __all__ = [
     "ATTENTIONS",
@@ -95,6 +114,9 @@ __all__ = [
     "dead_rows",
     "frozen_rows",
     "VITERBI_FORMS",
+    "DEFAULT_REG",
+    "DEFAULT_FORM",
+    "DEFAULT_CONTIGUITY",
     "SoftmaxAttention",
     "SparsemaxAttention",
     "ViterbiAttention",
@@ -103,16 +125,7 @@ __all__ = [
     "ViterbiNormalizer",
 ]
 
-ATTENTIONS = ("softmax", "sparsemax", "viterbi")
-
-#: Temperatures used in the paper (App. C.3): γ = 2 for negentropy, γ = 10 for squared ℓ2.
-PAPER_GAMMA = {"entropy": 2.0, "l2": 10.0}
-
-#: Parametrisations of the Viterbi attention (module docstring): the paper's, and the trainable one.
-VITERBI_FORMS = ("paper", "stable")
-
-#: Contiguity prior c of the stable form: τ = T/γ starts at [[c, 0], [0, c]].
-DEFAULT_CONTIGUITY = 1.0
+# ATTENTIONS, PAPER_GAMMA, VITERBI_FORMS and the defaults are defined once, in structattn.options (imported above).
 
 
 # ---- input checks -------------------------------------------------------------------------------------------------
@@ -185,8 +198,8 @@ def viterbi_attention(
     scores: Tensor,
     transitions: Tensor,
     padding_mask: Tensor | None = None,
-    reg: str = "entropy",
-    gamma: float = 1.0,
+    reg: str = DEFAULT_REG,
+    gamma: float | None = None,
     return_marginals: bool = False,
 ):
     """Smoothed-Viterbi segmentation attention, w_t ∝ p_{θ,Ω}(y_t = 1) = Σ_j ∇Vit_Ω(θ)[t, 1, j] (ICML 2018 §5).
@@ -199,19 +212,30 @@ def viterbi_attention(
         scores: (B, T) unary scores s_t (e.g. x_t·M·z).
         transitions: (2, 2) or (B, 2, 2) transition matrix T.
         padding_mask: optional (B, T) bool, True at padded positions.
-        reg: ``"entropy"`` (Ω = −γH) or ``"l2"`` (Ω = (γ/2)‖·‖²).
-        gamma: temperature γ > 0.
+        reg: ``"entropy"`` (Ω = −γH) or ``"l2"`` (Ω = (γ/2)‖·‖²); default :data:`structattn.options.DEFAULT_REG`.
+        gamma: temperature γ > 0; None (default): the paper's γ for ``reg`` (:data:`PAPER_GAMMA`).
         return_marginals: also return p(y_t = 1) (B, T) (before normalisation and fallback).
 
     Returns:
         (B, T) weights (and the marginals if asked): non-negative, summing to 1 over real positions, exactly 0 on
         padding. Differentiable w.r.t. ``scores`` and ``transitions`` (the backward of the marginals is the
         Hessian-vector product of Alg. 4).
+
+    This function is the paper's form: it uses ``scores`` and ``transitions`` as given. The stable form of the
+    modules is this function on :func:`centre_scores` with T = γ·τ (module docstring).
     """
-    gamma = check_reg_gamma(reg, gamma)
+    gamma = _gamma(reg, gamma)
     padding_mask = _check_scores(scores, padding_mask)
     w, p = _viterbi_rows(scores, check_transitions(transitions, scores.shape[0]), 1, padding_mask, reg, gamma)
     return (w, p) if return_marginals else w
+
+
+def _gamma(reg: str, gamma: float | None) -> float:
+    """γ checked, None meaning the paper's γ for ``reg`` (the one default of every entry point)."""
+    if gamma is None:
+        check_reg_gamma(reg, 1.0)  # an unknown reg raises the standard error
+        gamma = paper_gamma(reg)
+    return check_reg_gamma(reg, gamma)
 
 
 def _viterbi_rows(scores: Tensor, trans: Tensor, tdiv: int, padding_mask: Tensor | None, reg: str, gamma: float,
@@ -320,11 +344,7 @@ class _ViterbiState:
 
     def _init_viterbi(self, reg: str, gamma: float | None, form: str, contiguity: float | None,
                       shape: tuple) -> None:
-        if gamma is None:
-            if reg not in PAPER_GAMMA:
-                check_reg_gamma(reg, 1.0)  # raises the standard error
-            gamma = PAPER_GAMMA[reg]
-        self.gamma = check_reg_gamma(reg, gamma)
+        self.gamma = _gamma(reg, gamma)
         self.reg = reg
         if form not in VITERBI_FORMS:
             raise ValueError(f"form must be one of {VITERBI_FORMS}, got {form!r}")
@@ -384,16 +404,18 @@ class ViterbiAttention(_ViterbiState, _BilinearAttention):
     """Segmentation attention with smoothed Viterbi marginals (ICML 2018 §5, App. C.3); see
     :func:`viterbi_attention`.
 
-    ``form="paper"`` (default here): θ from the raw scores and a raw transition parameter ``transitions`` = T,
-    initialised at 0, exactly as in the paper. ``form="stable"``: θ from the row-centred scores
-    (:func:`centre_scores`) and T = γ·τ with τ = ``transitions_over_gamma`` initialised at [[c, 0], [0, c]],
-    c = ``contiguity`` (see the module docstring for why). Parameters: M (``proj``) and T or τ.
+    ``form="paper"``: θ from the raw scores and a raw transition parameter ``transitions`` = T, initialised at 0,
+    exactly as in the paper. ``form="stable"`` (the default, :data:`structattn.options.DEFAULT_FORM`; provisional,
+    see the module docstring): θ from the row-centred scores (:func:`centre_scores`) and T = γ·τ with
+    τ = ``transitions_over_gamma`` initialised at [[c, 0], [0, c]], c = ``contiguity`` (None:
+    :data:`~structattn.options.DEFAULT_CONTIGUITY`). γ = None: the paper's γ for ``reg`` (:data:`PAPER_GAMMA`).
+    Parameters: M (``proj``) and T or τ.
 
     Every forward adds to running counts of attention rows and dead (fallback) rows, read and reset with
     :meth:`pop_fallback_counts`."""
 
-    def __init__(self, query_dim: int, source_dim: int, reg: str = "entropy", gamma: float | None = None,
-                 form: str = "paper", contiguity: float | None = None):
+    def __init__(self, query_dim: int, source_dim: int, reg: str = DEFAULT_REG, gamma: float | None = None,
+                 form: str = DEFAULT_FORM, contiguity: float | None = None):
         super().__init__(query_dim, source_dim)
         self._init_viterbi(reg, gamma, form, contiguity, (2, 2))
         # Score std ≤ γ at init for states in [−1, 1]^d (see the module docstring): never start in the collapsed,
@@ -409,11 +431,12 @@ class ViterbiAttention(_ViterbiState, _BilinearAttention):
         return r + (f", contiguity={self.contiguity}" if self.form == "stable" else "")
 
 
-def build_attention(attention: str, query_dim: int, source_dim: int, reg: str = "entropy",
-                    gamma: float | None = None, form: str = "paper", contiguity: float | None = None):
+def build_attention(attention: str, query_dim: int, source_dim: int, reg: str = DEFAULT_REG,
+                    gamma: float | None = None, form: str = DEFAULT_FORM, contiguity: float | None = None):
     """Factory: ``attention`` in :data:`ATTENTIONS` (the same word as the ``--attention`` flag of the plugins);
-    ``reg``/``gamma``/``form``/``contiguity`` are used by ``"viterbi"`` only (γ = None takes the paper's value,
-    :data:`PAPER_GAMMA`; ``form`` in :data:`VITERBI_FORMS`)."""
+    ``reg``/``gamma``/``form``/``contiguity`` are used by ``"viterbi"`` only, with the defaults of
+    :mod:`structattn.options` (γ = None takes the paper's value, :data:`PAPER_GAMMA`; ``form`` in
+    :data:`VITERBI_FORMS`; contiguity None: the stable form's :data:`~structattn.options.DEFAULT_CONTIGUITY`)."""
     if attention == "softmax":
         return SoftmaxAttention(query_dim, source_dim)
     if attention == "sparsemax":
@@ -459,8 +482,8 @@ def multihead_viterbi_attention(
     scores: Tensor,
     transitions: Tensor,
     padding_mask: Tensor | None = None,
-    reg: str = "entropy",
-    gamma: float = 1.0,
+    reg: str = DEFAULT_REG,
+    gamma: float | None = None,
     return_marginals: bool = False,
 ):
     """Segmentation attention (ICML 2018 §5) for multi-head attention: one smoothed-Viterbi chain over the source
@@ -471,14 +494,14 @@ def multihead_viterbi_attention(
         transitions: (H, 2, 2) — one transition matrix T per head —, or (2, 2) / (1, 2, 2) shared by the heads.
         padding_mask: optional bool tensor broadcastable to (B, H, Q, S) (e.g. a key padding mask as
             (B, 1, 1, S)), True at padded positions, any layout.
-        reg, gamma, return_marginals: as in :func:`viterbi_attention`.
+        reg, gamma, return_marginals: as in :func:`viterbi_attention` (γ = None: the paper's γ for ``reg``).
 
     Returns:
         (B, H, Q, S) weights (and the marginals p(y_t = 1) if asked), each row as :func:`viterbi_attention` gives
         it: the chain runs over the real positions only, padding gets exactly 0, an all-zero ℓ2 row falls back to
         softmax.
     """
-    gamma = check_reg_gamma(reg, gamma)
+    gamma = _gamma(reg, gamma)
     rows, mask, trans, tdiv = _head_rows(scores, padding_mask, transitions)
     w, p = _viterbi_rows(rows, trans, tdiv, _check_scores(rows, mask), reg, gamma)
     return (w.view(scores.shape), p.view(scores.shape)) if return_marginals else w.view(scores.shape)
@@ -490,14 +513,14 @@ class ViterbiNormalizer(_ViterbiState, nn.Module):
     (B, H, Q, S) to weights with :func:`multihead_viterbi_attention`, with ``num_heads`` learned transition
     matrices (one per head; ``num_heads=1`` shares one across the heads).
 
-    Same parametrisations as :class:`ViterbiAttention` (module docstring): ``form="paper"`` learns T
+    Same parametrisations and defaults as :class:`ViterbiAttention` (module docstring): ``form="paper"`` learns T
     (``transitions``, (num_heads, 2, 2), from 0) on the raw scores; ``form="stable"`` centres each row's scores
     over its real positions and learns τ = T/γ (``transitions_over_gamma``, from [[c, 0], [0, c]] per head). The
     chain runs in float32 for float16/bfloat16 scores; the weights come back in the scores' dtype. Every forward
     adds to the running counts of :meth:`pop_fallback_counts` (one row per sequence, head and query)."""
 
-    def __init__(self, num_heads: int = 1, reg: str = "entropy", gamma: float | None = None, form: str = "paper",
-                 contiguity: float | None = None):
+    def __init__(self, num_heads: int = 1, reg: str = DEFAULT_REG, gamma: float | None = None,
+                 form: str = DEFAULT_FORM, contiguity: float | None = None):
         super().__init__()
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")

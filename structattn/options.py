@@ -16,8 +16,17 @@ form (Viterbi)            :data:`VITERBI_FORMS`                    :data:`DEFAUL
 contiguity c (stable)     a finite number                          :data:`DEFAULT_CONTIGUITY`
 ========================  =======================================  ================================================
 
-This module imports no toolkit (argparse only for the ``type=`` callables' error class), so that glue for any
-toolkit can share one definition of the values and their checks: the fairseq plugin's flags
+**The defaults are defined here and only here.** The library (:class:`structattn.attention.ViterbiAttention`,
+:class:`~structattn.attention.ViterbiNormalizer`, :func:`~structattn.attention.build_attention`, γ = None of
+:func:`~structattn.attention.viterbi_attention` and :func:`~structattn.attention.multihead_viterbi_attention`),
+the fairseq plugin and the OpenNMT-py glue all read them (``tests/test_defaults.py`` checks every entry point).
+They are the settings every committed result was produced with. They are *provisional*: the stable form departs
+from the paper (it removes the per-query level of the scores, see :mod:`structattn.attention`), and which form
+should be the default is the open question of the form study in ``recipes/bible_fr_en/RESULTS.md``.
+
+This module is a leaf of the package: it imports no toolkit (argparse only for the ``type=`` callables' error
+class) and not :mod:`structattn.attention` at import time (which imports the defaults from here), so that glue for
+any toolkit can share one definition of the values and their checks: the fairseq plugin's flags
 (``user_dir/attention_options.py``) and the OpenNMT-py options (``structattn_onmt/options.py``) are spellings of it.
 """
 
@@ -28,9 +37,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from torch import nn
-
-from .attention import ATTENTIONS, DEFAULT_CONTIGUITY, PAPER_GAMMA, VITERBI_FORMS, ViterbiNormalizer, build_attention
 from .ops.smoothed_max import REGULARIZERS
 
 __all__ = [
@@ -41,6 +47,7 @@ __all__ = [
     "DEFAULT_REG",
     "DEFAULT_FORM",
     "DEFAULT_CONTIGUITY",
+    "paper_gamma",
     "AttentionOptions",
     "positive_float",
     "finite_float",
@@ -49,8 +56,31 @@ __all__ = [
     "build_normalizer",
 ]
 
+#: Attention kinds (the layers of :mod:`structattn.attention`; the plugins' ``--attention`` choices).
+ATTENTIONS = ("softmax", "sparsemax", "viterbi")
+
+#: Temperatures used in the paper (App. C.3): γ = 2 for negentropy, γ = 10 for squared ℓ2. γ = None anywhere in
+#: the library or the plugins means this value for the chosen Ω.
+PAPER_GAMMA = {"entropy": 2.0, "l2": 10.0}
+
+#: Parametrisations of the Viterbi attention (:mod:`structattn.attention`): the paper's, and the trainable one.
+VITERBI_FORMS = ("paper", "stable")
+
+#: Default regulariser Ω of the Viterbi attention.
 DEFAULT_REG = "entropy"
+
+#: Default form of the Viterbi attention (provisional: see the module docstring).
 DEFAULT_FORM = "stable"
+
+#: Contiguity prior c of the stable form: τ = T/γ starts at [[c, 0], [0, c]].
+DEFAULT_CONTIGUITY = 1.0
+
+
+def paper_gamma(reg: str) -> float:
+    """The paper's γ for Ω = ``reg`` (:data:`PAPER_GAMMA`); ``ValueError`` naming the choices otherwise."""
+    if reg not in PAPER_GAMMA:
+        raise ValueError(f"reg must be one of {REGULARIZERS}, got {reg!r}")
+    return PAPER_GAMMA[reg]
 
 
 @dataclass(frozen=True)
@@ -118,9 +148,10 @@ def resolve_options(attention: str, reg: str = DEFAULT_REG, gamma=None, form: st
     return AttentionOptions(attention, reg, gamma, form, contiguity)
 
 
-def build_from_options(options: AttentionOptions, query_dim: int, source_dim: int) -> nn.Module:
+def build_from_options(options: AttentionOptions, query_dim: int, source_dim: int):
     """The :mod:`structattn.attention` module the options describe (query of ``query_dim`` scored against sources
     of ``source_dim``): exactly what the fairseq plugin builds for the same options."""
+    from .attention import build_attention  # here, not at the top: structattn.attention imports this module
     if options.attention != "viterbi":
         return build_attention(options.attention, query_dim, source_dim)
     contiguity = options.contiguity if options.form == "stable" else None
@@ -128,10 +159,11 @@ def build_from_options(options: AttentionOptions, query_dim: int, source_dim: in
                            contiguity)
 
 
-def build_normalizer(options: AttentionOptions, num_heads: int) -> Optional[ViterbiNormalizer]:
+def build_normalizer(options: AttentionOptions, num_heads: int):
     """The Viterbi normaliser of a multi-head attention with ``num_heads`` transition matrices (one per head, or 1
     shared by the heads; :class:`structattn.attention.ViterbiNormalizer`), or None for softmax/sparsemax
     (parameter-free: the caller applies :func:`structattn.attention.softmax_attention` / ``sparsemax_attention``)."""
+    from .attention import ViterbiNormalizer  # here, not at the top: structattn.attention imports this module
     if options.attention != "viterbi":
         return None
     contiguity = options.contiguity if options.form == "stable" else None

@@ -10,6 +10,7 @@ same behaviour) with :func:`structattn_onmt.patches.install` run first, plus:
   option whose name starts with ``attention``), which are errors.
 * ``structattn-onmt-translate``: ``-dump_attention PATH`` writes the attention of every hypothesis in the format
   of :mod:`structattn.export` (:mod:`structattn_onmt.dump`).
+* both: ``--version`` (or ``-version``) prints ``structattn <version>`` and exits, before OpenNMT is imported.
 """
 
 from __future__ import annotations
@@ -18,6 +19,18 @@ import sys
 import time
 
 __all__ = ["train_main", "translate_main"]
+
+
+def _print_version(argv) -> bool:
+    """Print the version for ``--version``/``-version`` (OpenNMT's parser has no such option, and importing it
+    takes seconds and needs OpenNMT-py installed); True if printed."""
+    args = sys.argv[1:] if argv is None else argv
+    if "--version" not in args and "-version" not in args:
+        return False
+    from structattn import __version__
+
+    print(f"structattn {__version__}")
+    return True
 
 
 def _train_parser():
@@ -57,6 +70,8 @@ def _parallel_problems(opt) -> list[str]:
 
 def train_main(argv=None) -> int:
     """``structattn-onmt-train``: ``onmt_train`` with the structattn attentions."""
+    if _print_version(argv):
+        return 0
     from . import patches
     from .options import check_train_opt, options_from_opt
 
@@ -96,6 +111,8 @@ def _translate_parser():
 def translate_main(argv=None) -> int:
     """``structattn-onmt-translate``: ``onmt_translate`` that loads structattn models (and stock ones), with
     ``-dump_attention``."""
+    if _print_version(argv):
+        return 0
     from . import patches
 
     patches.quiet_onmt_warnings()

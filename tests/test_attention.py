@@ -15,10 +15,13 @@ import torch
 
 from structattn.attention import (
     PAPER_GAMMA,
+    VITERBI_FORMS,
     SoftmaxAttention,
     SparsemaxAttention,
     ViterbiAttention,
+    ViterbiNormalizer,
     build_attention,
+    centre_scores,
     segmentation_potentials,
     softmax_attention,
     sparsemax_attention,
@@ -244,24 +247,64 @@ def test_module_context_is_weighted_sum_and_padding_independent(kind):
         torch.testing.assert_close(w[b, real], w1[0])
 
 
+@pytest.mark.parametrize("form", VITERBI_FORMS)
 @pytest.mark.parametrize("reg", ["entropy", "l2"])
 @pytest.mark.parametrize("gamma", [None, 0.1, 10.0])
-def test_viterbi_init_is_not_collapsed(reg, gamma):
+def test_viterbi_init_is_not_collapsed(reg, gamma, form):
     """At initialisation, for states in [−1, 1] (LSTM outputs), the marginals must be interior (ℓ2 not collapsed
-    to hard Viterbi, whose derivative is zero) and M must receive gradient, whatever γ."""
+    to hard Viterbi, whose derivative is zero) and M must receive gradient, whatever γ, in both forms."""
     torch.manual_seed(11)
     d_z, d_x, T = 64, 128, 12
-    att = ViterbiAttention(d_z, d_x, reg, gamma)
+    att = ViterbiAttention(d_z, d_x, reg, gamma, form)
     assert att.gamma == (PAPER_GAMMA[reg] if gamma is None else gamma)
     z = torch.rand(8, d_z) * 2 - 1
     keys = torch.rand(8, T, d_x) * 2 - 1
     scores = torch.bmm(keys, att.proj(z).unsqueeze(2)).squeeze(2)
     assert scores.std() <= att.gamma
-    _, p = viterbi_attention(scores, att.transitions, None, reg, att.gamma, return_marginals=True)
+    if form == "stable":
+        scores = centre_scores(scores)
+    _, p = viterbi_attention(scores, att.effective_transitions(), None, reg, att.gamma, return_marginals=True)
     assert ((p > 0.01) & (p < 0.99)).float().mean() > 0.9
     _, w = att(z, keys)
     (g,) = torch.autograd.grad((w * torch.randn_like(w)).sum(), att.proj.weight)
     assert g.abs().sum() > 0
+
+
+def test_level_of_the_scores_matters_in_the_paper_form_only():
+    """A common shift s → s + b of a row's scores: in the paper's model it changes how many positions are attended
+    (with −H and T = 0 the positions are independent, p(y_t = 1) = sigmoid(s_t/γ): softmax-like for a low level,
+    uniform for a high one; module docstring); the stable form centres the scores and so ignores it."""
+    torch.manual_seed(5)
+    s = torch.randn(4, 7, dtype=torch.float64) * 2
+    pm = torch.zeros(4, 7, dtype=torch.bool)
+    pm[1, :3] = True  # left padded
+    pm[2, 5:] = True  # right padded
+    zero = torch.zeros(2, 2, dtype=torch.float64)
+    levels = {}
+    for b in (-10.0, 0.0, 10.0):
+        w = viterbi_attention(s + b, zero, pm, "entropy", 1.0)
+        oracle = torch.sigmoid(s + b).masked_fill(pm, 0.0)
+        torch.testing.assert_close(w, oracle / oracle.sum(-1, keepdim=True))  # w_t ∝ sigmoid(s_t + b)
+        levels[b] = w
+    torch.testing.assert_close(levels[-10.0], softmax_attention(s, pm), rtol=0, atol=1e-4)
+    uniform = (~pm).double() / (~pm).sum(-1, keepdim=True)
+    torch.testing.assert_close(levels[10.0], uniform, rtol=0, atol=5e-3)  # sigmoid(s + 10) ≥ 0.99 here
+    assert (levels[0.0] - levels[-10.0]).abs().max() > 0.05 and (levels[0.0] - uniform).abs().max() > 0.05
+    # the modules: paper form shift-dependent, stable form shift-invariant (centred over the real positions only,
+    # so a shift of the padded entries' values must not matter either)
+    for reg in ("entropy", "l2"):
+        paper = ViterbiAttention(3, 7, reg, 1.0, "paper").double()
+        stable = ViterbiAttention(3, 7, reg, 1.0, "stable").double()
+        heads = ViterbiNormalizer(2, reg, 1.0, "stable").double()
+        assert not torch.allclose(paper.normalize(s - 1.0, pm), paper.normalize(s + 1.0, pm))
+        ref = stable.normalize(s, pm)
+        ref4 = heads(torch.stack([s, 2 * s], 1).unsqueeze(2), pm[:, None, None])
+        for b in (-10.0, 3.0, 10.0):
+            shift = torch.full((4, 1), b, dtype=torch.float64) * torch.arange(1, 5).unsqueeze(1)  # per row
+            shifted = torch.where(pm, s + 1e3, s + shift)
+            torch.testing.assert_close(stable.normalize(shifted, pm), ref)
+            torch.testing.assert_close(heads(torch.stack([shifted, 2 * shifted], 1).unsqueeze(2), pm[:, None, None]),
+                                       ref4)
 
 
 def test_modules_and_factory():
@@ -270,7 +313,10 @@ def test_modules_and_factory():
     v = build_attention("viterbi", 3, 4, "l2", 0.5)
     assert isinstance(v, ViterbiAttention) and v.reg == "l2" and v.gamma == 0.5
     assert "gamma=0.5" in repr(v)
-    assert sorted(n for n, _ in v.named_parameters()) == ["proj.weight", "transitions"]
+    # the default form (structattn.options.DEFAULT_FORM, stable) learns τ = T/γ; the paper form learns T
+    assert sorted(n for n, _ in v.named_parameters()) == ["proj.weight", "transitions_over_gamma"]
+    paper = build_attention("viterbi", 3, 4, "l2", 0.5, "paper")
+    assert sorted(n for n, _ in paper.named_parameters()) == ["proj.weight", "transitions"]
 
 
 def test_low_precision_viterbi_attention():

@@ -95,7 +95,7 @@ def test_stable_form_initial_prior_and_factory():
     att = build_attention("viterbi", 3, 4, "l2", 10.0, "stable", 1.5)
     torch.testing.assert_close(att.effective_transitions(), torch.tensor([[15.0, 0.0], [0.0, 15.0]]))
     assert "form='stable'" in repr(att) and "contiguity=1.5" in repr(att)
-    paper = build_attention("viterbi", 3, 4, "l2", 10.0)
+    paper = build_attention("viterbi", 3, 4, "l2", 10.0, "paper")
     assert paper.form == "paper" and torch.equal(paper.effective_transitions(), torch.zeros(2, 2))
     with pytest.raises(ValueError, match="form must be one of"):
         ViterbiAttention(3, 4, "l2", 1.0, form="centred")

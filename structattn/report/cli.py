@@ -2,7 +2,10 @@
 
 Outputs are built in a hidden staging directory next to the destination and moved into place only when
 everything was written, so a failed or interrupted command leaves no partial files behind. Exit status: 0 on
-success, 1 for unusable inputs/outputs (message on stderr), 2 for usage errors (argparse).
+success, 1 for unusable inputs/outputs (message on stderr), 2 for usage errors (argparse). Every command takes
+``--version``; ``structattn-plot`` and ``structattn-report`` show progress on stderr (a tqdm bar, or plain lines
+without tqdm) when stderr is a terminal or ``--progress`` is given. ``python -m structattn.report.cli COMMAND …``
+runs ``stats``, ``plot`` or ``report`` as the console commands do.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import shutil
 import sys
 import tempfile
 
-__all__ = ["stats_main", "plot_main", "report_main"]
+__all__ = ["stats_main", "plot_main", "report_main", "main"]
 
 
 class CliError(Exception):
@@ -23,6 +26,52 @@ class CliError(Exception):
 
 
 # ---- shared helpers ------------------------------------------------------------------------------------------
+
+
+def _version() -> str:
+    from .. import __version__
+
+    return f"structattn {__version__}"
+
+
+def _add_common_options(p, progress: bool = False) -> None:
+    p.add_argument("--version", action="version", version=_version())
+    if progress:
+        p.add_argument("--progress", action="store_true",
+                       help="show progress on stderr (default: only when stderr is a terminal)")
+
+
+def _progress(enabled: bool, prog: str):
+    """``wrap(iterable, total, desc)`` → the iterable, shown as a tqdm bar on stderr when ``enabled`` (plain
+    "prog: desc i/n" lines about every 10 % when tqdm is not installed), or unchanged."""
+    if not enabled:
+        return lambda iterable, total=None, desc="": iterable
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+
+    def wrap(iterable, total=None, desc=""):
+        if total is None and hasattr(iterable, "__len__"):
+            total = len(iterable)
+        if tqdm is not None:
+            return tqdm(iterable, total=total, desc=f"{prog}: {desc}", unit="", file=sys.stderr)
+        return _plain_progress(iterable, total, f"{prog}: {desc}")
+
+    return wrap
+
+
+def _plain_progress(iterable, total, desc):
+    step = max(1, (total or 0) // 10)
+    n = 0
+    for n, item in enumerate(iterable, 1):
+        yield item
+        if n % step == 0 or n == total:
+            print(f"{desc} {n}/{total if total is not None else '?'}", file=sys.stderr, flush=True)
+
+
+def _show_progress(args) -> bool:
+    return bool(args.progress) or sys.stderr.isatty()
 
 
 def _load(spec: str):
@@ -176,6 +225,7 @@ def _stats(argv) -> int:
     p.add_argument("--exclude-eos", action="store_true", help="leave out the EOS row and the EOS source column")
     p.add_argument("--nbest-rank", type=_rank, default=0, metavar="R|all",
                    help="which hypotheses to count: n-best rank R (default 0, the final translation) or all")
+    _add_common_options(p)
     args = p.parse_args(argv)
     models = _load_all(args.dumps)
     rows = []
@@ -229,10 +279,14 @@ def _plot(argv) -> int:
                    help="n-best rank to draw (default 0, the final translation) or all")
     p.add_argument("--title", help="title on every image (default: the dump's arch/attention)")
     _add_plot_options(p)
+    _add_common_options(p, progress=True)
     args = p.parse_args(argv)
     kw = _plot_kwargs(args)
+    progress = _progress(_show_progress(args), "structattn-plot")
     from .plot import attention_figure, save_figure
 
+    if _show_progress(args):
+        print(f"structattn-plot: reading {args.dump}", file=sys.stderr, flush=True)
     m = _load(args.dump)
     recs = _records_to_draw(m, args)
     title = args.title if args.title is not None else m.describe()
@@ -240,7 +294,7 @@ def _plot(argv) -> int:
     staging = _staging_dir(outdir)
     try:
         names = []
-        for r in recs:
+        for r in progress(recs, desc="images"):
             name = f"s{r.id}_n{r.nbest_rank}.{args.format}"
             fig = attention_figure(r.attention, r.src_tokens, r.tgt_tokens, title=f"{title} · sentence {r.id}",
                                    dpi=args.dpi, **kw)
@@ -303,6 +357,7 @@ def _report(argv) -> int:
     p.add_argument("--exclude-eos", action="store_true", help="statistics without the EOS row and column")
     p.add_argument("--force", action="store_true", help="replace an existing, non-empty output folder")
     _add_plot_options(p)
+    _add_common_options(p, progress=True)
     args = p.parse_args(argv)
     if args.nbest_rank is None:
         p.error("--nbest-rank all is not supported by the report; give one rank")
@@ -313,13 +368,14 @@ def _report(argv) -> int:
     outdir = os.path.abspath(args.output_dir)
     if os.path.isdir(outdir) and os.listdir(outdir) and not args.force:
         raise CliError(f"output folder {outdir} exists and is not empty (use --force to replace it)")
-    models = _load_all(args.dumps)
+    progress = _progress(_show_progress(args), "structattn-report")
+    models = _load_all(progress(args.dumps, desc="reading dumps"))
     staging = _staging_dir(outdir)
     try:
         try:
             index = build_report(models, staging, ids=args.ids, max_sentences=args.max_sentences,
                                  nbest_rank=args.nbest_rank, fmt=args.format, title=args.title,
-                                 exclude_eos=args.exclude_eos, dpi=args.dpi, **kw)
+                                 exclude_eos=args.exclude_eos, dpi=args.dpi, progress=progress, **kw)
         except ValueError as e:
             raise CliError(str(e)) from None
         n_images = len(os.listdir(os.path.join(staging, "img")))
@@ -333,3 +389,38 @@ def _report(argv) -> int:
 
 def report_main(argv=None) -> int:
     return _run("structattn-report", _report, argv)  # the console-script wrapper passes this to sys.exit
+
+
+# ---- python -m structattn.report.cli ---------------------------------------------------------------------------
+
+COMMANDS = {"stats": stats_main, "plot": plot_main, "report": report_main}
+
+_USAGE = """usage: python -m structattn.report.cli {stats,plot,report} ... [--help]
+
+The attention-dump commands (installed as console commands):
+  stats    sparsity statistics of attention dumps (= structattn-stats)
+  plot     heatmaps of one dump, one image per hypothesis (= structattn-plot)
+  report   side-by-side HTML report of several dumps (= structattn-report)
+"""
+
+
+def main(argv=None) -> int:
+    """``python -m structattn.report.cli COMMAND ARGS…``: the command's exit status; usage and 2 without a known
+    command, ``--version`` and ``--help`` as usual."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    if argv[:1] == ["--version"]:
+        print(_version())
+        return 0
+    if argv[:1] in (["-h"], ["--help"]):
+        print(_USAGE, end="")
+        return 0
+    print(_USAGE, end="", file=sys.stderr)
+    if argv:
+        print(f"python -m structattn.report.cli: error: unknown command {argv[0]!r}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""One set of attention defaults: every entry point — the library's functions and modules, the fairseq plugin's
+flags and the OpenNMT-py options — reads the values defined once in :mod:`structattn.options`.
+
+The toolkit parts need fairseq / OpenNMT-py: skipped where they are not installed, but a failure under CI
+(``CI=true``), which installs both."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import io
+import os
+
+import pytest
+import torch
+
+from structattn import attention, options
+from structattn.attention import (
+    ViterbiAttention,
+    ViterbiNormalizer,
+    build_attention,
+    multihead_viterbi_attention,
+    viterbi_attention,
+)
+from structattn.options import DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_REG, PAPER_GAMMA, REGULARIZERS
+
+#: the defaults, spelt out once here so that a change to them is a deliberate change to this test as well
+EXPECTED = {"reg": "entropy", "form": "stable", "contiguity": 1.0, "gamma": {"entropy": 2.0, "l2": 10.0}}
+
+
+def _toolkit(module: str):
+    """Import a toolkit module; skip without it, except under CI, where its absence is an install failure."""
+    if os.environ.get("CI") == "true":
+        return importlib.import_module(module)
+    return pytest.importorskip(module, reason=f"{module.split('.')[0]} is not installed")
+
+
+def _default(fn, name):
+    return inspect.signature(fn).parameters[name].default
+
+
+def test_the_one_definition_is_the_one_every_committed_result_used():
+    assert (DEFAULT_REG, DEFAULT_FORM, DEFAULT_CONTIGUITY, PAPER_GAMMA) == (
+        EXPECTED["reg"], EXPECTED["form"], EXPECTED["contiguity"], EXPECTED["gamma"])
+    assert set(PAPER_GAMMA) == set(REGULARIZERS)
+    # attention.py re-exports the same objects; it does not define its own
+    for name in ("ATTENTIONS", "PAPER_GAMMA", "VITERBI_FORMS", "DEFAULT_REG", "DEFAULT_FORM", "DEFAULT_CONTIGUITY"):
+        assert getattr(attention, name) is getattr(options, name), name
+
+
+def test_options_is_a_leaf_module():
+    """structattn.options does not import structattn.attention at import time (attention imports options)."""
+    import subprocess
+    import sys
+
+    code = "import sys, structattn.options; print('structattn.attention' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("fn", [ViterbiAttention.__init__, ViterbiNormalizer.__init__, build_attention])
+def test_module_signatures(fn):
+    assert _default(fn, "reg") == DEFAULT_REG
+    assert _default(fn, "form") == DEFAULT_FORM
+    assert _default(fn, "gamma") is None  # the paper's γ for the chosen Ω
+    assert _default(fn, "contiguity") is None  # the stable form's DEFAULT_CONTIGUITY (the paper form has none)
+
+
+@pytest.mark.parametrize("fn", [viterbi_attention, multihead_viterbi_attention])
+def test_function_signatures(fn):
+    assert _default(fn, "reg") == DEFAULT_REG
+    assert _default(fn, "gamma") is None
+
+
+@pytest.mark.parametrize("reg", REGULARIZERS)
+def test_built_modules_hold_the_defaults(reg):
+    for m in (ViterbiAttention(3, 4, reg), ViterbiNormalizer(2, reg), build_attention("viterbi", 3, 4, reg),
+              options.build_from_options(options.resolve_options("viterbi", reg), 3, 4),
+              options.build_normalizer(options.resolve_options("viterbi", reg), 2)):
+        assert (m.reg, m.gamma, m.form, m.contiguity) == (reg, PAPER_GAMMA[reg], DEFAULT_FORM, DEFAULT_CONTIGUITY)
+    m = ViterbiAttention(3, 4)
+    assert m.reg == DEFAULT_REG and m.gamma == PAPER_GAMMA[DEFAULT_REG]
+
+
+@pytest.mark.parametrize("reg", REGULARIZERS)
+def test_functions_default_to_the_papers_gamma(reg):
+    torch.manual_seed(0)
+    s = torch.randn(3, 5, dtype=torch.float64) * 3
+    trans = torch.randn(2, 2, dtype=torch.float64)
+    torch.testing.assert_close(viterbi_attention(s, trans, None, reg),
+                               viterbi_attention(s, trans, None, reg, PAPER_GAMMA[reg]), rtol=0, atol=0)
+    assert not torch.allclose(viterbi_attention(s, trans, None, reg), viterbi_attention(s, trans, None, reg, 1.0))
+    s4 = torch.randn(2, 3, 4, 5, dtype=torch.float64) * 3
+    trans4 = torch.randn(3, 2, 2, dtype=torch.float64)
+    torch.testing.assert_close(multihead_viterbi_attention(s4, trans4, None, reg),
+                               multihead_viterbi_attention(s4, trans4, None, reg, PAPER_GAMMA[reg]), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="reg must be one of"):
+        viterbi_attention(s, trans, None, "l1")
+
+
+def test_resolve_options_defaults():
+    o = options.resolve_options("viterbi")
+    assert (o.reg, o.gamma, o.form, o.contiguity) == (DEFAULT_REG, PAPER_GAMMA[DEFAULT_REG], DEFAULT_FORM,
+                                                      DEFAULT_CONTIGUITY)
+    assert options.AttentionOptions("viterbi").form == DEFAULT_FORM
+
+
+def test_fairseq_plugin_defaults():
+    fairseq_options = _toolkit("fairseq.options")
+    from fairseq_helpers import ROOT, USER_DIR
+
+    for arch in ("structattn_lstm", "structattn_transformer_tiny"):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            args = fairseq_options.parse_args_and_arch(
+                fairseq_options.get_training_parser(), [str(ROOT), "--user-dir", str(USER_DIR), "--arch", arch])
+        assert (args.attention_reg, args.attention_gamma, args.attention_form, args.attention_contiguity) == (
+            DEFAULT_REG, None, DEFAULT_FORM, DEFAULT_CONTIGUITY), arch
+        plugin = importlib.import_module(f"{USER_DIR.name}.attention_options")
+        resolved = plugin.resolve_attention_args(args)
+        assert resolved == options.resolve_options(args.attention), arch
+        if args.attention == "viterbi":
+            assert resolved.gamma == PAPER_GAMMA[DEFAULT_REG]
+
+
+def test_onmt_defaults():
+    _toolkit("onmt")
+    from structattn_onmt.cli import _train_parser
+    from structattn_onmt.options import options_from_opt
+
+    opt = _train_parser().parse_known_args(["-data", "{}", "-src_vocab", "unused"])[0]
+    assert (opt.attention_reg, opt.attention_gamma, opt.attention_form, opt.attention_contiguity) == (
+        DEFAULT_REG, None, DEFAULT_FORM, DEFAULT_CONTIGUITY)
+    opt.global_attention_function = "viterbi"
+    assert options_from_opt(opt) == options.resolve_options("viterbi")
