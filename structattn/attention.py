@@ -343,7 +343,11 @@ class _ViterbiState:
     attention rows, dead (fallback) rows and frozen rows."""
 
     def _init_viterbi(self, reg: str, gamma: float | None, form: str, contiguity: float | None,
-                      shape: tuple) -> None:
+                      shape: tuple, chain: bool = True) -> None:
+        if not isinstance(chain, bool):
+            raise TypeError(f"chain must be a bool, got {chain!r}")
+        #: False: the chain-off ablation (:meth:`effective_transitions`): independent positions, κ ≡ 0
+        self.chain = chain
         self.gamma = _gamma(reg, gamma)
         self.reg = reg
         if form not in VITERBI_FORMS:
@@ -368,8 +372,19 @@ class _ViterbiState:
         self.recorded_dead: list | None = None
 
     def effective_transitions(self) -> Tensor:
-        """T as used in θ (the paper's T; γ·τ in the stable form)."""
-        return self.transitions if self.form == "paper" else self.gamma * self.transitions_over_gamma
+        """T as used in θ (the paper's T; γ·τ in the stable form).
+
+        With ``chain=False`` (the chain-off ablation) T is projected onto the matrices f(i) + g(j) — the
+        orthogonal complement of K = [[1, −1], [−1, 1]], T − (⟨T, K⟩/4)·K — so that the coupling κ = ⟨T, K⟩/γ
+        (:func:`structattn.ops.segmentation.chain_coupling`) is exactly 0 and stays 0 (the projection's gradient
+        has no component along K): the chain factorises into independent per-position gates on the same
+        unary scores, and the three remaining directions of T keep their job of shifting them (a learned bias of
+        the attend state). What the chain itself buys is the difference between the two models."""
+        t = self.transitions if self.form == "paper" else self.gamma * self.transitions_over_gamma
+        if self.chain:
+            return t
+        k = t.new_tensor([[1.0, -1.0], [-1.0, 1.0]])
+        return t - (t * k).sum((-2, -1), keepdim=True) / 4.0 * k
 
     def _normalize_rows(self, scores: Tensor, padding_mask: Tensor | None, trans: Tensor, tdiv: int = 1) -> Tensor:
         """Weights of the rows ``scores`` (N, T) under this module's form, with T = ``trans`` (2, 2) or, for
@@ -409,15 +424,16 @@ class ViterbiAttention(_ViterbiState, _BilinearAttention):
     see the module docstring): θ from the row-centred scores (:func:`centre_scores`) and T = γ·τ with
     τ = ``transitions_over_gamma`` initialised at [[c, 0], [0, c]], c = ``contiguity`` (None:
     :data:`~structattn.options.DEFAULT_CONTIGUITY`). γ = None: the paper's γ for ``reg`` (:data:`PAPER_GAMMA`).
-    Parameters: M (``proj``) and T or τ.
+    Parameters: M (``proj``) and T or τ. ``chain=False``: the chain-off ablation (independent positions on the
+    same scores, κ ≡ 0; :meth:`effective_transitions`).
 
     Every forward adds to running counts of attention rows and dead (fallback) rows, read and reset with
     :meth:`pop_fallback_counts`."""
 
     def __init__(self, query_dim: int, source_dim: int, reg: str = DEFAULT_REG, gamma: float | None = None,
-                 form: str = DEFAULT_FORM, contiguity: float | None = None):
+                 form: str = DEFAULT_FORM, contiguity: float | None = None, chain: bool = True):
         super().__init__(query_dim, source_dim)
-        self._init_viterbi(reg, gamma, form, contiguity, (2, 2))
+        self._init_viterbi(reg, gamma, form, contiguity, (2, 2), chain)
         # Score std ≤ γ at init for states in [−1, 1]^d (see the module docstring): never start in the collapsed,
         # zero-derivative regime of ℓ2, nor in a temperature-dependent one.
         a = self.gamma * math.sqrt(3.0 / (query_dim * source_dim))
@@ -428,13 +444,15 @@ class ViterbiAttention(_ViterbiState, _BilinearAttention):
 
     def extra_repr(self) -> str:
         r = super().extra_repr() + f", reg={self.reg!r}, gamma={self.gamma}, form={self.form!r}"
-        return r + (f", contiguity={self.contiguity}" if self.form == "stable" else "")
+        r += f", contiguity={self.contiguity}" if self.form == "stable" else ""
+        return r + ("" if self.chain else ", chain=False")
 
 
 def build_attention(attention: str, query_dim: int, source_dim: int, reg: str = DEFAULT_REG,
-                    gamma: float | None = None, form: str = DEFAULT_FORM, contiguity: float | None = None):
+                    gamma: float | None = None, form: str = DEFAULT_FORM, contiguity: float | None = None,
+                    chain: bool = True):
     """Factory: ``attention`` in :data:`ATTENTIONS` (the same word as the ``--attention`` flag of the plugins);
-    ``reg``/``gamma``/``form``/``contiguity`` are used by ``"viterbi"`` only, with the defaults of
+    ``reg``/``gamma``/``form``/``contiguity``/``chain`` are used by ``"viterbi"`` only, with the defaults of
     :mod:`structattn.options` (γ = None takes the paper's value, :data:`PAPER_GAMMA`; ``form`` in
     :data:`VITERBI_FORMS`; contiguity None: the stable form's :data:`~structattn.options.DEFAULT_CONTIGUITY`)."""
     if attention == "softmax":
@@ -442,7 +460,7 @@ def build_attention(attention: str, query_dim: int, source_dim: int, reg: str = 
     if attention == "sparsemax":
         return SparsemaxAttention(query_dim, source_dim)
     if attention == "viterbi":
-        return ViterbiAttention(query_dim, source_dim, reg, gamma, form, contiguity)
+        return ViterbiAttention(query_dim, source_dim, reg, gamma, form, contiguity, chain)
     raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
 
 
@@ -520,12 +538,12 @@ class ViterbiNormalizer(_ViterbiState, nn.Module):
     adds to the running counts of :meth:`pop_fallback_counts` (one row per sequence, head and query)."""
 
     def __init__(self, num_heads: int = 1, reg: str = DEFAULT_REG, gamma: float | None = None,
-                 form: str = DEFAULT_FORM, contiguity: float | None = None):
+                 form: str = DEFAULT_FORM, contiguity: float | None = None, chain: bool = True):
         super().__init__()
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
         self.num_heads = num_heads
-        self._init_viterbi(reg, gamma, form, contiguity, (num_heads, 2, 2))
+        self._init_viterbi(reg, gamma, form, contiguity, (num_heads, 2, 2), chain)
 
     def forward(self, scores: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """scores (B, H, Q, S) with H = ``num_heads`` (or any H when ``num_heads`` is 1), padding_mask bool
@@ -538,4 +556,5 @@ class ViterbiNormalizer(_ViterbiState, nn.Module):
 
     def extra_repr(self) -> str:
         r = f"num_heads={self.num_heads}, reg={self.reg!r}, gamma={self.gamma}, form={self.form!r}"
-        return r + (f", contiguity={self.contiguity}" if self.form == "stable" else "")
+        r += f", contiguity={self.contiguity}" if self.form == "stable" else ""
+        return r + ("" if self.chain else ", chain=False")

@@ -1,9 +1,9 @@
 """Toolkit-neutral attention options: the defaults, the value checks and the module they describe.
 
-Every toolkit entry point offers the same five choices, under its own spelling (fairseq: ``--attention``,
-``--attention-reg``, ``--attention-gamma``, ``--attention-form``, ``--attention-contiguity``; OpenNMT-py:
-``-global_attention_function``, ``-attention_reg``, ``-attention_gamma``, ``-attention_form``,
-``-attention_contiguity``):
+Every toolkit entry point offers the same six choices, under its own spelling (fairseq: ``--attention``,
+``--attention-reg``, ``--attention-gamma``, ``--attention-form``, ``--attention-contiguity``,
+``--attention-transitions``; OpenNMT-py: ``-global_attention_function``, ``-attention_reg``, ``-attention_gamma``,
+``-attention_form``, ``-attention_contiguity``, ``-attention_transitions``):
 
 ========================  =======================================  ================================================
 choice                    values                                   default
@@ -14,6 +14,9 @@ regulariser Ω (Viterbi)   :data:`structattn.ops.REGULARIZERS`      :data:`DEFAU
 temperature γ (Viterbi)   a finite number > 0                      the paper's γ per Ω (:data:`PAPER_GAMMA`)
 form (Viterbi)            :data:`VITERBI_FORMS`                    :data:`DEFAULT_FORM` (``stable``)
 contiguity c (stable)     a finite number                          :data:`DEFAULT_CONTIGUITY`
+transitions (Viterbi)     :data:`TRANSITIONS`                      :data:`DEFAULT_TRANSITIONS` (``learned``; ``none``
+                                                                   is the chain-off ablation: κ ≡ 0, independent
+                                                                   positions on the same scores)
 ========================  =======================================  ================================================
 
 **The defaults are defined here and only here.** The library (:class:`structattn.attention.ViterbiAttention`,
@@ -47,6 +50,8 @@ __all__ = [
     "DEFAULT_REG",
     "DEFAULT_FORM",
     "DEFAULT_CONTIGUITY",
+    "TRANSITIONS",
+    "DEFAULT_TRANSITIONS",
     "paper_gamma",
     "AttentionOptions",
     "positive_float",
@@ -75,6 +80,12 @@ DEFAULT_FORM = "stable"
 #: Contiguity prior c of the stable form: τ = T/γ starts at [[c, 0], [0, c]].
 DEFAULT_CONTIGUITY = 1.0
 
+#: Transitions of the Viterbi attention: ``learned`` (the model), ``none`` (the chain-off ablation: T projected onto
+#: the matrices f(i) + g(j), so the coupling κ is 0 and positions are independent gates on the same scores;
+#: :meth:`structattn.attention.ViterbiAttention.effective_transitions`).
+TRANSITIONS = ("learned", "none")
+DEFAULT_TRANSITIONS = "learned"
+
 
 def paper_gamma(reg: str) -> float:
     """The paper's γ for Ω = ``reg`` (:data:`PAPER_GAMMA`); ``ValueError`` naming the choices otherwise."""
@@ -93,6 +104,7 @@ class AttentionOptions:
     gamma: Optional[float] = None
     form: str = DEFAULT_FORM
     contiguity: Optional[float] = DEFAULT_CONTIGUITY
+    transitions: str = DEFAULT_TRANSITIONS
 
 
 def positive_float(text) -> float:
@@ -122,12 +134,13 @@ def _dash(name: str) -> str:
 
 
 def resolve_options(attention: str, reg: str = DEFAULT_REG, gamma=None, form: str = DEFAULT_FORM,
-                    contiguity=DEFAULT_CONTIGUITY, flag: Callable[[str], str] = _dash) -> AttentionOptions:
-    """Check the five values and fill in γ's paper default for the Viterbi attention.
+                    contiguity=DEFAULT_CONTIGUITY, flag: Callable[[str], str] = _dash,
+                    transitions: str = DEFAULT_TRANSITIONS) -> AttentionOptions:
+    """Check the six values and fill in γ's paper default for the Viterbi attention.
 
     ``flag`` spells an option for the error messages: it receives ``"attention"``, ``"attention_reg"``,
-    ``"attention_gamma"``, ``"attention_form"`` or ``"attention_contiguity"`` (default: fairseq's
-    ``--attention-reg`` spelling). Raises ``ValueError`` naming the option and the value."""
+    ``"attention_gamma"``, ``"attention_form"``, ``"attention_contiguity"`` or ``"attention_transitions"``
+    (default: fairseq's ``--attention-reg`` spelling). Raises ``ValueError`` naming the option and the value."""
     if attention not in ATTENTIONS:
         raise ValueError(f"{flag('attention')} must be one of {', '.join(ATTENTIONS)}; got {attention!r}")
     if reg not in REGULARIZERS:
@@ -143,9 +156,12 @@ def resolve_options(attention: str, reg: str = DEFAULT_REG, gamma=None, form: st
         if isinstance(contiguity, bool) or not isinstance(contiguity, (int, float)) or not math.isfinite(contiguity):
             raise ValueError(f"{flag('attention_contiguity')} must be a finite number; got {contiguity!r}")
         contiguity = float(contiguity)
+    if transitions not in TRANSITIONS:
+        raise ValueError(f"{flag('attention_transitions')} must be one of {', '.join(TRANSITIONS)}; "
+                         f"got {transitions!r}")
     if attention == "viterbi" and gamma is None:
         gamma = PAPER_GAMMA[reg]
-    return AttentionOptions(attention, reg, gamma, form, contiguity)
+    return AttentionOptions(attention, reg, gamma, form, contiguity, transitions)
 
 
 def build_from_options(options: AttentionOptions, query_dim: int, source_dim: int):
@@ -156,7 +172,7 @@ def build_from_options(options: AttentionOptions, query_dim: int, source_dim: in
         return build_attention(options.attention, query_dim, source_dim)
     contiguity = options.contiguity if options.form == "stable" else None
     return build_attention(options.attention, query_dim, source_dim, options.reg, options.gamma, options.form,
-                           contiguity)
+                           contiguity, options.transitions == "learned")
 
 
 def build_normalizer(options: AttentionOptions, num_heads: int):
@@ -167,4 +183,5 @@ def build_normalizer(options: AttentionOptions, num_heads: int):
     if options.attention != "viterbi":
         return None
     contiguity = options.contiguity if options.form == "stable" else None
-    return ViterbiNormalizer(num_heads, options.reg, options.gamma, options.form, contiguity)
+    return ViterbiNormalizer(num_heads, options.reg, options.gamma, options.form, contiguity,
+                             options.transitions == "learned")

@@ -61,3 +61,76 @@ def test_bad_inputs():
         chain_coupling(torch.zeros(2, 2), 0.0)
     with pytest.raises(ValueError, match="gamma"):
         chain_coupling(torch.zeros(2, 2), float("nan"))
+
+
+# ---- the chain-off ablation (chain=False / transitions "none") ----------------------------------------------------
+
+from structattn import options  # noqa: E402
+from structattn.attention import ViterbiAttention, ViterbiNormalizer, build_attention  # noqa: E402
+
+
+@pytest.mark.parametrize("form", ["paper", "stable"])
+@pytest.mark.parametrize("reg", ["entropy", "l2"])
+def test_chain_off_is_independent_gates_on_the_same_scores(form, reg):
+    torch.manual_seed(0)
+    on = ViterbiAttention(6, 5, reg=reg, form=form).double()
+    off = ViterbiAttention(6, 5, reg=reg, form=form, chain=False).double()
+    off.load_state_dict(on.state_dict())  # same parameters, same names: only the projection differs
+    with torch.no_grad():
+        (on.transitions if form == "paper" else on.transitions_over_gamma).add_(
+            torch.tensor([[0.7, -0.2], [0.4, 1.1]], dtype=torch.float64))
+        off.load_state_dict(on.state_dict())
+    assert float(chain_coupling(on.effective_transitions(), on.gamma)) != 0.0
+    assert float(chain_coupling(off.effective_transitions(), off.gamma)) == pytest.approx(0.0, abs=1e-12)
+    q, k = torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 8, 5, dtype=torch.float64)
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[1, 6:] = True
+    mask[2, :2] = True
+    _, w = off(q, k, mask)
+    # independent gates: p_t = argmax_Ω(0, s̃_t + shift_t) with the shift of the projected T (f, g as in
+    # test_kappa_zero_is_independent_positions), on the same (centred, in the stable form) scores
+    t = off.effective_transitions()
+    scores = torch.einsum("btd,bd->bt", k, off.proj(q))
+    for b in range(3):
+        real = ~mask[b]
+        s = scores[b, real]
+        if form == "stable":
+            s = s - s.mean()
+        f1, g1 = t[1, 0] - t[0, 0], t[0, 1] - t[0, 0]  # f(1) − f(0) and g(1) − g(0) of t = f(i) + g(j)
+        shift = torch.full_like(s, float(f1 + g1))
+        shift[-1] = float(f1)
+        p = argmax_omega(torch.stack([torch.zeros_like(s), s + shift], -1), reg, off.gamma)[..., 1]
+        if float(p.sum()) > 0:
+            torch.testing.assert_close(w[b, real], p / p.sum(), rtol=0, atol=1e-10)
+        assert torch.all(w[b, ~real] == 0)
+
+
+def test_chain_off_keeps_kappa_zero_under_training():
+    torch.manual_seed(1)
+    m = ViterbiNormalizer(2, reg="l2", chain=False)
+    opt = torch.optim.Adam(m.parameters(), lr=0.1)
+    target = torch.softmax(torch.randn(4, 2, 3, 7), -1)
+    for _ in range(20):
+        w = m(torch.randn(4, 2, 3, 7) * 5)
+        loss = ((w - target) ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    kappa = chain_coupling(m.effective_transitions(), m.gamma)
+    assert torch.all(kappa.abs() < 1e-6)
+    assert m.transitions_over_gamma.grad is not None and m.transitions_over_gamma.grad.abs().sum() > 0
+    assert "chain=False" in repr(m)
+
+
+def test_chain_option_in_options_and_factories():
+    assert options.TRANSITIONS == ("learned", "none") and options.DEFAULT_TRANSITIONS == "learned"
+    o = options.resolve_options("viterbi", "l2", transitions="none")
+    assert o.transitions == "none"
+    assert options.build_from_options(o, 3, 4).chain is False
+    assert options.build_normalizer(o, 2).chain is False
+    assert options.build_from_options(options.resolve_options("viterbi"), 3, 4).chain is True
+    assert build_attention("viterbi", 3, 4, chain=False).chain is False
+    with pytest.raises(ValueError, match="--attention-transitions must be one of learned, none"):
+        options.resolve_options("viterbi", transitions="off")
+    with pytest.raises(TypeError, match="chain must be a bool"):
+        ViterbiAttention(3, 4, chain="no")
