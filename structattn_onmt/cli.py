@@ -4,8 +4,9 @@ Each is OpenNMT-py's own command (``onmt.bin.train`` / ``onmt.bin.translate``: s
 same behaviour) with :func:`structattn_onmt.patches.install` run first, plus:
 
 * ``structattn-onmt-train``: ``-global_attention_function viterbi`` and ``-attention_reg``, ``-attention_gamma``,
-  ``-attention_form``, ``-attention_contiguity`` (:mod:`structattn_onmt.options`); every problem with them, and
-  with the options they combine with, stops the command with one ``error:`` line before any data is read.
+  ``-attention_form``, ``-attention_contiguity``, ``-attention_transitions`` (:mod:`structattn_onmt.options`);
+  every problem with them, and with the options they combine with, stops the command with one ``error:`` line
+  before any data is read.
   Unknown options are ignored, as ``onmt_train`` ignores them, except misspelt attention options (any unknown
   option whose name starts with ``attention``), which are errors.
 * ``structattn-onmt-translate``: ``-dump_attention PATH`` writes the attention of every hypothesis in the format
@@ -73,7 +74,7 @@ def train_main(argv=None) -> int:
     if _print_version(argv):
         return 0
     from . import patches
-    from .options import check_train_opt, options_from_opt
+    from .options import OPTION_NAMES, check_train_opt, options_from_opt
 
     patches.quiet_onmt_warnings()
     patches.install()
@@ -81,8 +82,8 @@ def train_main(argv=None) -> int:
     opt, unknown = parser.parse_known_args(argv)
     misspelt = [u for u in unknown if u.startswith("-") and u.lstrip("-").startswith("attention")]
     if misspelt:
-        parser.error(f"unrecognized arguments: {' '.join(misspelt)} (the structattn options are -attention_reg, "
-                     "-attention_gamma, -attention_form, -attention_contiguity)")
+        parser.error(f"unrecognized arguments: {' '.join(misspelt)} (the structattn options are "
+                     f"{', '.join('-' + n for n in OPTION_NAMES)})")
     problems = check_train_opt(opt) + _parallel_problems(opt)
     if problems:
         parser.error("; ".join(problems))

@@ -36,7 +36,8 @@ Patches
     *What OpenNMT does.* ``onmt.opts.model_opts`` declares ``-global_attention_function`` with
     ``choices=["softmax", "sparsemax"]``.
     *What we do.* On the parser of ``structattn-onmt-train`` only: add ``viterbi`` to those choices and add
-    ``-attention_reg``, ``-attention_gamma``, ``-attention_form``, ``-attention_contiguity`` to the same
+    ``-attention_reg``, ``-attention_gamma``, ``-attention_form``, ``-attention_contiguity``,
+    ``-attention_transitions`` to the same
     "Model- Attention" group (:mod:`structattn_onmt.options`), so they work on the command line and in YAML configs
     and are saved in the checkpoint's ``opt``.
 

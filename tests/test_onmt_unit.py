@@ -90,6 +90,7 @@ def test_options_reach_the_checkpoint_opt_and_stock_models_have_none():
                                             "invalid choice: 'dot'"),
     (["-attention_form", "raw"], "argument --attention_form/-attention_form: invalid choice: 'raw'"),
     (["-attention_contiguity", "nan"], "must be a finite number, got 'nan'"),
+    (["-attention_transitions", "off"], "argument --attention_transitions/-attention_transitions: invalid choice"),
     (["-attention_gama", "3"], "unrecognized arguments: -attention_gama"),
     (["-global_attention_function", "viterbi", "-global_attention", "mlp"],
      "-global_attention_function viterbi needs -global_attention general"),
@@ -202,6 +203,13 @@ def test_new_models_keep_the_library_initialisation():
     w = att.attention.proj.weight.detach()
     assert w.abs().max() <= bound and w.abs().max() > 0.1
     assert model.decoder.embeddings.word_lut.weight.abs().max() <= 0.1  # the rest is OpenNMT's
+
+
+def test_chain_off_option_builds_the_ablation():
+    _, model = _model("-global_attention_function", "viterbi", "-attention_reg", "l2", "-attention_transitions", "none")
+    assert model.decoder.attn.attention.chain is False
+    _, model = _model("-global_attention_function", "viterbi")
+    assert model.decoder.attn.attention.chain is True
 
 
 def test_stock_models_keep_onmt_layer():
