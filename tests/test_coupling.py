@@ -47,10 +47,14 @@ def test_kappa_values_and_verdicts():
     assert coupling_verdict(0.0) == "independent positions"
     assert coupling_verdict(INDEPENDENT_KAPPA * 0.99) == "independent positions"
     assert coupling_verdict(-INDEPENDENT_KAPPA * 0.99) == "independent positions"
-    assert coupling_verdict(INDEPENDENT_KAPPA) == "contiguous"
-    assert coupling_verdict(-0.5) == "alternating"
+    assert coupling_verdict(INDEPENDENT_KAPPA) == "weakly contiguous"
+    assert coupling_verdict(-0.5) == "weakly alternating"
+    assert coupling_verdict(1.0) == "contiguous" and coupling_verdict(-2.0) == "alternating"
+    assert coupling_verdict(float("nan")) == "n/a"
     # the committed converged l2 model: entries up to 1.43γ, yet κ = 1.43 − 0.17 − 0.53 − 0.45 = 0.28
-    assert coupling_verdict(chain_coupling(torch.tensor([[1.43, 0.53], [0.45, -0.17]]))) == "contiguous"
+    assert coupling_verdict(chain_coupling(torch.tensor([[1.43, 0.53], [0.45, -0.17]]))) == "weakly contiguous"
+    # the quickstart's l2 model, whose matrix was read as "rewards entering, penalises staying": κ = −0.05
+    assert coupling_verdict(chain_coupling(torch.tensor([[1.40, 0.47], [0.40, -0.58]]))) == "independent positions"
     assert abs(float(chain_coupling(torch.tensor([[1.43, 0.53], [0.45, -0.17]]))) - 0.28) < 1e-6
 
 

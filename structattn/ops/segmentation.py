@@ -37,6 +37,7 @@ from .viterbi import _interpreting, _resolve, get_default_backend, viterbi_margi
 
 __all__ = ["check_transitions", "segmentation_potentials", "segmentation_weights", "row_flags", "masked_softmax",
            "centre_rows", "fused_path_available", "chain_coupling", "coupling_verdict", "INDEPENDENT_KAPPA",
+           "COUPLED_KAPPA",
            "HAS_REAL", "DEAD", "FROZEN"]
 
 #: Rows × positions per thread below which the fused kernel does not split its blocks between threads (when torch
@@ -108,11 +109,13 @@ def segmentation_potentials(scores: Tensor, transitions: Tensor) -> Tensor:
     return torch.addcmul(trans.to(scores.dtype), scores[:, :, None, None], rows)
 
 
-#: |κ| below which :func:`coupling_verdict` calls a chain "independent positions". For Ω = −γH, κ is the log odds
-#: ratio of the pairwise factor of two neighbours: |κ| < 0.25 means that attending to x_{t-1} changes the odds of
-#: attending to x_t by less than e^0.25 ≈ 1.28×, whatever the scores — a chain that adds next to nothing to
-#: independent per-position gates. (The stable form's contiguity prior c = 1 starts at κ = 2c = 2.)
+#: |κ| below which :func:`coupling_verdict` calls a chain "independent positions", and from which it calls it coupled
+#: (in between: weakly). For Ω = −γH, κ is the log odds ratio of the pairwise factor of two neighbours: |κ| < 0.25
+#: means that attending to x_{t−1} changes the odds of attending to x_t by less than e^0.25 ≈ 1.28×, whatever the
+#: scores — a chain that adds next to nothing to independent per-position gates; |κ| ≥ 1 changes them by e ≈ 2.7×
+#: or more. (The stable form's contiguity prior c = 1 starts at κ = 2c = 2.)
 INDEPENDENT_KAPPA = 0.25
+COUPLED_KAPPA = 1.0
 
 
 def chain_coupling(transitions: Tensor, gamma: float = 1.0) -> Tensor:
@@ -137,12 +140,16 @@ def chain_coupling(transitions: Tensor, gamma: float = 1.0) -> Tensor:
 
 
 def coupling_verdict(kappa: float) -> str:
-    """``"independent positions"`` if |κ| < :data:`INDEPENDENT_KAPPA`, else ``"contiguous"`` (κ > 0: staying in a
-    state is rewarded) or ``"alternating"`` (κ < 0: switching is rewarded)."""
+    """``"independent positions"`` if |κ| < :data:`INDEPENDENT_KAPPA`; else ``"contiguous"`` (κ > 0: staying in a
+    state is rewarded) or ``"alternating"`` (κ < 0: switching is rewarded), prefixed by ``"weakly "`` while
+    |κ| < :data:`COUPLED_KAPPA`. NaN (no Viterbi attention) gives ``"n/a"``."""
     kappa = float(kappa)
+    if kappa != kappa:
+        return "n/a"
     if abs(kappa) < INDEPENDENT_KAPPA:
         return "independent positions"
-    return "contiguous" if kappa > 0 else "alternating"
+    word = "contiguous" if kappa > 0 else "alternating"
+    return word if abs(kappa) >= COUPLED_KAPPA else "weakly " + word
 
 
 def fused_path_available(scores: Tensor) -> bool:
