@@ -133,7 +133,7 @@ def decoder_step(B, T, hidden, seed=0):
 
     from fairseq.data import Dictionary
 
-    from user_dir.structattn_lstm import StructAttnLSTMModel, structattn_lstm
+    from structattn_fairseq.structattn_lstm import StructAttnLSTMModel, structattn_lstm
 
     d = Dictionary()
     for i in range(1000):

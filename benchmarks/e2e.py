@@ -92,7 +92,7 @@ _WRAPPER = (
 def train_once(data: str, extra: list[str], updates: int, threads: int, log_interval: int,
                device: str = "cpu", model: str = "lstm") -> dict:
     cmd = [
-        _bin("fairseq-train"), data, "--user-dir", os.path.join(ROOT, "user_dir"), *MODELS[model],
+        _bin("fairseq-train"), data, "--user-dir", os.path.join(ROOT, "structattn_fairseq"), *MODELS[model],
         "--task", "translation", "--optimizer", "adam", "--lr", "1e-3", "--clip-norm", "1.0", "--criterion",
         "cross_entropy", "--max-tokens", "1500", "--max-update", str(updates), "--seed", "1", "--num-workers", "0",
         "--no-save", "--disable-validation", "--log-format", "json", "--log-interval", str(log_interval),
@@ -125,11 +125,11 @@ def step_times(data: str, model: str, reps: int, threads: int) -> dict:
     from fairseq import options, tasks, utils
 
     torch.set_num_threads(threads)
-    utils.import_user_module(argparse.Namespace(user_dir=os.path.join(ROOT, "user_dir")))
+    utils.import_user_module(argparse.Namespace(user_dir=os.path.join(ROOT, "structattn_fairseq")))
     steps = {}
     for name, extra in CONFIGS:
         parser = options.get_training_parser()
-        args = options.parse_args_and_arch(parser, [data, "--user-dir", os.path.join(ROOT, "user_dir"),
+        args = options.parse_args_and_arch(parser, [data, "--user-dir", os.path.join(ROOT, "structattn_fairseq"),
                                                     *MODELS[model], "--criterion", "cross_entropy", "--cpu",
                                                     "--max-tokens", "1500", "--seed", "1", *extra])
         torch.manual_seed(1)

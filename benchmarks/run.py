@@ -14,7 +14,7 @@ table reports medians and ratios to softmax from the same run. Anchors: a naive 
 the recursion, double backward for the HVP), the library's own reference backend (Alg. 3/4 as tensor ops), and
 torch-struct's LinearChainCRF marginals (−H only) where it is installed.
 
-End to end: fairseq-train with the structattn_lstm plugin (user_dir/) on small synthetic data generated here,
+End to end: fairseq-train with the structattn_lstm plugin (structattn_fairseq/) on small synthetic data generated here,
 one process per attention, CPU; tokens/s (wps) and peak resident memory, as ratios to softmax.
 """
 

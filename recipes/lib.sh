@@ -61,13 +61,20 @@ parse_options() {
 }
 
 # ---------------------------------------------------------------------------------------------------- variants
-# The table is recipes/tools/variants.py (names, labels, fairseq flags; the paper's γ from structattn).
+# The table is structattn/evaluation/variants.py (names, labels, fairseq flags; the paper's γ from structattn).
 # variants_load: sets variants_all (every variant name) and paper_gamma_entropy, paper_gamma_l2.
 variants_load() {
   [ -z "${variants_all:-}" ] || return 0
   local defs
-  defs="$("$py" "$tools/variants.py" shell)" || die "cannot read the variant table with $py $tools/variants.py"
+  defs="$("$py" -m structattn.evaluation.variants shell)" \
+    || die "cannot read the variant table with $py -m structattn.evaluation.variants"
   eval "$defs"
+}
+# plugin_load: plugin = the folder of the installed fairseq plugin (structattn_fairseq, what `structattn-user-dir`
+# prints), for fairseq's --user-dir.
+plugin_load() {
+  [ -z "${plugin:-}" ] || return 0
+  plugin="$("$py" -m structattn.userdir)" || die "cannot find structattn's fairseq plugin with $py -m structattn.userdir"
 }
 # check_variants "A B ...": dies unless the list is a non-empty list of known variants.
 check_variants() {
@@ -84,9 +91,9 @@ declare -A attention=()
 attention_load() {
   local v
   for v in $1; do
-    attention[$v]="$("$py" "$tools/variants.py" flags "$v" --gamma-entropy "$gamma_entropy" --gamma-l2 "$gamma_l2" \
+    attention[$v]="$("$py" -m structattn.evaluation.variants flags "$v" --gamma-entropy "$gamma_entropy" --gamma-l2 "$gamma_l2" \
       ${viterbi_form:+--form "$viterbi_form"} ${2:+--toolkit "$2"})" \
-      || die "no attention flags for variant '$v' ($tools/variants.py)"
+      || die "no attention flags for variant '$v' (structattn/evaluation/variants.py)"
   done
 }
 

@@ -3,7 +3,7 @@
 # structattn fairseq plugin for four attention mechanisms under one budget, scored with sacrebleu.
 #
 #   prepare → Moses tok → sentencepiece (train split only) → fairseq-preprocess
-#   → fairseq-train --user-dir user_dir   (softmax | sparsemax | viterbi −H | viterbi ℓ2, identical budgets)
+#   → fairseq-train --user-dir "$(structattn-user-dir)" (softmax | sparsemax | viterbi −H | viterbi ℓ2, identical budgets)
 #   → fairseq-generate --dump-attention   → sentencepiece decode + Moses detok → sacrebleu (BLEU, chrF)
 #   → structattn-stats (attention sparsity) → structattn-report (HTML) → RESULTS.md
 #
@@ -167,6 +167,7 @@ if [ "$builtin_lstm" = 1 ] && [ "$variants" != softmax ]; then
   die "--builtin-lstm only has softmax attention: add --variants softmax"
 fi
 attention_load "$variants" "$toolkit"
+plugin_load
 if [ "$toolkit" = onmt ] && [ "$dry_run" = 0 ]; then
   for c in onmt_build_vocab structattn-onmt-train structattn-onmt-translate; do
     command -v "$c" > /dev/null || die "--toolkit onmt needs '$c' on PATH: install OpenNMT-py with \
@@ -268,7 +269,7 @@ variant_flags() {
     echo "--arch lstm --encoder-embed-dim $dim --decoder-embed-dim $dim --decoder-out-embed-dim $dim \
 --encoder-bidirectional --left-pad-source False"; return
   fi
-  echo "--user-dir '$repo/user_dir' $arch_flags ${attention[$1]}"
+  echo "--user-dir '$plugin' $arch_flags ${attention[$1]}"
 }
 
 # torch >= 2.6 loads checkpoints weights-only; the plugin allow-lists fairseq's checkpoint contents, the builtin
@@ -301,7 +302,7 @@ for v in $fs_variants; do
   gen_task="--task translation"
   dump=""
   if [ "$builtin_lstm" = 0 ]; then
-    gen_task="--user-dir '$repo/user_dir' --task structattn_translation"
+    gen_task="--user-dir '$plugin' --task structattn_translation"
     dump="--dump-attention '$run/attention.jsonl' --dump-post-process sentencepiece"
   fi
   step "generate.$v" "fairseq-generate '$bin' $gen_task --path '$run/checkpoints/checkpoint_best.pt' \
@@ -314,7 +315,7 @@ for v in $fs_variants; do
     # Fallback rows (invisible in the dumped matrices) and the learned T/γ: annotates the dump for the stats. The
     # tool reads one LSTM attention; a Transformer's fallback rate is in its training log (attn_fallback).
     case "$arch:$v" in structattn_transformer*) ;; *:viterbi-*)
-      step "health.$v" "$py '$tools/attention_health.py' --checkpoint '$run/checkpoints/checkpoint_best.pt' \
+      step "health.$v" "$py -m structattn.evaluation.attention_health --checkpoint '$run/checkpoints/checkpoint_best.pt' \
 --data '$bin' --dump '$run/attention.jsonl' --annotate --json '$run/health.json'" ;;
     esac
     step "stats.$v" "structattn-stats '$v=$run/attention.jsonl' --json > '$run/attention_stats.json'"
@@ -370,7 +371,7 @@ for v in $onmt_variants; do
   bleu_steps "onmt-$v" "$run"
   case "$v" in viterbi-*)
     # Fallback rows by forced decoding of the dumped hypotheses, and the learned T/γ (as for fairseq).
-    step "health.onmt-$v" "$py '$tools/attention_health.py' --toolkit onmt --checkpoint '$run/model_best.pt' \
+    step "health.onmt-$v" "$py -m structattn.evaluation.attention_health --toolkit onmt --checkpoint '$run/model_best.pt' \
 --dump '$run/attention.jsonl' --annotate --json '$run/health.json'" ;;
   esac
   step "stats.onmt-$v" "structattn-stats 'onmt-$v=$run/attention.jsonl' --json > '$run/attention_stats.json'"
@@ -385,10 +386,10 @@ others=""; for v in $variants; do [ "$v" = softmax ] || others="$others $v"; don
 case " $variants " in *" softmax "*)
   if [ -n "$others" ]; then
     sys_args=""; for v in $others; do sys_args="$sys_args --system '$rp$v=$work/runs/$rp$v/hyp.test.en'"; done
-    step "significance$sfx" "$py '$tools/significance.py' --refs '$raw/test.en' --baseline '${rp}softmax=$work/runs/${rp}softmax/hyp.test.en' \
+    step "significance$sfx" "$py -m structattn.evaluation.significance --refs '$raw/test.en' --baseline '${rp}softmax=$work/runs/${rp}softmax/hyp.test.en' \
 $sys_args --n 1000 --out '$work/significance$sfx.json'"
     if [ -n "$refs_extra" ]; then
-      step "significance2$sfx" "$py '$tools/significance.py' --refs '$raw/test.en' '$raw/test.$refs_extra' \
+      step "significance2$sfx" "$py -m structattn.evaluation.significance --refs '$raw/test.en' '$raw/test.$refs_extra' \
 --baseline '${rp}softmax=$work/runs/${rp}softmax/hyp.test.en' $sys_args --n 1000 --out '$work/significance$sfx.multiref.json'"
     fi
   fi ;;
@@ -403,7 +404,7 @@ fi
 # The table has the rows of both toolkits (those of the other one when they have a score).
 tk_args="--arch $( [ "$builtin_lstm" = 1 ] && echo lstm || echo "$arch" )"
 [ "$toolkit" = fairseq ] || tk_args="--toolkit $toolkit"
-step_always results "$py '$tools/results_table.py' --work '$work' --variants $variants --out '$results' \
+step_always results "$py -m structattn.evaluation.results_table --work '$work' --variants $variants --out '$results' \
 --corpus $corpus --ref-label $ref_label --size $size $tk_args \
 --threads $( [ "$jobs" -gt 1 ] && echo "$train_threads" || echo "$threads" ) --jobs $jobs --max-len $max_len \
 --invocation $(printf '%q' "$invocation")"

@@ -70,6 +70,7 @@ esac
 check_variants "$variants"
 gamma_entropy=$paper_gamma_entropy gamma_l2=$paper_gamma_l2  # the paper's γ; no --attention-form: the plugin's
 attention_load "$variants"
+plugin_load
 src="${direction%-*}" tgt="${direction#*-}"
 work="${work:-$here/${corpus}_${src}_${tgt}/work}"
 export OMP_NUM_THREADS="$threads" PYTHONUNBUFFERED=1
@@ -145,10 +146,10 @@ n_test=$( [ "$dry_run" = 1 ] && echo '$(wc -l < test)' || wc -l < "$raw/test.$sr
 for v in $variants; do
   chain_start
   run="$work/runs/$v"
-  train_step "train.$v" "mkdir -p '$run' && fairseq-train '$bin' --user-dir '$repo/user_dir' $arch_flags ${attention[$v]} $train_flags \
+  train_step "train.$v" "mkdir -p '$run' && fairseq-train '$bin' --user-dir '$plugin' $arch_flags ${attention[$v]} $train_flags \
 --seed 1 --log-format json --log-interval 100 --no-epoch-checkpoints --save-dir '$run/checkpoints' \
 2>&1 | tee -a '$run/train.log' | $py '$tools/progress.py' --name $v"
-  step "generate.$v" "fairseq-generate '$bin' --user-dir '$repo/user_dir' --task structattn_translation \
+  step "generate.$v" "fairseq-generate '$bin' --user-dir '$plugin' --task structattn_translation \
 --path '$run/checkpoints/checkpoint_best.pt' --gen-subset test $gen_flags --batch-size 64 \
 --required-batch-size-multiple 1 --dump-attention '$run/attention.jsonl' > '$run/generate.test.txt' 2> '$run/generate.log'"
   step "detok.$v" "$py '$tools/textproc.py' hyp --expected $n_test < '$run/generate.test.txt' \
@@ -160,7 +161,7 @@ done
 summary_start
 dumps=""; for v in $variants; do dumps="$dumps '$v=$work/runs/$v/attention.jsonl'"; done
 step report "structattn-report $dumps -o '$work/report' --force --max-sentences 20"
-step_always results "$py '$tools/results_table.py' --work '$work' --variants $variants --out '$work/RESULTS.md' \
+step_always results "$py -m structattn.evaluation.results_table --work '$work' --variants $variants --out '$work/RESULTS.md' \
 --corpus $corpus --direction $direction --src $src --ref-label $corpus --size paper --arch $arch \
 --threads $threads --invocation $(printf '%q' "$invocation")"
 [ "$dry_run" = 1 ] || cat "$work/RESULTS.md"

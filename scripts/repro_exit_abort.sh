@@ -7,8 +7,8 @@
 #
 # Each run trains a tiny LSTM on a toy copy task (1000 sentences, batches of 64: ~16 batches an epoch) and stops
 # after --max-update updates, i.e. mid-epoch, cycling through the given values. --no-plugin (default) runs
-# fairseq's own `--arch lstm`; --plugin loads `--user-dir user_dir` (which carries the fix, see
-# user_dir/fairseq_patches.py) and trains `--arch structattn_lstm`. The root cause is written up in
+# fairseq's own `--arch lstm`; --plugin loads the plugin with `--user-dir` (it carries the fix, see
+# structattn_fairseq/fairseq_patches.py) and trains `--arch structattn_lstm`. The root cause is written up in
 # docs/reliability.md ("fairseq-train aborting at exit"). Prints one line per run and a tally; exits 1 if any
 # run exited non-zero.
 set -euo pipefail
@@ -52,7 +52,7 @@ fi
 
 model=(--arch lstm --encoder-embed-dim 32 --encoder-hidden-size 32 --decoder-embed-dim 32 --decoder-hidden-size 32
        --decoder-out-embed-dim 32)
-[ "$plugin" = 1 ] && model=(--user-dir "$repo/user_dir" --arch structattn_lstm --attention viterbi --attention-reg l2
+[ "$plugin" = 1 ] && model=(--user-dir "$repo/structattn_fairseq" --arch structattn_lstm --attention viterbi --attention-reg l2
                             --encoder-embed-dim 32 --decoder-embed-dim 32 --decoder-out-embed-dim 32)
 extra=()
 [ -n "$buffer" ] && extra=(--data-buffer-size "$buffer")

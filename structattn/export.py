@@ -3,7 +3,7 @@
 One dump holds, for every translated sentence and every n-best hypothesis kept, the attention matrix the
 decoder used (target tokens × source tokens, EOS row and EOS column included) together with the tokens, texts
 and the model/generation metadata. It is written by ``fairseq-generate --task structattn_translation
---dump-attention PATH`` (``user_dir/dump_task.py``) and read by :func:`read_dump`; this module does not import
+--dump-attention PATH`` (``structattn_fairseq/dump_task.py``) and read by :func:`read_dump`; this module does not import
 fairseq.
 
 Format (version 1): UTF-8 JSON Lines, one JSON object per line.

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-USER_DIR = ROOT / "user_dir"
+USER_DIR = ROOT / "structattn_fairseq"
 
 # (name, extra fairseq-train arguments) of the four attention variants.
 VARIANTS = [

@@ -18,10 +18,10 @@ args = options.parse_args_and_arch(parser, ['/tmp', '--arch', 'lstm', '--task', 
 state = {'cfg': convert_namespace_to_omegaconf(args), 'model': {'w': torch.ones(2)}}
 buf = io.BytesIO(); torch.save(state, buf)
 import contextlib
-import user_dir  # loading the plugin must not widen torch.load for the whole process
+import structattn_fairseq  # loading the plugin must not widen torch.load for the whole process
 scope = contextlib.nullcontext()
 if sys.argv[1] == 'plugin':
-    scope = user_dir.checkpoint_compat.allow_fairseq_checkpoints()
+    scope = structattn_fairseq.checkpoint_compat.allow_fairseq_checkpoints()
 try:
     with scope:
         out = torch.load(io.BytesIO(buf.getvalue()), map_location='cpu')
@@ -47,12 +47,12 @@ def test_broadcast_state_loads_only_with_plugin():
 
 
 def test_fairseq_checkpoint_loaders_run_inside_the_allow_list():
-    """Loading the plugin wraps exactly fairseq's checkpoint loaders (user_dir/fairseq_patches.py)."""
+    """Loading the plugin wraps exactly fairseq's checkpoint loaders (structattn_fairseq/fairseq_patches.py)."""
     import importlib
 
     sys.path.insert(0, str(ROOT))
-    import user_dir  # noqa: F401
-    from user_dir.fairseq_patches import CHECKPOINT_LOADERS
+    import structattn_fairseq  # noqa: F401
+    from structattn_fairseq.fairseq_patches import CHECKPOINT_LOADERS
 
     for module_name, name in CHECKPOINT_LOADERS:
         fn = getattr(importlib.import_module(module_name), name)

@@ -35,7 +35,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("fairseq")
 
 REPO = Path(__file__).resolve().parents[1]
-USER_DIR = REPO / "user_dir"
+USER_DIR = REPO / "structattn_fairseq"
 DOC = REPO / "docs" / "distributed.md"
 
 #: The CPU data-parallel flags documented in docs/distributed.md (same order, same spelling).
@@ -324,7 +324,7 @@ def test_naive_cpu_launch_fails_loudly_instead_of_training_alone(copy_data):
 def test_two_cpu_ranks_resume_from_checkpoint_without_extra_flags(copy_data):
     """Rerunning the documented 2-rank command over an existing checkpoint_last.pt resumes: rank 0 loads the file
     and broadcasts the state (incl. the OmegaConf config) to rank 1 through torch.load — which needs the plugin's
-    allow-list (user_dir/checkpoint_compat.py), not ``--load-checkpoint-on-all-dp-ranks``."""
+    allow-list (structattn_fairseq/checkpoint_compat.py), not ``--load-checkpoint-on-all-dp-ranks``."""
     save = copy_data / "ddp-resume"
     common = [a for a in TRAIN_ARGS if a != "--no-save"] + ATTENTIONS["viterbi-entropy"] + [
         "--save-dir", str(save), "--no-epoch-checkpoints"]

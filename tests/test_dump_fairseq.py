@@ -1,4 +1,4 @@
-"""End-to-end tests of ``fairseq-generate --task structattn_translation --dump-attention`` (user_dir/dump_task.py).
+"""End-to-end tests of ``fairseq-generate --task structattn_translation --dump-attention`` (structattn_fairseq/dump_task.py).
 
 A tiny ``structattn_lstm`` (Viterbi ℓ2 attention, sparse) is trained for a few updates on a copy task; the
 dumps of real fairseq-generate runs are compared with the attention recomputed by running the model on each
@@ -31,7 +31,7 @@ pytest.importorskip("fairseq")
 from structattn.export import DumpError, IncompleteDumpError, read_dump, write_dump  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-USER_DIR = ROOT / "user_dir"
+USER_DIR = ROOT / "structattn_fairseq"
 TEST_LENGTHS = [1, 20, 2, 3, 18, 4, 6, 15, 9, 12, 16, 20]  # very different lengths in one batch
 WORDS = [f"w{i}" for i in range(10)]
 SMALL_MODEL = [
@@ -43,7 +43,7 @@ ATOL = 2e-5
 
 def _env():
     env = dict(os.environ)
-    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # checkpoints must load through user_dir's allow-list
+    env.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)  # checkpoints must load through the plugin's allow-list
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
     return env
 
@@ -107,7 +107,7 @@ _MODELS = {}
 
 
 def _load_model(toy, ckpt):
-    """The checkpoint's model in eval mode, loaded in this process (user_dir registered once)."""
+    """The checkpoint's model in eval mode, loaded in this process (the plugin registered once)."""
     key = str(ckpt)
     if key not in _MODELS:
         from fairseq import checkpoint_utils, utils
@@ -298,13 +298,13 @@ def test_unwritable_dump_path_fails_before_generating(toy):
 
 
 def test_attention_health_annotates_fallback_rows(toy, tmp_path):
-    """recipes/tools/attention_health.py on a real checkpoint and dump: the forced decoding reproduces the dumped
+    """structattn-health on a real checkpoint and dump: the forced decoding reproduces the dumped
     attention, every record gets extra.fallback_rows, structattn-stats then reports the fallback fraction, and the
     report carries T/γ."""
     dump = tmp_path / "l2.jsonl"
     _generate(toy, toy["l2"], dump, "--beam", "2")
     out = tmp_path / "health.json"
-    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "tools" / "attention_health.py"), "--checkpoint",
+    r = subprocess.run([sys.executable, "-m", "structattn.evaluation.attention_health", "--checkpoint",
                         str(toy["l2"]), "--data", str(toy["data"]), "--dump", str(dump), "--annotate", "--json",
                         str(out), "--batch-size", "5"], capture_output=True, text=True, env=_env(), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""fairseq-train must exit 0 after training stops mid-epoch (issue 11; the patch is in user_dir/fairseq_patches.py).
+"""fairseq-train must exit 0 after training stops mid-epoch (issue 11; the patch is in structattn_fairseq/fairseq_patches.py).
 
 fairseq's prefetch thread (``BackgroundConsumer``, a daemon thread behind ``BufferedIterator``) used to be left
 running when training stopped in the middle of an epoch; at interpreter exit CPython ends such a thread with
@@ -30,7 +30,7 @@ import sys, torch
 sys.path.insert(0, {root!r})
 from fairseq.data import iterators
 if sys.argv[1] == "patched":
-    import user_dir  # loading the plugin installs the patches, as --user-dir does
+    import structattn_fairseq  # loading the plugin installs the patches, as --user-dir does
     assert getattr(iterators.BackgroundConsumer, "_structattn_closable", False)
 
 class Source:
@@ -68,10 +68,10 @@ def test_prefetch_thread_in_torch_code_aborts_exit_unless_the_plugin_is_loaded(t
 
 
 def test_patched_prefetch_yields_the_same_epoch_and_closes():
-    import user_dir  # noqa: F401
+    import structattn_fairseq  # noqa: F401
     from fairseq.data import iterators
 
-    from user_dir import fairseq_patches
+    from structattn_fairseq import fairseq_patches
 
     assert getattr(iterators.BackgroundConsumer, "_structattn_closable", False)
     items = list(range(37))
@@ -129,7 +129,7 @@ STOPS = [("--max-update", str(u)) for u in (1, 2, 3, 7) for _ in range(5)] + [("
 
 @pytest.mark.slow
 def test_fairseq_train_with_the_plugin_exits_zero_whenever_it_stops_mid_epoch(data):
-    from user_dir.checkpoint_compat import allow_fairseq_checkpoints
+    from structattn_fairseq.checkpoint_compat import allow_fairseq_checkpoints
 
     failures = []
     for i, (flag, value) in enumerate(STOPS):

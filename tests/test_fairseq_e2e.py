@@ -1,4 +1,4 @@
-"""End-to-end: the real fairseq CLIs (preprocess → train → generate / interactive) with ``--user-dir user_dir``,
+"""End-to-end: the real fairseq CLIs (preprocess → train → generate / interactive) with the plugin (``--user-dir``)
 for every attention variant, on a learnable toy task (copy short random-token sequences), CPU only."""
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def test_generate_works_on_a_copied_checkpoint_without_env_vars(data, tmp_path):
     probe = (
         "import torch, sys; sys.path.insert(0, sys.argv[2]);\n"
         "try:\n    torch.load(sys.argv[1]); print('LOADED')\nexcept Exception as e: print('REFUSED', type(e).__name__)\n"
-        "from user_dir.checkpoint_compat import allow_fairseq_checkpoints\n"
+        "from structattn_fairseq.checkpoint_compat import allow_fairseq_checkpoints\n"
         "with allow_fairseq_checkpoints():\n    torch.load(sys.argv[1]); print('LOADED-WITH-PLUGIN')\n"
     )
     out = subprocess.run([sys.executable, "-c", probe, str(ck), str(USER_DIR.parent)], env=cli_env(),

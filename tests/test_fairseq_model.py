@@ -1,4 +1,4 @@
-"""In-process tests of the fairseq model ``structattn_lstm`` (user_dir/structattn_lstm.py): padding layouts and the
+"""In-process tests of the fairseq model ``structattn_lstm`` (structattn_fairseq/structattn_lstm.py): padding layouts and the
 attention column contract, parity with fairseq's ``lstm`` for softmax, incremental decoding, beam reordering, beam
 search, options and errors. The real CLIs are exercised in test_fairseq_e2e.py."""
 
@@ -22,7 +22,7 @@ from fairseq import options  # noqa: E402
 from fairseq.models.lstm import LSTMModel, base_architecture  # noqa: E402
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
-from user_dir.structattn_lstm import (  # noqa: E402
+from structattn_fairseq.structattn_lstm import (  # noqa: E402
     StructAttnLSTMModel,
     structattn_lstm,
     structattn_lstm_paper,
@@ -196,7 +196,7 @@ def _parse(*extra):
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             args = options.parse_args_and_arch(
-                parser, [str(ROOT), "--user-dir", str(ROOT / "user_dir"), "--arch", "structattn_lstm",
+                parser, [str(ROOT), "--user-dir", str(ROOT / "structattn_fairseq"), "--arch", "structattn_lstm",
                          *extra])
             code = None
         except SystemExit as exc:
@@ -226,10 +226,10 @@ def test_help_describes_the_attention_options(monkeypatch):
 
 
 def test_help_hook_leaves_fairseq_models_alone(monkeypatch):
-    """The --help hook (user_dir/fairseq_patches.py) adds options only for the plugin's own architectures."""
+    """The --help hook (structattn_fairseq/fairseq_patches.py) adds options only for the plugin's own architectures."""
     from fairseq import options
 
-    from user_dir.fairseq_patches import arch_from_argv
+    from structattn_fairseq.fairseq_patches import arch_from_argv
 
     assert arch_from_argv(["x", "--arch", "lstm"]) == "lstm" and arch_from_argv(["--arch=a"]) == "a"
     assert arch_from_argv(["-a", "b", "--help"]) == "b" and arch_from_argv(["--help"]) is None

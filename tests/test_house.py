@@ -50,11 +50,11 @@ def _patch_sites(path: Path) -> list[int]:
 
 
 def test_fairseq_is_patched_only_from_fairseq_patches():
-    sites = {p.relative_to(ROOT).as_posix(): _patch_sites(p) for p in _tracked("user_dir/*.py", "structattn/*.py",
-                                                                                 "structattn/**/*.py")}
-    assert sites["user_dir/fairseq_patches.py"], "the scan no longer sees the patches it must allow"
-    elsewhere = {p: lines for p, lines in sites.items() if lines and p != "user_dir/fairseq_patches.py"}
-    assert not elsewhere, f"fairseq patched outside user_dir/fairseq_patches.py: {elsewhere}"
+    sites = {p.relative_to(ROOT).as_posix(): _patch_sites(p)
+             for p in _tracked("structattn_fairseq/*.py", "structattn/*.py", "structattn/**/*.py")}
+    assert sites["structattn_fairseq/fairseq_patches.py"], "the scan no longer sees the patches it must allow"
+    elsewhere = {p: lines for p, lines in sites.items() if lines and p != "structattn_fairseq/fairseq_patches.py"}
+    assert not elsewhere, f"fairseq patched outside structattn_fairseq/fairseq_patches.py: {elsewhere}"
 
 
 def _code_lines(pattern: str):
@@ -75,5 +75,5 @@ def test_paper_gamma_is_defined_once():
 
 def test_variant_list_is_written_once():
     hits = [h for h in _code_lines(r"softmax[ |]sparsemax[ |]viterbi-entropy[ |]viterbi-l2")
-            if not h.startswith("recipes/tools/variants.py")]
-    assert not hits, f"the variant list is written outside recipes/tools/variants.py: {hits}"
+            if not h.startswith("structattn/evaluation/variants.py")]
+    assert not hits, f"the variant list is written outside structattn/evaluation/variants.py: {hits}"

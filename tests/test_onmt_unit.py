@@ -55,7 +55,7 @@ def test_defaults_are_the_fairseq_plugins():
         "entropy", None, "stable", 1.0)
     assert options_from_opt(_parse("-global_attention_function", "viterbi")).gamma == 2.0
     assert options_from_opt(_parse("-global_attention_function", "viterbi", "-attention_reg", "l2")).gamma == 10.0
-    fairseq_options = pytest.importorskip("user_dir.attention_options", reason="fairseq not installed")
+    fairseq_options = pytest.importorskip("structattn_fairseq.attention_options", reason="fairseq not installed")
     assert (fairseq_options.DEFAULT_REG, fairseq_options.DEFAULT_FORM) == (opt.attention_reg, opt.attention_form)
     from structattn.attention import DEFAULT_CONTIGUITY
 

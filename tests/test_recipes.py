@@ -21,8 +21,9 @@ import bible_corpus  # noqa: E402
 import libreoffice_corpus  # noqa: E402
 import online_corpus  # noqa: E402
 import paper_setup  # noqa: E402
-import results_table  # noqa: E402
 import textproc  # noqa: E402
+
+from structattn.evaluation import results_table, significance, variants  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ Bible cleaning
@@ -456,8 +457,6 @@ def test_onmt_progress_and_detok_expected(tmp_path):
 
 
 def test_variant_table_onmt_spelling():
-    import variants
-
     gamma = {"entropy": "2", "l2": "0.5"}
     assert variants.onmt_flags("softmax", gamma) == "-global_attention_function softmax"
     assert variants.onmt_flags("viterbi-l2", gamma, "paper") == \
@@ -586,7 +585,7 @@ def test_iwslt14_dry_run_with_a_transformer(arch):
                                     "--attention viterbi --attention-reg l2")):
         assert f"--arch {arch} --share-all-embeddings --attention" in line and flags in line
         assert "--lr 5e-4 --lr-scheduler inverse_sqrt --warmup-updates 4000" in line and "--max-epoch 50" in line
-    assert f"--arch {arch} " in [line for line in out.splitlines() if "results_table.py" in line][0]
+    assert f"--arch {arch} " in [line for line in out.splitlines() if "structattn.evaluation.results_table" in line][0]
 
 
 @pytest.mark.parametrize("script, args, message", [
@@ -666,8 +665,6 @@ def test_offline_dry_run_onmt(tmp_path):
     OpenNMT-py's vocabulary, trainings with identical budgets in runs/onmt-<variant>, the best checkpoint, the same
     scoring, and the summary under its own names."""
     import re
-
-    import variants
 
     work = tmp_path / "w"
     fs = _steps(_sh("recipes/bible_fr_en/run.sh", "--dry-run", "--work", work).stdout)
@@ -921,8 +918,6 @@ echo "$some_value $some_flag"
 
 
 def test_lib_variant_table_comes_from_variants_py(tmp_path):
-    import variants
-
     from structattn.attention import PAPER_GAMMA
 
     r = _lib(tmp_path, """variants_load
@@ -953,17 +948,16 @@ def test_drivers_share_lib():
 
 
 def test_variant_table_and_paper_gamma_are_written_once():
-    """The variant names, labels and flags are only in recipes/tools/variants.py; the paper's γ only in
+    """The variant names, labels and flags are only in structattn/evaluation/variants.py; the paper's γ only in
     structattn.attention.PAPER_GAMMA (the recipes read both from there)."""
     import re
-
-    import variants
 
     names = list(variants.VARIANTS)
     labels = [v.label for v in variants.VARIANTS.values() if v.label not in names]
     gamma = re.compile(r"""gamma\w*=["']?(2|10)\b|["'](entropy|l2)["']:\s*(2|10)\b|--attention-gamma (2|10)\b""")
     files = [p for p in (REPO / "recipes").rglob("*")
              if p.suffix in (".sh", ".py") and "work" not in p.relative_to(REPO).parts]
+    files += sorted((REPO / "structattn" / "evaluation").glob("*.py"))  # the recipes' evaluation module
     assert len(files) > 10
     for path in files:
         if path.name == "variants.py":
@@ -978,8 +972,6 @@ def test_variant_table_and_paper_gamma_are_written_once():
 
 # ------------------------------------------------------------------------------------------------ significance
 def test_paired_bootstrap_against_baseline(tmp_path):
-    import significance
-
     refs = [f"the cat number {i} sat on the mat and looked at the dog" for i in range(40)]
     good = list(refs)
     bad = [f"a dog {i}" for i in range(40)]

@@ -224,10 +224,10 @@ def test_report_clis_on_missing_and_damaged_dumps(bad_dumps, tmp_path, capsys, c
 
 def test_checks_only_apply_to_command_lines_that_load_the_plugin(tmp_path):
     """Once imported, the plugin's parse hook stays in fairseq for the whole process; command lines without
-    --user-dir user_dir (other tools, other tests) must parse exactly as before."""
+    --user-dir (other tools, other tests) must parse exactly as before."""
     pytest.importorskip("fairseq")
     sys.path.insert(0, str(ROOT))
-    import user_dir  # noqa: F401  (installs the hook: user_dir.fairseq_patches)
+    import structattn_fairseq  # noqa: F401  (installs the hook: structattn_fairseq.fairseq_patches)
     from fairseq import options
 
     args = options.parse_args_and_arch(options.get_training_parser(), [str(tmp_path / "nodata"), "--arch", "lstm",

@@ -71,7 +71,7 @@ def _model_and_batch(attention):
     sys.path.insert(0, str(ROOT))
     from fairseq.data import Dictionary
 
-    from user_dir.structattn_lstm import StructAttnLSTMModel, structattn_lstm
+    from structattn_fairseq.structattn_lstm import StructAttnLSTMModel, structattn_lstm
 
     d = Dictionary()
     for i in range(12):

@@ -77,7 +77,7 @@ def _run(args, kill_at=None):
 
 def _load(path):
     sys.path.insert(0, str(ROOT))
-    from user_dir.checkpoint_compat import allow_fairseq_checkpoints
+    from structattn_fairseq.checkpoint_compat import allow_fairseq_checkpoints
 
     with allow_fairseq_checkpoints():
         return torch.load(path, map_location="cpu")

@@ -1,4 +1,4 @@
-"""In-process tests of the fairseq model ``structattn_transformer`` (user_dir/structattn_transformer.py): padding,
+"""In-process tests of the fairseq model ``structattn_transformer`` (structattn_fairseq/structattn_transformer.py): padding,
 parity with fairseq's ``transformer`` for softmax, incremental decoding and beam search against a forced full
 forward, per-head transitions, the exported attention (layer, heads), low precision, training metrics, options and
 errors. The real CLIs are exercised in test_transformer_e2e.py."""
@@ -26,7 +26,7 @@ from fairseq.models.transformer import tiny_architecture as fairseq_tiny  # noqa
 from fairseq.sequence_generator import SequenceGenerator  # noqa: E402
 
 from structattn.attention import ViterbiNormalizer  # noqa: E402
-from user_dir.structattn_transformer import (  # noqa: E402
+from structattn_fairseq.structattn_transformer import (  # noqa: E402
     StructAttnTransformerModel,
     structattn_transformer,
     structattn_transformer_iwslt_de_en,
@@ -293,7 +293,7 @@ def _parse(*extra, arch="structattn_transformer_tiny"):
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             args = options.parse_args_and_arch(
-                parser, [str(ROOT), "--user-dir", str(ROOT / "user_dir"), "--arch", arch, *extra])
+                parser, [str(ROOT), "--user-dir", str(ROOT / "structattn_fairseq"), "--arch", arch, *extra])
             code = None
         except SystemExit as exc:
             args, code = None, exc.code

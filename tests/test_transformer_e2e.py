@@ -116,7 +116,7 @@ def test_checkpoint_round_trip_under_weights_only_loading(data, trained):
     """The checkpoint loads with torch's weights-only unpickler (through the plugin's allow-list; the CLI helpers
     strip TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD), and the loaded model holds exactly the saved parameters, the per-head
     transitions included."""
-    from user_dir.checkpoint_compat import allow_fairseq_checkpoints
+    from structattn_fairseq.checkpoint_compat import allow_fairseq_checkpoints
 
     root, _ = data
     checkpoint, _ = trained["viterbi-entropy"]
@@ -196,7 +196,7 @@ def test_dump_option_errors(data, trained, tmp_path):
     args.dump_attention = None  # programmatic use, past the command-line check: the task refuses it too
     with pytest.raises(ValueError, match="give --dump-attention PATH too"):
         tasks.setup_task(args).build_generator([model], args)
-    # Caught on the command line already (user_dir/cli_checks.py; the task repeats the check for programmatic use):
+    # Caught on the command line already (structattn_fairseq/cli_checks.py; the task repeats the check for programmatic use):
     # one line, exit status 2, as argparse does for an unknown --dump-attention-heads.
     for extra, message in (
         (["--dump-attention-heads", "all"], "give --dump-attention PATH too"),

@@ -15,7 +15,8 @@ and at the last step, keeps all of them (``-keep_checkpoint -1``) and, unlike fa
         perplexity in RUN/train.log (ties: the later step, as fairseq's checkpoint_best.pt), and RUN/best.json
         {"step", "valid_ppl", "checkpoint", "validations": [[step, ppl], ...]}
 
-The validation perplexities come from the log (:func:`results_table.parse_onmt_train_log`): OpenNMT-py logs
+The validation perplexities come from the log (:func:`structattn.evaluation.results_table.parse_onmt_train_log`):
+OpenNMT-py logs
 ``Validation perplexity: X`` after the ``Step N/M; ...`` line of the step it validated.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ import re
 import sys
 from pathlib import Path
 
-from results_table import parse_onmt_train_log  # next to this file
+from structattn.evaluation.results_table import parse_onmt_train_log
 
 _STEP = re.compile(r"^model_step_(\d+)\.pt$")
 

@@ -6,7 +6,7 @@ died at exit.
 
 fairseq 0.12 can abort at exit (SIGABRT, status 134, "terminate called without an active exception") after a
 training stopped mid-epoch: its prefetch thread is unwound inside torch's C++ code (docs/reliability.md; the plugin
-closes that thread, see user_dir/fairseq_patches.py). A recipe must neither hide such a death nor throw away a
+closes that thread, see structattn_fairseq/fairseq_patches.py). A recipe must neither hide such a death nor throw away a
 finished model, nor loop retrying. This tool looks at the part of the log written by this attempt (from byte
 ``--offset``) and at the checkpoint:
 
@@ -47,8 +47,7 @@ def checkpoint_updates(path: str) -> int:
     """Number of updates stored in a fairseq checkpoint (loaded through the plugin's narrow allow-list)."""
     import torch
 
-    sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-    from user_dir.checkpoint_compat import fairseq_checkpoint_globals
+    from structattn_fairseq.checkpoint_compat import fairseq_checkpoint_globals
 
     with torch.serialization.safe_globals(fairseq_checkpoint_globals()):
         state = torch.load(path, map_location="cpu")
@@ -100,7 +99,7 @@ def main(argv=None) -> int:
         "!" * 100,
         f"!! {args.name}: fairseq-train exited with {status} AFTER it finished: {why}.",
         "!! The model is complete; the recipe keeps it and goes on. This is fairseq's abort at exit after a",
-        "!! mid-epoch stop (docs/reliability.md), which the plugin's patch (user_dir/fairseq_patches.py) should",
+        "!! mid-epoch stop (docs/reliability.md), which the plugin's patch (structattn_fairseq/fairseq_patches.py) should",
         "!! prevent: please report it with the log " + json.dumps(args.log) + ".",
         "!" * 100,
     ]), file=sys.stderr)

@@ -16,7 +16,7 @@ For a matrix A (target rows × source columns) we count, with *exact* zeros (A =
 * fallback rows: the fraction of rows where the Viterbi attention had p(y_t = 1) = 0 for every t and fell back to
   softmax (:func:`structattn.attention.dead_rows`). A fallback row is a dense softmax row, which the matrix alone
   cannot tell from a live one, so this is read from the records' ``extra["fallback_rows"]`` (indices of the rows
-  that fell back, written by ``recipes/tools/attention_health.py`` from a forced decoding of the dumped
+  that fell back, written by ``structattn-health`` from a forced decoding of the dumped
   hypotheses); it is n/a when a record does not carry it (softmax/sparsemax dumps, or dumps not annotated).
 
 Dump-level numbers pool over cells (zero fraction) or over target rows (means), i.e. long sentences weigh more.

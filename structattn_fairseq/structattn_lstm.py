@@ -9,9 +9,9 @@ maths). This file is glue only: it subclasses ``fairseq.models.lstm`` and replac
   are laid out like the ``src_tokens`` the model was given (fairseq's ``LSTMEncoder`` silently switches left
   padding to right padding, which is why fairseq's own alignment output mis-indexes, fairseq issue #3625).
 
-Options (``fairseq-train --user-dir user_dir --arch structattn_lstm --help`` lists them) and the training metrics a
+Options (``fairseq-train --user-dir "$(structattn-user-dir)" --arch structattn_lstm --help`` lists them) and the training metrics a
 Viterbi attention logs (``attn_fallback``, ``attn_frozen``, ``T00/g`` …) are shared by every structattn model and
-defined once, in :mod:`user_dir.attention_options`.
+defined once, in :mod:`structattn_fairseq.attention_options`.
 """
 
 from __future__ import annotations

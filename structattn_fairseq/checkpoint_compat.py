@@ -5,7 +5,7 @@ fairseq's ``checkpoint_utils.load_checkpoint_to_cpu`` calls ``torch.load(f, map_
 plain container. Instead of switching that safety off (``weights_only=False`` / TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD),
 the plugin allows exactly the non-tensor globals found in checkpoints written by fairseq-train 0.12, and only
 while fairseq loads a checkpoint (:func:`allow_fairseq_checkpoints`, entered around fairseq's loaders by
-``user_dir/fairseq_patches.py``; torch's allow-list for the rest of the process is left as it was) (found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` and by loading, for
+``structattn_fairseq/fairseq_patches.py``; torch's allow-list for the rest of the process is left as it was) (found with ``torch.serialization.get_unsafe_globals_in_checkpoint`` and by loading, for
 ``structattn_lstm`` trained with and without ``--eval-bleu``, last/best/interval checkpoints):
 
 * ``argparse.Namespace`` — the model configuration of models declared with ``add_args`` (``cfg.model``);

@@ -7,7 +7,7 @@ in ``os.listdir``/``torch.load``; ``--bf16`` as an ``AttributeError`` about ``xl
 second batch iterator, after the dump's temporary file had been created. :func:`check_args` checks the parsed
 arguments right after ``fairseq.options.parse_args_and_arch`` (which fairseq-train/-generate/-interactive call right
 after importing ``--user-dir``); the wrapper that calls it is a patch of fairseq, and lives with the others in
-``user_dir/fairseq_patches.py``. A failed check prints ``<prog>: error: <message>`` to
+``structattn_fairseq/fairseq_patches.py``. A failed check prints ``<prog>: error: <message>`` to
 stderr and exits with status 2, like argparse. Nothing changes for command lines that pass the checks.
 """
 
@@ -89,13 +89,18 @@ def check_args(args) -> str | None:
     return None
 
 
+# The folders whose ``--user-dir`` loads this plugin: this package's own, and the clone's ``structattn_fairseq/`` shim (which
+# adds itself on import, so that ``--user-dir user_dir`` keeps the checks of the commands that predate the package).
+PLUGIN_DIRS = {os.path.dirname(os.path.realpath(__file__))}
+
+
 def loads_this_plugin(args) -> bool:
-    """Whether the command line that produced ``args`` loads this plugin (``--user-dir`` is this folder)."""
+    """Whether the command line that produced ``args`` loads this plugin (``--user-dir`` is one of
+    :data:`PLUGIN_DIRS`)."""
     user_dir = getattr(args, "user_dir", None)
     if not user_dir:
         return False
-    here = os.path.dirname(os.path.realpath(__file__))
-    return os.path.realpath(os.path.expanduser(str(user_dir))) == here
+    return os.path.realpath(os.path.expanduser(str(user_dir))) in PLUGIN_DIRS
 
 
 def fail(parser: argparse.ArgumentParser, message: str):

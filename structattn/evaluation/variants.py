@@ -4,20 +4,20 @@ OpenNMT-py spellings).
 A variant is a name on the recipes' command line (``--variants "softmax viterbi-l2"``) and a run folder
 (``work/runs/<name>`` for fairseq, ``work/runs/onmt-<name>`` for OpenNMT-py: :data:`RUN_PREFIX`); its label names
 it in the result tables; its flags select the attention of the structattn fairseq plugin (``fairseq-train
---user-dir user_dir ...``) or of the OpenNMT-py glue (``structattn-onmt-train ...``, docs/onmt.md). A Viterbi
-variant also gets the temperature γ of its regulariser (default: the paper's,
+--user-dir "$(structattn-user-dir)" ...``) or of the OpenNMT-py glue (``structattn-onmt-train ...``,
+docs/onmt.md). A Viterbi variant also gets the temperature γ of its regulariser (default: the paper's,
 :data:`structattn.attention.PAPER_GAMMA`) and, when the recipe sets one, an ``--attention-form``
 (``-attention_form``).
 
 The shell recipes read the table through this file's command line (``recipes/lib.sh``)::
 
-    python recipes/tools/variants.py shell
+    python -m structattn.evaluation.variants shell
         variants_all='softmax sparsemax viterbi-entropy viterbi-l2'   (shell assignments, for eval)
         paper_gamma_entropy=2
         paper_gamma_l2=10
-    python recipes/tools/variants.py flags viterbi-l2 --gamma-l2 5 --form stable
+    python -m structattn.evaluation.variants flags viterbi-l2 --gamma-l2 5 --form stable
         --attention viterbi --attention-reg l2 --attention-gamma 5 --attention-form stable
-    python recipes/tools/variants.py flags viterbi-l2 --toolkit onmt --form stable
+    python -m structattn.evaluation.variants flags viterbi-l2 --toolkit onmt --form stable
         -global_attention_function viterbi -attention_reg l2 -attention_gamma 10 -attention_form stable
 
 ``results_table.py`` imports :data:`LABELS`, :data:`TOOLKITS`, :func:`run_name` and :func:`run_label`.
@@ -28,6 +28,8 @@ import argparse
 import shlex
 import sys
 from typing import NamedTuple, Optional
+
+from .. import __version__
 
 
 class Variant(NamedTuple):
@@ -111,13 +113,14 @@ def _number(x: float) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m structattn.evaluation.variants", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("shell", help="the variant names and the paper's γ as shell assignments")
     f = sub.add_parser("flags", help="the attention flags of one variant")
     f.add_argument("variant", choices=list(VARIANTS))
     f.add_argument("--toolkit", choices=list(TOOLKITS), default="fairseq",
-                   help="fairseq (fairseq-train --user-dir user_dir) or onmt (structattn-onmt-train); default fairseq")
+                   help="fairseq (fairseq-train --user-dir ...) or onmt (structattn-onmt-train); default fairseq")
     for reg in REGULARISERS:
         f.add_argument(f"--gamma-{reg}", metavar="G", help="γ of this regulariser (default: the paper's)")
     f.add_argument("--form", help="--attention-form of the Viterbi variants (default: none, the plugin's)")

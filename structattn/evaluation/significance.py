@@ -1,6 +1,6 @@
 """Paired bootstrap significance of each system against a baseline (sacrebleu's test), as JSON.
 
-    python recipes/tools/significance.py --refs test.en [test.kjv.en] --baseline softmax=hyp_a \
+    structattn-significance --refs test.en [test.kjv.en] --baseline softmax=hyp_a \
         --system viterbi-l2=hyp_b [--system ...] --n 1000 --seed 12345 --out significance.json
 
 For BLEU and chrF2, with sacrebleu's ``PairedTest(test_type="bs")`` (Koehn 2004, as ``sacrebleu --paired-bs``):
@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+
+from .. import __version__
 
 
 def _named(text: str):
@@ -68,7 +70,8 @@ def paired_bootstrap(refs: list[list[str]], systems: list[tuple[str, list[str]]]
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="structattn-significance", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--refs", nargs="+", required=True, help="reference file(s), one line per test sentence")
     p.add_argument("--baseline", type=_named, required=True, help="NAME=FILE of the baseline hypotheses")
     p.add_argument("--system", type=_named, action="append", default=[], help="NAME=FILE (repeatable)")

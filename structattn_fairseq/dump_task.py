@@ -1,6 +1,6 @@
 """Task ``structattn_translation``: fairseq's translation task plus ``--dump-attention PATH``.
 
-With ``fairseq-generate --user-dir user_dir --task structattn_translation --dump-attention PATH`` every
+With ``fairseq-generate --user-dir "$(structattn-user-dir)" --task structattn_translation --dump-attention PATH`` every
 translated sentence's n-best hypotheses (``--nbest``, default 1) are written with their full attention matrix
 to ``PATH`` in the format of :mod:`structattn.export` (read it with ``structattn.export.read_dump``). Without
 the flag the task is exactly fairseq's ``translation`` (a checkpoint trained with ``--task translation``

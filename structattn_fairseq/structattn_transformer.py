@@ -16,7 +16,7 @@ file is glue only: it subclasses fairseq 0.12's Transformer and replaces nothing
   generation returns (``--print-alignment``, ``--dump-attention``).
 
 Options are those of fairseq's ``transformer`` plus the ``--attention*`` flags every structattn model shares
-(:mod:`user_dir.attention_options`). With ``--attention softmax`` the model computes what fairseq's ``transformer``
+(:mod:`structattn_fairseq.attention_options`). With ``--attention softmax`` the model computes what fairseq's ``transformer``
 computes, with the same parameter names (its checkpoints load into it).
 """
 

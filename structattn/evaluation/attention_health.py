@@ -1,9 +1,9 @@
 """Health of a trained model's Viterbi attention: fallback (dead) rows on the dumped test hypotheses and the
 learned transitions T/γ.
 
-    python recipes/tools/attention_health.py --checkpoint CKPT --data BIN --dump attention.jsonl \
+    structattn-health --checkpoint CKPT --data BIN --dump attention.jsonl \
         --annotate --json health.json
-    python recipes/tools/attention_health.py --toolkit onmt --checkpoint RUN/model_best.pt \
+    structattn-health --toolkit onmt --checkpoint RUN/model_best.pt \
         --dump RUN/attention.jsonl --annotate --json health.json
 
 Fallback rows. A Viterbi attention row falls back to softmax when p(y_t = 1) = 0 for every source position
@@ -34,6 +34,8 @@ import json
 import os
 import sys
 
+from .. import __version__
+
 INDEPENDENT_TOL = 0.05
 
 
@@ -54,7 +56,8 @@ def transitions_report(att) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="structattn-health", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--toolkit", choices=("fairseq", "onmt"), default="fairseq",
                    help="fairseq (default: a fairseq-train checkpoint, with --data) or onmt (a structattn-onmt-train "
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
             summary["fallback_rows"] = dead_total
             meta = {k: v for k, v in metadata.items() if k != "summary"}
             meta["fallback_annotation"] = ("extra.fallback_rows: rows that fell back to softmax, from a forced "
-                                           "decoding by recipes/tools/attention_health.py")
+                                           "decoding by structattn-health")
             records.sort(key=lambda r: (r.id, r.nbest_rank))
             write_dump(args.dump, meta, records, summary)
     _emit(report, args.json)
@@ -128,8 +131,9 @@ def _load_fairseq(args):
     from fairseq import checkpoint_utils
     from fairseq import utils as fairseq_utils
 
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    fairseq_utils.import_user_module(argparse.Namespace(user_dir=os.path.join(repo, "user_dir")))
+    from ..userdir import plugin_dir
+
+    fairseq_utils.import_user_module(argparse.Namespace(user_dir=plugin_dir()))
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([args.checkpoint],
                                                                      arg_overrides={"data": args.data})
     model = models[0].eval()
@@ -162,11 +166,7 @@ def _load_onmt(args):
     target with its decoder start token; the dump's target tokens end with </s> when the search ended there."""
     import torch
 
-    try:
-        from structattn_onmt import patches
-    except ImportError:  # a checkout whose environment was installed before structattn_onmt existed
-        sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-        from structattn_onmt import patches
+    from structattn_onmt import patches
 
     patches.quiet_onmt_warnings()
     patches.install()

@@ -1,5 +1,5 @@
 """Deliberate changes to fairseq's behaviour, installed by :func:`install` when the plugin is loaded
-(``--user-dir user_dir`` imports ``user_dir/__init__.py``, which calls it).
+(``--user-dir`` imports ``structattn_fairseq/__init__.py``, which calls it).
 
 Each patch says what fairseq does, why we change it, and the fairseq version it was checked against. They are
 idempotent and process-wide: once fairseq has imported the plugin, every later use of fairseq in the process
@@ -17,7 +17,7 @@ All of them are installed here (this module):
     inputs (a missing data directory or checkpoint, ``--fp16 --cpu``, ``--dump-attention`` given to fairseq-train)
     surface only deep inside the run, as a traceback, sometimes after files were created.
     *What we do.* Wrap it: after parsing, command lines that load this plugin (``--user-dir`` is this folder) go
-    through :func:`user_dir.cli_checks.check_args`, and a failed check exits like argparse (one line, status 2).
+    through :func:`structattn_fairseq.cli_checks.check_args`, and a failed check exits like argparse (one line, status 2).
     Other command lines in the same process, and partial namespaces (``suppress_defaults``), parse exactly as before.
 
 ``--help lists model options`` (:func:`_install_model_help`)
@@ -33,7 +33,7 @@ All of them are installed here (this module):
     ``distributed.utils._broadcast_object_slow`` (rank 0 sends the loaded state to the others) call ``torch.load``
     without ``weights_only``; since torch 2.6 that means the restricted unpickler, which refuses fairseq's own
     checkpoints (``argparse.Namespace``, OmegaConf configs, numpy meters).
-    *What we do.* Run those three functions inside :func:`user_dir.checkpoint_compat.allow_fairseq_checkpoints`,
+    *What we do.* Run those three functions inside :func:`structattn_fairseq.checkpoint_compat.allow_fairseq_checkpoints`,
     which allows exactly the globals fairseq checkpoints hold (listed and justified in that module) for the
     duration of the call, rather than turning the safety off or widening torch's allow-list for the whole process.
 
@@ -94,7 +94,7 @@ def install() -> None:
 
     if fairseq.__version__ not in CHECKED_FAIRSEQ_VERSIONS:
         logger.warning("structattn: fairseq %s is not one of the versions its fairseq patches were checked "
-                       "against (%s); see user_dir/fairseq_patches.py", fairseq.__version__,
+                       "against (%s); see structattn_fairseq/fairseq_patches.py", fairseq.__version__,
                        ", ".join(CHECKED_FAIRSEQ_VERSIONS))
     _install_checkpoint_loading()
     _install_closable_prefetch()
@@ -283,7 +283,7 @@ def close_prefetch_threads(timeout: float = CLOSE_TIMEOUT_S) -> int:
             stopped += 1
             if not consumer.close(timeout):
                 logger.warning("structattn: a fairseq prefetch thread did not stop within %.0f s; the process may "
-                               "abort at exit (see user_dir/fairseq_patches.py)", timeout)
+                               "abort at exit (see structattn_fairseq/fairseq_patches.py)", timeout)
     return stopped
 
 
