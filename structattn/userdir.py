@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="structattn-user-dir",
         description="Print the folder of structattn's fairseq plugin, for fairseq's --user-dir.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"structattn {__version__}")
     parser.parse_args(argv)
     try:
         print(plugin_dir())

@@ -1,17 +1,11 @@
-"""The two-level (sentences × seeds) paired bootstrap of recipes/tools/multiseed.py."""
+"""The two-level (sentences × seeds) paired bootstrap of structattn.evaluation.multiseed."""
 
-import importlib.util
 import json
 import random
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("sacrebleu")  # the recipes extra; installed by CI
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("multiseed", ROOT / "recipes" / "tools" / "multiseed.py")
-multiseed = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(multiseed)
+from structattn.evaluation import multiseed
 
 WORDS = "the lord said unto moses and aaron speak to the children of israel saying this is the thing".split()
 

@@ -57,7 +57,7 @@ def transitions_report(att) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="structattn-health", description=__doc__.split("\n\n")[0])
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action="version", version=f"structattn {__version__}")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--toolkit", choices=("fairseq", "onmt"), default="fairseq",
                    help="fairseq (default: a fairseq-train checkpoint, with --data) or onmt (a structattn-onmt-train "

@@ -523,7 +523,7 @@ def _commands(rows, missing, args) -> list[str]:
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="structattn-results", description=__doc__.split("\n\n")[0])
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action="version", version=f"structattn {__version__}")
     p.add_argument("--work", required=True, type=Path)
     p.add_argument("--variants", nargs="+", required=True)
     p.add_argument("--out", required=True, type=Path)

@@ -71,7 +71,7 @@ def paired_bootstrap(refs: list[list[str]], systems: list[tuple[str, list[str]]]
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="structattn-significance", description=__doc__.split("\n\n")[0])
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action="version", version=f"structattn {__version__}")
     p.add_argument("--refs", nargs="+", required=True, help="reference file(s), one line per test sentence")
     p.add_argument("--baseline", type=_named, required=True, help="NAME=FILE of the baseline hypotheses")
     p.add_argument("--system", type=_named, action="append", default=[], help="NAME=FILE (repeatable)")

@@ -114,7 +114,7 @@ def _number(x: float) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m structattn.evaluation.variants", description=__doc__.split("\n\n")[0])
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    p.add_argument("--version", action="version", version=f"structattn {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("shell", help="the variant names and the paper's γ as shell assignments")
     f = sub.add_parser("flags", help="the attention flags of one variant")

@@ -1,9 +1,9 @@
 """Significance over seeds *and* test sentences: a two-level paired bootstrap of mean BLEU/chrF2 across seeds.
 
-    python recipes/tools/multiseed.py --refs test.en --baseline softmax=s1/hyp,s2/hyp,s3/hyp \
+    structattn-multiseed --refs test.en --baseline softmax=s1/hyp,s2/hyp,s3/hyp \
         --system viterbi-l2=s1/hyp,s2/hyp,s3/hyp [--system ...] --n 1000 --seed 12345 --out multiseed.json
 
-The paired bootstrap of one run (sacrebleu's ``PairedTest``, ``significance.py``) resamples the test set only: it
+The paired bootstrap of one run (sacrebleu's ``PairedTest``, :mod:`structattn.evaluation.significance`) resamples the test set only: it
 says whether *these two trained models* differ, not whether the *training recipes* do — a change of random seed moved
 the quick preset's softmax by 10 BLEU. Here each system is given as one hypothesis file per seed, and its score is
 the mean over seeds of the corpus score. Each bootstrap resample draws
@@ -29,6 +29,8 @@ import json
 import sys
 
 import numpy as np
+
+from .. import __version__
 
 
 def _named_list(text: str):
@@ -106,7 +108,8 @@ def seed_bootstrap(refs: list[list[str]], systems: list[tuple[str, list[list[str
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="structattn-multiseed", description=__doc__.split("\n\n")[0])
+    p.add_argument("--version", action="version", version=f"structattn {__version__}")
     p.add_argument("--refs", nargs="+", required=True, help="reference file(s), one line per test sentence")
     p.add_argument("--baseline", type=_named_list, required=True, help="NAME=FILE,FILE,... (one file per seed)")
     p.add_argument("--system", type=_named_list, action="append", default=[],
