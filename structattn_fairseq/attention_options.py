@@ -4,7 +4,8 @@ their validation, of how they become an attention module, and of the training me
 ``--attention {softmax,sparsemax,viterbi}`` (one name for the attention kind, from the command line through
 ``args.attention`` to :func:`structattn.attention.build_attention`'s ``attention``), ``--attention-reg
 {entropy,l2}``, ``--attention-gamma FLOAT`` (default: the paper's γ per Ω, :data:`structattn.attention.PAPER_GAMMA`),
-``--attention-form {stable,paper}`` and ``--attention-contiguity FLOAT``. Models call :func:`add_attention_args` in
+``--attention-form {stable,paper}``, ``--attention-contiguity FLOAT`` and ``--attention-transitions
+{learned,none}`` (``none``: the chain-off ablation). Models call :func:`add_attention_args` in
 ``add_args``, :func:`attention_defaults` in their architecture functions, :func:`resolve_attention_args` in
 ``build_model`` and build the module with :func:`build_from_options` (a bilinear attention layer, the LSTM) or
 :func:`build_normalizer` (the normaliser of a multi-head attention, the Transformer); the maths stays in
@@ -20,8 +21,10 @@ from structattn.attention import ATTENTIONS, DEFAULT_CONTIGUITY, PAPER_GAMMA, VI
     ViterbiNormalizer
 # The values, defaults and checks are toolkit-neutral and shared with the OpenNMT-py glue (structattn.options);
 # this module adds what is fairseq's: the flags, the architecture defaults, the metrics.
-from structattn.options import (DEFAULT_FORM, DEFAULT_REG, REGULARIZERS, AttentionOptions, build_from_options,
-                                build_normalizer, positive_float, resolve_options)
+from structattn.ops.segmentation import chain_coupling
+from structattn.options import (DEFAULT_FORM, DEFAULT_REG, DEFAULT_TRANSITIONS, REGULARIZERS, TRANSITIONS,
+                                AttentionOptions, build_from_options, build_normalizer, positive_float,
+                                resolve_options)
 
 DEFAULT_ATTENTION = "viterbi"
 
@@ -64,6 +67,12 @@ def add_attention_args(parser) -> None:
         help="stable form only: initial T/gamma = [[c, 0], [0, c]] (staying in a state is worth c*gamma); "
              f"default: {DEFAULT_CONTIGUITY}",
     )
+    parser.add_argument(
+        "--attention-transitions", choices=TRANSITIONS, metavar=_choices(TRANSITIONS),
+        help="Viterbi attention only: learned (the chain) or none (the chain-off ablation: the coupling kappa of "
+             "neighbouring positions held at 0, so positions are independent gates on the same scores; what the "
+             f"chain buys is the difference); default: {DEFAULT_TRANSITIONS}",
+    )
 
 
 def attention_defaults(args) -> None:
@@ -73,6 +82,7 @@ def attention_defaults(args) -> None:
     args.attention_gamma = getattr(args, "attention_gamma", None)
     args.attention_form = getattr(args, "attention_form", DEFAULT_FORM)
     args.attention_contiguity = getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY)
+    args.attention_transitions = getattr(args, "attention_transitions", DEFAULT_TRANSITIONS)
 
 
 def resolve_attention_args(args) -> AttentionOptions:
@@ -81,7 +91,8 @@ def resolve_attention_args(args) -> AttentionOptions:
     --attention-gamma; the filled-in γ is written back to ``args`` so that the checkpoint records it."""
     options = resolve_options(getattr(args, "attention", DEFAULT_ATTENTION), getattr(args, "attention_reg", DEFAULT_REG),
                               getattr(args, "attention_gamma", None), getattr(args, "attention_form", DEFAULT_FORM),
-                              getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY))
+                              getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY),
+                              transitions=getattr(args, "attention_transitions", None) or DEFAULT_TRANSITIONS)
     if options.attention == "viterbi" and getattr(args, "attention_gamma", None) is None:
         args.attention_gamma = options.gamma
     return options
@@ -94,16 +105,22 @@ VITERBI_MODULES = (ViterbiAttention, ViterbiNormalizer)
 def log_attention_metrics(att, prefix: str = "") -> None:
     """Log the fallback and frozen-row rates and the learned transitions on the γ scale of a Viterbi attention
     (no-op for softmax/sparsemax) into fairseq's active metric aggregators (train_inner/train while training, valid
-    during validation): ``attn_fallback``, ``attn_frozen`` and ``T00/g T01/g T10/g T11/g`` (T[i, j]: state j at
-    t−1 → state i at t; all ≈ 0 means independent positions). ``prefix`` distinguishes several attention layers.
+    during validation): ``attn_fallback``, ``attn_frozen``, ``T00/g T01/g T10/g T11/g`` (T[i, j]: state j at
+    t−1 → state i at t) and ``kappa``, the coupling κ = (T00 + T11 − T01 − T10)/γ — the one direction of T that
+    links neighbouring positions (|κ| < 0.25: independent positions, :func:`structattn.ops.segmentation.
+    chain_coupling`; the other three directions only shift the scores). ``prefix`` distinguishes several attention
+    layers.
 
     ``att`` is one module or a list of them (e.g. the normalisers of every decoder layer of a Transformer, None
-    where a layer has none): the rates then pool the rows of all of them and T/γ is the mean over all their
-    transition matrices (one per head for a :class:`structattn.attention.ViterbiNormalizer`).
+    where a layer has none): the rates then pool the rows of all of them and T/γ and ``kappa`` are the means over
+    all their transition matrices (one per head for a :class:`structattn.attention.ViterbiNormalizer`); with more
+    than one matrix, κ of each is logged too, as ``kappa_L<layer>H<head>`` (layer: the position in ``att``).
 
     Reads the counts on the host: callers skip it inside compiled graphs (the counts keep accumulating in the
     module's buffers and are logged by the next eager call)."""
-    atts = [m for m in (att if isinstance(att, (list, tuple)) else (att,)) if isinstance(m, VITERBI_MODULES)]
+    layers = [(i, m) for i, m in enumerate(att if isinstance(att, (list, tuple)) else (att,))
+              if isinstance(m, VITERBI_MODULES)]
+    atts = [m for _, m in layers]
     if not atts:
         return
     rows, dead, frozen = (sum(c) for c in zip(*(m.pop_fallback_counts() for m in atts)))
@@ -111,11 +128,18 @@ def log_attention_metrics(att, prefix: str = "") -> None:
         return
     metrics.log_scalar(f"{prefix}attn_fallback", dead / rows, weight=rows, round=4)
     metrics.log_scalar(f"{prefix}attn_frozen", frozen / rows, weight=rows, round=4)
-    tau = torch.cat([(m.effective_transitions().detach() / m.gamma).reshape(-1, 2, 2) for m in atts])
-    tau = tau.mean(0).cpu().tolist()
+    taus = [(m.effective_transitions().detach() / m.gamma).reshape(-1, 2, 2) for m in atts]
+    kappas = [chain_coupling(t).cpu().tolist() for t in taus]
+    tau = torch.cat(taus).mean(0).cpu().tolist()
     for i in range(2):
         for j in range(2):
             metrics.log_scalar(f"{prefix}T{i}{j}/g", tau[i][j], weight=0, round=3)
+    flat = [k for layer in kappas for k in layer]
+    metrics.log_scalar(f"{prefix}kappa", sum(flat) / len(flat), weight=0, round=3)
+    if len(flat) > 1:
+        for (layer, _), ks in zip(layers, kappas):
+            for head, k in enumerate(ks):
+                metrics.log_scalar(f"{prefix}kappa_L{layer}H{head}", k, weight=0, round=3)
 
 
 def check_transition_keys(state_dict: dict, prefix: str, form: str) -> None:

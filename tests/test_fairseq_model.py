@@ -313,3 +313,37 @@ def test_cuda_matches_cpu(variant):
     torch.testing.assert_close(logits_c.cpu(), logits, rtol=1e-7, atol=1e-8)
     torch.testing.assert_close(attn_c.cpu(), attn, rtol=1e-7, atol=1e-8)
     assert len(hyp) == 3
+
+
+def test_chain_off_flag_and_kappa_in_the_training_log():
+    from fairseq.logging import metrics
+
+    from structattn.attention import ViterbiNormalizer
+    from structattn_fairseq.attention_options import log_attention_metrics, resolve_attention_args
+
+    args, code, _ = _parse("--attention", "viterbi", "--attention-reg", "l2", "--attention-transitions", "none")
+    assert code is None and args.attention_transitions == "none"
+    assert resolve_attention_args(args).transitions == "none"
+    args, code, text = _parse("--attention-transitions", "off")
+    assert code == 2 and "--attention-transitions" in text
+    args, _, _ = _parse()
+    assert args.attention_transitions == "learned"
+
+    norms = [ViterbiNormalizer(2, "l2"), None, ViterbiNormalizer(2, "l2", chain=False)]
+    with torch.no_grad():
+        norms[0].transitions_over_gamma[1] = torch.tensor([[0.5, 0.0], [0.0, 0.25]])  # κ = 0.75 for head 1
+    for m in norms[::2]:
+        m(torch.randn(1, 2, 3, 5))
+    with metrics.aggregate() as agg:
+        log_attention_metrics(norms)
+    logged = agg.get_smoothed_values()
+    # layer 0: heads at the prior (κ = 2) and 0.75; layer 2 (the chain-off one): κ = 0 for both heads
+    assert logged["kappa_L0H0"] == pytest.approx(2.0) and logged["kappa_L0H1"] == pytest.approx(0.75)
+    assert logged["kappa_L2H0"] == pytest.approx(0.0, abs=1e-6) and logged["kappa_L2H1"] == pytest.approx(0, abs=1e-6)
+    assert logged["kappa"] == pytest.approx((2.0 + 0.75) / 4, abs=1e-3)
+    single = ViterbiNormalizer(1, "entropy")
+    single(torch.randn(1, 1, 2, 4))
+    with metrics.aggregate() as agg:
+        log_attention_metrics(single)
+    values = agg.get_smoothed_values()
+    assert values["kappa"] == pytest.approx(2.0) and not any(k.startswith("kappa_L") for k in values)
