@@ -138,3 +138,21 @@ def test_chain_option_in_options_and_factories():
         options.resolve_options("viterbi", transitions="off")
     with pytest.raises(TypeError, match="chain must be a bool"):
         ViterbiAttention(3, 4, chain="no")
+
+
+def test_health_report_reads_kappa_not_the_entries():
+    from structattn.evaluation.attention_health import transitions_report
+
+    m = ViterbiAttention(4, 4, reg="l2", form="paper")
+    with torch.no_grad():  # large entries, all along the shift directions: f(i) + g(j)
+        m.transitions.copy_(torch.tensor([[0.0, 9.0], [-14.0, -5.0]]))
+    r = transitions_report(m)
+    assert r["kappa"] == 0.0 and r["independent_positions"] and r["coupling"] == "independent positions"
+    with torch.no_grad():  # small entries, but coupled: κ = (1.5 + 1.5) / 10
+        m.transitions.copy_(torch.tensor([[1.5, 0.0], [0.0, 1.5]]))
+    r = transitions_report(m)
+    assert r["kappa"] == pytest.approx(0.3) and not r["independent_positions"]
+    assert r["coupling"] == "weakly contiguous" and r["chain"] is True
+    off = ViterbiAttention(4, 4, reg="l2", chain=False)
+    r = transitions_report(off)
+    assert r["chain"] is False and r["kappa"] == pytest.approx(0.0, abs=1e-9) and r["independent_positions"]

@@ -13,14 +13,20 @@ which reproduces the decoder states of beam search) and records, per target row,
 that the forced attention equals the dumped one (``max_abs_diff``), and with ``--annotate`` rewrites the dump with
 ``extra["fallback_rows"]`` per record, which ``structattn-stats`` shows as its "fallback rows" column.
 
-Transitions. T (2×2, T[i, j]: state j at t−1 → state i at t) divided by γ, the scale on which it matters. A
-model whose T/γ never left 0 (max |T/γ| < 0.05, and the paper form starts at exactly 0) is flagged as an
-*independent-positions* model: its chain factorises and the attention has no structure beyond a per-position
-gate. For the stable form (prior τ = [[c, 0], [0, c]] at init) the change from the initial value is reported too.
+Transitions. T (2×2, T[i, j]: state j at t−1 → state i at t) divided by γ, the scale on which it matters, and
+its coupling κ = (T₀₀ + T₁₁ − T₀₁ − T₁₀)/γ (:func:`structattn.ops.segmentation.chain_coupling`). Any T of the
+form f(i) + g(j) — whatever its size — makes the chain factorise into independent per-position gates: three of the
+four directions of T only shift the scores, κ is the one that couples neighbours. A model with
+|κ| < :data:`~structattn.ops.segmentation.INDEPENDENT_KAPPA` (0.25: for −H, attending to x_{t−1} changes the odds
+of attending to x_t by less than 1.28×) is flagged as an *independent-positions* model; ``coupling`` says
+"independent positions", "weakly contiguous"/"weakly alternating" (|κ| < 1) or "contiguous"/"alternating". (An
+earlier version flagged only max |T/γ| < 0.05, which missed every model whose T had moved along the shift
+directions.) A chain-off model (``--attention-transitions none``) has κ = 0 by construction (``chain`` false). For
+the stable form (prior τ = [[c, 0], [0, c]] at init, κ = 2c) the change from the initial value is reported too.
 
-Output JSON: {"attention", "reg", "gamma", "form", "T_over_gamma", "T_over_gamma_init", "independent_positions",
-"T_over_gamma_moved", "rows", "fallback_rows", "fallback_fraction", "max_abs_diff"}; softmax/sparsemax models give
-only "attention" and nulls.
+Output JSON: {"attention", "reg", "gamma", "form", "chain", "T_over_gamma", "T_over_gamma_init", "kappa",
+"coupling", "independent_positions", "T_over_gamma_moved", "rows", "fallback_rows", "fallback_fraction",
+"max_abs_diff"}; softmax/sparsemax models give only "attention" and nulls.
 
 OpenNMT-py models (``--toolkit onmt --checkpoint RUN/model_best.pt --dump RUN/attention.jsonl``, no ``--data``: the
 vocabulary is in the checkpoint): the same report, with the model loaded as ``structattn-onmt-translate`` loads
@@ -36,22 +42,24 @@ import sys
 
 from .. import __version__
 
-INDEPENDENT_TOL = 0.05
-
-
 def transitions_report(att) -> dict:
-    """T/γ, its initial value and the independent-positions flag of a ViterbiAttention module."""
-    tau = (att.effective_transitions().detach().double() / att.gamma).tolist()
+    """T/γ, its initial value, κ, its verdict and the independent-positions flag of a ViterbiAttention module."""
+    from structattn.ops.segmentation import INDEPENDENT_KAPPA, chain_coupling, coupling_verdict
+
+    t = att.effective_transitions().detach().double() / att.gamma
+    tau = t.tolist()
     c = att.contiguity
     init = [[c, 0.0], [0.0, c]]
     moved = max(abs(tau[i][j] - init[i][j]) for i in range(2) for j in range(2))
-    level = max(abs(x) for row in tau for x in row)
+    kappa = float(chain_coupling(t))
     return {
+        "chain": bool(getattr(att, "chain", True)),
         "T_over_gamma": [[round(x, 4) for x in row] for row in tau],
         "T_over_gamma_init": init,
         "T_over_gamma_moved": round(moved, 4),
-        # With T ≈ 0 every path pays the same for its transitions: the chain factorises into independent positions.
-        "independent_positions": bool(level < INDEPENDENT_TOL),
+        "kappa": round(kappa, 4),
+        "coupling": coupling_verdict(kappa),
+        "independent_positions": bool(abs(kappa) < INDEPENDENT_KAPPA),
     }
 
 
@@ -82,7 +90,8 @@ def main(argv=None) -> int:
     model, att, forward = (_load_onmt if args.toolkit == "onmt" else _load_fairseq)(args)
     report = {"checkpoint": args.checkpoint, "attention": type(att).__name__}
     if not isinstance(att, ViterbiAttention):
-        report.update(reg=None, gamma=None, form=None, T_over_gamma=None, independent_positions=None,
+        report.update(reg=None, gamma=None, form=None, T_over_gamma=None, kappa=None, coupling=None,
+                      independent_positions=None,
                       rows=None, fallback_rows=None, fallback_fraction=None)
         _emit(report, args.json)
         return 0
