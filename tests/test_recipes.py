@@ -264,21 +264,53 @@ def test_results_table_health_columns_and_warnings(tmp_path, capsys):
                         "sparsemax", "--out", str(out)])
     text = out.read_text()
     l2 = next(line for line in text.splitlines() if line.startswith("| Viterbi ℓ2²"))
-    assert "| 0.125 | [[1.20, 0.36], [-0.20, 0.80]] | 0.000 | 1.000 |" in l2
+    # κ = 1.2 + 0.8 − 0.36 + 0.2 = 1.84
+    assert "| 0.125 | [[1.20, 0.36], [-0.20, 0.80]] | 1.84 (contiguous) | 0.000 | 1.000 |" in l2
     ent = next(line for line in text.splitlines() if line.startswith("| Viterbi −H"))
-    assert "(independent)" in ent and "| 0.000 | 0.500 |" in ent  # two identical hypotheses
+    assert "-0.01 (independent positions)" in ent and "| 0.000 | 0.500 |" in ent  # two identical hypotheses
     sm = next(line for line in text.splitlines() if line.startswith("| softmax"))
-    assert "| – | – | 0.500 | 1.000 |" in sm  # one of two hypotheses loops; no Viterbi health for softmax
+    assert "| – | – | – | 0.500 | 1.000 |" in sm  # one of two hypotheses loops; no Viterbi health for softmax
     warnings = [line for line in text.splitlines() if "**WARNING**" in line]
     assert len(warnings) == 4
-    assert "12.5% of attention rows fell back" in warnings[0] and "never left 0" in warnings[1]
-    assert "50% of hypotheses repeat a token 4 times" in warnings[2]
+    assert "12.5% of attention rows fell back" in warnings[0]
+    assert "coupling κ = -0.01" in warnings[1] and "independent-positions model" in warnings[1]
+    assert "50% of hypotheses repeat a token 4 times or a 2–4-token phrase 3 times" in warnings[2]
     assert "sparsemax: 50% of hypotheses are empty" in warnings[3]
     assert capsys.readouterr().err.count("WARNING:") == 4
 
 
 def test_output_health_counts():
     assert results_table.output_health(Path("/nonexistent")) is None
+
+
+@pytest.mark.parametrize("text,loops", [
+    ("and he said to him he said to him he said to him", True),           # 4-token phrase 3 times
+    ("the lord the lord the lord spoke", True),                            # 2-token phrase 3 times
+    ("a a a a", True), ("a a a b", False),                                 # one token 4 times, 3 times
+    ("the lord the lord spoke", False),                                    # twice is not a loop
+    ("a b c d e a b c d e a b c d e", False),                              # 5-token phrases are not counted
+    ("", False),
+])
+def test_looping_counts_phrases_not_only_tokens(text, loops):
+    assert results_table.looping(text.split()) is loops
+
+
+def test_output_health_phrase_loops_and_eos_warning(tmp_path):
+    hyps = tmp_path / "hyp"
+    hyps.write_text("he said , he said , he said , amen\nno loop here\n")
+    o = results_table.output_health(hyps)
+    assert o["repeat_fraction"] == 0.0 and o["loop_fraction"] == 0.5
+    rows = [{"variant": "softmax", "output": o, "stats": {"eos_mass": 0.91}},
+            {"variant": "viterbi-l2", "output": {"loop_fraction": 0.0}, "stats": {"eos_mass": 0.2},
+             "health": {"T_over_gamma": [[1.40, 0.47], [0.40, -0.58]], "chain": True}}]
+    warn = results_table.health_warnings(rows)
+    assert any("50% of hypotheses repeat" in w for w in warn)
+    assert any("softmax: its target rows put 91% of their attention on the source's end of sentence" in w
+               for w in warn)
+    # an old health report without κ: computed from T/γ (the quickstart's l2 model, κ = −0.05)
+    assert any("coupling κ = -0.05" in w for w in warn)
+    assert results_table.kappa_of({"T_over_gamma": None}) is None
+    assert results_table.kappa_of({"kappa": 0.3, "T_over_gamma": [[9, 0], [0, 9]]}) == 0.3
 
 
 def test_filter_len_keeps_short_pairs(tmp_path):

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from .. import __version__
+from ..ops.segmentation import COUPLED_KAPPA, INDEPENDENT_KAPPA, coupling_verdict
 
 # the variant table (structattn/evaluation/variants.py): variant name → its label; toolkits and run folders
 from .variants import LABELS, TOOLKITS, run_label, run_name
@@ -54,6 +55,34 @@ _ONMT_HEALTH = re.compile(r"Step (\d+); structattn attention: attn_fallback ([0-
 FALLBACK_WARN = 0.05
 #: a hypothesis with one token this many times in a row counts as degenerate (looping) output
 REPEAT_RUN = 4
+#: ... and so does one with a phrase of 2 to PHRASE_MAX tokens repeated PHRASE_RUN times in a row ("and he said to
+#: him, and he said to him, and he said to him"), which the token count misses
+PHRASE_MAX, PHRASE_RUN = 4, 3
+#: a model whose target rows put more than this mean weight on the source's end-of-sentence column is flagged as
+#: parked on EOS (its decoder can ignore the alignment: the EOS state summarises the sentence)
+EOS_MASS_WARN = 0.5
+
+
+def looping(tokens) -> bool:
+    """True if ``tokens`` has one token :data:`REPEAT_RUN` times in a row, or a phrase of 2 to :data:`PHRASE_MAX`
+    tokens :data:`PHRASE_RUN` times in a row."""
+    t = list(tokens)
+    if any(len(set(t[i:i + REPEAT_RUN])) == 1 for i in range(len(t) - REPEAT_RUN + 1)):
+        return True
+    for n in range(2, PHRASE_MAX + 1):
+        for i in range(len(t) - n * PHRASE_RUN + 1):
+            if all(t[i + k * n:i + (k + 1) * n] == t[i:i + n] for k in range(1, PHRASE_RUN)):
+                return True
+    return False
+
+
+def kappa_of(health: dict):
+    """κ of a health report (``structattn-health``): its own ``kappa``, else computed from ``T_over_gamma`` (reports
+    written before κ existed); None for softmax/sparsemax."""
+    if health.get("kappa") is not None:
+        return health["kappa"]
+    t = health.get("T_over_gamma")
+    return None if not t else t[0][0] + t[1][1] - t[0][1] - t[1][0]
 
 
 def read_scores(path: Path) -> dict:
@@ -180,7 +209,8 @@ def parse_onmt_train_log(path: Path) -> dict:
 
 def output_health(path: Path) -> dict | None:
     """Degenerate-output checks of a hypothesis file: the fraction of hypotheses with a whitespace token repeated
-    :data:`REPEAT_RUN` times in a row, the fraction of distinct hypotheses and of empty ones."""
+    :data:`REPEAT_RUN` times in a row (``repeat_fraction``), of those that loop by :func:`looping` (a token or a
+    2–4-token phrase; ``loop_fraction``), the fraction of distinct hypotheses and of empty ones."""
     try:
         hyps = [line.split() for line in path.read_text(encoding="utf-8").splitlines()]
     except OSError:
@@ -192,8 +222,8 @@ def output_health(path: Path) -> dict | None:
         return any(len(set(t[i:i + REPEAT_RUN])) == 1 for i in range(len(t) - REPEAT_RUN + 1))
 
     n = len(hyps)
-    return {"repeat_fraction": sum(map(loops, hyps)) / n, "distinct_fraction": len(set(map(tuple, hyps))) / n,
-            "empty_fraction": sum(not h for h in hyps) / n}
+    return {"repeat_fraction": sum(map(loops, hyps)) / n, "loop_fraction": sum(map(looping, hyps)) / n,
+            "distinct_fraction": len(set(map(tuple, hyps))) / n, "empty_fraction": sum(not h for h in hyps) / n}
 
 
 def fmt_transitions(t) -> str:
@@ -214,12 +244,19 @@ def health_warnings(rows) -> list[str]:
         if th.get("fallback", 0) > FALLBACK_WARN:
             warn.append(f"{label}: {th['fallback']:.1%} of attention rows fell back to softmax in the last logged "
                         f"training steps (step {th['step']}, train.log; > {FALLBACK_WARN:.0%}).")
-        if h.get("independent_positions"):
-            warn.append(f"{label}: learned transitions T/γ = {fmt_transitions(h.get('T_over_gamma'))} never left 0: "
-                        "an independent-positions model (the chain is not used).")
-        if o.get("repeat_fraction", 0) > 0.05:
-            warn.append(f"{label}: {o['repeat_fraction']:.0%} of hypotheses repeat a token {REPEAT_RUN} times in a "
-                        "row (looping output).")
+        kappa = kappa_of(h)
+        if kappa is not None and abs(kappa) < INDEPENDENT_KAPPA and h.get("chain", True):
+            warn.append(f"{label}: coupling κ = {kappa:.2f} of the learned transitions T/γ = "
+                        f"{fmt_transitions(h.get('T_over_gamma'))} (|κ| < {INDEPENDENT_KAPPA}): an "
+                        "independent-positions model (the chain is not used).")
+        loops_ = o.get("loop_fraction", o.get("repeat_fraction", 0))
+        if loops_ > 0.05:
+            warn.append(f"{label}: {loops_:.0%} of hypotheses repeat a token {REPEAT_RUN} times or a 2–{PHRASE_MAX}-"
+                        f"token phrase {PHRASE_RUN} times in a row (looping output).")
+        eos = (r.get("stats") or {}).get("eos_mass")
+        if eos is not None and eos == eos and eos > EOS_MASS_WARN:
+            warn.append(f"{label}: its target rows put {eos:.0%} of their attention on the source's end of sentence "
+                        "on average: attention parked on EOS, not aligned.")
         if o.get("empty_fraction", 0) > 0.05:
             warn.append(f"{label}: {o['empty_fraction']:.0%} of hypotheses are empty (the model does not translate).")
     return warn
@@ -444,7 +481,7 @@ def _table(rows, args, has_multi: bool) -> tuple[list[str], set]:
     head = ["attention"] + (["toolkit"] if has_onmt else []) + [f"BLEU ({r1})"] + (
         [f"BLEU ({r1}+{r2})"] if has_multi else []) + [f"chrF2 ({r1})"] + (["params"] if has_onmt else []) + [
         "updates", "epochs", "train time", "tokens/s", "exact zeros", "support/row",
-        "segments/row", "fallback rows", "T/γ", "looping hyps", "distinct hyps"]
+        "segments/row", "EOS mass", "fallback rows", "T/γ", "κ", "looping hyps", "distinct hyps"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     sigs = set()
     for r in rows:
@@ -477,11 +514,14 @@ def _row_cells(r: dict, has_multi: bool, has_onmt: bool = False) -> tuple[list[s
               fmt(epochs, "{:.1f}" if isinstance(epochs, float) else "{}"),
               "–" if wall is None else f"{wall / 60:.1f} min",
               fmt(t.get("tokens_per_s"), "{:.0f}"), fmt(s.get("zero_fraction"), "{:.3f}"),
-              fmt(s.get("mean_support"), "{:.2f}"), fmt(s.get("mean_segments"), "{:.2f}")]
+              fmt(s.get("mean_support"), "{:.2f}"), fmt(s.get("mean_segments"), "{:.2f}"),
+              fmt(s.get("eos_mass"), "{:.3f}")]
     h, o = r.get("health") or {}, r.get("output") or {}
-    cells += [fmt(h.get("fallback_fraction"), "{:.3f}"),
-              fmt_transitions(h.get("T_over_gamma")) + (" (independent)" if h.get("independent_positions") else ""),
-              fmt(o.get("repeat_fraction"), "{:.3f}"), fmt(o.get("distinct_fraction"), "{:.3f}")]
+    kappa = kappa_of(h)
+    cells += [fmt(h.get("fallback_fraction"), "{:.3f}"), fmt_transitions(h.get("T_over_gamma")),
+              "–" if kappa is None else f"{kappa:.2f} ({coupling_verdict(kappa)})"
+              + ("" if h.get("chain", True) else ", chain off"),
+              fmt(o.get("loop_fraction", o.get("repeat_fraction")), "{:.3f}"), fmt(o.get("distinct_fraction"), "{:.3f}")]
     return cells, sigs
 
 
@@ -491,10 +531,14 @@ COLUMN_NOTES = ("Columns: BLEU/chrF2 by sacrebleu on detokenised output (sentenc
     "target tokens per second of training steps; *exact zeros* = fraction of "
     "attention cells that are exactly 0, *support/row* = non-zero source positions per target token, "
     "*segments/row* = contiguous non-zero blocks per target token (`structattn-stats`, test set, EOS "
-    "included). *fallback rows* = fraction of target rows where the Viterbi attention had p(y_t = 1) = 0 "
-    "everywhere and fell back to softmax; *T/γ* = learned transitions on the temperature scale (T[i, j]: state j "
-    "at t−1 → i at t; ≈ 0 = independent positions) (`structattn-health`); *looping hyps* = "
-    f"fraction of hypotheses with a token {REPEAT_RUN} times in a row; *distinct hyps* = distinct hypotheses / "
+    "included); *EOS mass* = mean attention weight of a target row on the source's end-of-sentence column (the "
+    "target's EOS row excluded; near 1: attention parked on EOS). *fallback rows* = fraction of target rows where "
+    "the Viterbi attention had p(y_t = 1) = 0 everywhere and fell back to softmax; *T/γ* = learned transitions on "
+    "the temperature scale (T[i, j]: state j at t−1 → i at t) and *κ* = T₀₀ + T₁₁ − T₀₁ − T₁₀ on that scale, the "
+    "one direction of T that couples neighbouring positions (the others only shift the scores; |κ| < "
+    f"{INDEPENDENT_KAPPA}: independent positions, < {COUPLED_KAPPA}: weakly coupled) (`structattn-health`); "
+    f"*looping hyps* = fraction of hypotheses with a token {REPEAT_RUN} times or a 2–{PHRASE_MAX}-token phrase "
+    f"{PHRASE_RUN} times in a row; *distinct hyps* = distinct hypotheses / "
     "test sentences. \"(time cap)\" marks a training stopped by `--stop-time-hours` before its update budget, "
     "\"(early stop)\" one stopped by `--patience` (validation loss no longer improving: a plateau).")
 
