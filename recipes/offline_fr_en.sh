@@ -34,8 +34,8 @@ usage: bash recipes/offline_fr_en.sh [options]
                        1,600 updates each, two at a time, ~8 min on 2 cores) | small (default: ~15-20 min per model
                        on 2 CPU cores) | converge (all four variants trained to a validation plateau, early
                        stopping, at most 0.5 h each, two at a time) | full (all data, paper-sized training; hours)
-  --variants "A B ..." subset of: $variants_all (default: all four; quick: softmax
-                       viterbi-l2)
+  --variants "A B ..." subset of: $variants_all
+                       (default: $variants_main; quick: softmax viterbi-l2)
   --work DIR           working folder (default recipes/<corpus>_fr_en/work)
   --results FILE       write the results table here (default <work>/RESULTS.md)
   --max-train N        training pairs (overrides the size preset; 0 = all)
@@ -161,7 +161,7 @@ gamma_entropy="${gamma_entropy-$paper_gamma_entropy}" gamma_l2="${gamma_l2-$pape
 is_pos "$gamma_entropy" || die "--gamma-entropy must be a positive number, not '$gamma_entropy'"
 is_pos "$gamma_l2" || die "--gamma-l2 must be a positive number, not '$gamma_l2'"
 [ "$stop_hours" = 0 ] || is_pos "$stop_hours" || die "--stop-hours must be 0 or a positive number, not '$stop_hours'"
-variants="${variants-${p_variants:-$variants_all}}"
+variants="${variants-${p_variants:-$variants_main}}"
 check_variants "$variants"
 if [ "$builtin_lstm" = 1 ] && [ "$variants" != softmax ]; then
   die "--builtin-lstm only has softmax attention: add --variants softmax"

@@ -709,7 +709,7 @@ def test_offline_dry_run_onmt(tmp_path):
     assert "onmt_build_vocab -config" in on["onmt-vocab"] and "share_vocab: true" in on["onmt-vocab"]
     assert f'path_src: "{work}/data/spm/train.len.fr"' in on["onmt-vocab"]
     trains = {name: cmd for name, cmd in on.items() if name.startswith("train.")}
-    assert list(trains) == [f"train.onmt-{v}" for v in variants.VARIANTS]
+    assert list(trains) == [f"train.onmt-{v}" for v in variants.MAIN_VARIANTS]
     gamma = {"entropy": "2", "l2": "10"}
     strip = set()
     for name, cmd in trains.items():
@@ -1051,3 +1051,14 @@ def test_transformer_arch_in_the_recipe_and_its_health_from_the_log(tmp_path):
                    '"0.0125", "valid_T00/g": "1.2", "valid_T01/g": "0.1", "valid_T10/g": "-0.3", "valid_T11/g": "0.9"}\n')
     h = results_table.parse_train_log(log)["valid_health"]
     assert h["fallback_fraction"] == 0.0125 and h["T_over_gamma"] == [[1.2, 0.1], [-0.3, 0.9]]
+
+
+def test_ablation_variants_keep_their_own_form_and_are_asked_for_by_name():
+    gamma = {"entropy": "2", "l2": "10"}
+    assert variants.MAIN_VARIANTS == ("softmax", "sparsemax", "viterbi-entropy", "viterbi-l2")
+    # the recipe's --viterbi-form applies to the main variants, not to an ablation that names its own form
+    assert variants.fairseq_flags("viterbi-l2", gamma, "stable").endswith("--attention-form stable")
+    assert variants.fairseq_flags("viterbi-l2-paper", gamma, "stable").endswith("--attention-form paper")
+    assert variants.fairseq_flags("viterbi-l2-stable", gamma, "paper").endswith("--attention-form stable")
+    assert "--attention-transitions none" in variants.fairseq_flags("viterbi-l2-nochain", gamma, "stable")
+    assert "-attention_transitions none" in variants.onmt_flags("viterbi-entropy-nochain", gamma)

@@ -12,7 +12,8 @@ docs/onmt.md). A Viterbi variant also gets the temperature γ of its regulariser
 The shell recipes read the table through this file's command line (``recipes/lib.sh``)::
 
     python -m structattn.evaluation.variants shell
-        variants_all='softmax sparsemax viterbi-entropy viterbi-l2'   (shell assignments, for eval)
+        variants_all='softmax sparsemax viterbi-entropy viterbi-l2 viterbi-l2-nochain ...'   (shell assignments)
+        variants_main='softmax sparsemax viterbi-entropy viterbi-l2'    (the recipes' default set)
         paper_gamma_entropy=2
         paper_gamma_l2=10
     python -m structattn.evaluation.variants flags viterbi-l2 --gamma-l2 5 --form stable
@@ -37,6 +38,8 @@ class Variant(NamedTuple):
     flags: str  # fairseq attention flags
     onmt: str  # the same attention in OpenNMT-py's spelling (structattn-onmt-train, docs/onmt.md)
     reg: Optional[str] = None  # Viterbi regulariser (a key of PAPER_GAMMA): adds the γ (and form) flags
+    form: Optional[str] = None  # a form of its own (ablations), whatever form the recipe sets for the others
+    main: bool = True  # in the recipes' default set (the ablations are asked for by name)
 
 
 #: name → variant, in the order the recipes run and tabulate them.
@@ -47,10 +50,23 @@ VARIANTS = {
                                "-global_attention_function viterbi -attention_reg entropy", "entropy"),
     "viterbi-l2": Variant("Viterbi ℓ2²", "--attention viterbi --attention-reg l2",
                           "-global_attention_function viterbi -attention_reg l2", "l2"),
+    # Ablations of the multi-seed study (recipes/bible_fr_en/STUDY.md): what the chain buys (the same unary scores,
+    # κ held at 0: independent positions), and the paper's exact parametrisation beside the default form.
+    "viterbi-l2-nochain": Variant("Viterbi ℓ2², chain off", "--attention viterbi --attention-reg l2 "
+                                  "--attention-transitions none", "-global_attention_function viterbi -attention_reg "
+                                  "l2 -attention_transitions none", "l2", main=False),
+    "viterbi-entropy-nochain": Variant("Viterbi −H, chain off", "--attention viterbi --attention-reg entropy "
+                                       "--attention-transitions none", "-global_attention_function viterbi "
+                                       "-attention_reg entropy -attention_transitions none", "entropy", main=False),
+    "viterbi-l2-paper": Variant("Viterbi ℓ2², paper form", "--attention viterbi --attention-reg l2",
+                                "-global_attention_function viterbi -attention_reg l2", "l2", "paper", main=False),
+    "viterbi-l2-stable": Variant("Viterbi ℓ2², stable form", "--attention viterbi --attention-reg l2",
+                                 "-global_attention_function viterbi -attention_reg l2", "l2", "stable", main=False),
 }
 
 LABELS = {name: v.label for name, v in VARIANTS.items()}
-REGULARISERS = tuple(v.reg for v in VARIANTS.values() if v.reg)
+MAIN_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.main)
+REGULARISERS = tuple(dict.fromkeys(v.reg for v in VARIANTS.values() if v.reg))
 
 #: toolkit (the recipes' --toolkit) → its name in the result tables
 TOOLKITS = {"fairseq": "fairseq", "onmt": "OpenNMT-py"}
@@ -95,6 +111,7 @@ def attention_flags(name: str, gamma: dict, form: str | None = None, toolkit: st
     if not v.reg:
         return flags
     gamma_flag, form_flag = _GAMMA_FORM[toolkit]
+    form = v.form or form
     return f"{flags} {gamma_flag} {gamma[v.reg]}" + (f" {form_flag} {form}" if form else "")
 
 
@@ -127,6 +144,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "shell":
         print(f"variants_all={shlex.quote(' '.join(VARIANTS))}")
+        print(f"variants_main={shlex.quote(' '.join(MAIN_VARIANTS))}")
         for reg, g in paper_gamma().items():
             print(f"paper_gamma_{reg}={shlex.quote(_number(g))}")
         return 0
