@@ -19,6 +19,10 @@ from .ops import (
     viterbi_value,
 )
 
+# Structured losses and sparse decoding (ICML 2018 §4.1, §2.3, App. C.1); issue 23.
+from .decoding import TagSequence, sequence_marginals, sparse_decode, viterbi_decode
+from .losses import ViterbiLoss, hard_viterbi, tags_to_path, viterbi_loss
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -35,4 +39,13 @@ __all__ = [
     "viterbi_hvp",
     "viterbi_marginals",
     "viterbi_value",
+    # structured losses and sparse decoding
+    "TagSequence",
+    "ViterbiLoss",
+    "hard_viterbi",
+    "sequence_marginals",
+    "sparse_decode",
+    "tags_to_path",
+    "viterbi_decode",
+    "viterbi_loss",
 ]
