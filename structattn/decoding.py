@@ -34,7 +34,7 @@ from .losses import hard_viterbi
 from .ops.smoothed_max import check_reg_gamma
 from .ops.viterbi import _marginals, _prepare, resolve_backend
 
-__all__ = ["TagSequence", "sparse_decode", "viterbi_decode", "sequence_marginals"]
+__all__ = ["TagSequence", "count_sequences", "sparse_decode", "viterbi_decode", "sequence_marginals"]
 
 
 class TagSequence(NamedTuple):
@@ -49,6 +49,29 @@ def viterbi_decode(theta: Tensor, lengths=None) -> Tensor:
     to the lowest state index. Same θ/``lengths`` conventions as :func:`structattn.viterbi_value`."""
     with torch.no_grad():
         return hard_viterbi(theta.detach() if isinstance(theta, Tensor) else theta, lengths)[1]
+
+
+def _local_distributions(theta, lengths, reg, gamma, backend):
+    """Alg. 3's q's and r (float64, CPU) and the chain lengths, from one forward pass (no autograd)."""
+    theta_c, lengths_t, gamma, _ = _prepare(theta, lengths, reg, gamma)
+    name = resolve_backend(backend, theta_c)
+    with torch.no_grad():
+        _, Q, _, r = _marginals(theta_c.detach(), lengths_t, reg, gamma, name)
+    B, T = Q.shape[:2]
+    Ls = [T] * B if lengths_t is None else [int(x) for x in lengths_t]
+    return Q.double().cpu(), r.double().cpu(), Ls
+
+
+def count_sequences(
+    theta: Tensor, lengths=None, gamma: float = 1.0, *, reg: str = "l2", include_start: bool = False,
+    backend: str | None = None,
+) -> list[int]:
+    """The number of tag sequences with non-zero probability per chain (exact Python ints, no enumeration): what
+    :func:`sparse_decode` would list. Same arguments as :func:`sparse_decode`."""
+    gamma = check_reg_gamma(reg, gamma)
+    Q, r, Ls = _local_distributions(theta, lengths, reg, gamma, backend)
+    S = Q.shape[-1]
+    return [_support_size(Q[b, :L].tolist(), r[b].tolist(), L, S, include_start) for b, L in enumerate(Ls)]
 
 
 def sparse_decode(
@@ -80,16 +103,10 @@ def sparse_decode(
     gamma = check_reg_gamma(reg, gamma)
     if isinstance(max_sequences, bool) or not isinstance(max_sequences, int) or max_sequences < 1:
         raise ValueError(f"max_sequences must be an int >= 1, got {max_sequences!r}")
-    theta_c, lengths_t, gamma, _ = _prepare(theta, lengths, reg, gamma)
-    name = resolve_backend(backend, theta_c)
-    with torch.no_grad():
-        _, Q, _, r = _marginals(theta_c.detach(), lengths_t, reg, gamma, name)
-    B, T, S, _ = Q.shape
-    Ls = [T] * B if lengths_t is None else [int(x) for x in lengths_t]
-    Q64, r64 = Q.double().cpu(), r.double().cpu()
+    Q64, r64, Ls = _local_distributions(theta, lengths, reg, gamma, backend)
+    S = Q64.shape[-1]
     out = []
-    for b in range(B):
-        L = Ls[b]
+    for b, L in enumerate(Ls):
         q = Q64[b, :L].tolist()  # q[t][i][j]
         rb = r64[b].tolist()
         size = _support_size(q, rb, L, S, include_start)

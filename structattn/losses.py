@@ -137,7 +137,8 @@ def tags_to_path(tags: Tensor, num_states: int, lengths=None, *, start="uniform"
     tags = tags.long()
     real = tags[mask]
     if real.numel() and (int(real.min()) < 0 or int(real.max()) >= S):
-        raise ValueError(f"tags on real steps must lie in [0, {S}), got values in [{int(real.min())}, {int(real.max())}]")
+        raise ValueError(
+            f"tags on real steps must lie in [0, {S}), got values in [{int(real.min())}, {int(real.max())}]")
     cur = torch.where(mask, tags, torch.zeros_like(tags))  # padded entries → 0, masked out below
     Y = torch.zeros(B, T, S * S, dtype=dtype, device=device)
     if T > 1:
@@ -162,7 +163,8 @@ def tags_to_path(tags: Tensor, num_states: int, lengths=None, *, start="uniform"
     if start_t.shape != (B,):
         raise ValueError(f"start must be an int or have shape ({B},), got {tuple(start_t.shape)}")
     if B and (int(start_t.min()) < 0 or int(start_t.max()) >= S):
-        raise ValueError(f"start states must lie in [0, {S}), got values in [{int(start_t.min())}, {int(start_t.max())}]")
+        raise ValueError(
+            f"start states must lie in [0, {S}), got values in [{int(start_t.min())}, {int(start_t.max())}]")
     Y[torch.arange(B, device=device), 0, cur[:, 0], start_t] = first.to(dtype)
     return Y
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import structattn
-from structattn import sequence_marginals, sparse_decode, viterbi_decode, viterbi_marginals
+from structattn import count_sequences, sequence_marginals, sparse_decode, viterbi_decode, viterbi_marginals
 from structattn.ops.reference import _project_simplex_bisection
 
 
@@ -119,6 +119,9 @@ def test_bound_raises_with_the_support_size():
     full = sparse_decode(theta, None, 1.0, max_sequences=10**6)
     n = len(full[0])
     assert n > 5
+    assert count_sequences(theta, None, 1.0) == [len(f) for f in full]
+    assert count_sequences(theta, None, 1.0, include_start=True) == [
+        len(f) for f in sparse_decode(theta, None, 1.0, include_start=True, max_sequences=10**6)]
     with pytest.raises(ValueError, match=rf"chain 0: .* has {n} sequences .*max_sequences=5"):
         sparse_decode(theta, None, 1.0, max_sequences=5)
     with pytest.raises(ValueError, match="max_sequences must be an int"):
