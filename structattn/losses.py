@@ -265,18 +265,19 @@ def _hard_viterbi(theta: Tensor, mask: Tensor):
 
 
 class _HardViterbiFunction(torch.autograd.Function):
-    """LP(θ) = max_Y ⟨Y, θ⟩ with backward g·Y*(θ) (a subgradient, eq. (5))."""
+    """LP(θ) = max_Y ⟨Y, θ⟩ with backward g·Y*(θ) (a subgradient, eq. (5)); also returns the argmax tags
+    (not differentiable)."""
 
     @staticmethod
     def forward(ctx, theta, mask):
         value, tags, start = _hard_viterbi(theta, mask)
-        lengths = mask.sum(1)
-        Ystar = tags_to_path(tags, theta.shape[-1], lengths, start=start, dtype=theta.dtype)
+        Ystar = tags_to_path(tags, theta.shape[-1], mask.sum(1), start=start, dtype=theta.dtype)
         ctx.save_for_backward(Ystar)
-        return value
+        ctx.mark_non_differentiable(tags)
+        return value, tags
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, g_tags):
         (Ystar,) = ctx.saved_tensors
         return g[:, None, None, None] * Ystar, None
 
@@ -293,10 +294,7 @@ def hard_viterbi(theta: Tensor, lengths=None) -> tuple[Tensor, Tensor]:
     mask = _step_mask(lengths, B, T, theta.device)
     if theta.numel() and not bool(torch.isfinite(theta).all()):
         raise ValueError("theta contains non-finite values; mask padding with `lengths` instead")
-    value = _HardViterbiFunction.apply(theta, mask)
-    with torch.no_grad():
-        tags = _hard_viterbi(theta.detach(), mask)[1]
-    return value, tags
+    return _HardViterbiFunction.apply(theta, mask)
 
 
 # ---- the loss ----------------------------------------------------------------------------------------------------
@@ -346,7 +344,7 @@ def viterbi_loss(
     if reg is None:
         if theta.numel() and not bool(torch.isfinite(theta_c).all()):
             raise ValueError("theta contains non-finite values; mask padding with `lengths` instead")
-        value = _HardViterbiFunction.apply(theta_c, mask)
+        value = _HardViterbiFunction.apply(theta_c, mask)[0]
     else:
         value = viterbi_value(theta_c, lengths, reg, gamma, backend=backend)
     omega_Y = viterbi_path_regularization(Y, lengths, reg, gamma if reg is not None else 1.0)
