@@ -168,3 +168,15 @@ def test_viterbi_decode_by_enumeration():
 def test_public_names():
     for name in ("viterbi_loss", "ViterbiLoss", "tags_to_path", "sparse_decode", "viterbi_decode", "TagSequence"):
         assert name in structattn.__all__ and hasattr(structattn, name)
+
+
+def test_docs_losses_python_blocks_run():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "losses.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks
+    torch.manual_seed(0)
+    for block in blocks:
+        exec(compile(block, "docs/losses.md", "exec"), {})
