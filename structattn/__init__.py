@@ -20,7 +20,14 @@ from .ops import (
 )
 
 # Structured losses and sparse decoding (ICML 2018 §4.1, §2.3, App. C.1); issue 23.
-from .decoding import TagSequence, count_sequences, sequence_marginals, sparse_decode, viterbi_decode
+from .decoding import (
+    TagSequence,
+    count_sequences,
+    sequence_marginals,
+    sequence_probability,
+    sparse_decode,
+    viterbi_decode,
+)
 from .losses import ViterbiLoss, hard_viterbi, tags_to_path, viterbi_loss
 
 __version__ = "0.1.0"
@@ -45,6 +52,7 @@ __all__ = [
     "count_sequences",
     "hard_viterbi",
     "sequence_marginals",
+    "sequence_probability",
     "sparse_decode",
     "tags_to_path",
     "viterbi_decode",

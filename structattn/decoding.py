@@ -34,7 +34,8 @@ from .losses import hard_viterbi
 from .ops.smoothed_max import check_reg_gamma
 from .ops.viterbi import _marginals, _prepare, resolve_backend
 
-__all__ = ["TagSequence", "count_sequences", "sparse_decode", "viterbi_decode", "sequence_marginals"]
+__all__ = ["TagSequence", "count_sequences", "sequence_probability", "sparse_decode", "viterbi_decode",
+           "sequence_marginals"]
 
 
 class TagSequence(NamedTuple):
@@ -72,6 +73,33 @@ def count_sequences(
     Q, r, Ls = _local_distributions(theta, lengths, reg, gamma, backend)
     S = Q.shape[-1]
     return [_support_size(Q[b, :L].tolist(), r[b].tolist(), L, S, include_start) for b, L in enumerate(Ls)]
+
+
+def sequence_probability(
+    theta: Tensor, tags: Tensor, lengths=None, gamma: float = 1.0, *, reg: str = "l2", backend: str | None = None
+) -> Tensor:
+    """The probability (B,) float64 of given tag sequences (B, T) under the path distribution of §2.3, the start
+    state marginalised: p(y) = r[y_{L−1}] · Π_{t=1}^{L−1} q_t[y_t, y_{t−1}]. Zero exactly when :func:`sparse_decode`
+    would not list ``y``; a chain of length 0 gets 1. Entries of ``tags`` at padded steps are ignored."""
+    gamma = check_reg_gamma(reg, gamma)
+    Q, r, Ls = _local_distributions(theta, lengths, reg, gamma, backend)
+    if not isinstance(tags, Tensor) or tags.is_floating_point() or tuple(tags.shape) != tuple(Q.shape[:2]):
+        raise ValueError(f"tags must be an integer tensor of shape {tuple(Q.shape[:2])}")
+    S = Q.shape[-1]
+    tags = tags.cpu().long()
+    out = torch.ones(len(Ls), dtype=torch.float64)
+    for b, L in enumerate(Ls):
+        if L == 0:
+            continue
+        y = tags[b, :L]
+        if int(y.min()) < 0 or int(y.max()) >= S:
+            raise ValueError(f"tags of chain {b} must lie in [0, {S})")
+        p = r[b, y[-1]]
+        if L > 1:
+            t = torch.arange(1, L)
+            p = p * Q[b, t, y[1:], y[:-1]].prod()
+        out[b] = p
+    return out
 
 
 def sparse_decode(

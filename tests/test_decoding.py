@@ -13,7 +13,14 @@ import pytest
 import torch
 
 import structattn
-from structattn import count_sequences, sequence_marginals, sparse_decode, viterbi_decode, viterbi_marginals
+from structattn import (
+    count_sequences,
+    sequence_marginals,
+    sequence_probability,
+    sparse_decode,
+    viterbi_decode,
+    viterbi_marginals,
+)
 from structattn.ops.reference import _project_simplex_bisection
 
 
@@ -180,3 +187,21 @@ def test_docs_losses_python_blocks_run():
     torch.manual_seed(0)
     for block in blocks:
         exec(compile(block, "docs/losses.md", "exec"), {})
+
+
+def test_sequence_probability_of_listed_and_unlisted_sequences():
+    theta = _theta(8, B=2, T=4, S=3)
+    lengths = torch.tensor([4, 2])
+    listed = sparse_decode(theta, lengths, 0.8, max_sequences=81)
+    for b in range(2):
+        L = int(lengths[b])
+        got = {s.tags: s.probability for s in listed[b]}
+        for y in itertools.product(range(3), repeat=L):
+            tags = torch.zeros(2, 4, dtype=torch.long)
+            tags[b, :L] = torch.tensor(y)
+            tags[b, L:] = -100  # padding: ignored
+            p = float(sequence_probability(theta, tags, lengths, 0.8)[b])
+            assert abs(p - got.get(y, 0.0)) < 1e-14
+            assert (p == 0) == (y not in got)
+    with pytest.raises(ValueError, match="tags must be an integer tensor"):
+        sequence_probability(theta, torch.zeros(2, 3, dtype=torch.long))

@@ -41,7 +41,14 @@ import torch
 from torch import nn
 
 import structattn
-from structattn import ViterbiLoss, count_sequences, sparse_decode, viterbi_decode, viterbi_marginals
+from structattn import (
+    ViterbiLoss,
+    count_sequences,
+    sequence_probability,
+    sparse_decode,
+    viterbi_decode,
+    viterbi_marginals,
+)
 
 PACKAGE = "turkish-treebanks"
 FILES = {
@@ -240,14 +247,17 @@ def train_one(loss_name, seed, splits, vocabs, args, log):
 
 
 def sparse_stats(model, splits, vocabs, gamma):
-    """Per test sentence: the number of tag sequences with non-zero probability (exact, structattn.count_sequences)."""
+    """Per test sentence: the number of tag sequences with non-zero probability (exact, structattn.count_sequences)
+    and whether the gold sequence is one of them (structattn.sequence_probability > 0)."""
     model.eval()
-    counts = []
+    counts, gold_in = [], []
     with torch.no_grad():
         for sents in batches(splits["test"], 256):
             feats, tags, lengths = encode(sents, vocabs)
-            counts += count_sequences(model(feats, lengths), lengths, gamma, reg="l2")
-    return counts
+            theta = model(feats, lengths)
+            counts += count_sequences(theta, lengths, gamma, reg="l2")
+            gold_in += (sequence_probability(theta, tags, lengths, gamma, reg="l2") > 0).tolist()
+    return counts, gold_in
 
 
 def examples(model, splits, vocabs, gamma, k=3, max_len=14):
@@ -274,6 +284,18 @@ def examples(model, splits, vocabs, gamma, k=3, max_len=14):
             if len(out) == k:
                 break
     return out
+
+
+def support_line(counts, gold_in=None) -> str:
+    c = sorted(counts)
+    le10 = sum(1 for x in c if x <= 10)
+    line = (f"sequences with p > 0 per test sentence: ≤ 10 on {le10}/{len(c)} ({100 * le10 / len(c):.1f} %), "
+            f"exactly 1 on {sum(1 for x in c if x == 1)}, median {statistics.median(c)}, 90th percentile "
+            f"{c[int(0.9 * (len(c) - 1))]}, max {max(c)}")
+    if gold_in is not None:
+        k = sum(gold_in)
+        line += f"; gold sequence among them on {k}/{len(gold_in)} ({100 * k / len(gold_in):.1f} %)"
+    return line
 
 
 def summarise(vals):
@@ -322,6 +344,8 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--decode-gammas", type=float, nargs="*", default=[],
+                   help="also count the ℓ2 supports when decoding with these γ' (test time)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "work")
     p.add_argument("--figure", type=Path, default=None, help="write a Figure-6-like PNG here (needs matplotlib)")
@@ -342,11 +366,17 @@ def main(argv=None):
     for seed in args.seeds:
         for name in args.losses:
             model, info = train_one(name, seed, splits, vocabs, args, log)
-            info.update(loss=name, seed=seed, test_acc=accuracy(model, test))
+            info.update(loss=name, seed=seed, gamma=args.gamma, test_acc=accuracy(model, test))
             if name == "entropy" and entropy_model is None:
                 entropy_model = model
             if name == "l2":
-                info["support"] = sparse_stats(model, splits, vocabs, args.gamma)
+                info["support"], info["gold_in_support"] = sparse_stats(model, splits, vocabs, args.gamma)
+                # decoding at a smaller γ' than the training γ = the distribution of θ·γ/γ' (sharper, sparser):
+                # the paper's "trade precision for recall at test time" knob
+                info["decode_gammas"] = {}
+                for g in args.decode_gammas:
+                    c, gi = sparse_stats(model, splits, vocabs, g)
+                    info["decode_gammas"][str(g)] = {"support": c, "gold_in_support": gi}
                 if not results["examples"]:
                     results["examples"] = examples(model, splits, vocabs, args.gamma)
                     if entropy_model is not None:
@@ -386,11 +416,10 @@ def summary(results, losses) -> str:
                      f"{statistics.mean(r['seconds'] for r in rs):.0f} |")
     for r in results["runs"]:
         if "support" in r:
-            c = sorted(r["support"])
-            le10 = sum(1 for x in c if x <= 10)
-            lines.append(f"\nℓ2 seed {r['seed']}: sequences with p > 0 per test sentence: ≤ 10 on {le10}/{len(c)} "
-                         f"({100 * le10 / len(c):.1f} %), exactly 1 on {sum(1 for x in c if x == 1)}, median "
-                         f"{statistics.median(c)}, 90th percentile {c[int(0.9 * (len(c) - 1))]}, max {max(c)}")
+            lines.append(f"\nℓ2 seed {r['seed']} (γ = {r.get('gamma', '?')}): " + support_line(r["support"],
+                                                                                      r.get("gold_in_support")))
+            for g, d in r.get("decode_gammas", {}).items():
+                lines.append(f"  decoded with γ' = {g}: " + support_line(d["support"], d["gold_in_support"]))
     for e in results["examples"]:
         lines.append("\n" + " ".join(e["words"]))
         lines.append("gold: " + " ".join(e["gold"]))
