@@ -82,15 +82,15 @@ def test_training_steps_reduce_the_loss(loss):
     model = run.Tagger(vocabs, hidden=8, dropout=0.0)
     crit = run.ViterbiLoss(run.LOSSES[loss], 1.0)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    feats, tags, lengths = run.encode(sents, vocabs)
+    feats, tags, lengths = run.encode(sents[:20], vocabs)
     first = None
-    for _ in range(30):
+    for _ in range(25):
         value = crit(model(feats, lengths), tags, lengths)
-        first = float(value) if first is None else first
+        first = value.item() if first is None else first
         opt.zero_grad()
         value.backward()
         opt.step()
-    assert float(value) < 0.5 * first
+    assert value.item() < 0.5 * first
     assert run.accuracy(model, [(feats, tags, lengths)]) > 0.95
 
 
