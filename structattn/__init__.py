@@ -20,6 +20,17 @@ from .ops import (
 )
 from .ops.viterbi import get_default_backend, set_default_backend, viterbi_backend
 
+# Structured losses and sparse decoding (ICML 2018 §4.1, §2.3, App. C.1); issue 23.
+from .decoding import (
+    TagSequence,
+    count_sequences,
+    sequence_marginals,
+    sequence_probability,
+    sparse_decode,
+    viterbi_decode,
+)
+from .losses import ViterbiLoss, hard_viterbi, tags_to_path, viterbi_loss
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -39,4 +50,15 @@ __all__ = [
     "viterbi_hvp",
     "viterbi_marginals",
     "viterbi_value",
+    # structured losses and sparse decoding
+    "TagSequence",
+    "ViterbiLoss",
+    "count_sequences",
+    "hard_viterbi",
+    "sequence_marginals",
+    "sequence_probability",
+    "sparse_decode",
+    "tags_to_path",
+    "viterbi_decode",
+    "viterbi_loss",
 ]
