@@ -33,7 +33,10 @@ usage: bash recipes/offline_fr_en.sh [options]
   --size NAME          tiny (CI: few hundred verses, ~1 min) | quick (the quickstart: softmax and Viterbi l2,
                        1,600 updates each, two at a time, ~8 min on 2 cores) | small (default: ~15-20 min per model
                        on 2 CPU cores) | converge (all four variants trained to a validation plateau, early
-                       stopping, at most 0.5 h each, two at a time) | full (all data, paper-sized training; hours)
+                       stopping, at most 0.5 h each, two at a time) | study (the multi-seed study,
+                       recipes/bible_fr_en/STUDY.md: converge's settings with no wall-clock cap, patience 3 for every
+                       variant, seeds 1 2 3, the main variants plus the chain-off and other-form ablations of l2;
+                       hours per seed) | full (all data, paper-sized training; hours)
   --variants "A B ..." subset of: $variants_all
                        (default: $variants_main; quick: softmax viterbi-l2)
   --work DIR           working folder (default recipes/<corpus>_fr_en/work)
@@ -66,6 +69,9 @@ usage: bash recipes/offline_fr_en.sh [options]
   --threads N          torch threads for training/decoding (default: \$OMP_NUM_THREADS or 2)
   --seed N             random seed of every training (initialisation, batch order, dropout; default 1); the
                        data split and the quick test subset do not depend on it
+  --seeds "N M ..."    run the whole recipe once per seed, in <work>/seed<N> (each resumable on its own), then
+                       tabulate them together (structattn-seed-table: per-seed rows, mean ± std, significance over
+                       seeds and test sentences) in the results file (default for --size study: "1 2 3")
   --toolkit NAME       fairseq (default) | onmt: train with OpenNMT-py (structattn-onmt-train, docs/onmt.md) on
                        the same data, budget and scoring; runs in <work>/runs/onmt-<variant>, rows next to the
                        fairseq ones in RESULTS.md. Sizes tiny, quick and small only; not with --arch,
@@ -84,10 +90,11 @@ corpus=bible size=small work="" results="" max_train="" max_test="" max_update="
 dim="" stop_hours="" beam="" report_sentences="" lr="" dropout="" label_smoothing="" max_len="" jobs=""
 viterbi_form=stable schedule="" patience="" threads="${OMP_NUM_THREADS:-2}" toolkit=fairseq
 builtin_lstm=0 no_report=0 dry_run=0 force=0 seed=1
-unset variants gamma_entropy gamma_l2  # unset: not given
+unset variants gamma_entropy gamma_l2 seeds  # unset: not given
 parse_options "--corpus --size --variants --work --results --max-train --max-test --max-update --max-epoch --arch \
 --dim --stop-hours --gamma-entropy --gamma-l2 --beam --threads --report-sentences --lr --dropout --label-smoothing \
---max-len --jobs --viterbi-form --schedule --patience --toolkit --seed" "--builtin-lstm --no-report --dry-run --force" "$@"
+--max-len --jobs --viterbi-form --schedule --patience --toolkit --seed --seeds" "--builtin-lstm --no-report --dry-run \
+--force" "$@"
 
 case "$corpus" in bible|libreoffice) ;; *) die "--corpus must be bible or libreoffice, not '$corpus'" ;; esac
 case "$toolkit" in fairseq|onmt) ;; *) die "--toolkit must be fairseq or onmt, not '$toolkit'" ;; esac
@@ -104,9 +111,14 @@ case "$size" in
          p_report=6 p_lr=0.005 p_drop=0 p_ls=0 p_maxlen=60 p_jobs=2 p_sched=fixed p_variants="softmax viterbi-l2" ;;
   converge) p_train=0 p_test=0   p_update=0     p_epoch=40  spm_vocab=2000 max_tokens=2000 p_dim=128 p_hours=0.5
          p_lr=0.005 p_drop=0.1 p_ls=0 p_maxlen=80 p_jobs=2 p_sched=plateau p_patience=3 ;;
+  # study: one stopping rule for every variant (patience on validation loss, at most 40 epochs), never a
+  # wall-clock cap, three seeds (recipes/bible_fr_en/STUDY.md).
+  study) p_train=0 p_test=0   p_update=0     p_epoch=40  spm_vocab=2000 max_tokens=2000 p_dim=128 p_hours=0
+         p_lr=0.005 p_drop=0.1 p_ls=0 p_maxlen=80 p_jobs=2 p_sched=plateau p_patience=3 p_seeds="1 2 3"
+         p_variants="softmax sparsemax viterbi-entropy viterbi-l2 viterbi-l2-nochain viterbi-l2-paper" ;;
   small) p_train=0    p_test=0   p_update=600   p_epoch=100 spm_vocab=8000 max_tokens=6000 p_dim=128 p_hours=0.35 ;;
   full)  p_train=0    p_test=0   p_update=0     p_epoch=30  spm_vocab=8000 max_tokens=6000 p_dim=256 p_hours=0 ;;
-  *) die "--size must be tiny, quick, small, converge or full, not '$size'" ;;
+  *) die "--size must be tiny, quick, small, converge, study or full, not '$size'" ;;
 esac
 # OpenNMT-py's trainer counts steps: no epoch limit, wall-clock cap or plateau schedule (docs/recipes.md). Checked on
 # the options as given, before the presets fill them in.
@@ -181,6 +193,31 @@ fs_variants="$variants" onmt_variants="" rp="" sfx=""
 
 work="${work:-$here/${corpus}_fr_en/work}"
 results="${results:-$work/RESULTS.md}"
+# --seeds: the whole recipe once per seed, each in its own work folder (its own stamps, checkpoints and RESULTS.md,
+# resumable on its own), then one table over them. The per-seed runs get the same options but --seeds/--work/
+# --results/--seed.
+seeds="${seeds-${p_seeds:-}}"
+if [ -n "${seeds// /}" ]; then
+  for s in $seeds; do is_uint "$s" || die "--seeds must be non-negative integers, not '$s'"; done
+  [ "$(printf '%s\n' $seeds | sort -u | wc -l)" = "$(printf '%s\n' $seeds | wc -l)" ] || die "--seeds has a repeat: '$seeds'"
+  args=() skip=0
+  for a in "$@"; do
+    if [ "$skip" = 1 ]; then skip=0; continue; fi
+    case "$a" in --seeds|--work|--results|--seed) skip=1; continue ;; esac
+    args+=("$a")
+  done
+  works=()
+  for s in $seeds; do
+    echo "== seed $s: $work/seed$s" >&2
+    bash "$here/offline_fr_en.sh" "${args[@]}" --seeds "" --seed "$s" --work "$work/seed$s" \
+      --results "$work/seed$s/RESULTS.md" || die "seed $s failed (re-run the same command to resume)"
+    works+=("$work/seed$s")
+  done
+  table="structattn-seed-table --works $(printf '%q ' "${works[@]}")--variants $variants --baseline \
+$(set -- $variants; echo "$1") --out $(printf '%q' "$results") --invocation $(printf '%q' "$invocation")"
+  if [ "$dry_run" = 1 ]; then echo "$table"; else eval "$table"; fi
+  exit 0
+fi
 if [ "$toolkit" = onmt ] && [[ "$work" =~ [[:space:]] ]]; then
   die "--toolkit onmt: the work folder must not contain white space (a resumed training names its checkpoint \
 unquoted), not '$work'"

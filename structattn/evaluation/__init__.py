@@ -4,6 +4,8 @@
   system against a baseline, BLEU and chrF2, as JSON.
 * :mod:`~structattn.evaluation.multiseed` — ``structattn-multiseed``: significance over seeds *and* test sentences
   (two-level paired bootstrap of each system's mean-over-seeds BLEU and chrF2 against a baseline), as JSON.
+* :mod:`~structattn.evaluation.seed_table` — ``structattn-seed-table``: the work folders of several seeds of one
+  recipe as one table (per-seed rows, means ± std, the two-level bootstrap against the baseline).
 * :mod:`~structattn.evaluation.results_table` — ``structattn-results``: a recipe's work folder (scores, training
   logs, attention statistics, commands) as a Markdown RESULTS file.
 * :mod:`~structattn.evaluation.attention_health` — ``structattn-health``: fallback rows and learned transitions
