@@ -123,6 +123,7 @@ __all__ = [
     "build_attention",
     "multihead_viterbi_attention",
     "ViterbiNormalizer",
+    "coupling_report",
 ]
 
 # ATTENTIONS, PAPER_GAMMA, VITERBI_FORMS and the defaults are defined once, in structattn.options (imported above).
@@ -283,6 +284,24 @@ def frozen_rows(marginals: Tensor, padding_mask: Tensor | None = None) -> Tensor
     *saturated* rows (all 1: uniform weights over the sentence) and any other binary path. Same arguments and
     return as :func:`dead_rows`."""
     return (row_flags(marginals, _check_scores(marginals, padding_mask, "marginals")) & FROZEN) != 0
+
+
+def coupling_report(model: nn.Module) -> list[dict]:
+    """The learned transitions of every Viterbi attention module of ``model``, as plain data (for attention dumps,
+    logs and reports): ``[{"module": name in model.named_modules(), "form", "chain", "gamma", "T_over_gamma": one
+    (2, 2) list per matrix, "kappa": one κ per matrix}]`` with κ the coupling of neighbouring positions
+    (:func:`structattn.ops.segmentation.chain_coupling`; one matrix per head for a :class:`ViterbiNormalizer`).
+    Empty for a model without Viterbi attention."""
+    from .ops.segmentation import chain_coupling
+
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, _ViterbiState):
+            tau = (m.effective_transitions().detach().double() / m.gamma).reshape(-1, 2, 2).cpu()
+            out.append({"module": name, "form": m.form, "chain": m.chain, "gamma": m.gamma,
+                        "T_over_gamma": [[[round(x, 4) for x in row] for row in t] for t in tau.tolist()],
+                        "kappa": [round(k, 4) for k in chain_coupling(tau).tolist()]})
+    return out
 
 
 # ---- modules ------------------------------------------------------------------------------------------------------

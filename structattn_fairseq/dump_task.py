@@ -201,6 +201,10 @@ class StructAttnTranslationTask(TranslationTask):
         if self.cfg.dump_attention:
             _require_attention(models)
             self._export = self._choose_exported_attention(models, args)
+            from structattn.attention import coupling_report
+
+            # the learned transitions and their coupling κ, per model of the ensemble (structattn-stats shows κ)
+            self._couplings = [coupling_report(m) for m in models]
         elif self.cfg.dump_attention_layer is not None or self.cfg.dump_attention_heads is not None:
             raise ValueError("--dump-attention-layer/--dump-attention-heads choose what --dump-attention writes; "
                              "give --dump-attention PATH too")
@@ -314,6 +318,7 @@ class StructAttnTranslationTask(TranslationTask):
             "model_args": model_cfgs,
             "layout": "attention[i, j]: target token i (EOS last) x source token j (EOS last), padding removed; "
             "ensembles: the average of the models' attention as used by fairseq's generator",
+            "couplings": getattr(self, "_couplings", None),
             **(self._export or {}),
         }
 

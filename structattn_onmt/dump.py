@@ -212,4 +212,12 @@ class DumpCollector:
             "layout": "attention[i, j]: target token i (EOS last when the search ended with EOS) x source token j "
                       "(OpenNMT adds no source EOS), padding removed; ensembles: the models' average attention as "
                       "used by OpenNMT's search",
+            "couplings": self._couplings(),
         }
+
+    def _couplings(self):
+        """The learned transitions and their coupling κ of the translator's model (structattn-stats shows κ)."""
+        from structattn.attention import coupling_report
+
+        model = getattr(self.translator, "model", None)
+        return None if model is None else [coupling_report(model)]

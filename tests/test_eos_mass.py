@@ -29,3 +29,30 @@ def test_eos_mass_unknown_without_source_eos():
     st = dump_stats([_rec(0, [[0.5, 0.5]], ["a", "b"], ["x"])])
     assert math.isnan(st["eos_mass"])
     assert eos_mass_rows(np.ones((1, 2)), ["a", "b"], ["x"]) is None
+
+
+def test_kappa_from_dump_metadata():
+    import torch
+
+    from structattn.attention import ViterbiAttention, ViterbiNormalizer, coupling_report
+    from structattn.report.stats import dump_kappa
+
+    class Dec(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Module(), torch.nn.Module()])
+            for layer in self.layers:
+                layer.norm = ViterbiNormalizer(2, "l2")
+
+    dec = Dec()
+    with torch.no_grad():
+        dec.layers[1].norm.transitions_over_gamma[1] = torch.tensor([[0.25, 0.0], [0.0, 0.25]])
+    report = coupling_report(dec)
+    assert [r["module"] for r in report] == ["layers.0.norm", "layers.1.norm"]
+    assert report[1]["kappa"] == [2.0, 0.5] and report[0]["chain"] is True
+    mean, heads = dump_kappa({"couplings": [report], "attention_layer": 1})
+    assert math.isclose(mean, (2 + 2 + 2 + 0.5) / 4) and heads == [2.0, 0.5]
+    single = coupling_report(ViterbiAttention(3, 3, chain=False))
+    assert single[0]["kappa"] == [0.0] and single[0]["chain"] is False
+    assert math.isnan(dump_kappa({})[0]) and dump_kappa({"couplings": [[]]})[1] is None
+    assert coupling_report(torch.nn.Linear(2, 2)) == []

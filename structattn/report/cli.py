@@ -212,7 +212,7 @@ def _run(prog: str, fn, argv) -> int:
 
 def _stats(argv) -> int:
     from ..export import eos_symbol
-    from .stats import STAT_COLUMNS, dump_head_count, dump_stats, format_stat
+    from .stats import STAT_COLUMNS, dump_head_count, dump_kappa, dump_stats, format_stat
 
     p = argparse.ArgumentParser(
         prog="structattn-stats",
@@ -232,7 +232,11 @@ def _stats(argv) -> int:
     for m in models:
         kw = dict(nbest_rank=args.nbest_rank, exclude_eos=args.exclude_eos, eos=eos_symbol(m.metadata))
         heads = [dump_stats(m.records, head=h, **kw) for h in range(dump_head_count(m.records) or 0)]
-        rows.append((m, dump_stats(m.records, **kw), heads))
+        kappa, head_kappa = dump_kappa(m.metadata)
+        st = dict(dump_stats(m.records, **kw), kappa=kappa)
+        for h, hs in enumerate(heads):
+            hs["kappa"] = head_kappa[h] if head_kappa is not None and h < len(head_kappa) else float("nan")
+        rows.append((m, st, heads))
 
     def plain(st):
         return {k: (None if isinstance(v, float) and v != v else v) for k, v in st.items()}
@@ -245,11 +249,12 @@ def _stats(argv) -> int:
         ]
         print(json.dumps(out, indent=2))
         return 0
-    header = ["model"] + [name for _, name, _ in STAT_COLUMNS]
+    columns = list(STAT_COLUMNS) + [("kappa", "κ", "{:.2f}")]
+    header = ["model"] + [name for _, name, _ in columns]
     table = [header]
     for m, st, heads in rows:
         for label, stat in [(m.label, st)] + [(f"{m.label}/h{h}", hs) for h, hs in enumerate(heads)]:
-            table.append([label] + [format_stat(stat[k], f) for k, _, f in STAT_COLUMNS])
+            table.append([label] + [format_stat(stat[k], f) for k, _, f in columns])
     widths = [max(len(r[c]) for r in table) for c in range(len(header))]
     for n, r in enumerate(table):
         print("  ".join(r[0].ljust(widths[0]) if c == 0 else r[c].rjust(widths[c]) for c in range(len(r))))

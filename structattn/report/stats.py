@@ -19,6 +19,12 @@ For a matrix A (target rows × source columns) we count, with *exact* zeros (A =
   that fell back, written by ``structattn-health`` from a forced decoding of the dumped
   hypotheses); it is n/a when a record does not carry it (softmax/sparsemax dumps, or dumps not annotated).
 
+κ (``structattn-stats``' last column): the coupling of neighbouring positions of the model's learned transitions,
+κ = (T₀₀ + T₁₁ − T₀₁ − T₁₀)/γ (:func:`structattn.ops.segmentation.chain_coupling`; |κ| < 0.25: independent
+positions), read from the dump's metadata (``couplings``, written by both toolkits' dump writers since this
+column exists; n/a for older dumps and for models without Viterbi attention): the mean over the first model's
+matrices, and for the head rows of a multi-head dump the κ of that head in the dumped layer.
+
 Dump-level numbers pool over cells (zero fraction) or over target rows (means), i.e. long sentences weigh more.
 
 Multi-head dumps (records with ``heads``, :mod:`structattn.export`): the statistics above describe ``attention``, the
@@ -35,7 +41,7 @@ import numpy as np
 from ..export import DEFAULT_EOS
 
 __all__ = ["row_support", "row_segments", "matrix_stats", "dump_stats", "dump_head_count", "select_records",
-           "record_fallback_rows", "eos_mass_rows", "STAT_COLUMNS"]
+           "record_fallback_rows", "eos_mass_rows", "dump_kappa", "STAT_COLUMNS"]
 
 # (key, column title, format) in the order tables show them
 STAT_COLUMNS = [
@@ -195,6 +201,24 @@ def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bo
         "fallback_fraction": n_fallback / sup.size if fallback_known and sup.size else nan,
         "eos_mass": float(em.mean()) if em.size else nan,
     }
+
+
+def dump_kappa(metadata: dict) -> tuple[float, list | None]:
+    """(mean κ over the first model's transition matrices, [κ per head of the dumped layer] or None) from a dump's
+    metadata (see the module docstring); (NaN, None) when the dump does not say."""
+    couplings = (metadata or {}).get("couplings")
+    if not couplings or not couplings[0]:
+        return float("nan"), None
+    modules = couplings[0]
+    flat = [k for m in modules for k in m.get("kappa", [])]
+    mean = sum(flat) / len(flat) if flat else float("nan")
+    layer = metadata.get("attention_layer")
+    heads = None
+    if isinstance(layer, int):
+        mine = [m for m in modules if f"layers.{layer}." in m.get("module", "") + "."]
+        if len(mine) == 1:
+            heads = list(mine[0].get("kappa", []))
+    return mean, heads
 
 
 def format_stat(value, fmt: str) -> str:
