@@ -19,6 +19,9 @@ from .ops import (
     viterbi_value,
 )
 
+# SparseMAP segmentation attention (issue 22)
+from .attention import SparsemapAttention, SparsemapStructures, sparsemap_attention
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -35,4 +38,8 @@ __all__ = [
     "viterbi_hvp",
     "viterbi_marginals",
     "viterbi_value",
+    # SparseMAP segmentation attention (issue 22)
+    "sparsemap_attention",
+    "SparsemapAttention",
+    "SparsemapStructures",
 ]
