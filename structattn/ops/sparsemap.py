@@ -52,9 +52,11 @@ Entry point: :func:`sparsemap_weights` (compaction of the real positions, w ∝ 
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .segmentation import masked_softmax, row_flags
@@ -80,25 +82,29 @@ def _slots(max_iter: int, T: int) -> int:
 # ---- the MAP oracle: hard Viterbi on the 2-state chain -------------------------------------------------------------
 
 
-def _viterbi_argmax(unary: Tensor, steps: Tensor) -> tuple[Tensor, Tensor]:
-    """argmax_y Σ_t (unary[t, y_t] + steps[t, y_t, y_{t−1}]) over paths (y_0, …, y_T), y_0 free (v_0 = 0).
+def _viterbi_argmax(unary: Tensor, from0: Tensor, from1: Tensor) -> tuple[Tensor, Tensor]:
+    """argmax_y Σ_t (unary[t, y_t] + T_t[y_t, y_{t−1}]) over paths (y_0, …, y_T), y_0 free (v_0 = 0).
 
-    unary (n, T, 2), steps (n, T, 2, 2) (the transitions, identity-like on padded steps) → y (n, T) long, y0 (n,)
-    long. Ties go to the lower state (torch.max returns the first maximal index)."""
+    unary (n, T, 2); from0 / from1 (n, T, 2) the transition scores T_t[·, 0] / T_t[·, 1] (identity-like on padded
+    steps) → y (n, T) long, y0 (n,) long. Ties go to the lower previous state. Written with torch.maximum and a
+    comparison rather than ``max(dim)``, which costs ~25x more per call on these (n, 2, 2) tensors."""
     n, T, _ = unary.shape
     v = unary.new_zeros(n, 2)
     bps = []
-    for u_t, tr_t in zip(unary.unbind(1), steps.unbind(1)):
-        m, bp = (tr_t + v.unsqueeze(1)).max(-1)  # m[i] = max_j v[j] + T[i, j]
-        v = m + u_t
-        bps.append(bp)
-    y = v.argmax(-1, keepdim=True)
+    for u_t, a_t, b_t in zip(unary.unbind(1), from0.unbind(1), from1.unbind(1)):
+        a = a_t + v[:, :1]  # from state 0: v[0] + T[i, 0]
+        b = b_t + v[:, 1:]  # from state 1: v[1] + T[i, 1]
+        bps.append(b > a)
+        v = torch.maximum(a, b) + u_t
+    y = (v[:, 1:] > v[:, :1]).long()
+    if not bps:
+        return unary.new_zeros(n, 0, dtype=torch.long), y.squeeze(1)
     out = []
-    for bp in reversed(bps):
+    for bp in reversed(torch.stack(bps, 1).long().unbind(1)):
         out.append(y)
         y = bp.gather(1, y)
     out.reverse()
-    return (torch.cat(out, 1) if out else unary.new_zeros(n, 0, dtype=torch.long)), y.squeeze(1)
+    return torch.cat(out, 1), y.squeeze(1)
 
 
 def _structure_counts(Y: Tensor, Y0: Tensor, real: Tensor) -> Tensor:
@@ -121,6 +127,28 @@ def _gram(Y: Tensor, realf: Tensor) -> Tensor:
     """G_ab = ⟨u_a, u_b⟩ = #{t real : y_{a,t} = y_{b,t}} for Y (n, K, T) float (0 on padding)."""
     Z = realf.unsqueeze(1) - Y  # [y_t = 0] on real steps
     return Y @ Y.transpose(1, 2) + Z @ Z.transpose(1, 2)
+
+
+def _gram_column(Y: Tensor, y: Tensor, L: Tensor) -> Tensor:
+    """⟨u_a, u_y⟩ = L − |y_a| − |y| + 2⟨y_a, y⟩ for structures Y (n, K, T) and one y (n, T) (0 on padding)."""
+    return 2 * (Y * y.unsqueeze(1)).sum(-1) + (L - y.sum(-1)).unsqueeze(1) - Y.sum(-1)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run the solver on one intra-op thread. It is a long chain of tiny tensor operations (rows × ≤ K slots × T);
+    measured on the 2-core VM under load, letting them fan out made single ops 100–1000x slower (a (512, 8, 50)
+    batched matmul took 2.5 ms and an (8, 2, 2) reduction 10 ms with 2 threads, vs 2.2 ms / 4 µs with one), because
+    every parallel region waits for a descheduled thread. Restored on exit; torch.set_num_threads costs ~0.2 µs."""
+    k = torch.get_num_threads()
+    if k == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(k)
 
 
 def _kkt_solve(G: Tensor, act: Tensor, rhs_top: Tensor, rhs_last: float) -> tuple[Tensor, Tensor]:
@@ -151,22 +179,26 @@ def _solve(s: Tensor, trans: Tensor, lengths: Tensor, tol: float, max_iter: int)
     lengths (N,). Returns α (N, K), Y (N, K, T) float 0/1, Y0 (N, K), iterations (N,) int32, converged (N,) bool,
     slots sorted by decreasing α (inactive slots have α = 0)."""
     N, T = s.shape
-    K = _slots(max_iter, T)
+    K_out = _slots(max_iter, T)
+    K = min(K_out, 8)  # slots in use; doubled when a live row has no free slot left (most rows need only a few)
     dev, dt = s.device, s.dtype
     real = torch.arange(T, device=dev) < lengths.unsqueeze(1)
     realf = real.to(dt)
     ident = torch.tensor([[0.0, -_BIG], [-_BIG, 0.0]], dtype=dt, device=dev)
     steps = torch.where(real[:, :, None, None], trans.unsqueeze(1), ident)  # (N, T, 2, 2)
+    from0, from1 = steps[..., 0].contiguous(), steps[..., 1].contiguous()
+    Lf = lengths.to(dt)
 
     def oracle(p, rows):
         """argmax_y s_y − ⟨u_y, u⟩ for rows ``rows`` with state marginals p (n, T)."""
         sr, rf = s[rows], realf[rows]
         unary = torch.stack([-(1 - p) * rf, (sr - p) * rf], -1)
-        y, y0 = _viterbi_argmax(unary, steps[rows])
+        y, y0 = _viterbi_argmax(unary, from0[rows], from1[rows])
         return y.to(dt) * rf, y0.to(dt)
 
     Y = s.new_zeros(N, K, T)
     Y0 = s.new_zeros(N, K)
+    G = s.new_zeros(N, K, K)  # Gram matrix of the slots, updated when a structure joins (stale on free slots)
     alpha = s.new_zeros(N, K)
     act = torch.zeros(N, K, dtype=torch.bool, device=dev)
     iters = torch.zeros(N, dtype=torch.int32, device=dev)
@@ -176,6 +208,7 @@ def _solve(s: Tensor, trans: Tensor, lengths: Tensor, tol: float, max_iter: int)
     if rows0.numel():
         y, y0 = oracle(s.new_zeros(rows0.numel(), T), rows0)  # u = 0: the MAP structure of θ itself
         Y[rows0, 0], Y0[rows0, 0], alpha[rows0, 0], act[rows0, 0] = y, y0, 1.0, True
+        G[rows0, 0, 0] = Lf[rows0]
     S = _scores_of(Y, Y0, s, trans, real)
     slot = torch.arange(K, device=dev)
     for _ in range(max_iter):
@@ -183,10 +216,15 @@ def _solve(s: Tensor, trans: Tensor, lengths: Tensor, tol: float, max_iter: int)
         n = rows.numel()
         if n == 0:
             break
+        if K < K_out and bool(act[rows].all(1).any()):
+            grow = min(2 * K, K_out) - K
+            Y, Y0, G = F.pad(Y, (0, 0, 0, grow)), F.pad(Y0, (0, grow)), F.pad(G, (0, grow, 0, grow))
+            S, alpha, act = F.pad(S, (0, grow)), F.pad(alpha, (0, grow)), F.pad(act, (0, grow))
+            K += grow
+            slot = torch.arange(K, device=dev)
         iters[rows] += 1
-        Yl, Y0l, Sl, al, actl, rf = Y[rows], Y0[rows], S[rows], alpha[rows], act[rows], realf[rows]
-        G = _gram(Yl, rf)
-        beta, _ = _kkt_solve(G, actl, Sl, 1.0)
+        Yl, Y0l, Sl, al, actl, rf, Gl = Y[rows], Y0[rows], S[rows], alpha[rows], act[rows], realf[rows], G[rows]
+        beta, _ = _kkt_solve(Gl, actl, Sl, 1.0)
         # 1. A negative entry: step from α towards β until the first α_a hits 0, drop that structure.
         neg = (beta < 0) & actl
         blocked = neg.any(1)
@@ -219,9 +257,15 @@ def _solve(s: Tensor, trans: Tensor, lengths: Tensor, tol: float, max_iter: int)
         Y0l = torch.where(put, y0s.unsqueeze(1), Y0l)
         Sl = torch.where(put, ss.unsqueeze(1), Sl)
         actl = actl | put
-        Y[rows], Y0[rows], S[rows], alpha[rows], act[rows] = Yl, Y0l, Sl, al, actl
+        col = _gram_column(Yl, ys, Lf[rows])
+        Gl = torch.where(put.unsqueeze(2), col.unsqueeze(1), Gl)
+        Gl = torch.where(put.unsqueeze(1), col.unsqueeze(2), Gl)
+        Y[rows], Y0[rows], S[rows], alpha[rows], act[rows], G[rows] = Yl, Y0l, Sl, al, actl, Gl
         converged[rows] = ok
         done[rows] = ok | stuck
+    if K < K_out:  # the op's output has K_out slots (a shape known before running)
+        grow = K_out - K
+        Y, Y0, alpha = F.pad(Y, (0, 0, 0, grow)), F.pad(Y0, (0, grow)), F.pad(alpha, (0, grow))
     order = alpha.argsort(dim=1, descending=True, stable=True)
     alpha = alpha.gather(1, order)
     Y = Y.gather(1, order.unsqueeze(-1).expand_as(Y))
@@ -248,7 +292,8 @@ def _forward_impl(scores: Tensor, trans: Tensor, lengths: Tensor, tol: float,
     if bad:
         raise ValueError(f"{bad} non-finite (NaN or ±inf) score(s) at real (non-padded) positions or transition(s); "
                          "SparseMAP needs finite potentials (mark padding with padding_mask instead)")
-    alpha, Y, Y0, iters, converged = _solve(s, tr, lengths, tol, max_iter)
+    with _one_thread():
+        alpha, Y, Y0, iters, converged = _solve(s, tr, lengths, tol, max_iter)
     n_bad = int((~converged).sum())
     if n_bad:
         warnings.warn(f"sparsemap: {n_bad} of {N} row(s) did not converge (active set, tol={tol}, "
@@ -271,9 +316,10 @@ def _backward_impl(gp: Tensor, Y: Tensor, Y0: Tensor, alpha: Tensor, lengths: Te
     real = torch.arange(T, device=gp.device) < lengths.unsqueeze(1)
     realf = real.to(torch.float64)
     g = gp.to(torch.float64).masked_fill(~real, 0.0)
-    beta, _ = _kkt_solve(_gram(Yf, realf), act, (Yf * g.unsqueeze(1)).sum(-1), 0.0)
-    gs = (beta.unsqueeze(-1) * Yf).sum(1)
-    gT = (beta[:, :, None, None] * _structure_counts(Yf, Y0f, realf)).sum(1)
+    with _one_thread():
+        beta, _ = _kkt_solve(_gram(Yf, realf), act, (Yf * g.unsqueeze(1)).sum(-1), 0.0)
+        gs = (beta.unsqueeze(-1) * Yf).sum(1)
+        gT = (beta[:, :, None, None] * _structure_counts(Yf, Y0f, realf)).sum(1)
     if trans.dim() == 2:
         gT = gT.sum(0)
     return gs.to(gp.dtype), gT.to(trans.dtype)
