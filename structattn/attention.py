@@ -625,6 +625,9 @@ class SparsemapAttention(_BilinearAttention):
     at 0 (no preference for attending nor for contiguity; the chain starts factorised, where p_t =
     clip((1 + s_t)/2, 0, 1)). M starts at U(−a, a), a = √(3/(d_x d_z)), so that the initial score std is at most
     1 — the unit scale of the SparseMAP regulariser — for states in [−1, 1]^d (as ViterbiAttention with γ = 1).
+    At that initialisation the support is large (every position with |s_t| < 1 is fractional: ~27 structures per
+    row of 50 positions at score std 1, benchmarks/RESULTS.md "SparseMAP normaliser"); larger scores or a
+    contiguity preference in T make it sparser.
 
     Every forward adds to running counts read and reset by :meth:`pop_fallback_counts` (rows, dead rows that fell
     back to softmax, frozen rows with one structure), the same contract as the Viterbi modules, and by

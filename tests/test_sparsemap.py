@@ -252,8 +252,6 @@ def test_structures_and_probabilities_describe_the_weights():
     p = (info.probabilities.unsqueeze(-1) * info.structures.to(D)).sum(1)
     torch.testing.assert_close(p, info.marginals, rtol=0, atol=1e-12)
     torch.testing.assert_close(w, p / p.sum(-1, keepdim=True), rtol=0, atol=1e-12)
-    distinct = {tuple(y.tolist()) for b in range(8) for y in info.structures[b, : info.num_structures[b]]}
-    assert len(distinct) == int(info.num_structures.sum()) or True  # rows may share structures
     for b in range(8):
         k = int(info.num_structures[b])
         assert len({tuple(y.tolist()) for y in info.structures[b, :k]}) == k  # distinct within a row
@@ -353,10 +351,12 @@ def test_top_level_exports():
 def test_opcheck_of_the_custom_ops():
     s, T = _rows(3, 6, 12)
     lengths = torch.tensor([6, 4, 0])
-    s = s.requires_grad_(True)
-    for test in ("test_schema", "test_autograd_registration", "test_faketensor"):
-        res = torch.library.opcheck(SM._forward_op, (s, T, lengths, 1e-9, 20), test_utils=test)
-        assert set(res.values()) == {"SUCCESS"}, res
+    res = torch.library.opcheck(SM._forward_op, (s.clone().requires_grad_(True), T, lengths, 1e-9, 20))
+    assert set(res.values()) == {"SUCCESS"}, res
+    p, alpha, Y, Y0, _, _ = SM._forward_impl(s, T, lengths, 1e-9, 20)
+    gp = torch.randn(3, 6, generator=torch.Generator().manual_seed(0), dtype=D)
+    res = torch.library.opcheck(SM._backward_op, (gp, Y, Y0, alpha, lengths, T))
+    assert set(res.values()) == {"SUCCESS"}, res
     meta = torch.empty(3, 6, device="meta", dtype=D)
     outs = torch.ops.structattn.sparsemap_segmentation(meta, torch.empty(2, 2, device="meta", dtype=D),
                                                       torch.empty(3, device="meta", dtype=torch.long), 1e-9, 20)

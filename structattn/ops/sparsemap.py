@@ -1,6 +1,8 @@
 """SparseMAP over the segmentation attention's 2-state chain, by the active-set method, and its backward.
 
-Niculae, Martins, Blondel & Cardie, "SparseMAP: Differentiable Sparse Structured Inference", ICML 2018. A structure
+Niculae, Martins, Blondel & Cardie, "SparseMAP: Differentiable Sparse Structured Inference", ICML 2018 (section and
+proposition numbers below are the published paper's; our copy, ../shared/seeds/002_*, holds only its first page and
+tutorial slides, so they were not re-checked against the text). A structure
 is a path y = (y_0, y_1, …, y_L) ∈ {0, 1}^{L+1} of the chain of the segmentation attention (Mensch & Blondel 2018,
 §5), scored ⟨θ, E_y⟩ = Σ_{t=1..L} θ[t, y_t, y_{t−1}] with
 
