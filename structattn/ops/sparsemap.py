@@ -31,7 +31,10 @@ set I, the KKT system [[G_I, 1], [1ᵀ, 0]]·[β; τ] = [s_I; 1], and either
 * sets α = β and calls the MAP oracle with the unary potentials shifted by the gradient, −u: the hard Viterbi argmax
   y* of s_y − ⟨u_y, u⟩ (θ[t, 1, ·] − p_t, θ[t, 0, ·] − (1 − p_t)). Its Frank–Wolfe gap
   (s_{y*} − ⟨u_{y*}, u⟩) − Σ_a α_a (s_a − ⟨u_a, u⟩) ≥ 0 bounds the suboptimality; below ``tol``·(1 + |objective
-  part|) the row has converged, otherwise y* joins the active set.
+  part|) the row has converged, otherwise y* joins the active set — with weight 0, or, when u_{y*} lies in the affine
+  hull of the active unary vectors (common: 0/1 vectors such as 111000 + 000111 = 111111 + 000000), by a pivot that
+  swaps it for one active structure, so that the KKT matrices stay nonsingular. (This degenerate case is our
+  addition; without it such rows cycled or stopped early on small scores.)
 
 The iteration starts from the MAP structure of θ (α = 1). The oracle is a batched tensor Viterbi argmax (the
 project's kernels compute the smoothed passes only). All rows run together: each iteration solves the small KKT
@@ -250,14 +253,33 @@ def _solve(s: Tensor, trans: Tensor, lengths: Tensor, tol: float, max_iter: int)
         ok = free & (gap <= tol * (1 + cur.abs()))
         same = ((Yl == ys.unsqueeze(1)).all(-1) & (Y0l == y0s.unsqueeze(1)) & actl).any(1)
         full = actl.all(1)
+        # Is u* in the affine hull of the active unary vectors (u* = Σ λ_a u_a, Σ λ_a = 1)? Then adding it would
+        # make the KKT matrix singular, and the objective rises linearly, by gap per unit, along α + t(e_* − λ)
+        # without moving u: step along it until the first α_a with λ_a > 0 hits 0, and swap that structure for y*
+        # (a simplex-method pivot). This keeps the active unary vectors affinely independent, so every KKT system
+        # the iteration solves is nonsingular. λ is the projection of u* on the hull, found by one more KKT solve.
+        Lr = Lf[rows]
+        col0 = _gram_column(Yl, ys, Lr)
+        lam, _ = _kkt_solve(Gl, actl, col0, 1.0)
+        r2 = Lr - 2 * (lam * col0).sum(1) + ((Gl @ lam.unsqueeze(-1)).squeeze(-1) * lam).sum(1)
+        dep = r2 <= 1e-8 * (1 + Lr)
         # A y* already in the active set with a gap above tol (rounding), or no free slot: stop, not converged.
-        stuck = free & ~ok & (same | full)
+        stuck = free & ~ok & (same | (full & ~dep))
         add = free & ~ok & ~stuck
+        ratio = torch.where(actl & (lam > 1e-12), al / lam.clamp_min(1e-300), torch.full_like(al, float("inf")))
+        tp, pdrop = ratio.min(1)
+        pivot = add & dep & torch.isfinite(tp)
+        tp = torch.where(pivot, tp, torch.zeros_like(tp))
+        al = torch.where(pivot.unsqueeze(1), (al - tp.unsqueeze(1) * lam).clamp_min(0), al)
+        actl = actl & ~(pivot.unsqueeze(1) & (slot == pdrop.unsqueeze(1)))
+        al = al * actl
         first_free = (~actl).to(torch.int8).argmax(1)
-        put = add.unsqueeze(1) & (slot == first_free.unsqueeze(1))
+        target = torch.where(pivot, pdrop, first_free)
+        put = add.unsqueeze(1) & (slot == target.unsqueeze(1))
         Yl = torch.where(put.unsqueeze(-1), ys.unsqueeze(1), Yl)
         Y0l = torch.where(put, y0s.unsqueeze(1), Y0l)
         Sl = torch.where(put, ss.unsqueeze(1), Sl)
+        al = torch.where(put, tp.unsqueeze(1), al)  # y* enters with weight 0, or t after a pivot
         actl = actl | put
         col = _gram_column(Yl, ys, Lf[rows])
         Gl = torch.where(put.unsqueeze(2), col.unsqueeze(1), Gl)
