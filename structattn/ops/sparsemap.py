@@ -185,7 +185,7 @@ def _solve(s: Tensor, trans: Tensor, lengths: Tensor, tol: float, max_iter: int)
     slots sorted by decreasing α (inactive slots have α = 0)."""
     N, T = s.shape
     K_out = _slots(max_iter, T)
-    K = min(K_out, 8)  # slots in use; doubled when a live row has no free slot left (most rows need only a few)
+    K = min(K_out, 8)  # slots in use; 8 more when a live row has no free slot left (most rows need only a few)
     dev, dt = s.device, s.dtype
     real = torch.arange(T, device=dev) < lengths.unsqueeze(1)
     realf = real.to(dt)
@@ -222,12 +222,16 @@ def _solve(s: Tensor, trans: Tensor, lengths: Tensor, tol: float, max_iter: int)
         if n == 0:
             break
         if K < K_out and bool(act[rows].all(1).any()):
-            grow = min(2 * K, K_out) - K
+            # +8, not ×2: the batched KKT solve costs O(K³) per row and every state copy O(K·T)
+            grow = min(K + 8, K_out) - K
             Y, Y0, G = F.pad(Y, (0, 0, 0, grow)), F.pad(Y0, (0, grow)), F.pad(G, (0, grow, 0, grow))
             S, alpha, act = F.pad(S, (0, grow)), F.pad(alpha, (0, grow)), F.pad(act, (0, grow))
             K += grow
             slot = torch.arange(K, device=dev)
         iters[rows] += 1
+        every = n == N  # all rows still running: work on the tensors themselves, no gather / scatter copies
+        if every:
+            rows = slice(None)
         Yl, Y0l, Sl, al, actl, rf, Gl = Y[rows], Y0[rows], S[rows], alpha[rows], act[rows], realf[rows], G[rows]
         beta, _ = _kkt_solve(Gl, actl, Sl, 1.0)
         # 1. A negative entry: step from α towards β until the first α_a hits 0, drop that structure.
@@ -284,7 +288,10 @@ def _solve(s: Tensor, trans: Tensor, lengths: Tensor, tol: float, max_iter: int)
         col = _gram_column(Yl, ys, Lf[rows])
         Gl = torch.where(put.unsqueeze(2), col.unsqueeze(1), Gl)
         Gl = torch.where(put.unsqueeze(1), col.unsqueeze(2), Gl)
-        Y[rows], Y0[rows], S[rows], alpha[rows], act[rows], G[rows] = Yl, Y0l, Sl, al, actl, Gl
+        if every:
+            Y, Y0, S, alpha, act, G = Yl, Y0l, Sl, al, actl, Gl
+        else:
+            Y[rows], Y0[rows], S[rows], alpha[rows], act[rows], G[rows] = Yl, Y0l, Sl, al, actl, Gl
         converged[rows] = ok
         done[rows] = ok | stuck
     if K < K_out:  # the op's output has K_out slots (a shape known before running)
