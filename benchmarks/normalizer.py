@@ -85,7 +85,7 @@ def main():
 
 def sparsemap_block(s, pm, reps, sync):
     """SparseMAP segmentation attention, fwd + bwd, beside softmax measured in the same interleaved loop (SparseMAP
-    is ~10⁴x slower, so it gets fewer repetitions than the main table), with T = 0 (SparsemapAttention's
+    is 10²–10³x slower, so it gets fewer repetitions than the main table), with T = 0 (SparsemapAttention's
     initialisation) and T = 3·I (a contiguity prior); then the mean number of active structures per row for score
     scales std 1 and 2 and T ∈ {0, I, 3·I}."""
     from structattn.attention import sparsemap_attention
