@@ -1,6 +1,6 @@
 """Attention normaliser alone (no matmuls): scores (B, T) → weights, forward + backward, CPU, 1 thread.
 
-    python benchmarks/normalizer.py [--B 64] [--T 50] [--reps 300] [--device cpu|cuda]
+    python benchmarks/normalizer.py [--B 64] [--T 50] [--reps 300] [--device cpu|cuda] [--sparsemap-reps 5]
 
 Prints a markdown table of medians (interleaved repetitions), unpadded and with left padding (0–19 pads per row),
 plus the Viterbi −H normaliser on the reference tensor backend. This isolates what the structured attention adds
@@ -24,6 +24,8 @@ def main():
     ap.add_argument("--T", type=int, default=50)
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--sparsemap-reps", type=int, default=0,
+                    help="also time SparseMAP (issue 22) beside softmax, this many repetitions (0: skip)")
     a = ap.parse_args()
     if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
@@ -74,6 +76,58 @@ def main():
         print(f"| {k} | {statistics.median(res[k]['none']) * 1e3:.3f} ms | {p * 1e3:.3f} ms | {p / base:.1f}× |")
     r = statistics.median(ref)
     print(f"| viterbi -H, reference backend | | {r * 1e3:.3f} ms | {r / base:.1f}× |")
+    if a.sparsemap_reps:
+        sparsemap_block(s, pm, a.sparsemap_reps, sync)
+
+
+# ---- SparseMAP (issue 22): its own block, timed against softmax in the same loop ------------------------------------
+
+
+def sparsemap_block(s, pm, reps, sync):
+    """SparseMAP segmentation attention, fwd + bwd, beside softmax measured in the same interleaved loop (SparseMAP
+    is 10²–10³x slower, so it gets fewer repetitions than the main table), with T = 0 (SparsemapAttention's
+    initialisation) and T = 3·I (a contiguity prior); then the mean number of active structures per row for score
+    scales std 1 and 2 and T ∈ {0, I, 3·I}."""
+    from structattn.attention import sparsemap_attention
+
+    eye = torch.eye(2, device=s.device)
+    fns = {"softmax": lambda m: softmax_attention(s, m),
+           "sparsemap, T = 0": lambda m: sparsemap_attention(s, 0 * eye, m),
+           "sparsemap, T = 3·I": lambda m: sparsemap_attention(s, 3 * eye, m)}
+    res = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            f(pm).pow(2).sum().backward()
+            sync()
+            res[k].append(time.perf_counter() - t0)
+    base = statistics.median(res["softmax"])
+    B, T = s.shape
+    print(f"\nSparseMAP block: B={B}, T={T}, left-padded, medians of {reps} interleaved repetitions\n")
+    print("| normaliser (fwd + bwd) | left-padded | / softmax padded (same loop) | active structures / row |")
+    print("|---|---|---|---|")
+    for k, v in res.items():
+        n = ""
+        if k != "softmax":
+            with torch.no_grad():
+                _, info = sparsemap_attention(s, (0 if "= 0" in k else 3) * eye, pm, return_structures=True)
+            n = f"{info.num_structures.float().mean().item():.2f}"
+        m = statistics.median(v)
+        print(f"| {k} | {m * 1e3:.3f} ms | {m / base:.0f}× | {n} |")
+    print("\nActive structures per row (mean, max), unpadded, s ~ N(0, std²):\n")
+    print("| std | T = 0 | T = I | T = 3·I |")
+    print("|---|---|---|---|")
+    g = torch.Generator().manual_seed(1)
+    for std in (1.0, 2.0):
+        x = (torch.randn(B, T, generator=g) * std).to(s.device)
+        cells = []
+        for c in (0.0, 1.0, 3.0):
+            with torch.no_grad():
+                _, info = sparsemap_attention(x, c * eye, return_structures=True)
+            k = info.num_structures.float()
+            cells.append(f"{k.mean().item():.2f} ({int(k.max())})")
+        print(f"| {std:g} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

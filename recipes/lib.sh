@@ -37,10 +37,10 @@ is_prob() { [[ "$1" =~ ^[0-9]*\.?[0-9]+$ ]] && python3 -c "import sys; sys.exit(
 # table yet (structattn not installed, or no `python`), its values are shown as placeholders instead of failing.
 help_usage() {
   local defs
-  defs="$( (variants_load && printf 'variants_all=%q variants_main=%q paper_gamma_entropy=%q paper_gamma_l2=%q' \
-    "$variants_all" "$variants_main" "$paper_gamma_entropy" "$paper_gamma_l2") 2>/dev/null )" \
-    || defs="variants_all='(listed once structattn is installed)' variants_main='(the main four)' \
-paper_gamma_entropy='γ for −H' paper_gamma_l2='γ for ℓ2'"
+  defs="$( (variants_load && printf 'variants_all=%q variants_main=%q variants_study=%q paper_gamma_entropy=%q \
+paper_gamma_l2=%q' "$variants_all" "$variants_main" "$variants_study" "$paper_gamma_entropy" "$paper_gamma_l2") \
+    2>/dev/null )" || defs="variants_all='(listed once structattn is installed)' variants_main='(the main four)' \
+variants_study='(the study set)' paper_gamma_entropy='γ for −H' paper_gamma_l2='γ for ℓ2'"
   eval "$defs"
   usage
 }
@@ -66,7 +66,7 @@ parse_options() {
 # ---------------------------------------------------------------------------------------------------- variants
 # The table is structattn/evaluation/variants.py (names, labels, fairseq flags; the paper's γ from structattn).
 # variants_load: sets variants_all (every variant name), variants_main (the default set: the ablations are asked for
-# by name) and paper_gamma_entropy, paper_gamma_l2.
+# by name), variants_study (--size study's set) and paper_gamma_entropy, paper_gamma_l2.
 variants_load() {
   [ -z "${variants_all:-}" ] || return 0
   local defs

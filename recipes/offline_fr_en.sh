@@ -115,7 +115,7 @@ case "$size" in
   # wall-clock cap, three seeds (recipes/bible_fr_en/STUDY.md).
   study) p_train=0 p_test=0   p_update=0     p_epoch=40  spm_vocab=2000 max_tokens=2000 p_dim=128 p_hours=0
          p_lr=0.005 p_drop=0.1 p_ls=0 p_maxlen=80 p_jobs=2 p_sched=plateau p_patience=3 p_seeds="1 2 3"
-         p_variants="softmax sparsemax viterbi-entropy viterbi-l2 viterbi-l2-nochain viterbi-l2-paper" ;;
+         p_variants=study ;;  # the study's set: variants_study of the variant table
   small) p_train=0    p_test=0   p_update=600   p_epoch=100 spm_vocab=8000 max_tokens=6000 p_dim=128 p_hours=0.35 ;;
   full)  p_train=0    p_test=0   p_update=0     p_epoch=30  spm_vocab=8000 max_tokens=6000 p_dim=256 p_hours=0 ;;
   *) die "--size must be tiny, quick, small, converge, study or full, not '$size'" ;;
@@ -173,6 +173,7 @@ gamma_entropy="${gamma_entropy-$paper_gamma_entropy}" gamma_l2="${gamma_l2-$pape
 is_pos "$gamma_entropy" || die "--gamma-entropy must be a positive number, not '$gamma_entropy'"
 is_pos "$gamma_l2" || die "--gamma-l2 must be a positive number, not '$gamma_l2'"
 [ "$stop_hours" = 0 ] || is_pos "$stop_hours" || die "--stop-hours must be 0 or a positive number, not '$stop_hours'"
+[ "$p_variants" != study ] || p_variants="$variants_study"
 variants="${variants-${p_variants:-$variants_main}}"
 check_variants "$variants"
 if [ "$builtin_lstm" = 1 ] && [ "$variants" != softmax ]; then

@@ -20,7 +20,7 @@ from .ops import (
 )
 from .ops.viterbi import get_default_backend, set_default_backend, viterbi_backend
 
-# Structured losses and sparse decoding (ICML 2018 §4.1, §2.3, App. C.1); issue 23.
+# Structured losses and sparse decoding (ICML 2018 §4.1, §2.3, App. C.1).
 from .decoding import (
     TagSequence,
     count_sequences,
@@ -30,6 +30,9 @@ from .decoding import (
     viterbi_decode,
 )
 from .losses import ViterbiLoss, hard_viterbi, tags_to_path, viterbi_loss
+
+# SparseMAP segmentation attention (Niculae et al. 2018 over the chain of ICML 2018 §5)
+from .attention import SparsemapAttention, SparsemapStructures, sparsemap_attention
 
 __version__ = "0.1.0"
 
@@ -61,4 +64,8 @@ __all__ = [
     "tags_to_path",
     "viterbi_decode",
     "viterbi_loss",
+    # SparseMAP segmentation attention (Niculae et al. 2018 over the chain of ICML 2018 §5)
+    "sparsemap_attention",
+    "SparsemapAttention",
+    "SparsemapStructures",
 ]

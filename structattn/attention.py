@@ -83,6 +83,7 @@ elsewhere (docs/speed.md). This module does not import fairseq; the fairseq glue
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -101,6 +102,9 @@ from .ops.segmentation import (
 from .ops.smoothed_max import check_reg_gamma, sparsemax
 from .options import (ATTENTIONS, DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_REG, PAPER_GAMMA, VITERBI_FORMS,
                       paper_gamma)
+from .ops.sparsemap import DEFAULT_MAX_ITER as SPARSEMAP_MAX_ITER
+from .ops.sparsemap import DEFAULT_TOL as SPARSEMAP_TOL
+from .ops.sparsemap import sparsemap_weights
 
 __all__ = [
     "ATTENTIONS",
@@ -124,6 +128,10 @@ __all__ = [
     "multihead_viterbi_attention",
     "ViterbiNormalizer",
     "coupling_report",
+    # SparseMAP segmentation attention
+    "sparsemap_attention",
+    "SparsemapAttention",
+    "SparsemapStructures",
 ]
 
 # ATTENTIONS, PAPER_GAMMA, VITERBI_FORMS and the defaults are defined once, in structattn.options (imported above).
@@ -577,3 +585,152 @@ class ViterbiNormalizer(_ViterbiState, nn.Module):
         r = f"num_heads={self.num_heads}, reg={self.reg!r}, gamma={self.gamma}, form={self.form!r}"
         r += f", contiguity={self.contiguity}" if self.form == "stable" else ""
         return r + ("" if self.chain else ", chain=False")
+
+
+# ---- SparseMAP segmentation attention -----------------------------------------------------------------------------
+
+
+class SparsemapStructures(NamedTuple):
+    """What :func:`sparsemap_attention` returns beside the weights when ``return_structures=True``.
+
+    Attributes:
+        structures: (B, K, T) bool, the active segmentations' masks (y_t = 1: attend to x_t), False on padding.
+        probabilities: (B, K) float64, their probabilities α in decreasing order (0 on unused slots); Σ_k = 1 on
+            rows with a real position. In eager mode K is trimmed to the largest support in the batch.
+        marginals: (B, T) p(y_t = 1) = Σ_k α_k structures[:, k, t] (before normalisation and fallback).
+        num_structures: (B,) int64, the support size of each row.
+        iterations: (B,) int32, active-set iterations spent on each row.
+        converged: (B,) bool, False where the iteration cap stopped the solver (a RuntimeWarning was issued).
+        flags: (B,) int32 row flags of :func:`structattn.ops.segmentation.row_flags` (dead = fell back to softmax,
+            frozen = one structure, zero Jacobian).
+    """
+
+    structures: Tensor
+    probabilities: Tensor
+    marginals: Tensor
+    num_structures: Tensor
+    iterations: Tensor
+    converged: Tensor
+    flags: Tensor
+
+
+def _check_solver(tol, max_iter) -> tuple[float, int]:
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be a positive int, got {max_iter!r}")
+    return float(tol), max_iter
+
+
+def sparsemap_attention(
+    scores: Tensor,
+    transitions: Tensor,
+    padding_mask: Tensor | None = None,
+    tol: float = SPARSEMAP_TOL,
+    max_iter: int = SPARSEMAP_MAX_ITER,
+    return_structures: bool = False,
+):
+    """SparseMAP segmentation attention: w_t ∝ μ*(y_t = 1) with μ* the SparseMAP point of the §5 chain.
+
+    On the chain of :func:`viterbi_attention` (θ[t, 1, j] = s_t + T[1, j], θ[t, 0, j] = T[0, j], free start state),
+
+        μ* = argmax_{μ = [u; v] ∈ conv(Y)} ⟨θ, μ⟩ − ½‖u‖²     (Niculae et al., ICML 2018),
+
+    with u the *state* (unary) marginals u[t, i] = p(y_t = i), both states, and v the transition marginals, which
+    enter linearly — the paper's form for sequences (we do not regularise all edge marginals of θ's (T, 2, 2)
+    representation). μ* is a convex combination of a few whole segmentations, found by the active-set method with
+    the hard Viterbi argmax as the oracle; the derivative is the closed form on the active set, not autograd through
+    the iterations (:mod:`structattn.ops.sparsemap`). The regulariser has a fixed unit scale: scale the scores and T
+    to change the sparsity (at T = 0 the chain factorises and p_t = clip((1 + s_t)/2, 0, 1), the ℓ2 Viterbi
+    attention with γ = 1).
+
+    The chain runs over the real positions only (padding in any layout is compacted away). If p(y_t = 1) = 0 for
+    every real t (all mass on y = 0…0), the row falls back to softmax(s) over its real positions, as the Viterbi
+    attention does.
+
+    Args:
+        scores: (B, T) unary scores s_t.
+        transitions: (2, 2) or (B, 2, 2) transition matrix T (T[i, j] scores state j at t−1 → state i at t).
+        padding_mask: optional (B, T) bool, True at padded positions.
+        tol: tolerance on the Frank–Wolfe gap of the active set, relative to 1 + |objective|.
+        max_iter: cap on active-set iterations per row; rows that hit it keep a feasible, suboptimal point, are
+            flagged (``converged`` False) and a RuntimeWarning is issued.
+        return_structures: also return a :class:`SparsemapStructures`.
+
+    Returns:
+        (B, T) weights (and the :class:`SparsemapStructures` if asked): non-negative, summing to 1 over real
+        positions, exactly 0 on padding, all 0 on a row without real position. Differentiable w.r.t. ``scores``
+        and ``transitions`` (once; not twice).
+    """
+    padding_mask = _check_scores(scores, padding_mask)
+    trans = check_transitions(transitions, scores.shape[0])
+    tol, max_iter = _check_solver(tol, max_iter)
+    for name, x in (("transitions", trans), ("padding_mask", padding_mask)):
+        if x is not None and x.device != scores.device:
+            raise ValueError(f"{name} is on {x.device}, the scores on {scores.device}: put them on one device")
+    w, p, flags, alpha, ys, iters, conv = sparsemap_weights(_upcast_half(scores), trans, padding_mask, tol, max_iter)
+    if w.dtype != scores.dtype:
+        w, p = w.to(scores.dtype), p.to(scores.dtype)
+    if not return_structures:
+        return w
+    count = (alpha > 0).sum(1)
+    if not torch.compiler.is_compiling() and alpha.shape[1]:
+        k = max(int(count.max()), 1)
+        alpha, ys = alpha[:, :k], ys[:, :k]
+    return w, SparsemapStructures(ys, alpha, p, count, iters, conv, flags)
+
+
+class SparsemapAttention(_BilinearAttention):
+    """Bilinear SparseMAP segmentation attention (:func:`sparsemap_attention`) with a learned transition matrix T
+    (``transitions``, (2, 2)), in the paper form of :class:`ViterbiAttention`: θ from the raw scores, T initialised
+    at 0 (no preference for attending nor for contiguity; the chain starts factorised, where p_t =
+    clip((1 + s_t)/2, 0, 1)). M starts at U(−a, a), a = √(3/(d_x d_z)), so that the initial score std is at most
+    1 — the unit scale of the SparseMAP regulariser — for states in [−1, 1]^d (as ViterbiAttention with γ = 1).
+    At that initialisation the support is large (every position with |s_t| < 1 is fractional: ~27 structures per
+    row of 50 positions at score std 1, benchmarks/RESULTS.md "SparseMAP normaliser"); larger scores or a
+    contiguity preference in T make it sparser.
+
+    Every forward adds to running counts read and reset by :meth:`pop_fallback_counts` (rows, dead rows that fell
+    back to softmax, frozen rows with one structure), the same contract as the Viterbi modules, and by
+    :meth:`pop_structure_counts` (rows, active structures, rows that did not converge)."""
+
+    def __init__(self, query_dim: int, source_dim: int, tol: float = SPARSEMAP_TOL,
+                 max_iter: int = SPARSEMAP_MAX_ITER):
+        super().__init__(query_dim, source_dim)
+        self.tol, self.max_iter = _check_solver(tol, max_iter)
+        self.transitions = nn.Parameter(torch.zeros(2, 2))
+        a = math.sqrt(3.0 / (query_dim * source_dim))
+        nn.init.uniform_(self.proj.weight, -a, a)
+        for name in ("_rows", "_dead", "_frozen", "_srows", "_structures", "_unconverged"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.long), persistent=False)
+
+    def normalize(self, scores, padding_mask):
+        w, info = sparsemap_attention(scores, self.transitions, padding_mask, self.tol, self.max_iter,
+                                      return_structures=True)
+        real = (info.flags & HAS_REAL) != 0
+        rows = real.sum()
+        self._rows += rows
+        self._dead += ((info.flags & DEAD) != 0).sum()
+        self._frozen += ((info.flags & FROZEN) != 0).sum()
+        self._srows += rows
+        self._structures += info.num_structures.sum()
+        self._unconverged += (~info.converged).sum()
+        return w
+
+    def pop_fallback_counts(self) -> tuple[int, int, int]:
+        """(rows, dead rows, frozen rows) since the last call; resets them."""
+        out = int(self._rows), int(self._dead), int(self._frozen)
+        for b in (self._rows, self._dead, self._frozen):
+            b.zero_()
+        return out
+
+    def pop_structure_counts(self) -> tuple[int, int, int]:
+        """(rows, active structures summed over them, rows that did not converge) since the last call; resets
+        them. structures / rows is the mean support size."""
+        out = int(self._srows), int(self._structures), int(self._unconverged)
+        for b in (self._srows, self._structures, self._unconverged):
+            b.zero_()
+        return out
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", tol={self.tol}, max_iter={self.max_iter}"

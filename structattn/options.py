@@ -2,8 +2,8 @@
 
 Every toolkit entry point offers the same six choices, under its own spelling (fairseq: ``--attention``,
 ``--attention-reg``, ``--attention-gamma``, ``--attention-form``, ``--attention-contiguity``,
-``--attention-transitions``; OpenNMT-py: ``-global_attention_function``, ``-attention_reg``, ``-attention_gamma``,
-``-attention_form``, ``-attention_contiguity``, ``-attention_transitions``):
+``--attention-chain``; OpenNMT-py: ``-global_attention_function``, ``-attention_reg``, ``-attention_gamma``,
+``-attention_form``, ``-attention_contiguity``, ``-attention_chain``):
 
 ========================  =======================================  ================================================
 choice                    values                                   default
@@ -14,8 +14,8 @@ regulariser Ω (Viterbi)   :data:`structattn.ops.REGULARIZERS`      :data:`DEFAU
 temperature γ (Viterbi)   a finite number > 0                      the paper's γ per Ω (:data:`PAPER_GAMMA`)
 form (Viterbi)            :data:`VITERBI_FORMS`                    :data:`DEFAULT_FORM` (``stable``)
 contiguity c (stable)     a finite number                          :data:`DEFAULT_CONTIGUITY`
-transitions (Viterbi)     :data:`TRANSITIONS`                      :data:`DEFAULT_TRANSITIONS` (``learned``; ``none``
-                                                                   is the chain-off ablation: κ ≡ 0, independent
+chain (Viterbi)           :data:`CHAIN_MODES`                      :data:`DEFAULT_CHAIN` (``on``; ``off`` is the
+                                                                   chain-off ablation: κ ≡ 0, independent
                                                                    positions on the same scores)
 ========================  =======================================  ================================================
 
@@ -50,8 +50,8 @@ __all__ = [
     "DEFAULT_REG",
     "DEFAULT_FORM",
     "DEFAULT_CONTIGUITY",
-    "TRANSITIONS",
-    "DEFAULT_TRANSITIONS",
+    "CHAIN_MODES",
+    "DEFAULT_CHAIN",
     "paper_gamma",
     "AttentionOptions",
     "positive_float",
@@ -80,11 +80,11 @@ DEFAULT_FORM = "stable"
 #: Contiguity prior c of the stable form: τ = T/γ starts at [[c, 0], [0, c]].
 DEFAULT_CONTIGUITY = 1.0
 
-#: Transitions of the Viterbi attention: ``learned`` (the model), ``none`` (the chain-off ablation: T projected onto
+#: The chain of the Viterbi attention: ``on`` (the model), ``off`` (the chain-off ablation: T projected onto
 #: the matrices f(i) + g(j), so the coupling κ is 0 and positions are independent gates on the same scores;
 #: :meth:`structattn.attention.ViterbiAttention.effective_transitions`).
-TRANSITIONS = ("learned", "none")
-DEFAULT_TRANSITIONS = "learned"
+CHAIN_MODES = ("on", "off")
+DEFAULT_CHAIN = "on"
 
 
 def paper_gamma(reg: str) -> float:
@@ -104,7 +104,7 @@ class AttentionOptions:
     gamma: Optional[float] = None
     form: str = DEFAULT_FORM
     contiguity: Optional[float] = DEFAULT_CONTIGUITY
-    transitions: str = DEFAULT_TRANSITIONS
+    chain: str = DEFAULT_CHAIN
 
 
 def positive_float(text) -> float:
@@ -135,11 +135,11 @@ def _dash(name: str) -> str:
 
 def resolve_options(attention: str, reg: str = DEFAULT_REG, gamma=None, form: str = DEFAULT_FORM,
                     contiguity=DEFAULT_CONTIGUITY, flag: Callable[[str], str] = _dash,
-                    transitions: str = DEFAULT_TRANSITIONS) -> AttentionOptions:
+                    chain: str = DEFAULT_CHAIN) -> AttentionOptions:
     """Check the six values and fill in γ's paper default for the Viterbi attention.
 
     ``flag`` spells an option for the error messages: it receives ``"attention"``, ``"attention_reg"``,
-    ``"attention_gamma"``, ``"attention_form"``, ``"attention_contiguity"`` or ``"attention_transitions"``
+    ``"attention_gamma"``, ``"attention_form"``, ``"attention_contiguity"`` or ``"attention_chain"``
     (default: fairseq's ``--attention-reg`` spelling). Raises ``ValueError`` naming the option and the value."""
     if attention not in ATTENTIONS:
         raise ValueError(f"{flag('attention')} must be one of {', '.join(ATTENTIONS)}; got {attention!r}")
@@ -156,12 +156,12 @@ def resolve_options(attention: str, reg: str = DEFAULT_REG, gamma=None, form: st
         if isinstance(contiguity, bool) or not isinstance(contiguity, (int, float)) or not math.isfinite(contiguity):
             raise ValueError(f"{flag('attention_contiguity')} must be a finite number; got {contiguity!r}")
         contiguity = float(contiguity)
-    if transitions not in TRANSITIONS:
-        raise ValueError(f"{flag('attention_transitions')} must be one of {', '.join(TRANSITIONS)}; "
-                         f"got {transitions!r}")
+    if chain not in CHAIN_MODES:
+        raise ValueError(f"{flag('attention_chain')} must be one of {', '.join(CHAIN_MODES)}; "
+                         f"got {chain!r}")
     if attention == "viterbi" and gamma is None:
         gamma = PAPER_GAMMA[reg]
-    return AttentionOptions(attention, reg, gamma, form, contiguity, transitions)
+    return AttentionOptions(attention, reg, gamma, form, contiguity, chain)
 
 
 def build_from_options(options: AttentionOptions, query_dim: int, source_dim: int):
@@ -172,7 +172,7 @@ def build_from_options(options: AttentionOptions, query_dim: int, source_dim: in
         return build_attention(options.attention, query_dim, source_dim)
     contiguity = options.contiguity if options.form == "stable" else None
     return build_attention(options.attention, query_dim, source_dim, options.reg, options.gamma, options.form,
-                           contiguity, options.transitions == "learned")
+                           contiguity, options.chain == "on")
 
 
 def build_normalizer(options: AttentionOptions, num_heads: int):
@@ -184,4 +184,4 @@ def build_normalizer(options: AttentionOptions, num_heads: int):
         return None
     contiguity = options.contiguity if options.form == "stable" else None
     return ViterbiNormalizer(num_heads, options.reg, options.gamma, options.form, contiguity,
-                             options.transitions == "learned")
+                             options.chain == "on")

@@ -4,8 +4,8 @@ their validation, of how they become an attention module, and of the training me
 ``--attention {softmax,sparsemax,viterbi}`` (one name for the attention kind, from the command line through
 ``args.attention`` to :func:`structattn.attention.build_attention`'s ``attention``), ``--attention-reg
 {entropy,l2}``, ``--attention-gamma FLOAT`` (default: the paper's γ per Ω, :data:`structattn.attention.PAPER_GAMMA`),
-``--attention-form {stable,paper}``, ``--attention-contiguity FLOAT`` and ``--attention-transitions
-{learned,none}`` (``none``: the chain-off ablation). Models call :func:`add_attention_args` in
+``--attention-form {stable,paper}``, ``--attention-contiguity FLOAT`` and ``--attention-chain
+{on,off}`` (``off``: the chain-off ablation). Models call :func:`add_attention_args` in
 ``add_args``, :func:`attention_defaults` in their architecture functions, :func:`resolve_attention_args` in
 ``build_model`` and build the module with :func:`build_from_options` (a bilinear attention layer, the LSTM) or
 :func:`build_normalizer` (the normaliser of a multi-head attention, the Transformer); the maths stays in
@@ -22,7 +22,7 @@ from structattn.attention import ATTENTIONS, DEFAULT_CONTIGUITY, PAPER_GAMMA, VI
 # The values, defaults and checks are toolkit-neutral and shared with the OpenNMT-py glue (structattn.options);
 # this module adds what is fairseq's: the flags, the architecture defaults, the metrics.
 from structattn.ops.segmentation import chain_coupling
-from structattn.options import (DEFAULT_FORM, DEFAULT_REG, DEFAULT_TRANSITIONS, REGULARIZERS, TRANSITIONS,
+from structattn.options import (DEFAULT_FORM, DEFAULT_REG, DEFAULT_CHAIN, REGULARIZERS, CHAIN_MODES,
                                 AttentionOptions, build_from_options, build_normalizer, positive_float,
                                 resolve_options)
 
@@ -68,10 +68,10 @@ def add_attention_args(parser) -> None:
              f"default: {DEFAULT_CONTIGUITY}",
     )
     parser.add_argument(
-        "--attention-transitions", choices=TRANSITIONS, metavar=_choices(TRANSITIONS),
-        help="Viterbi attention only: learned (the chain) or none (the chain-off ablation: the coupling kappa of "
+        "--attention-chain", choices=CHAIN_MODES, metavar=_choices(CHAIN_MODES),
+        help="Viterbi attention only: on (the chain) or off (the chain-off ablation: the coupling kappa of "
              "neighbouring positions held at 0, so positions are independent gates on the same scores; what the "
-             f"chain buys is the difference); default: {DEFAULT_TRANSITIONS}",
+             f"chain buys is the difference); default: {DEFAULT_CHAIN}",
     )
 
 
@@ -82,7 +82,7 @@ def attention_defaults(args) -> None:
     args.attention_gamma = getattr(args, "attention_gamma", None)
     args.attention_form = getattr(args, "attention_form", DEFAULT_FORM)
     args.attention_contiguity = getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY)
-    args.attention_transitions = getattr(args, "attention_transitions", DEFAULT_TRANSITIONS)
+    args.attention_chain = getattr(args, "attention_chain", DEFAULT_CHAIN)
 
 
 def resolve_attention_args(args) -> AttentionOptions:
@@ -92,7 +92,7 @@ def resolve_attention_args(args) -> AttentionOptions:
     options = resolve_options(getattr(args, "attention", DEFAULT_ATTENTION), getattr(args, "attention_reg", DEFAULT_REG),
                               getattr(args, "attention_gamma", None), getattr(args, "attention_form", DEFAULT_FORM),
                               getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY),
-                              transitions=getattr(args, "attention_transitions", None) or DEFAULT_TRANSITIONS)
+                              chain=getattr(args, "attention_chain", None) or DEFAULT_CHAIN)
     if options.attention == "viterbi" and getattr(args, "attention_gamma", None) is None:
         args.attention_gamma = options.gamma
     return options

@@ -4,7 +4,7 @@ without a fork.
 * ``structattn-onmt-train`` / ``structattn-onmt-translate`` (:mod:`structattn_onmt.cli`): OpenNMT-py's
   ``onmt_train`` / ``onmt_translate`` with the same arguments and YAML configs, plus
   ``global_attention_function: viterbi``, ``attention_reg``, ``attention_gamma``, ``attention_form``,
-  ``attention_contiguity``, ``attention_transitions`` (:mod:`structattn_onmt.options`) and ``-dump_attention PATH``
+  ``attention_contiguity``, ``attention_chain`` (:mod:`structattn_onmt.options`) and ``-dump_attention PATH``
   (:mod:`structattn_onmt.dump`). Vocabularies come from OpenNMT's own ``onmt_build_vocab``.
 * :mod:`structattn_onmt.layer`: the attention layer (OpenNMT's ``GlobalAttention`` with the weights of
   :mod:`structattn.attention`).

@@ -4,7 +4,7 @@ Each is OpenNMT-py's own command (``onmt.bin.train`` / ``onmt.bin.translate``: s
 same behaviour) with :func:`structattn_onmt.patches.install` run first, plus:
 
 * ``structattn-onmt-train``: ``-global_attention_function viterbi`` and ``-attention_reg``, ``-attention_gamma``,
-  ``-attention_form``, ``-attention_contiguity``, ``-attention_transitions`` (:mod:`structattn_onmt.options`);
+  ``-attention_form``, ``-attention_contiguity``, ``-attention_chain`` (:mod:`structattn_onmt.options`);
   every problem with them, and with the options they combine with, stops the command with one ``error:`` line
   before any data is read.
   Unknown options are ignored, as ``onmt_train`` ignores them, except misspelt attention options (any unknown

@@ -12,10 +12,10 @@ option                         values                          default
 ``attention_gamma``            a finite number > 0             the paper's γ: 2 for entropy, 10 for l2
 ``attention_form``             ``stable``, ``paper``           ``stable``
 ``attention_contiguity``       a finite number                 1.0
-``attention_transitions``      ``learned``, ``none``           ``learned`` (``none``: the chain-off ablation)
+``attention_chain``            ``on``, ``off``                 ``on`` (``off``: the chain-off ablation)
 =============================  ==============================  ===========================================
 
-``attention_reg``, ``attention_gamma``, ``attention_form``, ``attention_contiguity`` and ``attention_transitions``
+``attention_reg``, ``attention_gamma``, ``attention_form``, ``attention_contiguity`` and ``attention_chain``
 are used by the Viterbi
 attention only (ignored otherwise, as in the fairseq plugin). This module defines the options and reads option
 namespaces; putting the options on OpenNMT's parser (and ``viterbi`` among ``-global_attention_function``'s
@@ -24,14 +24,14 @@ choices) is a change to OpenNMT and lives in ``patches.py`` (:func:`structattn_o
 
 from __future__ import annotations
 
-from structattn.options import (ATTENTIONS, DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_REG, DEFAULT_TRANSITIONS,
-                                PAPER_GAMMA, REGULARIZERS, TRANSITIONS, VITERBI_FORMS, AttentionOptions,
+from structattn.options import (ATTENTIONS, DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_REG, DEFAULT_CHAIN,
+                                PAPER_GAMMA, REGULARIZERS, CHAIN_MODES, VITERBI_FORMS, AttentionOptions,
                                 resolve_options)
 
 __all__ = ["OPTION_NAMES", "MARKER", "add_attention_options", "options_from_opt", "check_train_opt", "flag"]
 
 #: the options this package adds to onmt_train's (``global_attention_function`` exists there already)
-OPTION_NAMES = ("attention_reg", "attention_gamma", "attention_form", "attention_contiguity", "attention_transitions")
+OPTION_NAMES = ("attention_reg", "attention_gamma", "attention_form", "attention_contiguity", "attention_chain")
 
 #: an option every model trained by ``structattn-onmt-train`` has in its checkpoint's ``opt``; models without it
 #: (trained by plain ``onmt_train``) keep OpenNMT's own attention layer when translated
@@ -61,9 +61,9 @@ def add_attention_options(group, positive_float, finite_float) -> None:
               metavar="FLOAT",
               help="structattn: stable form only: initial T/gamma = [[c, 0], [0, c]] (staying in a state is worth "
                    "c*gamma)")
-    group.add("--attention_transitions", "-attention_transitions", type=str, default=DEFAULT_TRANSITIONS,
-              choices=list(TRANSITIONS),
-              help="structattn: learned (the Viterbi attention's transitions) or none (the chain-off ablation: the "
+    group.add("--attention_chain", "-attention_chain", type=str, default=DEFAULT_CHAIN,
+              choices=list(CHAIN_MODES),
+              help="structattn: on (the Viterbi attention's chain) or off (the chain-off ablation: the "
                    "coupling kappa of neighbouring positions held at 0, independent gates on the same scores)")
 
 
@@ -79,7 +79,7 @@ def options_from_opt(opt) -> AttentionOptions | None:
         getattr(opt, "attention_form", DEFAULT_FORM),
         getattr(opt, "attention_contiguity", DEFAULT_CONTIGUITY),
         flag=flag,
-        transitions=getattr(opt, "attention_transitions", DEFAULT_TRANSITIONS),
+        chain=getattr(opt, "attention_chain", DEFAULT_CHAIN),
     )
 
 

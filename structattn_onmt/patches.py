@@ -37,7 +37,7 @@ Patches
     ``choices=["softmax", "sparsemax"]``.
     *What we do.* On the parser of ``structattn-onmt-train`` only: add ``viterbi`` to those choices and add
     ``-attention_reg``, ``-attention_gamma``, ``-attention_form``, ``-attention_contiguity``,
-    ``-attention_transitions`` to the same
+    ``-attention_chain`` to the same
     "Model- Attention" group (:mod:`structattn_onmt.options`), so they work on the command line and in YAML configs
     and are saved in the checkpoint's ``opt``.
 

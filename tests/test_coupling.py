@@ -67,7 +67,7 @@ def test_bad_inputs():
         chain_coupling(torch.zeros(2, 2), float("nan"))
 
 
-# ---- the chain-off ablation (chain=False / transitions "none") ----------------------------------------------------
+# ---- the chain-off ablation (chain=False / --attention-chain off) --------------------------------------------------
 
 from structattn import options  # noqa: E402
 from structattn.attention import ViterbiAttention, ViterbiNormalizer, build_attention  # noqa: E402
@@ -127,15 +127,15 @@ def test_chain_off_keeps_kappa_zero_under_training():
 
 
 def test_chain_option_in_options_and_factories():
-    assert options.TRANSITIONS == ("learned", "none") and options.DEFAULT_TRANSITIONS == "learned"
-    o = options.resolve_options("viterbi", "l2", transitions="none")
-    assert o.transitions == "none"
+    assert options.CHAIN_MODES == ("on", "off") and options.DEFAULT_CHAIN == "on"
+    o = options.resolve_options("viterbi", "l2", chain="off")
+    assert o.chain == "off"
     assert options.build_from_options(o, 3, 4).chain is False
     assert options.build_normalizer(o, 2).chain is False
     assert options.build_from_options(options.resolve_options("viterbi"), 3, 4).chain is True
     assert build_attention("viterbi", 3, 4, chain=False).chain is False
-    with pytest.raises(ValueError, match="--attention-transitions must be one of learned, none"):
-        options.resolve_options("viterbi", transitions="off")
+    with pytest.raises(ValueError, match="--attention-chain must be one of on, off"):
+        options.resolve_options("viterbi", chain="maybe")
     with pytest.raises(TypeError, match="chain must be a bool"):
         ViterbiAttention(3, 4, chain="no")
 

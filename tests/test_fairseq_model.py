@@ -321,13 +321,13 @@ def test_chain_off_flag_and_kappa_in_the_training_log():
     from structattn.attention import ViterbiNormalizer
     from structattn_fairseq.attention_options import log_attention_metrics, resolve_attention_args
 
-    args, code, _ = _parse("--attention", "viterbi", "--attention-reg", "l2", "--attention-transitions", "none")
-    assert code is None and args.attention_transitions == "none"
-    assert resolve_attention_args(args).transitions == "none"
-    args, code, text = _parse("--attention-transitions", "off")
-    assert code == 2 and "--attention-transitions" in text
+    args, code, _ = _parse("--attention", "viterbi", "--attention-reg", "l2", "--attention-chain", "off")
+    assert code is None and args.attention_chain == "off"
+    assert resolve_attention_args(args).chain == "off"
+    args, code, text = _parse("--attention-chain", "maybe")
+    assert code == 2 and "--attention-chain" in text
     args, _, _ = _parse()
-    assert args.attention_transitions == "learned"
+    assert args.attention_chain == "on"
 
     norms = [ViterbiNormalizer(2, "l2"), None, ViterbiNormalizer(2, "l2", chain=False)]
     with torch.no_grad():

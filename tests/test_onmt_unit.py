@@ -90,7 +90,7 @@ def test_options_reach_the_checkpoint_opt_and_stock_models_have_none():
                                             "invalid choice: 'dot'"),
     (["-attention_form", "raw"], "argument --attention_form/-attention_form: invalid choice: 'raw'"),
     (["-attention_contiguity", "nan"], "must be a finite number, got 'nan'"),
-    (["-attention_transitions", "off"], "argument --attention_transitions/-attention_transitions: invalid choice"),
+    (["-attention_chain", "maybe"], "argument --attention_chain/-attention_chain: invalid choice"),
     (["-attention_gama", "3"], "unrecognized arguments: -attention_gama"),
     (["-global_attention_function", "viterbi", "-global_attention", "mlp"],
      "-global_attention_function viterbi needs -global_attention general"),
@@ -206,7 +206,7 @@ def test_new_models_keep_the_library_initialisation():
 
 
 def test_chain_off_option_builds_the_ablation():
-    _, model = _model("-global_attention_function", "viterbi", "-attention_reg", "l2", "-attention_transitions", "none")
+    _, model = _model("-global_attention_function", "viterbi", "-attention_reg", "l2", "-attention_chain", "off")
     assert model.decoder.attn.attention.chain is False
     _, model = _model("-global_attention_function", "viterbi")
     assert model.decoder.attn.attention.chain is True

@@ -1060,5 +1060,5 @@ def test_ablation_variants_keep_their_own_form_and_are_asked_for_by_name():
     assert variants.fairseq_flags("viterbi-l2", gamma, "stable").endswith("--attention-form stable")
     assert variants.fairseq_flags("viterbi-l2-paper", gamma, "stable").endswith("--attention-form paper")
     assert variants.fairseq_flags("viterbi-l2-stable", gamma, "paper").endswith("--attention-form stable")
-    assert "--attention-transitions none" in variants.fairseq_flags("viterbi-l2-nochain", gamma, "stable")
-    assert "-attention_transitions none" in variants.onmt_flags("viterbi-entropy-nochain", gamma)
+    assert "--attention-chain off" in variants.fairseq_flags("viterbi-l2-nochain", gamma, "stable")
+    assert "-attention_chain off" in variants.onmt_flags("viterbi-entropy-nochain", gamma)

@@ -91,7 +91,7 @@ def test_study_preset_dry_run_one_stopping_rule_three_seeds(tmp_path):
     assert not any("--stop-time-hours" in t for t in trains)
     rules = {re.sub(r".*(--patience \S+).*(--max-epoch \S+).*", r"\1 \2", t) for t in trains}
     assert rules == {"--patience 3 --max-epoch 40"}
-    assert any("--attention-transitions none" in t for t in trains)
+    assert any("--attention-chain off" in t for t in trains)
     assert any("--attention-form paper" in t for t in trains)
     table = [line for line in out.stdout.splitlines() if line.startswith("structattn-seed-table")]
     assert len(table) == 1 and "--baseline softmax" in table[0] and f"{tmp_path}/w/seed3 " in table[0]

@@ -21,7 +21,7 @@ four directions of T only shift the scores, κ is the one that couples neighbour
 of attending to x_t by less than 1.28×) is flagged as an *independent-positions* model; ``coupling`` says
 "independent positions", "weakly contiguous"/"weakly alternating" (|κ| < 1) or "contiguous"/"alternating". (An
 earlier version flagged only max |T/γ| < 0.05, which missed every model whose T had moved along the shift
-directions.) A chain-off model (``--attention-transitions none``) has κ = 0 by construction (``chain`` false). For
+directions.) A chain-off model (``--attention-chain off``) has κ = 0 by construction (``chain`` false). For
 the stable form (prior τ = [[c, 0], [0, c]] at init, κ = 2c) the change from the initial value is reported too.
 
 Output JSON: {"attention", "reg", "gamma", "form", "chain", "T_over_gamma", "T_over_gamma_init", "kappa",

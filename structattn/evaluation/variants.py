@@ -14,6 +14,7 @@ The shell recipes read the table through this file's command line (``recipes/lib
     python -m structattn.evaluation.variants shell
         variants_all='softmax sparsemax viterbi-entropy viterbi-l2 viterbi-l2-nochain ...'   (shell assignments)
         variants_main='softmax sparsemax viterbi-entropy viterbi-l2'    (the recipes' default set)
+        variants_study='... viterbi-l2-nochain viterbi-l2-paper'        (the --size study set)
         paper_gamma_entropy=2
         paper_gamma_l2=10
     python -m structattn.evaluation.variants flags viterbi-l2 --gamma-l2 5 --form stable
@@ -53,11 +54,11 @@ VARIANTS = {
     # Ablations of the multi-seed study (recipes/bible_fr_en/STUDY.md): what the chain buys (the same unary scores,
     # κ held at 0: independent positions), and the paper's exact parametrisation beside the default form.
     "viterbi-l2-nochain": Variant("Viterbi ℓ2², chain off", "--attention viterbi --attention-reg l2 "
-                                  "--attention-transitions none", "-global_attention_function viterbi -attention_reg "
-                                  "l2 -attention_transitions none", "l2", main=False),
+                                  "--attention-chain off", "-global_attention_function viterbi -attention_reg "
+                                  "l2 -attention_chain off", "l2", main=False),
     "viterbi-entropy-nochain": Variant("Viterbi −H, chain off", "--attention viterbi --attention-reg entropy "
-                                       "--attention-transitions none", "-global_attention_function viterbi "
-                                       "-attention_reg entropy -attention_transitions none", "entropy", main=False),
+                                       "--attention-chain off", "-global_attention_function viterbi "
+                                       "-attention_reg entropy -attention_chain off", "entropy", main=False),
     "viterbi-l2-paper": Variant("Viterbi ℓ2², paper form", "--attention viterbi --attention-reg l2",
                                 "-global_attention_function viterbi -attention_reg l2", "l2", "paper", main=False),
     "viterbi-l2-stable": Variant("Viterbi ℓ2², stable form", "--attention viterbi --attention-reg l2",
@@ -66,6 +67,9 @@ VARIANTS = {
 
 LABELS = {name: v.label for name, v in VARIANTS.items()}
 MAIN_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.main)
+#: the multi-seed study's variants (recipes/bible_fr_en/STUDY.md; the recipes' --size study): the main ones, what
+#: the chain buys (ℓ2 with the chain off) and the other form of ℓ2 (the paper's, beside the default stable form)
+STUDY_VARIANTS = MAIN_VARIANTS + ("viterbi-l2-nochain", "viterbi-l2-paper")
 REGULARISERS = tuple(dict.fromkeys(v.reg for v in VARIANTS.values() if v.reg))
 
 #: toolkit (the recipes' --toolkit) → its name in the result tables
@@ -145,6 +149,7 @@ def main(argv=None) -> int:
     if args.cmd == "shell":
         print(f"variants_all={shlex.quote(' '.join(VARIANTS))}")
         print(f"variants_main={shlex.quote(' '.join(MAIN_VARIANTS))}")
+        print(f"variants_study={shlex.quote(' '.join(STUDY_VARIANTS))}")
         for reg, g in paper_gamma().items():
             print(f"paper_gamma_{reg}={shlex.quote(_number(g))}")
         return 0
