@@ -284,7 +284,7 @@ def test_low_precision_viterbi_attention():
     assert (out[pm] == 0).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_matches_cpu(kind):
     torch.manual_seed(13)
@@ -293,6 +293,44 @@ def test_cuda_matches_cpu(kind):
     cpu = _weights(kind, s, pm, torch.tensor([[0.3, -0.5], [-0.2, 0.4]]))
     gpu = _weights(kind, s.cuda(), pm.cuda(), torch.tensor([[0.3, -0.5], [-0.2, 0.4]]).cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
+
+
+def _normaliser_on(device, dtype, reg, gamma, form, scores, mask, trans, grad_w):
+    """A Transformer's multi-head normaliser (4 heads) on ``device``: weights, gradients of ⟨weights, grad_w⟩ in
+    the scores and the per-head transitions, and the fallback counts."""
+    from structattn.attention import ViterbiNormalizer
+
+    n = ViterbiNormalizer(4, reg, gamma, form, contiguity=None if form == "paper" else 1.0).to(device, dtype)
+    param = n.transitions if form == "paper" else n.transitions_over_gamma
+    with torch.no_grad():
+        param.copy_(trans)
+    s = scores.to(device, dtype).requires_grad_()
+    w = n(s, mask.to(device))
+    gs, gt = torch.autograd.grad((w * grad_w.to(device, dtype)).sum(), (s, param))
+    return w.detach().cpu(), gs.cpu(), gt.cpu(), n.pop_fallback_counts()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("form", ["paper", "stable"])
+@pytest.mark.parametrize("reg,gamma", [("entropy", 2.0), ("l2", 10.0), ("l2", 0.3)])
+def test_multihead_normaliser_cuda_matches_cpu(dtype, tol, form, reg, gamma):
+    """The Transformer's normaliser (ViterbiNormalizer, one transition matrix per head) on CUDA — the unfused path
+    through the Triton kernels — equals the CPU path (the fused C kernel): weights, the gradients in the scores and
+    in the transitions, and the counts of dead (softmax fallback) and frozen rows (ℓ2 at γ = 0.3 has both). The key
+    padding mask is (B, 1, 1, S), left-padded, with one sequence of a single real position."""
+    g = torch.Generator().manual_seed(31)
+    B, H, Q, S = 3, 4, 5, 9
+    scores = torch.randn(B, H, Q, S, generator=g, dtype=torch.float64) * 3
+    trans = torch.randn(H, 2, 2, generator=g, dtype=torch.float64) * 0.5
+    grad_w = torch.randn(B, H, Q, S, generator=g, dtype=torch.float64)
+    mask = _mask([9, 5, 1], S, "left")[:, None, None, :]
+    cpu = _normaliser_on("cpu", dtype, reg, gamma, form, scores, mask, trans, grad_w)
+    gpu = _normaliser_on("cuda", dtype, reg, gamma, form, scores, mask, trans, grad_w)
+    for name, a, b in zip(("weights", "d/dscores", "d/dtransitions"), gpu[:3], cpu[:3]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    assert (gpu[0][mask.expand(B, H, Q, S)] == 0).all()
+    assert gpu[3] == cpu[3] and gpu[3][0] == B * H * Q
 
 
 # ---- errors --------------------------------------------------------------------------------------------------------
