@@ -72,10 +72,31 @@ def _seed_random_generators(request):
     yield
 
 
+# ---- pytest-xdist (scripts/test.sh runs two workers, --dist loadscope) -----------------------------------------------
+
+
+def pytest_configure(config):
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        # Each worker's torch gets its share of the cores: two workers × all cores would oversubscribe them.
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workerinput.get("workercount", 1))))
+
+
+def _heavy_modules_first(items):
+    """Stable reorder: the modules holding ``slow`` tests (end-to-end trainings) first. loadscope hands whole modules
+    to the workers in collection order, so the long ones start first and the short ones fill the gaps at the end."""
+    slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow") is not None}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
+
+
 # ---- CUDA tests ----------------------------------------------------------------------------------------------------
 
 
 def pytest_collection_modifyitems(config, items):
+    if hasattr(config, "workerinput"):  # the order only matters to xdist's scheduling
+        _heavy_modules_first(items)
     cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
     if not cuda_items:
         return
