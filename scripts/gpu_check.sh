@@ -20,7 +20,7 @@ Usage: scripts/gpu_check.sh [options]
 
 Steps: environment probe; install (editable structattn without touching the installed torch, pytest, triton;
 fairseq built from its sdist with --no-build-isolation against the torch found, via scripts/install_fairseq.sh);
-CUDA tests (pytest on the kernel, Viterbi, custom-op, mixed-precision and AOT test files); step-level benchmark
+CUDA tests (pytest on every test file holding a CUDA test, and the AOT test file); step-level benchmark
 (benchmarks/run.py --quick --no-e2e); normaliser benchmark (benchmarks/normalizer.py); fairseq-train for every
 attention (benchmarks/run.py --e2e-only); report (benchmarks/gpu_report.py).
 
@@ -155,9 +155,12 @@ fi
 
 # ---- measurements -------------------------------------------------------------------------------------------------
 if [ $gpu_ok -eq 1 ]; then
+  # Every file holding a @pytest.mark.cuda test (tests/test_gpu_check.py checks that none is missing), plus the
+  # AOT compilation of the Triton kernels.
   tests=(tests/test_kernels.py tests/test_viterbi.py tests/test_custom_ops.py tests/test_mixed_precision.py
-         tests/test_triton_aot.py)
-  run_step tests 300 tests.log "$py" -m pytest -q -p no:cacheprovider -rs "${tests[@]}"
+         tests/test_triton_aot.py tests/test_attention.py tests/test_reliability_attention.py
+         tests/test_fairseq_model.py tests/test_transformer.py)
+  run_step tests 600 tests.log "$py" -m pytest -q -p no:cacheprovider -rs "${tests[@]}"
   run_step step 180 step.md "$py" benchmarks/run.py --quick --no-e2e --device "$device" --output "$work/step.md"
   run_step normaliser 180 normaliser.log "$py" benchmarks/normalizer.py --device "$device"
   run_step train 420 train.md "$py" benchmarks/run.py --e2e-only --device "$device" --e2e-updates "$updates" \

@@ -73,6 +73,17 @@ def run_cli(name: str, *args, cwd=None, check: bool = True, timeout: int = 600, 
     return proc
 
 
+def run_clis(commands, jobs: int = 2, **kw) -> list:
+    """Run several ``run_cli(name, *args)`` side by side, ``jobs`` at a time (each CLI is one thread, see
+    :func:`cli_env`; CI has 2 cores): ``commands`` is a list of (name, args) pairs; returns the processes in the
+    order given. Keyword arguments go to every :func:`run_cli`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = [pool.submit(run_cli, name, *args, **kw) for name, args in commands]
+        return [f.result() for f in futures]
+
+
 def preprocess(raw: Path, dest: Path):
     return run_cli(
         "preprocess", "--source-lang", "src", "--target-lang", "tgt", "--trainpref", raw / "train",

@@ -2,11 +2,14 @@
 
 References the tests trust: torch.softmax on the unpadded row; the bisection simplex projection of
 structattn.ops.reference for sparsemax; enumeration of all 2^(T+1) segmentations for the entropy Viterbi attention
-and autograd through the literal Alg. 3 recursion (viterbi_value_reference) for ℓ2.
+and autograd through the literal Alg. 3 recursion (viterbi_value_reference) for ℓ2. The Viterbi references and
+gradcheck run on both paths of the normaliser (``path``): the fused C kernel (CPU default) and the unfused tensor
+code (what CUDA and machines without a C compiler run; here with the reference backend's chains).
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 
@@ -27,9 +30,22 @@ from structattn.attention import (
     sparsemax_attention,
     viterbi_attention,
 )
+from structattn.ops import segmentation as SEG
+from structattn.ops.kernels import cpu as C
 from structattn.ops.reference import _project_simplex_bisection, viterbi_value_reference
+from structattn.ops.viterbi import viterbi_backend
+from viterbi_backends import NO_COMPILER
 
 KINDS = ["softmax", "sparsemax", "viterbi-entropy", "viterbi-l2"]
+PATHS = [pytest.param("fused", marks=pytest.mark.skipif(C._compiler() is None, reason=NO_COMPILER)), "unfused"]
+
+
+@contextlib.contextmanager
+def _on_path(path):
+    """Run the block on the normaliser's fused or unfused path (checked, not assumed)."""
+    with contextlib.nullcontext() if path == "fused" else viterbi_backend("reference"):
+        assert SEG.fused_path_available(torch.zeros(1, 2, dtype=torch.float64)) == (path == "fused")
+        yield
 
 
 def _weights(kind, scores, padding_mask, transitions=None, gamma=1.0):
@@ -138,22 +154,26 @@ def test_sparsemax_matches_bisection_projection():
     assert (w == 0).any(), "test scores should give a sparse result"
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("gamma", [0.5, 2.0])
-def test_viterbi_entropy_matches_enumeration(gamma):
+def test_viterbi_entropy_matches_enumeration(gamma, path):
     torch.manual_seed(3)
     trans = torch.randn(2, 2, dtype=torch.float64)
     for T in (1, 2, 5, 7):
         s = torch.randn(T, dtype=torch.float64) * 2
-        w = viterbi_attention(s[None], trans, None, "entropy", gamma)[0]
+        with _on_path(path):
+            w = viterbi_attention(s[None], trans, None, "entropy", gamma)[0]
         torch.testing.assert_close(w, _viterbi_entropy_bruteforce(s, trans, gamma))
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("reg", ["entropy", "l2"])
-def test_viterbi_marginals_match_reference_recursion(reg):
+def test_viterbi_marginals_match_reference_recursion(reg, path):
     torch.manual_seed(4)
     trans = torch.randn(2, 2, dtype=torch.float64)
     s = torch.randn(3, 8, dtype=torch.float64) * 2
-    w, p = viterbi_attention(s, trans, None, reg, 1.0, return_marginals=True)
+    with _on_path(path):
+        w, p = viterbi_attention(s, trans, None, reg, 1.0, return_marginals=True)
     for b in range(3):
         ref = _viterbi_marginal_reference(s[b], trans, reg, 1.0)
         torch.testing.assert_close(p[b], ref)
@@ -206,18 +226,20 @@ def test_mixed_batch_only_degenerate_rows_fall_back():
 # ---- gradients -----------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("reg", ["entropy", "l2"])
 @pytest.mark.parametrize("layout", ["right", "left"])
-def test_viterbi_attention_gradcheck(reg, layout):
+def test_viterbi_attention_gradcheck(reg, layout, path):
     torch.manual_seed(8)
     s = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     trans = (0.5 * torch.randn(2, 2, dtype=torch.float64)).requires_grad_(True)
     pm = _mask([5, 3, 4], 5, layout)
     fn = lambda s_, t_: viterbi_attention(s_, t_, pm, reg, 1.5)  # noqa: E731
-    if reg == "l2":
-        _, p = viterbi_attention(s, trans, pm, reg, 1.5, return_marginals=True)
-        assert ((p > 1e-3) & (p < 1 - 1e-3)).any(), "test point must not be fully collapsed"
-    assert torch.autograd.gradcheck(fn, (s, trans), eps=1e-6, atol=1e-6)
+    with _on_path(path):
+        if reg == "l2":
+            _, p = viterbi_attention(s, trans, pm, reg, 1.5, return_marginals=True)
+            assert ((p > 1e-3) & (p < 1 - 1e-3)).any(), "test point must not be fully collapsed"
+        assert torch.autograd.gradcheck(fn, (s, trans), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["softmax", "sparsemax"])
@@ -330,7 +352,7 @@ def test_low_precision_viterbi_attention():
     assert (out[pm] == 0).all()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_matches_cpu(kind):
     torch.manual_seed(13)
@@ -339,6 +361,44 @@ def test_cuda_matches_cpu(kind):
     cpu = _weights(kind, s, pm, torch.tensor([[0.3, -0.5], [-0.2, 0.4]]))
     gpu = _weights(kind, s.cuda(), pm.cuda(), torch.tensor([[0.3, -0.5], [-0.2, 0.4]]).cuda())
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
+
+
+def _normaliser_on(device, dtype, reg, gamma, form, scores, mask, trans, grad_w):
+    """A Transformer's multi-head normaliser (4 heads) on ``device``: weights, gradients of ⟨weights, grad_w⟩ in
+    the scores and the per-head transitions, and the fallback counts."""
+    from structattn.attention import ViterbiNormalizer
+
+    n = ViterbiNormalizer(4, reg, gamma, form, contiguity=None if form == "paper" else 1.0).to(device, dtype)
+    param = n.transitions if form == "paper" else n.transitions_over_gamma
+    with torch.no_grad():
+        param.copy_(trans)
+    s = scores.to(device, dtype).requires_grad_()
+    w = n(s, mask.to(device))
+    gs, gt = torch.autograd.grad((w * grad_w.to(device, dtype)).sum(), (s, param))
+    return w.detach().cpu(), gs.cpu(), gt.cpu(), n.pop_fallback_counts()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
+@pytest.mark.parametrize("form", ["paper", "stable"])
+@pytest.mark.parametrize("reg,gamma", [("entropy", 2.0), ("l2", 10.0), ("l2", 0.3)])
+def test_multihead_normaliser_cuda_matches_cpu(dtype, tol, form, reg, gamma):
+    """The Transformer's normaliser (ViterbiNormalizer, one transition matrix per head) on CUDA — the unfused path
+    through the Triton kernels — equals the CPU path (the fused C kernel): weights, the gradients in the scores and
+    in the transitions, and the counts of dead (softmax fallback) and frozen rows (ℓ2 at γ = 0.3 has both). The key
+    padding mask is (B, 1, 1, S), left-padded, with one sequence of a single real position."""
+    g = torch.Generator().manual_seed(31)
+    B, H, Q, S = 3, 4, 5, 9
+    scores = torch.randn(B, H, Q, S, generator=g, dtype=torch.float64) * 3
+    trans = torch.randn(H, 2, 2, generator=g, dtype=torch.float64) * 0.5
+    grad_w = torch.randn(B, H, Q, S, generator=g, dtype=torch.float64)
+    mask = _mask([9, 5, 1], S, "left")[:, None, None, :]
+    cpu = _normaliser_on("cpu", dtype, reg, gamma, form, scores, mask, trans, grad_w)
+    gpu = _normaliser_on("cuda", dtype, reg, gamma, form, scores, mask, trans, grad_w)
+    for name, a, b in zip(("weights", "d/dscores", "d/dtransitions"), gpu[:3], cpu[:3]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+    assert (gpu[0][mask.expand(B, H, Q, S)] == 0).all()
+    assert gpu[3] == cpu[3] and gpu[3][0] == B * H * Q
 
 
 # ---- errors --------------------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ def test_ops_are_registered_in_the_structattn_namespace():
         assert op.default._schema.name == f"structattn::{name}"
 
 
-_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+_CUDA = pytest.mark.cuda  # skipped without a device by tests/conftest.py
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference", pytest.param("triton", marks=_CUDA)])

@@ -298,7 +298,7 @@ def test_paper_architecture():
     assert dec.attention.attention.gamma == 10.0 and args.dropout == 0.3
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_cuda_matches_cpu(variant):
     model, d = _model(variant)

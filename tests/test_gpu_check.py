@@ -11,14 +11,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "gpu_check.sh")
 
 
-def _run(*args, timeout=300):
-    env = dict(os.environ, PYTHON=sys.executable)
+def _run(*args, timeout=300, **env_extra):
+    env = dict(os.environ, PYTHON=sys.executable, **env_extra)
     return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
 
 
@@ -55,10 +54,9 @@ def test_bad_arguments_exit_2_with_a_message(args, message, tmp_path):
     assert not (tmp_path / "r.md").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="tests the no-GPU path")
 def test_without_a_gpu_writes_a_report_and_exits_3(tmp_path):
     out = tmp_path / "sub" / "report.md"
-    p = _run("--out", str(out))
+    p = _run("--out", str(out), CUDA_VISIBLE_DEVICES="")  # no device visible, also on a GPU machine
     assert p.returncode == 3, p.stderr
     text = out.read_text()
     assert "verdict: NO GPU" in text
@@ -158,3 +156,19 @@ def test_report_writer_rejects_a_malformed_step_file(tmp_path):
     work = _work(tmp_path, [("tests", "MAYBE", 1, "", "-")])
     assert rep.main(["--work", work, "--out", str(tmp_path / "r.md")]) == 1
     assert not (tmp_path / "r.md").exists()
+
+
+def test_every_cuda_test_is_run_by_the_script():
+    """The CUDA tests run only on a GPU machine, through the script's `tests` step: every test file holding a
+    `@pytest.mark.cuda` test must be in its list (and every listed file must exist)."""
+    import re
+
+    text = open(SCRIPT).read()
+    listed = set(re.findall(r"tests/(test_\w+\.py)", re.search(r"\n  tests=\(([^)]*)\)", text).group(1)))
+    tests_dir = os.path.join(ROOT, "tests")
+    with_cuda = {name for name in os.listdir(tests_dir) if name.startswith("test_") and name.endswith(".py")
+                 and re.search(r"pytest\.mark\.cuda\b", open(os.path.join(tests_dir, name)).read())}
+    with_cuda -= {"test_gpu_check.py", "test_conftest_rules.py"}  # they only name the mark (in text, a toy suite)
+    assert {"test_viterbi.py", "test_attention.py", "test_transformer.py"} <= with_cuda  # the scan finds them
+    assert not with_cuda - listed, f"CUDA tests missing from scripts/gpu_check.sh: {sorted(with_cuda - listed)}"
+    assert all(os.path.exists(os.path.join(tests_dir, name)) for name in listed)

@@ -54,7 +54,7 @@ def test_bf16_backward_through_autocast(reg):
         assert (g - p.grad).abs().max().item() <= 0.1 * scale
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_autocast_matches_float32(dtype):
     lin = torch.nn.Linear(16, 4).cuda()

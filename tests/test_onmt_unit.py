@@ -55,7 +55,7 @@ def test_defaults_are_the_fairseq_plugins():
         "entropy", None, "stable", 1.0)
     assert options_from_opt(_parse("-global_attention_function", "viterbi")).gamma == 2.0
     assert options_from_opt(_parse("-global_attention_function", "viterbi", "-attention_reg", "l2")).gamma == 10.0
-    fairseq_options = pytest.importorskip("structattn_fairseq.attention_options", reason="fairseq not installed")
+    from structattn_fairseq import attention_options as fairseq_options
     assert (fairseq_options.DEFAULT_REG, fairseq_options.DEFAULT_FORM) == (opt.attention_reg, opt.attention_form)
     from structattn.attention import DEFAULT_CONTIGUITY
 
@@ -102,9 +102,10 @@ def test_options_reach_the_checkpoint_opt_and_stock_models_have_none():
     (["-world_size", "2", "-gpu_ranks", "0", "1"], "needs -gpu_backend gloo (got nccl"),
     (["-gpu_ranks", "0"], "-gpu_ranks 0 needs CUDA, which this machine does not have"),
 ])
-def test_bad_values_stop_with_one_error_line(argv, message, capsys, tmp_path):
-    if ("-world_size" in argv or "-gpu_ranks" in argv) and torch.cuda.is_available():
-        pytest.skip("CPU data-parallel checks apply without CUDA")
+def test_bad_values_stop_with_one_error_line(argv, message, capsys, tmp_path, monkeypatch):
+    if "-world_size" in argv or "-gpu_ranks" in argv:
+        # The CPU data-parallel checks apply on a machine without CUDA: be one, also on a GPU machine.
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exc:
         train_main(argv + REQUIRED + ["-save_model", str(tmp_path / "m")])
     assert exc.value.code == 2

@@ -1,4 +1,6 @@
-"""Property tests (hypothesis) for Vit_Ω over random shapes, lengths, Ω and γ, plus operator edge cases."""
+"""Property tests (hypothesis) for Vit_Ω over random shapes, lengths, Ω and γ, plus operator edge cases, on every
+backend (``backend`` parameter, tests/viterbi_backends.py: the plain tensor code and the C kernel, each passed
+explicitly)."""
 
 import math
 
@@ -9,6 +11,7 @@ from hypothesis import strategies as st
 
 from structattn import viterbi_marginals, viterbi_value
 from structattn.ops.reference import viterbi_value_reference
+from viterbi_backends import BACKENDS
 
 @st.composite
 def problems(draw, max_T=12, max_S=5, max_B=4):
@@ -25,10 +28,11 @@ def problems(draw, max_T=12, max_S=5, max_B=4):
     return theta, lengths, reg, gamma
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(problems())
-def test_marginals_in_conv_Y(p):
+def test_marginals_in_conv_Y(backend, p):
     theta, lengths, reg, gamma = p
-    E = viterbi_marginals(theta, lengths, reg, gamma)
+    E = viterbi_marginals(theta, lengths, reg, gamma, backend=backend)
     assert torch.isfinite(E).all()
     assert (E >= 0).all()
     real = torch.arange(theta.shape[1])[None] < lengths[:, None]
@@ -38,42 +42,45 @@ def test_marginals_in_conv_Y(p):
     assert (E <= 1 + 1e-12).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(problems())
-def test_padded_equals_unpadded(p):
+def test_padded_equals_unpadded(backend, p):
     theta, lengths, reg, gamma = p
-    v = viterbi_value(theta, lengths, reg, gamma)
-    E = viterbi_marginals(theta, lengths, reg, gamma)
+    v = viterbi_value(theta, lengths, reg, gamma, backend=backend)
+    E = viterbi_marginals(theta, lengths, reg, gamma, backend=backend)
     for b in range(theta.shape[0]):
         L = int(lengths[b])
-        vb = viterbi_value(theta[b : b + 1, :L], None, reg, gamma)
-        Eb = viterbi_marginals(theta[b : b + 1, :L], None, reg, gamma)
+        vb = viterbi_value(theta[b : b + 1, :L], None, reg, gamma, backend=backend)
+        Eb = viterbi_marginals(theta[b : b + 1, :L], None, reg, gamma, backend=backend)
         assert torch.allclose(v[b], vb[0], rtol=1e-12, atol=1e-12 * (1 + vb.abs().item()))
         assert torch.allclose(E[b, :L], Eb[0], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(problems(), st.floats(0.0, 5.0))
-def test_value_monotone_in_theta(p, bump):
+def test_value_monotone_in_theta(backend, p, bump):
     theta, lengths, reg, gamma = p
     g = torch.Generator().manual_seed(1)
     delta = torch.rand(theta.shape, generator=g, dtype=theta.dtype) * bump
-    v0 = viterbi_value(theta, lengths, reg, gamma)
-    v1 = viterbi_value(theta + delta, lengths, reg, gamma)
+    v0 = viterbi_value(theta, lengths, reg, gamma, backend=backend)
+    v1 = viterbi_value(theta + delta, lengths, reg, gamma, backend=backend)
     tol = 1e-12 * (1 + v0.abs())
     assert (v1 >= v0 - tol).all()
     # and Vit_Ω(θ + c) = Vit_Ω(θ) + c·L for a constant shift (each path crosses L edges)
     c = 0.75
-    vc = viterbi_value(theta + c, lengths, reg, gamma)
+    vc = viterbi_value(theta + c, lengths, reg, gamma, backend=backend)
     torch.testing.assert_close(vc, v0 + c * lengths.double(), rtol=1e-12, atol=1e-9)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @given(problems(max_T=6, max_S=3, max_B=2))
-def test_gradient_of_value_equals_marginals(p):
+def test_gradient_of_value_equals_marginals(backend, p):
     theta, lengths, reg, gamma = p
     if gamma < 0.01 and reg == "l2":
         gamma = 0.05  # the bisection reference needs a threshold resolvable in float64
     theta = theta.clone().requires_grad_()
-    (g,) = torch.autograd.grad(viterbi_value(theta, lengths, reg, gamma).sum(), theta)
-    E = viterbi_marginals(theta.detach(), lengths, reg, gamma)
+    (g,) = torch.autograd.grad(viterbi_value(theta, lengths, reg, gamma, backend=backend).sum(), theta)
+    E = viterbi_marginals(theta.detach(), lengths, reg, gamma, backend=backend)
     assert torch.equal(g, E)
     # (+ 0·Σθ keeps a graph when every chain is empty)
     ref = viterbi_value_reference(theta, lengths, reg, gamma) + 0 * theta.sum()
@@ -81,23 +88,26 @@ def test_gradient_of_value_equals_marginals(p):
     torch.testing.assert_close(E, g_ref, rtol=1e-7, atol=1e-9)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reg", ["entropy", "l2"])
 @pytest.mark.parametrize("S", range(2, 9))
-def test_all_state_counts_and_tiny_chains(reg, S):
+def test_all_state_counts_and_tiny_chains(backend, reg, S):
+    g = torch.Generator().manual_seed(S)
     for T in (1, 2):
-        theta = torch.randn(1, T, S, S)
-        E = viterbi_marginals(theta, reg=reg, gamma=1e-3)
+        theta = torch.randn(1, T, S, S, generator=g)
+        E = viterbi_marginals(theta, reg=reg, gamma=1e-3, backend=backend)
         assert torch.isfinite(E).all() and torch.allclose(E.sum((2, 3)), torch.ones(1, T))
-        E = viterbi_marginals(theta, reg=reg, gamma=1e3)
+        E = viterbi_marginals(theta, reg=reg, gamma=1e3, backend=backend)
         assert torch.isfinite(E).all() and torch.allclose(E.sum((2, 3)), torch.ones(1, T))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reg", ["entropy", "l2"])
-def test_large_gamma_tends_to_uniform_and_small_gamma_to_map(reg):
-    theta = torch.randn(1, 5, 2, 2, dtype=torch.float64)
-    E = viterbi_marginals(theta, reg=reg, gamma=1e6)
+def test_large_gamma_tends_to_uniform_and_small_gamma_to_map(backend, reg):
+    theta = torch.randn(1, 5, 2, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    E = viterbi_marginals(theta, reg=reg, gamma=1e6, backend=backend)
     torch.testing.assert_close(E, torch.full_like(E, 0.25), rtol=0, atol=1e-5)
-    E = viterbi_marginals(theta, reg=reg, gamma=1e-6)
+    E = viterbi_marginals(theta, reg=reg, gamma=1e-6, backend=backend)
     # hard Viterbi path: one-hot per step
     assert torch.allclose(E.amax((2, 3)), torch.ones(1, 5, dtype=torch.float64), atol=1e-6)
     best = -math.inf

@@ -147,12 +147,27 @@ def test_libreoffice_extract_pairs_filters(tmp_path):
     assert all("#par_id" in i for i in ids)
 
 
-def test_libreoffice_split_is_by_file():
-    for path in ("text/a.html", "text/b.html", "x/y.html"):
-        assert libreoffice_corpus.split_of(path) == libreoffice_corpus.split_of(path)
+def test_libreoffice_split_is_by_file(tmp_path):
+    """The split is a stable hash of the page's path: the same in another process with another string-hash seed
+    (Python's hash() would not be), about 3 % test and 2 % valid, and every pair of a page lands in its page's split."""
     names = [f"text/p{i}.html" for i in range(2000)]
-    frac = {s: sum(libreoffice_corpus.split_of(n) == s for n in names) / len(names) for s in ("test", "valid")}
+    here = [libreoffice_corpus.split_of(n) for n in names]
+    assert set(here) == {"train", "valid", "test"}
+    code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import libreoffice_corpus as lc; "
+            f"print(json.dumps([lc.split_of(f'text/p{{i}}.html') for i in range({len(names)})]))")
+    for seed in ("1", "2"):
+        r = subprocess.run([sys.executable, "-c", code, str(TOOLS)], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONHASHSEED=seed), check=True)
+        assert json.loads(r.stdout) == here, f"PYTHONHASHSEED={seed} changed the split"
+    frac = {s: here.count(s) / len(names) for s in ("test", "valid")}
     assert 0.015 < frac["test"] < 0.045 and 0.01 < frac["valid"] < 0.03
+    splits, _ = libreoffice_corpus.extract_pairs(_lo_tree(tmp_path), min_words=3)
+    pages = {}
+    for split, items in splits.items():
+        for ident, _, _ in items:
+            pages.setdefault(ident.split("#")[0], set()).add(split)
+    assert pages and all(len(s) == 1 for s in pages.values())
+    assert all(libreoffice_corpus.split_of(page) in s for page, s in pages.items())
 
 
 def test_libreoffice_cli_errors(tmp_path):

@@ -212,7 +212,7 @@ def test_lengths_of_any_integer_dtype_give_the_same_result():
         viterbi_marginals(theta, torch.tensor([True, False, True]))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (torch.cuda.is_available() is False)")
+@pytest.mark.cuda
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_lengths_and_masks_on_the_other_device(kind):
     torch.manual_seed(3)

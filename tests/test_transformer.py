@@ -184,6 +184,38 @@ def test_beam_search_equals_forced_full_forward(variant):
             torch.testing.assert_close(att[~pad[b]], attn[0].t().float(), **F32)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_cuda_matches_cpu(variant):
+    """The model on CUDA (the multi-head normaliser's unfused path, Triton kernels for the chains) gives the CPU's
+    logits, attention and gradients of every parameter (the per-head transitions included), and beam search runs."""
+    model, d = _model(variant)
+    src, lengths = pad_batch(d, random_sentences(d, [6, 3, 5]), "left")
+    prev = random_prev_output(d, 3, 5)
+    g = torch.Generator().manual_seed(3)
+
+    def run(m, *inputs):
+        m.zero_grad()
+        logits, attn = _forward(m, *inputs)
+        (logits * torch.randn(logits.shape, generator=g, dtype=logits.dtype).to(logits.device)).sum().backward()
+        return logits.detach().cpu(), attn.detach().cpu(), {n: p.grad.cpu() for n, p in m.named_parameters()}
+
+    g.manual_seed(3)
+    logits, attn, grads = run(model, src, lengths, prev)
+    model.cuda()
+    g.manual_seed(3)
+    logits_c, attn_c, grads_c = run(model, src.cuda(), lengths.cuda(), prev.cuda())
+    torch.testing.assert_close(logits_c, logits, **F32)
+    torch.testing.assert_close(attn_c, attn, **F32)
+    assert grads_c.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads_c[name], grads[name], **F32, msg=lambda m, name=name: f"{name}: {m}")
+    with torch.no_grad():
+        gen = SequenceGenerator([model], d, beam_size=2, max_len_b=6, max_len_a=0)
+        hyp = gen.forward({"net_input": {"src_tokens": src.cuda(), "src_lengths": lengths.cuda()}})
+    assert len(hyp) == 3 and all(len(h) == 2 for h in hyp)
+
+
 def test_transitions_shared_by_the_heads_of_a_layer():
     """--attention-transitions layer: one (1, 2, 2) matrix per layer, applied to every head; equal to per-head
     transitions that all hold that matrix."""
