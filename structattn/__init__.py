@@ -19,6 +19,9 @@ from .ops import (
     viterbi_value,
 )
 
+# DTW_Ω (issue 23)
+from .ops import DTWMarginals, SmoothedDTW, dtw_hvp, dtw_marginals, dtw_value
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -35,4 +38,10 @@ __all__ = [
     "viterbi_hvp",
     "viterbi_marginals",
     "viterbi_value",
+    # DTW_Ω (issue 23)
+    "DTWMarginals",
+    "SmoothedDTW",
+    "dtw_hvp",
+    "dtw_marginals",
+    "dtw_value",
 ]

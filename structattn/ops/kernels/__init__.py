@@ -19,3 +19,6 @@ register("reference", "..viterbi:_Reference", devices=None, dtypes=None)
 register("cpu", ".cpu", devices=("cpu",), auto=True)
 register("triton", ".triton_viterbi", devices=("cuda",), interpreter_devices=("cpu",), states=2, auto=True,
          chain_minor=True)
+# DTW_Ω (structattn.ops.dtw; issue 23): its own namespace of names. No Triton DTW kernel yet (not written).
+register("reference", "..dtw:_Reference", devices=None, dtypes=None, op="dtw")
+register("cpu", ".cpu_dtw", devices=("cpu",), auto=True, op="dtw")
