@@ -1,0 +1,179 @@
+"""C source of the CPU DTW_Ω kernels (compiled once per user by :mod:`structattn.ops.kernels.cpu_dtw`).
+
+Anti-diagonal wavefront (ICML 2018 App. B.3, Alg. 5, reordered): all cells (i, d − i) of a diagonal d depend only on
+diagonals d − 1 and d − 2, so one diagonal is one ``#pragma omp simd`` loop (libmvec's vector exp/log where glibc
+has them, as in :mod:`._cpu_source`). Values are stored skewed: row d + 2 of a pair's block holds diagonal d, slot
+i + 1 holds row i (slot 0 the virtual row −1; rows −2, −1 are the borders: −∞ everywhere but the start node
+v_{0,0} = 0), so the parents of slot i + 1 are slot i + 1 of row d − 1 (left), slot i of row d − 2 (diag) and slot i
+of row d − 1 (up). After each diagonal its two neighbouring slots are set to −∞, which is all the reads outside the
+diagonal's cells ever see. Each pair uses its own lengths (n, m) inside a block sized for the batch's (N, M), N ≤ M.
+
+The body is instantiated for float and double like the Viterbi kernels (``real``/``SFX``/``EXP``/``LOG``).
+"""
+
+_BODY = r"""
+/* Alg. 5 forward over one pair: W (its skewed block, (n + m + 1) x R) and the value v_{n,m}. */
+VEC_CLONES
+static real dtw_fwd_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const real *th, int l2, real g, real *W)
+{
+    const int64_t D = n + m - 1;
+    const int64_t st = M - 1; /* theta[i][d - i] = th[d + i * (M - 1)] */
+    for (int64_t k = 0; k < 2 * R; k++) W[k] = -INFINITY;
+    W[0] = 0; /* the start node: diag parent of cell (0, 0) */
+    for (int64_t d = 0; d < D; d++) {
+        const int64_t lo = d - m + 1 > 0 ? d - m + 1 : 0, hi = d < n - 1 ? d : n - 1;
+        real *cur = W + (d + 2) * R;
+        const real *p1 = W + (d + 1) * R, *p2 = W + d * R, *thd = th + d;
+        cur[lo] = -INFINITY;
+        cur[hi + 2] = -INFINITY;
+        if (!l2) {
+            #pragma omp simd
+            for (int64_t i = lo; i <= hi; i++) {
+                real a = p1[i + 1], b = p2[i], c = p1[i];
+                real mx = a > b ? a : b;
+                mx = mx > c ? mx : c;
+                real s = EXP((a - mx) / g) + EXP((b - mx) / g) + EXP((c - mx) / g);
+                cur[i + 1] = thd[i * st] + (mx + g * LOG(s));
+            }
+        } else {
+            #pragma omp simd
+            for (int64_t i = lo; i <= hi; i++) {
+                real a = p1[i + 1], b = p2[i], c = p1[i];
+                real mx = a > b ? a : b;
+                mx = mx > c ? mx : c;
+                real za = (a - mx) / g, zb = (b - mx) / g, zc = (c - mx) / g;
+                /* sparsemax of 3 without sorting: the largest is 0, s2 the median, s3 the smallest; support sizes
+                   1, 2, 3 have thresholds -1, (s2 - 1)/2, (s2 + s3 - 1)/3 (nested tests). -inf entries never enter. */
+                real mn = za < zb ? za : zb, mxab = za < zb ? zb : za;
+                real t = mxab < zc ? mxab : zc;
+                real s2 = mn > t ? mn : t;
+                real s3 = mn < zc ? mn : zc;
+                real t2 = (s2 - (real)1) * (real)0.5;
+                real tau = s3 > t2 ? (s2 + s3 - (real)1) / (real)3 : (s2 > (real)-1 ? t2 : (real)-1);
+                real qa = za - tau, qb = zb - tau, qc = zc - tau;
+                qa = qa > 0 ? qa : 0; qb = qb > 0 ? qb : 0; qc = qc > 0 ? qc : 0;
+                /* <q, z> - |q|^2/2 = tau + |q|^2/2 on the support (sum q = 1): no 0 * (-inf) */
+                cur[i + 1] = thd[i * st] + (mx + g * (tau + (real)0.5 * (qa * qa + qb * qb + qc * qc)));
+            }
+        }
+    }
+    return W[(D + 1) * R + n];
+}
+
+/* q = grad max_Omega(left, diag, up) of the cells of diagonal d (slots lo+1..hi+1), zero in the two guard slots */
+VEC_CLONES
+static void dtw_q_row_SFX(int64_t lo, int64_t hi, const real *p1, const real *p2, int l2, real g,
+                          real *ql, real *qd, real *qu)
+{
+    ql[lo] = qd[lo] = qu[lo] = 0;
+    ql[hi + 2] = qd[hi + 2] = qu[hi + 2] = 0;
+    if (!l2) {
+        #pragma omp simd
+        for (int64_t i = lo; i <= hi; i++) {
+            real a = p1[i + 1], b = p2[i], c = p1[i];
+            real mx = a > b ? a : b;
+            mx = mx > c ? mx : c;
+            real ea = EXP((a - mx) / g), eb = EXP((b - mx) / g), ec = EXP((c - mx) / g);
+            real inv = (real)1 / (ea + eb + ec);
+            ql[i + 1] = ea * inv; qd[i + 1] = eb * inv; qu[i + 1] = ec * inv;
+        }
+    } else {
+        #pragma omp simd
+        for (int64_t i = lo; i <= hi; i++) {
+            real a = p1[i + 1], b = p2[i], c = p1[i];
+            real mx = a > b ? a : b;
+            mx = mx > c ? mx : c;
+            real za = (a - mx) / g, zb = (b - mx) / g, zc = (c - mx) / g;
+            real mn = za < zb ? za : zb, mxab = za < zb ? zb : za;
+            real t = mxab < zc ? mxab : zc;
+            real s2 = mn > t ? mn : t;
+            real s3 = mn < zc ? mn : zc;
+            real t2 = (s2 - (real)1) * (real)0.5;
+            real tau = s3 > t2 ? (s2 + s3 - (real)1) / (real)3 : (s2 > (real)-1 ? t2 : (real)-1);
+            real qa = za - tau, qb = zb - tau, qc = zc - tau;
+            ql[i + 1] = qa > 0 ? qa : 0; qd[i + 1] = qb > 0 ? qb : 0; qu[i + 1] = qc > 0 ? qc : 0;
+        }
+    }
+}
+
+/* Alg. 5 backward over one pair from its skewed W: E (natural layout, row stride M). Eb: (n + m + 3) x R scratch,
+   q: 6 x R scratch. The weights q of a diagonal are recomputed from W (the forward stores values only: memory
+   one number per cell). e(i,j) = e(i,j+1) ql(i,j+1) + e(i+1,j) qu(i+1,j) + e(i+1,j+1) qd(i+1,j+1). */
+VEC_CLONES
+static void dtw_bwd_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const real *W, int l2, real g, real *E,
+                             real *Eb, real *q)
+{
+    const int64_t D = n + m - 1;
+    memset(Eb, 0, sizeof(real) * (size_t)((D + 4) * R));
+    memset(q, 0, sizeof(real) * (size_t)(6 * R));
+    real *ql1 = q, *qd1 = q + R, *qu1 = q + 2 * R, *ql2 = q + 3 * R, *qd2 = q + 4 * R, *qu2 = q + 5 * R;
+    for (int64_t d = D - 1; d >= 0; d--) {
+        const int64_t lo = d - m + 1 > 0 ? d - m + 1 : 0, hi = d < n - 1 ? d : n - 1;
+        real *e = Eb + (d + 2) * R;
+        const real *e1 = Eb + (d + 3) * R, *e2 = Eb + (d + 4) * R;
+        #pragma omp simd
+        for (int64_t i = lo; i <= hi; i++)
+            e[i + 1] = e1[i + 1] * ql1[i + 1] + e1[i + 2] * qu1[i + 2] + e2[i + 2] * qd2[i + 2];
+        if (d == D - 1) e[n] = 1; /* the end cell (n-1, m-1) seeds the sweep */
+        real *t;
+        t = ql2; ql2 = ql1; ql1 = t;
+        t = qd2; qd2 = qd1; qd1 = t;
+        t = qu2; qu2 = qu1; qu1 = t;
+        dtw_q_row_SFX(lo, hi, W + (d + 1) * R, W + d * R, l2, g, ql1, qd1, qu1);
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < m; j++)
+            E[i * M + j] = Eb[(i + j + 2) * R + i + 1];
+}
+
+/* One call per pass over all B pairs (pairs of their own lengths). W: (B, N + M + 1, R), R = N + 2. */
+void dtw_forward_SFX(int64_t B, int64_t N, int64_t M, const real *th, const int64_t *lx, const int64_t *ly, int l2,
+                     double g, real *value, real *W)
+{
+    const int64_t R = N + 2, blk = (N + M + 1) * R;
+    for (int64_t b = 0; b < B; b++)
+        value[b] = dtw_fwd_pair_SFX(lx[b], ly[b], M, R, th + b * N * M, l2, (real)g, W + b * blk);
+}
+
+/* E must be zeroed by the caller (padding stays 0). Returns -1 if the scratch cannot be allocated. */
+int dtw_backward_SFX(int64_t B, int64_t N, int64_t M, const real *W, const int64_t *lx, const int64_t *ly, int l2,
+                     double g, real *E)
+{
+    const int64_t R = N + 2, blk = (N + M + 1) * R;
+    real *Eb = (real *)malloc(sizeof(real) * (size_t)((N + M + 3) * R + 6 * R));
+    if (!Eb) return -1;
+    for (int64_t b = 0; b < B; b++)
+        dtw_bwd_pair_SFX(lx[b], ly[b], M, R, W + b * blk, l2, (real)g, E + b * N * M, Eb, Eb + (N + M + 3) * R);
+    free(Eb);
+    return 0;
+}
+"""
+
+_HEADER = r"""#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+/* glibc >= 2.35 on x86-64: vector exp/log from libmvec, as in the Viterbi kernels (_cpu_source.py). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
+    (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35))
+__attribute__((simd("notinbranch"))) float expf(float);
+__attribute__((simd("notinbranch"))) float logf(float);
+__attribute__((simd("notinbranch"))) double exp(double);
+__attribute__((simd("notinbranch"))) double log(double);
+#endif
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
+    (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35)) && !defined(STRUCTATTN_NO_CLONES)
+#define VEC_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))
+#else
+#define VEC_CLONES
+#endif
+"""
+
+
+def source() -> str:
+    """The C translation unit: the body for float (``_f32``) and double (``_f64``)."""
+    parts = [_HEADER]
+    for real, sfx, exp, log in (("float", "f32", "expf", "logf"), ("double", "f64", "exp", "log")):
+        body = _BODY.replace("_SFX", "_" + sfx).replace("EXP(", exp + "(").replace("LOG(", log + "(")
+        parts.append(f"#define real {real}\n{body}\n#undef real\n")
+    return "".join(parts)
