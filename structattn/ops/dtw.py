@@ -408,7 +408,8 @@ def dtw_marginals(theta: Tensor, lengths_x=None, lengths_y=None, reg: str = "ent
     ``E[b, i, j]`` is the probability that the random walk of Prop. 3 aligns x_i with y_j (for −γH the Gibbs
     probability under p(Y) ∝ exp(⟨Y, θ⟩/γ)); E[b, 0, 0] = E[b, N_b−1, M_b−1] = 1, padded cells are exactly 0, and for
     ℓ2 most cells are exactly 0. Same arguments and errors as :func:`dtw_value`; returns (B, N, M) in θ's dtype.
-    Differentiable once more: the backward is the Hessian product of Alg. 6 (third derivatives are not implemented).
+    Differentiable once more: the backward is the Hessian product of Alg. 6. Third derivatives are not implemented:
+    that backward is once-differentiable, so with ``create_graph=True`` the Hessian product comes back without a graph.
     """
     theta_c, lx, ly, gamma, out_dtype = _prepare(theta, lengths_x, lengths_y, reg, gamma)
     name = resolve_dtw_backend(backend, theta_c)
