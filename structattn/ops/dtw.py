@@ -28,8 +28,7 @@ Memory: the passes work on θ transposed when N > M (DTW_Ω(θ) = DTW_Ω(θᵀ))
 min(N, M) cells; every backend stores O(B·(N + M)·min(N, M)) ≤ O(2·B·N·M) numbers, linear in the DP size.
 
 Backends (registered with ``op="dtw"`` in :mod:`structattn.ops.kernels`): ``"reference"`` (the plain tensor code
-below, any device and dtype) and ``"cpu"`` (:mod:`structattn.ops.kernels.cpu_dtw`, C, value and E; its HVP runs the
-reference code). ``backend="auto"`` picks the C kernel for CPU tensors when it compiles. There is no Triton DTW kernel.
+below, any device and dtype) and ``"cpu"`` (:mod:`structattn.ops.kernels.cpu_dtw`, C: value, E and the HVP). ``backend="auto"`` picks the C kernel for CPU tensors when it compiles. There is no Triton DTW kernel.
 """
 
 from __future__ import annotations
@@ -422,7 +421,7 @@ def dtw_hvp(theta: Tensor, Z: Tensor, lengths_x=None, lengths_y=None, reg: str =
             backend: str | None = None):
     """Directional derivative ⟨∇DTW_Ω(θ), Z⟩ (B,) and Hessian product ∇²DTW_Ω(θ)·Z (B, N, M) by Alg. 6 (App. B.3),
     without autograd. Same arguments as :func:`dtw_value` plus the direction ``Z`` of θ's shape (its padded cells are
-    ignored; Ė is 0 there). The C backend runs Alg. 5 in C and Alg. 6 in the reference tensor code."""
+    ignored; Ė is 0 there)."""
     theta_c, lx, ly, gamma, out_dtype = _prepare(theta, lengths_x, lengths_y, reg, gamma)
     if not isinstance(Z, Tensor) or Z.shape != theta.shape:
         raise ValueError(f"Z must be a tensor of theta's shape {tuple(theta.shape)}")

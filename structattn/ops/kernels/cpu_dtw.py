@@ -2,9 +2,8 @@
 
 Compiled, cached and loaded exactly like the Viterbi C kernels (:mod:`.cpu`: same compiler search, flags, cache folder
 and fallbacks, a separate library file ``dtw_<hash>.so``). The forward (Alg. 5) saves the skewed value array W
-(B, N + M + 1, N + 2), one number per cell; the backward recomputes the weights q from W diagonal by diagonal. The
-Hessian product (Alg. 6) is not written in C: :func:`hvp` runs the reference tensor passes of
-:mod:`structattn.ops.dtw` (same numbers, slower).
+(B, N + M + 1, N + 2), one number per cell; the backward (Alg. 5) and the Hessian product (Alg. 6) recompute the
+weights q (and q̇) from W diagonal by diagonal.
 """
 
 from __future__ import annotations
@@ -80,6 +79,9 @@ def _load():
                 f = getattr(lib, f"dtw_backward_{sfx}")
                 f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr]
                 f.restype = ctypes.c_int
+                f = getattr(lib, f"dtw_hvp_{sfx}")
+                f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr, ptr]
+                f.restype = ctypes.c_int
             _lib = lib
         except Exception as exc:  # noqa: BLE001 - any failure means: use the reference path
             _error = f"{type(exc).__name__}: {exc}"
@@ -142,9 +144,15 @@ def marginals(theta: Tensor, lx: Tensor, ly: Tensor, reg: str, gamma: float):
 
 
 def hvp(theta: Tensor, W: Tensor, E: Tensor, Z: Tensor, lx: Tensor, ly: Tensor, reg: str, gamma: float):
-    """Alg. 6 by the reference tensor passes (no C version yet): they need the weights Q in their own layout, so
-    this reruns the reference forward."""
-    from .. import dtw as _dtw
-
-    _, Q = _dtw._ref_forward(theta, lx, ly, reg, gamma)
-    return _dtw._ref_hvp(Q, E, Z, lx, ly, reg, gamma)
+    """Alg. 6 from the forward's W: (⟨E, Z⟩ (B,), Ė (B, N, M), zero on padding). E is recomputed in the same
+    reverse sweep as Ė (cheaper than reading it back skewed), so the ``E`` argument is not used."""
+    B, N, M = theta.shape
+    lx, ly = _lens(lx), _lens(ly)
+    Z = Z.to(W.dtype).contiguous()
+    dot = W.new_empty(B)
+    E_dot = W.new_zeros(B, N, M)
+    rc = _fn("hvp", W.dtype)(B, N, M, W.contiguous().data_ptr(), Z.data_ptr(), lx.data_ptr(), ly.data_ptr(),
+                             int(reg == "l2"), gamma, dot.data_ptr(), E_dot.data_ptr())
+    if rc < 0:
+        raise MemoryError("the C DTW kernel could not allocate its workspace")
+    return dot, E_dot
