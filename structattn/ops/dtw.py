@@ -95,7 +95,10 @@ def _prepare(theta: Tensor, lengths_x, lengths_y, reg: str, gamma: float):
         theta = theta.float()
     lx = _lengths(lengths_x, B, N, "lengths_x", theta.device)
     ly = _lengths(lengths_y, B, M, "lengths_y", theta.device)
-    if theta.numel():
+    # One read pass without a (B, N, M) temporary in the common case: NaN and ±inf propagate through a sum, so a
+    # finite sum proves every cell finite; only a non-finite sum (or an overflow of huge finite values) pays the
+    # cell-by-cell check, which also ignores padding.
+    if theta.numel() and not bool(torch.isfinite(theta.detach().sum())):
         bad = ~torch.isfinite(theta.detach())
         if bool(bad.any()):
             bad &= _real_mask(lx, ly, N, M)
@@ -335,7 +338,9 @@ class _DTWValueFunction(torch.autograd.Function):
             # create_graph=True: E must be differentiable in θ, so it comes from the marginals Function.
             E = _DTWMarginalsFunction.apply(theta, lx, ly, ctx.reg, ctx.gamma, ctx.backend)
         else:
+            # A fresh tensor that nothing else holds: scale it in place (saves a (B, N, M) temporary and a pass).
             E = _impl(ctx.backend).backward(theta, saved, lx, ly, ctx.reg, ctx.gamma)
+            return E.mul_(g[:, None, None]), None, None, None, None, None
         return g[:, None, None] * E, None, None, None, None, None
 
 

@@ -35,6 +35,15 @@ _BODY = r"""
         real ra_ = za_ - tau_, rb_ = zb_ - tau_, rc_ = zc_ - tau_;                                                 \
         qa = ra_ > 0 ? ra_ : 0; qb = rb_ > 0 ? rb_ : 0; qc = rc_ > 0 ? rc_ : 0;                                    \
     } while (0)
+/* Zero the padded cells of a pair's (N, M) block of an output allocated uninitialised (rows i < n: columns j >= m;
+   rows i >= n: all), so that the outputs need no separate zero-filling pass. */
+static void zero_padding_SFX(int64_t n, int64_t m, int64_t N, int64_t M, real *X)
+{
+    if (m < M)
+        for (int64_t i = 0; i < n; i++) memset(X + i * M + m, 0, sizeof(real) * (size_t)(M - m));
+    if (N > n) memset(X + n * M, 0, sizeof(real) * (size_t)((N - n) * M));
+}
+
 /* Alg. 5 forward over one pair: W (its skewed block, (n + m + 1) x R) and the value v_{n,m}. */
 VEC_CLONES
 static real dtw_fwd_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const real *th, int l2, real g, real *W)
@@ -235,29 +244,33 @@ void dtw_forward_SFX(int64_t B, int64_t N, int64_t M, const real *th, const int6
         value[b] = dtw_fwd_pair_SFX(lx[b], ly[b], M, R, th + b * N * M, l2, (real)g, W + b * blk);
 }
 
-/* E must be zeroed by the caller (padding stays 0). Returns -1 if the scratch cannot be allocated. */
+/* E may be uninitialised: every cell is written (padding 0). Returns -1 if the scratch cannot be allocated. */
 int dtw_backward_SFX(int64_t B, int64_t N, int64_t M, const real *W, const int64_t *lx, const int64_t *ly, int l2,
                      double g, real *E)
 {
     const int64_t R = N + 2, blk = (N + M + 1) * R;
     real *Eb = (real *)malloc(sizeof(real) * (size_t)((N + M + 3) * R + 6 * R));
     if (!Eb) return -1;
-    for (int64_t b = 0; b < B; b++)
+    for (int64_t b = 0; b < B; b++) {
         dtw_bwd_pair_SFX(lx[b], ly[b], M, R, W + b * blk, l2, (real)g, E + b * N * M, Eb, Eb + (N + M + 3) * R);
+        zero_padding_SFX(lx[b], ly[b], N, M, E + b * N * M);
+    }
     free(Eb);
     return 0;
 }
 
-/* Alg. 6: dot (B,), E_dot (B, N, M) zeroed by the caller; Z natural layout (B, N, M), zero on padding or not. */
+/* Alg. 6: dot (B,), E_dot (B, N, M) (every cell written, padding 0); Z natural layout (B, N, M), zero on padding or not. */
 int dtw_hvp_SFX(int64_t B, int64_t N, int64_t M, const real *W, const real *Z, const int64_t *lx, const int64_t *ly,
                 int l2, double g, real *dot, real *E_dot)
 {
     const int64_t R = N + 2, blk = (N + M + 1) * R, big = (N + M + 3) * R;
     real *buf = (real *)malloc(sizeof(real) * (size_t)(blk + 2 * big + 12 * R));
     if (!buf) return -1;
-    for (int64_t b = 0; b < B; b++)
+    for (int64_t b = 0; b < B; b++) {
         dot[b] = dtw_hvp_pair_SFX(lx[b], ly[b], M, R, W + b * blk, Z + b * N * M, l2, (real)g, E_dot + b * N * M,
                                   buf, buf + blk, buf + blk + big, buf + blk + 2 * big);
+        zero_padding_SFX(lx[b], ly[b], N, M, E_dot + b * N * M);
+    }
     free(buf);
     return 0;
 }

@@ -130,7 +130,7 @@ def backward(theta: Tensor, W: Tensor, lx: Tensor, ly: Tensor, reg: str, gamma: 
     """Alg. 5 backward sweep from the forward's W: E (B, N, M), zero on padding."""
     B, N, M = theta.shape
     lx, ly = _lens(lx), _lens(ly)
-    E = W.new_zeros(B, N, M)
+    E = W.new_empty(B, N, M)  # the kernel writes every cell, padding included
     rc = _fn("backward", W.dtype)(B, N, M, W.contiguous().data_ptr(), lx.data_ptr(), ly.data_ptr(),
                                   int(reg == "l2"), gamma, E.data_ptr())
     if rc < 0:
@@ -150,7 +150,7 @@ def hvp(theta: Tensor, W: Tensor, E: Tensor, Z: Tensor, lx: Tensor, ly: Tensor, 
     lx, ly = _lens(lx), _lens(ly)
     Z = Z.to(W.dtype).contiguous()
     dot = W.new_empty(B)
-    E_dot = W.new_zeros(B, N, M)
+    E_dot = W.new_empty(B, N, M)  # the kernel writes every cell, padding included
     rc = _fn("hvp", W.dtype)(B, N, M, W.contiguous().data_ptr(), Z.data_ptr(), lx.data_ptr(), ly.data_ptr(),
                              int(reg == "l2"), gamma, dot.data_ptr(), E_dot.data_ptr())
     if rc < 0:
