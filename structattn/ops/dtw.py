@@ -25,7 +25,8 @@ real size (right padding of both axes, any layout). Padded cells of θ are ignor
 E = 0 and Ė = 0 exactly. An empty series has no alignment, so lengths 0 are an error.
 
 Memory: the passes work on θ transposed when N > M (DTW_Ω(θ) = DTW_Ω(θᵀ)), so that a diagonal has at most
-min(N, M) cells; every backend stores O(B·(N + M)·min(N, M)) ≤ O(2·B·N·M) numbers, linear in the DP size.
+min(N, M) cells; the reference stores 3 weights per cell of its (N + M − 1)·min(N, M) ≤ 2·N·M diagonal slots, the C
+kernel one value per cell plus two guards per diagonal: linear in the DP size.
 
 Backends (registered with ``op="dtw"`` in :mod:`structattn.ops.kernels`): ``"reference"`` (the plain tensor code
 below, any device and dtype) and ``"cpu"`` (:mod:`structattn.ops.kernels.cpu_dtw`, C: value, E and the HVP). ``backend="auto"`` picks the C kernel for CPU tensors when it compiles. There is no Triton DTW kernel.

@@ -2,11 +2,13 @@
 
 Anti-diagonal wavefront (ICML 2018 App. B.3, Alg. 5, reordered): all cells (i, d − i) of a diagonal d depend only on
 diagonals d − 1 and d − 2, so one diagonal is one ``#pragma omp simd`` loop (libmvec's vector exp/log where glibc
-has them, as in :mod:`._cpu_source`). Values are stored skewed: row d + 2 of a pair's block holds diagonal d, slot
-i + 1 holds row i (slot 0 the virtual row −1; rows −2, −1 are the borders: −∞ everywhere but the start node
-v_{0,0} = 0), so the parents of slot i + 1 are slot i + 1 of row d − 1 (left), slot i of row d − 2 (diag) and slot i
-of row d − 1 (up). After each diagonal its two neighbouring slots are set to −∞, which is all the reads outside the
-diagonal's cells ever see. Each pair uses its own lengths (n, m) inside a block sized for the batch's (N, M), N ≤ M.
+has them, as in :mod:`._cpu_source`). Values are stored by diagonals (``dtw_rows``: each diagonal's cells plus one
+guard slot on each side, about one number per cell); indexed through a row pointer whose slot i + 1 holds row i,
+the parents of slot i + 1 are slot i + 1 of row d − 1 (left), slot i of row d − 2 (diag) and slot i of row d − 1
+(up); rows −2, −1 are the borders (−∞ everywhere but the start node v_{0,0} = 0). After each diagonal its two guard
+slots are set to −∞, which is all the reads outside the diagonal's cells ever see. Each pair uses its own lengths
+(n, m) inside a block sized for the batch's (N, M), N ≤ M. The backward and HVP sweeps keep their per-pair scratch
+(one pair at a time) dense, stride N + 2.
 
 The body is instantiated for float and double like the Viterbi kernels (``real``/``SFX``/``EXP``/``LOG``).
 """
@@ -44,18 +46,19 @@ static void zero_padding_SFX(int64_t n, int64_t m, int64_t N, int64_t M, real *X
     if (N > n) memset(X + n * M, 0, sizeof(real) * (size_t)((N - n) * M));
 }
 
-/* Alg. 5 forward over one pair: W (its skewed block, (n + m + 1) x R) and the value v_{n,m}. */
+/* Alg. 5 forward over one pair: W (its packed block, see dtw_rows) and the value v_{n,m}. */
 VEC_CLONES
-static real dtw_fwd_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const real *th, int l2, real g, real *W)
+static real dtw_fwd_pair_SFX(int64_t n, int64_t m, int64_t M, const int64_t *X, const real *th, int l2, real g,
+                             real *W)
 {
     const int64_t D = n + m - 1;
     const int64_t st = M - 1; /* theta[i][d - i] = th[d + i * (M - 1)] */
-    for (int64_t k = 0; k < 2 * R; k++) W[k] = -INFINITY;
+    for (int64_t k = 0; k < 6; k++) W[k] = -INFINITY;
     W[0] = 0; /* the start node: diag parent of cell (0, 0) */
     for (int64_t d = 0; d < D; d++) {
         const int64_t lo = d - m + 1 > 0 ? d - m + 1 : 0, hi = d < n - 1 ? d : n - 1;
-        real *cur = W + (d + 2) * R;
-        const real *p1 = W + (d + 1) * R, *p2 = W + d * R, *thd = th + d;
+        real *cur = W + X[d + 2];
+        const real *p1 = W + X[d + 1], *p2 = W + X[d], *thd = th + d;
         cur[lo] = -INFINITY;
         cur[hi + 2] = -INFINITY;
         if (!l2) {
@@ -89,7 +92,7 @@ static real dtw_fwd_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const r
             }
         }
     }
-    return W[(D + 1) * R + n];
+    return W[X[D + 1] + n];
 }
 
 /* q = grad max_Omega(left, diag, up) of the cells of diagonal d (slots lo+1..hi+1), zero in the two guard slots */
@@ -140,12 +143,12 @@ static void dtw_qdot_row_SFX(int64_t lo, int64_t hi, const real *p1, const real 
     }
 }
 
-/* Alg. 5 backward over one pair from its skewed W: E (natural layout, row stride M). Eb: (n + m + 3) x R scratch,
+/* Alg. 5 backward over one pair from its packed W: E (natural layout, row stride M). Eb: (n + m + 3) x R scratch,
    q: 6 x R scratch. The weights q of a diagonal are recomputed from W (the forward stores values only: memory
    one number per cell). e(i,j) = e(i,j+1) ql(i,j+1) + e(i+1,j) qu(i+1,j) + e(i+1,j+1) qd(i+1,j+1). */
 VEC_CLONES
-static void dtw_bwd_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const real *W, int l2, real g, real *E,
-                             real *Eb, real *q)
+static void dtw_bwd_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const int64_t *X, const real *W, int l2,
+                             real g, real *E, real *Eb, real *q)
 {
     const int64_t D = n + m - 1;
     memset(Eb, 0, sizeof(real) * (size_t)((D + 4) * R));
@@ -163,26 +166,26 @@ static void dtw_bwd_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const r
         t = ql2; ql2 = ql1; ql1 = t;
         t = qd2; qd2 = qd1; qd1 = t;
         t = qu2; qu2 = qu1; qu1 = t;
-        dtw_q_row_SFX(lo, hi, W + (d + 1) * R, W + d * R, l2, g, ql1, qd1, qu1);
+        dtw_q_row_SFX(lo, hi, W + X[d + 1], W + X[d], l2, g, ql1, qd1, qu1);
     }
     for (int64_t i = 0; i < n; i++)
         for (int64_t j = 0; j < m; j++)
             E[i * M + j] = Eb[(i + j + 2) * R + i + 1];
 }
 
-/* Alg. 6 over one pair from its skewed W: the forward tangent sweep v_dot = z + <q, x_dot> (stored skewed in Vd),
+/* Alg. 6 over one pair from its packed W: the forward tangent sweep v_dot = z + <q, x_dot> (stored skewed in Vd),
    then one reverse sweep computing e (Alg. 5) and e_dot = sum over children of (q e_dot + q_dot e) together, with q
    and q_dot of each diagonal recomputed from W and Vd. Returns <E, Z> = v_dot at the end cell; E_dot natural layout.
    Scratch: Vd (n + m + 1) x R, Eb and Ed (n + m + 3) x R each, q 12 x R. */
 VEC_CLONES
-static real dtw_hvp_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const real *W, const real *Z, int l2,
-                             real g, real *Ed_out, real *Vd, real *Eb, real *Ed, real *q)
+static real dtw_hvp_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const int64_t *X, const real *W,
+                             const real *Z, int l2, real g, real *Ed_out, real *Vd, real *Eb, real *Ed, real *q)
 {
     const int64_t D = n + m - 1, st = M - 1;
     memset(Vd, 0, sizeof(real) * (size_t)((D + 2) * R));
     for (int64_t d = 0; d < D; d++) {
         const int64_t lo = d - m + 1 > 0 ? d - m + 1 : 0, hi = d < n - 1 ? d : n - 1;
-        const real *p1 = W + (d + 1) * R, *p2 = W + d * R, *t1 = Vd + (d + 1) * R, *t2 = Vd + d * R, *zd = Z + d;
+        const real *p1 = W + X[d + 1], *p2 = W + X[d], *t1 = Vd + (d + 1) * R, *t2 = Vd + d * R, *zd = Z + d;
         real *cur = Vd + (d + 2) * R;
         cur[lo] = 0;
         cur[hi + 2] = 0;
@@ -226,7 +229,7 @@ static real dtw_hvp_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const r
         t = tl2; tl2 = tl1; tl1 = t;
         t = td2; td2 = td1; td1 = t;
         t = tu2; tu2 = tu1; tu1 = t;
-        dtw_qdot_row_SFX(lo, hi, W + (d + 1) * R, W + d * R, Vd + (d + 1) * R, Vd + d * R, l2, g, ql1, qd1, qu1,
+        dtw_qdot_row_SFX(lo, hi, W + X[d + 1], W + X[d], Vd + (d + 1) * R, Vd + d * R, l2, g, ql1, qd1, qu1,
                          tl1, td1, tu1);
     }
     for (int64_t i = 0; i < n; i++)
@@ -235,27 +238,37 @@ static real dtw_hvp_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const r
     return dot;
 }
 
-/* One call per pass over all B pairs (pairs of their own lengths). W: (B, N + M + 1, R), R = N + 2. */
-void dtw_forward_SFX(int64_t B, int64_t N, int64_t M, const real *th, const int64_t *lx, const int64_t *ly, int l2,
-                     double g, real *value, real *W)
+/* One call per pass over all B pairs (pairs of their own lengths). W: (B, DTW_BLOCK(N, M)). Returns -1 if the
+   scratch cannot be allocated. */
+int dtw_forward_SFX(int64_t B, int64_t N, int64_t M, const real *th, const int64_t *lx, const int64_t *ly, int l2,
+                    double g, real *value, real *W)
 {
-    const int64_t R = N + 2, blk = (N + M + 1) * R;
-    for (int64_t b = 0; b < B; b++)
-        value[b] = dtw_fwd_pair_SFX(lx[b], ly[b], M, R, th + b * N * M, l2, (real)g, W + b * blk);
+    const int64_t blk = DTW_BLOCK(N, M);
+    int64_t *X = (int64_t *)malloc(sizeof(int64_t) * (size_t)(N + M + 1));
+    if (!X) return -1;
+    for (int64_t b = 0; b < B; b++) {
+        dtw_rows(lx[b], ly[b], X);
+        value[b] = dtw_fwd_pair_SFX(lx[b], ly[b], M, X, th + b * N * M, l2, (real)g, W + b * blk);
+    }
+    free(X);
+    return 0;
 }
 
 /* E may be uninitialised: every cell is written (padding 0). Returns -1 if the scratch cannot be allocated. */
 int dtw_backward_SFX(int64_t B, int64_t N, int64_t M, const real *W, const int64_t *lx, const int64_t *ly, int l2,
                      double g, real *E)
 {
-    const int64_t R = N + 2, blk = (N + M + 1) * R;
+    const int64_t R = N + 2, blk = DTW_BLOCK(N, M);
     real *Eb = (real *)malloc(sizeof(real) * (size_t)((N + M + 3) * R + 6 * R));
-    if (!Eb) return -1;
+    int64_t *X = (int64_t *)malloc(sizeof(int64_t) * (size_t)(N + M + 1));
+    if (!Eb || !X) { free(Eb); free(X); return -1; }
     for (int64_t b = 0; b < B; b++) {
-        dtw_bwd_pair_SFX(lx[b], ly[b], M, R, W + b * blk, l2, (real)g, E + b * N * M, Eb, Eb + (N + M + 3) * R);
+        dtw_rows(lx[b], ly[b], X);
+        dtw_bwd_pair_SFX(lx[b], ly[b], M, R, X, W + b * blk, l2, (real)g, E + b * N * M, Eb, Eb + (N + M + 3) * R);
         zero_padding_SFX(lx[b], ly[b], N, M, E + b * N * M);
     }
     free(Eb);
+    free(X);
     return 0;
 }
 
@@ -263,15 +276,18 @@ int dtw_backward_SFX(int64_t B, int64_t N, int64_t M, const real *W, const int64
 int dtw_hvp_SFX(int64_t B, int64_t N, int64_t M, const real *W, const real *Z, const int64_t *lx, const int64_t *ly,
                 int l2, double g, real *dot, real *E_dot)
 {
-    const int64_t R = N + 2, blk = (N + M + 1) * R, big = (N + M + 3) * R;
-    real *buf = (real *)malloc(sizeof(real) * (size_t)(blk + 2 * big + 12 * R));
-    if (!buf) return -1;
+    const int64_t R = N + 2, blk = DTW_BLOCK(N, M), vd = (N + M + 1) * R, big = (N + M + 3) * R;
+    real *buf = (real *)malloc(sizeof(real) * (size_t)(vd + 2 * big + 12 * R));
+    int64_t *X = (int64_t *)malloc(sizeof(int64_t) * (size_t)(N + M + 1));
+    if (!buf || !X) { free(buf); free(X); return -1; }
     for (int64_t b = 0; b < B; b++) {
-        dot[b] = dtw_hvp_pair_SFX(lx[b], ly[b], M, R, W + b * blk, Z + b * N * M, l2, (real)g, E_dot + b * N * M,
-                                  buf, buf + blk, buf + blk + big, buf + blk + 2 * big);
+        dtw_rows(lx[b], ly[b], X);
+        dot[b] = dtw_hvp_pair_SFX(lx[b], ly[b], M, R, X, W + b * blk, Z + b * N * M, l2, (real)g,
+                                  E_dot + b * N * M, buf, buf + vd, buf + vd + big, buf + vd + 2 * big);
         zero_padding_SFX(lx[b], ly[b], N, M, E_dot + b * N * M);
     }
     free(buf);
+    free(X);
     return 0;
 }
 """
@@ -288,6 +304,22 @@ __attribute__((simd("notinbranch"))) float logf(float);
 __attribute__((simd("notinbranch"))) double exp(double);
 __attribute__((simd("notinbranch"))) double log(double);
 #endif
+/* The saved values W of a pair, packed: rows -2 and -1 (the borders, 3 slots each), then each diagonal d with its
+   cells and one guard slot on each side (len_d + 2 slots): n*m + 2*(n + m - 1) + 6 numbers, about one per cell.
+   dtw_rows fills X[r + 2] (r = -2 .. n + m - 2) with the offset of "row r shifted so that slot i + 1 is row i":
+   W + X[r + 2] is then indexed exactly like a dense row of stride n + 2 with one slot in front. */
+#define DTW_BLOCK(N, M) ((N) * (M) + 2 * ((N) + (M) - 1) + 6)
+static void dtw_rows(int64_t n, int64_t m, int64_t *X)
+{
+    X[0] = 0; /* row -2 (lo = 0): slots i = -1, 0, 1 */
+    X[1] = 3; /* row -1 */
+    int64_t off = 6;
+    for (int64_t d = 0; d < n + m - 1; d++) {
+        const int64_t lo = d - m + 1 > 0 ? d - m + 1 : 0, hi = d < n - 1 ? d : n - 1;
+        X[d + 2] = off - lo;
+        off += hi - lo + 3;
+    }
+}
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
     (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35)) && !defined(STRUCTATTN_NO_CLONES)
 #define VEC_CLONES __attribute__((target_clones("default", "avx2", "avx512f")))

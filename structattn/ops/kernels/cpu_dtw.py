@@ -1,8 +1,8 @@
 """CPU DTW_Ω backend (``op="dtw"``, name ``"cpu"``): the C kernels of :mod:`._cpu_dtw_source` through ctypes.
 
 Compiled, cached and loaded exactly like the Viterbi C kernels (:mod:`.cpu`: same compiler search, flags, cache folder
-and fallbacks, a separate library file ``dtw_<hash>.so``). The forward (Alg. 5) saves the skewed value array W
-(B, N + M + 1, N + 2), one number per cell; the backward (Alg. 5) and the Hessian product (Alg. 6) recompute the
+and fallbacks, a separate library file ``dtw_<hash>.so``). The forward (Alg. 5) saves the values W by anti-diagonals,
+(B, N·M + 2(N + M − 1) + 6): one number per cell and two guards per diagonal; the backward (Alg. 5) and the Hessian product (Alg. 6) recompute the
 weights q (and q̇) from W diagonal by diagonal.
 """
 
@@ -75,7 +75,7 @@ def _load():
             for sfx in ("f32", "f64"):
                 f = getattr(lib, f"dtw_forward_{sfx}")
                 f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr, ptr]
-                f.restype = None
+                f.restype = ctypes.c_int
                 f = getattr(lib, f"dtw_backward_{sfx}")
                 f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr]
                 f.restype = ctypes.c_int
@@ -115,14 +115,16 @@ def _lens(x: Tensor) -> Tensor:
 
 
 def forward(theta: Tensor, lx: Tensor, ly: Tensor, reg: str, gamma: float):
-    """Alg. 5 forward: (value (B,), W (B, N + M + 1, N + 2))."""
+    """Alg. 5 forward: (value (B,), W (B, N·M + 2(N + M − 1) + 6): the values by diagonals, see _cpu_dtw_source)."""
     theta = theta.contiguous()
     B, N, M = theta.shape
     lx, ly = _lens(lx), _lens(ly)
     value = theta.new_empty(B)
-    W = theta.new_empty(B, N + M + 1, N + 2)
-    _fn("forward", theta.dtype)(B, N, M, theta.data_ptr(), lx.data_ptr(), ly.data_ptr(), int(reg == "l2"),
-                                gamma, value.data_ptr(), W.data_ptr())
+    W = theta.new_empty(B, N * M + 2 * (N + M - 1) + 6)
+    rc = _fn("forward", theta.dtype)(B, N, M, theta.data_ptr(), lx.data_ptr(), ly.data_ptr(), int(reg == "l2"),
+                                     gamma, value.data_ptr(), W.data_ptr())
+    if rc < 0:
+        raise MemoryError("the C DTW kernel could not allocate its workspace")
     return value, W
 
 
