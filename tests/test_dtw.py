@@ -400,3 +400,15 @@ def test_bad_input_raises_clearly():
         dtw_value(theta, backend="triton")
     with pytest.raises(ValueError, match="Z must"):
         dtw_hvp(theta, theta[:, :2])
+
+
+def test_saved_state_is_linear_in_the_dp_size():
+    """What the value's autograd node keeps: the C kernel one value per cell plus two guards per diagonal, the
+    reference 3 weights per diagonal slot; a tall θ is transposed first, so diagonals have min(N, M) slots."""
+    B, N, M = 2, 40, 7
+    theta = rand(B, N, M, seed=3).requires_grad_()
+    for backend, per_pair in (("cpu", N * M + 2 * (N + M - 1) + 6), ("reference", 3 * (N + M - 1) * min(N, M))):
+        v = dtw_value(theta, backend=backend)
+        saved = [t for t in v.grad_fn.saved_tensors if t.is_floating_point() and t.dim() > 1]
+        sizes = sorted(t.numel() for t in saved)
+        assert sizes == sorted([B * N * M, B * per_pair]), (backend, sizes)  # θ itself and the backend's state
