@@ -34,6 +34,9 @@ from .losses import ViterbiLoss, hard_viterbi, tags_to_path, viterbi_loss
 # SparseMAP segmentation attention (Niculae et al. 2018 over the chain of ICML 2018 §5)
 from .attention import SparsemapAttention, SparsemapStructures, sparsemap_attention
 
+# DTW_Ω (ICML 2018 §3.2)
+from .ops import DTWMarginals, SmoothedDTW, dtw_hvp, dtw_marginals, dtw_value
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -68,4 +71,10 @@ __all__ = [
     "sparsemap_attention",
     "SparsemapAttention",
     "SparsemapStructures",
+    # DTW_Ω (ICML 2018 §3.2)
+    "DTWMarginals",
+    "SmoothedDTW",
+    "dtw_hvp",
+    "dtw_marginals",
+    "dtw_value",
 ]

@@ -12,6 +12,9 @@ from .smoothed_max import (
 )
 from .viterbi import SmoothedViterbi, ViterbiMarginals, viterbi_hvp, viterbi_marginals, viterbi_value
 
+# DTW_Ω (ICML 2018 §3.2)
+from .dtw import DTWMarginals, SmoothedDTW, dtw_hvp, dtw_marginals, dtw_value
+
 __all__ = [
     "REGULARIZERS",
     "SmoothedMax",
@@ -26,4 +29,10 @@ __all__ = [
     "viterbi_hvp",
     "viterbi_marginals",
     "viterbi_value",
+    # DTW_Ω (ICML 2018 §3.2)
+    "DTWMarginals",
+    "SmoothedDTW",
+    "dtw_hvp",
+    "dtw_marginals",
+    "dtw_value",
 ]

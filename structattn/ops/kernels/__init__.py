@@ -5,6 +5,9 @@
 * ``triton`` — :mod:`.triton_viterbi`, fused Triton kernels for CUDA tensors (S = 2); ``triton`` is imported only
   when that module is, never by ``import structattn``.
 
+DTW_Ω (:mod:`structattn.ops.dtw`) has its own namespace (``op="dtw"``): ``reference`` (the tensor passes of
+:mod:`structattn.ops.dtw`) and ``cpu`` (:mod:`.cpu_dtw`, C kernels through ctypes, compiled like the Viterbi ones).
+
 What a backend implements is the :class:`~.registry.ViterbiBackend` protocol; what it serves is declared below, so
 that :mod:`structattn.ops.viterbi` can choose without importing anything. Adding a backend = one module implementing
 the protocol + one :func:`register` line here. docs/kernels.md maps the names used inside the kernels to the paper.
@@ -19,3 +22,6 @@ register("reference", "..viterbi:_Reference", devices=None, dtypes=None)
 register("cpu", ".cpu", devices=("cpu",), auto=True)
 register("triton", ".triton_viterbi", devices=("cuda",), interpreter_devices=("cpu",), states=2, auto=True,
          chain_minor=True)
+# DTW_Ω (structattn.ops.dtw): its own namespace of names. No Triton DTW kernel yet (not written).
+register("reference", "..dtw:_Reference", devices=None, dtypes=None, op="dtw")
+register("cpu", ".cpu_dtw", devices=("cpu",), auto=True, op="dtw")

@@ -23,6 +23,8 @@ from torch import Tensor
 
 __all__ = [
     "ViterbiBackend",
+    "DTWBackend",
+    "OPS",
     "BackendSpec",
     "register",
     "unregister",
@@ -73,6 +75,47 @@ class ViterbiBackend(Protocol):
         ...
 
 
+@runtime_checkable
+class DTWBackend(Protocol):
+    """The passes of DTW_Ω (ICML 2018 App. B.3, Alg. 5/6) on a batch of pairs; registered with ``op="dtw"``.
+    θ, Z, E, Ė are (B, N, M) with N ≤ M (:mod:`structattn.ops.dtw` transposes before calling); ``lengths_x``,
+    ``lengths_y`` are (B,) int64 tensors already checked to lie in [1, N] and [1, M]; cells outside them are padding
+    (E = Ė = 0 there, their θ never read or ignored). ``saved`` is whatever the backend's forward returns for its own
+    backward / HVP (opaque to the caller; memory linear in B·N·M)."""
+
+    def forward(self, theta: Tensor, lengths_x: Tensor, lengths_y: Tensor, reg: str, gamma: float
+                ) -> tuple[Tensor, Tensor]:
+        """Alg. 5 forward: (value = DTW_Ω(θ), saved)."""
+        ...
+
+    def backward(self, theta: Tensor, saved: Tensor, lengths_x: Tensor, lengths_y: Tensor, reg: str,
+                 gamma: float) -> Tensor:
+        """Alg. 5 backward sweep from a forward's ``saved``: E = ∇DTW_Ω(θ)."""
+        ...
+
+    def marginals(self, theta: Tensor, lengths_x: Tensor, lengths_y: Tensor, reg: str, gamma: float
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        """Alg. 5 forward + backward: (value, saved, E)."""
+        ...
+
+    def hvp(self, theta: Tensor, saved: Tensor, E: Tensor, Z: Tensor, lengths_x: Tensor, lengths_y: Tensor,
+            reg: str, gamma: float) -> tuple[Tensor, Tensor]:
+        """Alg. 6: (⟨E, Z⟩, Ė = ∇²DTW_Ω(θ)·Z)."""
+        ...
+
+    def available(self) -> bool:
+        ...
+
+    def unavailable_reason(self) -> str | None:
+        ...
+
+
+#: The operators that have backends, and the protocol (with its method names) each backend must implement.
+OPS = {
+    "viterbi": (ViterbiBackend, ("forward", "marginals", "backward", "hvp", "available", "unavailable_reason")),
+    "dtw": (DTWBackend, ("forward", "backward", "marginals", "hvp", "available", "unavailable_reason")),
+}
+
 _FLOAT = (torch.float32, torch.float64)
 _DEVICE_NAMES = {"cpu": "CPU", "cuda": "CUDA"}
 
@@ -102,6 +145,8 @@ class BackendSpec:
             available wins).
         chain_minor: its per-step outputs (Q, E, U, Ė) are (B, …) views of contiguous (…, B) buffers; the custom
             ops' fake kernels must reproduce these strides.
+        op: the operator it implements (a key of :data:`OPS`: ``"viterbi"`` or ``"dtw"``); each operator has its
+            own namespace of backend names.
     """
 
     name: str
@@ -112,6 +157,7 @@ class BackendSpec:
     interpreter_devices: tuple[str, ...] = ()
     auto: bool = False
     chain_minor: bool = False
+    op: str = "viterbi"
     _impl: Any = field(default=None, init=False, repr=False)
 
     def load(self) -> ViterbiBackend:
@@ -125,10 +171,10 @@ class BackendSpec:
                 impl = importlib.import_module(module, __package__)
                 if attr:
                     impl = getattr(impl, attr)
-            if not isinstance(impl, ViterbiBackend):
-                missing = [m for m in ("forward", "marginals", "backward", "hvp", "available", "unavailable_reason")
-                           if not callable(getattr(impl, m, None))]
-                raise TypeError(f"backend {self.name!r} ({impl!r}) does not implement ViterbiBackend: "
+            protocol, methods = OPS[self.op]
+            if not isinstance(impl, protocol):
+                missing = [m for m in methods if not callable(getattr(impl, m, None))]
+                raise TypeError(f"backend {self.name!r} ({impl!r}) does not implement {protocol.__name__}: "
                                 f"missing {missing}")
             self._impl = impl
         return impl
@@ -164,7 +210,15 @@ class BackendSpec:
             raise RuntimeError(f"backend={n!r} is unavailable: {impl.unavailable_reason()}")
 
 
-_REGISTRY: dict[str, BackendSpec] = {}
+# One namespace of names per operator; _REGISTRY (the Viterbi one) keeps its name for the code that reads it.
+_REGISTRIES: dict[str, dict[str, BackendSpec]] = {op: {} for op in OPS}
+_REGISTRY = _REGISTRIES["viterbi"]
+
+
+def _ns(op: str) -> dict[str, BackendSpec]:
+    if op not in _REGISTRIES:
+        raise ValueError(f"op must be one of {tuple(OPS)}, got {op!r}")
+    return _REGISTRIES[op]
 
 
 def register(
@@ -177,44 +231,46 @@ def register(
     interpreter_devices: tuple[str, ...] = (),
     auto: bool = False,
     chain_minor: bool = False,
+    op: str = "viterbi",
 ) -> BackendSpec:
-    """Register a backend under ``name`` (see :class:`BackendSpec` for the arguments); nothing is imported yet.
-    Raises ValueError if the name is taken (or is ``"auto"``)."""
+    """Register a backend under ``name`` for operator ``op`` (see :class:`BackendSpec` for the arguments); nothing
+    is imported yet. Raises ValueError if the name is taken for that operator (or is ``"auto"``)."""
+    reg = _ns(op)
     if not isinstance(name, str) or not name or name == "auto":
         raise ValueError(f"a backend name must be a non-empty string other than 'auto', got {name!r}")
-    if name in _REGISTRY:
+    if name in reg:
         raise ValueError(f"backend {name!r} is already registered")
     entry = BackendSpec(name, loader, tuple(devices) if devices is not None else None,
                         tuple(dtypes) if dtypes is not None else None, states, tuple(interpreter_devices), auto,
-                        chain_minor)
-    _REGISTRY[name] = entry
+                        chain_minor, op)
+    reg[name] = entry
     return entry
 
 
-def unregister(name: str) -> BackendSpec:
+def unregister(name: str, op: str = "viterbi") -> BackendSpec:
     """Remove a registered backend (tests); returns its spec."""
-    return _REGISTRY.pop(name)
+    return _ns(op).pop(name)
 
 
-def names() -> tuple[str, ...]:
+def names(op: str = "viterbi") -> tuple[str, ...]:
     """The registered names, in registration order."""
-    return tuple(_REGISTRY)
+    return tuple(_ns(op))
 
 
-def specs() -> tuple[BackendSpec, ...]:
-    return tuple(_REGISTRY.values())
+def specs(op: str = "viterbi") -> tuple[BackendSpec, ...]:
+    return tuple(_ns(op).values())
 
 
-def find(name: str) -> BackendSpec | None:
+def find(name: str, op: str = "viterbi") -> BackendSpec | None:
     """The spec registered as ``name``, or None."""
-    return _REGISTRY.get(name)
+    return _ns(op).get(name)
 
 
-def spec(name: str) -> BackendSpec:
+def spec(name: str, op: str = "viterbi") -> BackendSpec:
     """The spec registered as ``name`` (KeyError if none)."""
-    return _REGISTRY[name]
+    return _ns(op)[name]
 
 
-def get(name: str) -> ViterbiBackend:
+def get(name: str, op: str = "viterbi") -> ViterbiBackend:
     """The implementation registered as ``name``, imported on first use."""
-    return _REGISTRY[name].load()
+    return _ns(op)[name].load()
