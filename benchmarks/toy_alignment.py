@@ -4,7 +4,8 @@ Data (deterministic, ``--data-seed``): random sentences of 5–15 words over a 3
 reversed source; 2,000 train / 200 valid / 200 test. Model: ``--arch structattn_lstm`` at the plugin defaults
 (64-dim embeddings, 1-layer bidirectional 2×64 encoder, 1-layer 64 decoder, dropout 0.1), Adam 1e-2, batch 32,
 clip-norm 1, the same ``--max-update`` for every attention (default 504 = 8 epochs of 63 batches), validation
-after every epoch. The Viterbi attentions run at γ = 1 (``--gamma``), their plugin default form.
+after every epoch. The Viterbi attentions run at γ = 1 (``--gamma``; ``--gamma 0``: the plugin's default γ, 2 for
+−H and 10 for ℓ2), in the plugin's default form.
 
 Per run it reports: the validation loss (bits/token) per epoch, the first epoch whose loss is below
 ``--threshold`` (1.0 bit: a source-blind model cannot go below the target's unigram entropy, ≈ 4.9 bits), test
@@ -167,7 +168,9 @@ def _child(argv) -> None:
 # ---- the parent: train, generate, analyse -------------------------------------------------------------------------
 
 
-_JSON = re.compile(r"\|\s*(valid|train)\s*\|\s*(\{.*\})\s*$")
+# fairseq's format ("| valid | {…}") or, when logging was configured before fairseq_cli.train set its own, the
+# default one ("INFO:valid:{…}")
+_JSON = re.compile(r"(?:\|\s*|INFO:)(valid|train)(?:\s*\||:)\s*(\{.*\})\s*$")
 
 
 def _analyse(bin_dir: Path, checkpoint: Path) -> dict:
@@ -206,7 +209,7 @@ def _analyse(bin_dir: Path, checkpoint: Path) -> dict:
 def run_one(name: str, seed: int, bin_dir: Path, out: Path, args) -> dict:
     save = out / f"ck-{name}-s{seed}-i{args.init_scale:g}-t{args.temperature:g}"
     trace = save.with_suffix(".trace.json")
-    extra = ["--attention-gamma", str(args.gamma)] if name.startswith("viterbi") else []
+    extra = ["--attention-gamma", str(args.gamma)] if name.startswith("viterbi") and args.gamma > 0 else []
     train = [bin_dir, "--user-dir", USER_DIR, "--arch", "structattn_lstm", *ATTENTIONS[name], *extra,
              "--optimizer", "adam", "--lr", str(args.lr), "--clip-norm", "1.0", "--batch-size", "32",
              "--max-update", str(args.max_update), "--save-dir", save, "--seed", str(seed), "--cpu",
@@ -254,7 +257,7 @@ def main(argv=None) -> None:
     p.add_argument("--data-seed", type=int, default=0)
     p.add_argument("--max-update", type=int, default=504)
     p.add_argument("--lr", type=float, default=1e-2)
-    p.add_argument("--gamma", type=float, default=1.0)
+    p.add_argument("--gamma", type=float, default=1.0, help="γ of the Viterbi attentions (≤ 0: the plugin default)")
     p.add_argument("--threshold", type=float, default=1.0, help="validation loss (bits/token) that counts as found")
     p.add_argument("--init-scale", type=float, default=-1.0,
                    help="candidate fix: M ~ U(-E, E) (0: M = 0); negative: the library's initialisation")
