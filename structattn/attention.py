@@ -123,6 +123,7 @@ __all__ = [
     "DEFAULT_CONTIGUITY",
     "SoftmaxAttention",
     "SparsemaxAttention",
+    "SPARSEMAX_TEMPERATURE",
     "ViterbiAttention",
     "build_attention",
     "multihead_viterbi_attention",
@@ -356,11 +357,37 @@ class SoftmaxAttention(_BilinearAttention):
         return softmax_attention(scores, padding_mask)
 
 
+#: Temperature of :class:`SparsemaxAttention`: w = sparsemax(s/τ), i.e. the argmax of ⟨w, s⟩ − (τ/2)‖w‖² over △,
+#: the same Ω and scale as the paper's ℓ2 chain (γ = 10, :data:`PAPER_GAMMA`). Evidence in docs/sparse_init.md.
+SPARSEMAX_TEMPERATURE = 10.0
+
+
 class SparsemaxAttention(_BilinearAttention):
-    """Bilinear sparsemax attention w = sparsemax(x_t·M·z); see :func:`sparsemax_attention`."""
+    """Bilinear sparsemax attention w = sparsemax(s/τ), s_t = x_t·M·z; see :func:`sparsemax_attention`.
+
+    τ = ``temperature`` (default :data:`SPARSEMAX_TEMPERATURE` = 10; τ = 1 is plain sparsemax(s), the earlier
+    behaviour, which checkpoints trained before this change need). Why (a departure from Martins & Astudillo's
+    attention, which uses τ = 1): sparsemax passes exactly zero gradient to every score outside its support, and
+    under Adam the bilinear scores' spread grows from ~0.01 at initialisation to ~5–15 within 10–20 updates (the
+    whole network's states grow, not M alone: M = 0 at init changes nothing). At τ = 1 the support collapses to
+    ~1.7 positions by update 20 and 84–90 % of the score entries get zero gradient, so the attention learns the
+    alignment late (reversal toy, ``benchmarks/toy_alignment.py``, 504 updates: BLEU 66.5 / 85.4 for seeds 1 / 2
+    against softmax's 96.8 / 92.8). With τ = 10 the support at update 20 is still ~5.5 positions, 39 % of the
+    entries get zero gradient, and seed 1 reaches BLEU 96.9 in the same budget (docs/sparse_init.md). The
+    converged model is as sparse as before (support 1.02 per row)."""
+
+    def __init__(self, query_dim: int, source_dim: int, temperature: float = SPARSEMAX_TEMPERATURE):
+        super().__init__(query_dim, source_dim)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        self.temperature = float(temperature)
 
     def normalize(self, scores, padding_mask):
-        return sparsemax_attention(scores, padding_mask)
+        return sparsemax_attention(scores / self.temperature, padding_mask)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", temperature={self.temperature}"
 
 
 class _ViterbiState:
