@@ -366,7 +366,9 @@ class SparsemaxAttention(_BilinearAttention):
     """Bilinear sparsemax attention w = sparsemax(s/τ), s_t = x_t·M·z; see :func:`sparsemax_attention`.
 
     τ = ``temperature`` (default :data:`SPARSEMAX_TEMPERATURE` = 10; τ = 1 is plain sparsemax(s), the earlier
-    behaviour, which checkpoints trained before this change need). Why (a departure from Martins & Astudillo's
+    behaviour). τ is a persistent buffer, so checkpoints record it; a state dict without it — every checkpoint
+    written before τ existed, trained with plain sparsemax — loads with τ = 1, so old models keep the attention they
+    were trained with in every toolkit (tests/test_sparse_baselines.py). Why (a departure from Martins & Astudillo's
     attention, which uses τ = 1): sparsemax passes exactly zero gradient to every score outside its support, and
     under Adam the bilinear scores' spread grows from ~0.01 at initialisation to ~5–15 within 10–20 updates (the
     whole network's states grow, not M alone: M = 0 at init changes nothing). At τ = 1 the support collapses to
@@ -381,13 +383,19 @@ class SparsemaxAttention(_BilinearAttention):
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
 
     def normalize(self, scores, padding_mask):
-        return sparsemax_attention(scores / self.temperature, padding_mask)
+        return sparsemax_attention(scores / self.temperature.to(scores.dtype), padding_mask)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "temperature" not in state_dict:
+            # written before τ existed: that model was trained, and must be read, with plain sparsemax(s)
+            state_dict[prefix + "temperature"] = torch.tensor(1.0)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", temperature={self.temperature}"
+        return super().extra_repr() + f", temperature={float(self.temperature):g}"
 
 
 class _ViterbiState:

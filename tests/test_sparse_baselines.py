@@ -63,7 +63,7 @@ def test_sparsemax_attention_module_temperature_against_entmax():
 
     torch.manual_seed(3)
     att = SparsemaxAttention(5, 4).double()
-    assert att.temperature == SPARSEMAX_TEMPERATURE == 10.0
+    assert float(att.temperature) == SPARSEMAX_TEMPERATURE == 10.0
     q, k = torch.randn(7, 5, dtype=torch.float64), torch.randn(7, 6, 4, dtype=torch.float64) * 4
     _, pad = _rows(torch.float64)
     _, w = att(q, k, pad)
@@ -96,3 +96,26 @@ def test_temperature_keeps_the_support_open_at_the_spread_adam_reaches_early():
         assert lo <= float(support.mean()) <= hi, (tau, float(support.mean()))
         w[:, 0].sum().backward()  # gradient of one weight per row reaches exactly the support's scores
         torch.testing.assert_close((x.grad != 0).sum(-1).double(), torch.where(w[:, 0] > 0, support, 0 * support))
+
+
+def test_temperature_is_in_the_checkpoint_and_old_checkpoints_keep_plain_sparsemax():
+    from structattn.attention import SPARSEMAX_TEMPERATURE, SparsemaxAttention
+
+    new = SparsemaxAttention(4, 3)
+    state = new.state_dict()
+    assert float(state["temperature"]) == SPARSEMAX_TEMPERATURE
+    restored = SparsemaxAttention(4, 3, temperature=2.0)
+    restored.load_state_dict(state)
+    assert float(restored.temperature) == SPARSEMAX_TEMPERATURE
+    old = {k: v for k, v in state.items() if k != "temperature"}  # a checkpoint from before τ existed
+    model = SparsemaxAttention(4, 3)
+    model.load_state_dict(old)  # strict: the missing key is filled, not an error
+    assert float(model.temperature) == 1.0
+    q, k = torch.randn(2, 4, dtype=torch.float64) * 3, torch.randn(2, 5, 3, dtype=torch.float64) * 3
+    model, plain = model.double(), SparsemaxAttention(4, 3, temperature=1.0).double()
+    plain.load_state_dict(model.state_dict())
+    torch.testing.assert_close(model(q, k)[1], plain(q, k)[1], rtol=0, atol=0)
+    ten = SparsemaxAttention(4, 3).double()
+    ten.load_state_dict({**model.state_dict(), "temperature": torch.tensor(10.0)})
+    assert not torch.equal(model(q, k)[1], ten(q, k)[1])  # the same M at τ = 10 is another attention
+    assert "temperature=1" in repr(model)
