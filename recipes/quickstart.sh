@@ -39,13 +39,13 @@ fi
 if ! python -c 'import torch' 2>/dev/null; then
   echo "== installing torch 2.13 (CPU) and build tools"
   python -m pip install -q --upgrade pip setuptools wheel
-  python -m pip install -q torch==2.13.0 numpy cython
+  python -m pip install -q -c constraints.txt torch numpy cython
 fi
 bash scripts/install_fairseq.sh
 if ! python -c 'import structattn, sentencepiece, sacremoses, sacrebleu, matplotlib' 2>/dev/null \
     || ! command -v structattn-report >/dev/null; then
   echo "== installing structattn with the plot and recipes extras"
-  python -m pip install -q -e ".[plot,recipes]"
+  python -m pip install -q -c constraints.txt -e ".[plot,recipes]"
 fi
 echo "== set-up took $(( $(date +%s) - t0 ))s; running the quick Bible fr→en recipe"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"

@@ -21,5 +21,5 @@ if [ -z "$whl" ]; then
   whl=$(ls "$cache"/fairseq_fixed-0.12.3.1-"$tag"-*.whl | head -n 1)
 fi
 "$py" -m pip install -q --no-deps "$whl"
-"$py" -m pip install -q "hydra-core==1.3.2" "omegaconf==2.3.0" regex "sacrebleu>=2" tqdm bitarray scikit-learn packaging cffi
+"$py" -m pip install -q -c "$(dirname "$0")/../constraints.txt" hydra-core omegaconf regex "sacrebleu>=2" tqdm bitarray scikit-learn packaging cffi
 "$py" -c 'import fairseq; print("fairseq", fairseq.__version__)'

@@ -58,3 +58,36 @@ def test_fairseq_checkpoint_loaders_run_inside_the_allow_list():
         fn = getattr(importlib.import_module(module_name), name)
         assert getattr(fn, "_structattn_allow_list", False), (module_name, name)
         assert fn.__wrapped__.__module__ == module_name  # the original, wrapped once
+
+
+FIXTURE = ROOT / "tests" / "fixtures" / "pre_package_checkpoint"
+
+LEGACY = r"""
+import sys, torch
+from fairseq import checkpoint_utils, utils
+utils.import_user_module(type("A", (), {"user_dir": sys.argv[1]})())
+models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([sys.argv[2] + "/checkpoint_best.pt"],
+                                                                 arg_overrides={"data": sys.argv[2] + "/bin"})
+model = models[0].eval()
+print(cfg.model.arch, cfg.common.user_dir.rstrip("/").split("/")[-1], type(model).__module__)
+d = task.source_dictionary
+src = torch.tensor([[d.index(w) for w in "w0 w0 w5 w4".split()] + [d.eos()]])
+prev = torch.tensor([[d.eos()] + [d.index(w) for w in "w0 w0 w5 w4".split()]])
+out, attn = model(src, torch.tensor([5]), prev)
+print(tuple(out.shape), bool(torch.isfinite(out).all()), float(attn.sum(-1).min()))
+"""
+
+
+def test_checkpoint_written_before_the_package_loads():
+    """A checkpoint written by fairseq-train with the plugin as it was before it became the package
+    structattn_fairseq (``--user-dir .../user_dir``, commit 6e07f06; tests/fixtures/pre_package_checkpoint/README.md)
+    loads with the package, and through the clone's user_dir/ shim, and runs: it stores only the architecture name
+    and an argparse.Namespace, no module path of the plugin."""
+    for user_dir in (ROOT / "structattn_fairseq", ROOT / "user_dir"):
+        r = subprocess.run([sys.executable, "-c", LEGACY, str(user_dir), str(FIXTURE)], capture_output=True,
+                           text=True, timeout=600, cwd="/", env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+        assert r.returncode == 0, r.stderr[-3000:]
+        names, shape = r.stdout.splitlines()[-2:]
+        assert names == "structattn_lstm user_dir structattn_fairseq.structattn_lstm", names
+        out_shape, finite, row_sum = shape.rsplit(" ", 2)[0], shape.split()[-2], float(shape.split()[-1])
+        assert out_shape == "(1, 5, 16)" and finite == "True" and abs(row_sum - 1) < 1e-5, shape
