@@ -31,8 +31,19 @@ from .decoding import (
 )
 from .losses import ViterbiLoss, hard_viterbi, tags_to_path, viterbi_loss
 
-# SparseMAP segmentation attention (Niculae et al. 2018 over the chain of ICML 2018 §5)
-from .attention import SparsemapAttention, SparsemapStructures, sparsemap_attention
+# SparseMAP segmentation attention (Niculae et al. 2018 over the chain of ICML 2018 §5): imported on first use
+# (PEP 562), because structattn.attention loads the fused kernels' module and ``import structattn`` loads no backend
+# (tests/test_backends.py).
+_LAZY = {"SparsemapAttention": "attention", "SparsemapStructures": "attention", "sparsemap_attention": "attention"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # DTW_Ω (ICML 2018 §3.2)
 from .ops import DTWMarginals, SmoothedDTW, dtw_hvp, dtw_marginals, dtw_value
