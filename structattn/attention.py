@@ -383,19 +383,23 @@ class SparsemaxAttention(_BilinearAttention):
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        self.register_buffer("temperature", torch.tensor(float(temperature)))
+        # shape (1,), not a 0-d tensor: OpenNMT-py's checkpoint loader slices every buffer along its first dimension
+        self.register_buffer("temperature", torch.tensor([float(temperature)]))
 
     def normalize(self, scores, padding_mask):
-        return sparsemax_attention(scores / self.temperature.to(scores.dtype), padding_mask)
+        # float16/bfloat16 scores are projected in float32 (as the Viterbi rows are): the threshold of a wide
+        # support is a sum of many scores, whose bf16 rounding would move every weight
+        s = _upcast_half(scores)
+        return sparsemax_attention(s / self.temperature.to(s.dtype), padding_mask).to(scores.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "temperature" not in state_dict:
             # written before τ existed: that model was trained, and must be read, with plain sparsemax(s)
-            state_dict[prefix + "temperature"] = torch.tensor(1.0)
+            state_dict[prefix + "temperature"] = torch.tensor([1.0])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", temperature={float(self.temperature):g}"
+        return super().extra_repr() + f", temperature={float(self.temperature[0]):g}"
 
 
 class _ViterbiState:

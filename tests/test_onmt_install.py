@@ -35,7 +35,7 @@ def test_console_scripts_and_package():
     scripts = project["project"]["scripts"]
     assert scripts["structattn-onmt-train"] == "structattn_onmt.cli:train_main"
     assert scripts["structattn-onmt-translate"] == "structattn_onmt.cli:translate_main"
-    assert "structattn_onmt*" in project["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert "structattn_onmt" in project["tool"]["setuptools"]["packages"]["find"]["include"]
 
 
 def test_core_and_glue_import_without_opennmt():

@@ -213,6 +213,19 @@ def test_chain_off_option_builds_the_ablation():
     assert model.decoder.attn.attention.chain is True
 
 
+def test_sparsemax_checkpoints_from_before_the_temperature_load_with_plain_sparsemax():
+    _, model = _model("-global_attention_function", "sparsemax")
+    att = model.decoder.attn.attention
+    assert float(att.temperature[0]) == 10.0
+    state = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "generator": None}
+    old = {"model": {k: v for k, v in state["model"].items() if not k.endswith("attention.temperature")},
+           "generator": None}
+    model.load_state_dict(old, strict=True)  # OpenNMT's own loader, through structattn_onmt's patch
+    assert float(att.temperature[0]) == 1.0
+    model.load_state_dict({"model": dict(state["model"]), "generator": None}, strict=True)
+    assert float(att.temperature[0]) == 10.0
+
+
 def test_stock_models_keep_onmt_layer():
     from onmt.modules.global_attention import GlobalAttention
 

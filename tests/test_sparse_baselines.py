@@ -116,6 +116,6 @@ def test_temperature_is_in_the_checkpoint_and_old_checkpoints_keep_plain_sparsem
     plain.load_state_dict(model.state_dict())
     torch.testing.assert_close(model(q, k)[1], plain(q, k)[1], rtol=0, atol=0)
     ten = SparsemaxAttention(4, 3).double()
-    ten.load_state_dict({**model.state_dict(), "temperature": torch.tensor(10.0)})
+    ten.load_state_dict({**model.state_dict(), "temperature": torch.tensor([10.0])})
     assert not torch.equal(model(q, k)[1], ten(q, k)[1])  # the same M at τ = 10 is another attention
     assert "temperature=1" in repr(model)

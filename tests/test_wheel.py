@@ -71,7 +71,7 @@ def test_wheel_plugin_trains_and_translates_with_fairseq(venv):
     v, env, work = venv
     user_dir = _run([v / "bin" / "structattn-user-dir"], work, env).stdout.strip()
     assert Path(user_dir).is_relative_to(v) and Path(user_dir).name == "structattn_fairseq"
-    assert _run([v / "bin" / "structattn-user-dir", "--version"], work, env).stdout.startswith("structattn-user-dir ")
+    assert _run([v / "bin" / "structattn-user-dir", "--version"], work, env).stdout.startswith("structattn ")
     raw, data, ck = work / "raw", work / "bin", work / "ck"
     make_toy_data(raw, n_train=64, n_valid=8, n_test=8, seed=5)
     py = v / "bin" / "python"

@@ -515,7 +515,7 @@ def _row_cells(r: dict, has_multi: bool, has_onmt: bool = False) -> tuple[list[s
               "–" if wall is None else f"{wall / 60:.1f} min",
               fmt(t.get("tokens_per_s"), "{:.0f}"), fmt(s.get("zero_fraction"), "{:.3f}"),
               fmt(s.get("mean_support"), "{:.2f}"), fmt(s.get("mean_segments"), "{:.2f}"),
-              fmt(s.get("eos_mass"), "{:.3f}")]
+              "n/a" if s and s.get("eos_mass") is None else fmt(s.get("eos_mass"), "{:.3f}")]
     h, o = r.get("health") or {}, r.get("output") or {}
     kappa = kappa_of(h)
     cells += [fmt(h.get("fallback_fraction"), "{:.3f}"), fmt_transitions(h.get("T_over_gamma")),
@@ -532,7 +532,8 @@ COLUMN_NOTES = ("Columns: BLEU/chrF2 by sacrebleu on detokenised output (sentenc
     "attention cells that are exactly 0, *support/row* = non-zero source positions per target token, "
     "*segments/row* = contiguous non-zero blocks per target token (`structattn-stats`, test set, EOS "
     "included); *EOS mass* = mean attention weight of a target row on the source's end-of-sentence column (the "
-    "target's EOS row excluded; near 1: attention parked on EOS). *fallback rows* = fraction of target rows where "
+    "target's EOS row excluded; near 1: attention parked on EOS; n/a where the source has no EOS token, as in "
+    "OpenNMT-py). *fallback rows* = fraction of target rows where "
     "the Viterbi attention had p(y_t = 1) = 0 everywhere and fell back to softmax; *T/γ* = learned transitions on "
     "the temperature scale (T[i, j]: state j at t−1 → i at t) and *κ* = T₀₀ + T₁₁ − T₀₁ − T₁₀ on that scale, the "
     "one direction of T that couples neighbouring positions (the others only shift the scores; |κ| < "
