@@ -57,6 +57,20 @@ def test_train_then_generate(data, name, variant_args):
     assert exact >= 0.5, f"{name}: only {exact:.0%} of the copies are exact"
     assert re.search(r"^A-\d+\t\d+-\d+", gen.stdout, re.M), "--print-alignment output missing"
 
+    # --print-alignment soft (fairseq >= 0.10): the attention the decoder used, one row per target token (EOS
+    # included) over the source tokens (EOS included), each row a distribution (fairseq prints 6 decimals, so a
+    # printed 0 is not an exact zero: structattn-stats counts those from --dump-attention).
+    soft = _generate(root / "bin", save / "checkpoint_best.pt", "--print-alignment", "soft")
+    src = {int(line.split("\t")[0][2:]): line.split("\t")[1].split() for line in soft.stdout.splitlines()
+           if line.startswith("S-")}
+    rows = {int(line.split("\t")[0][2:]): [[float(p) for p in r.split(",")] for r in line.split("\t")[1].split()]
+            for line in soft.stdout.splitlines() if line.startswith("A-")}
+    assert set(rows) == set(hyps) == set(src) and hypotheses(soft.stdout) == hyps
+    for i, matrix in rows.items():
+        assert len(matrix) == len(hyps[i].split()) + 1, (i, matrix)
+        for row in matrix:
+            assert len(row) == len(src[i]) + 1 and abs(sum(row) - 1) < 1e-5 * len(row) and min(row) >= 0, (i, row)
+
 
 def test_resume_from_checkpoint_last(data):
     root, _ = data

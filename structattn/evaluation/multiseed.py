@@ -25,12 +25,12 @@ Output JSON: {"baseline", "n_samples", "seed", "systems": {name: {"seeds": k, me
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
 
 from .. import __version__
+from .significance import emit_json, read_lines
 
 
 def _named_list(text: str):
@@ -39,11 +39,6 @@ def _named_list(text: str):
     if not sep or not name or not files:
         raise argparse.ArgumentTypeError(f"expected NAME=FILE[,FILE...] (one file per seed), got {text!r}")
     return name, files
-
-
-def _read(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
 
 
 def seed_bootstrap(refs: list[list[str]], systems: list[tuple[str, list[list[str]]]], n: int = 1000,
@@ -121,18 +116,13 @@ def main(argv=None) -> int:
     if not args.system:
         p.error("give at least one --system to compare with the baseline")
     try:
-        refs = [_read(r) for r in args.refs]
-        systems = [(name, [_read(f) for f in files]) for name, files in [args.baseline] + args.system]
+        refs = [read_lines(r) for r in args.refs]
+        systems = [(name, [read_lines(f) for f in files]) for name, files in [args.baseline] + args.system]
         result = seed_bootstrap(refs, systems, args.n, args.seed)
     except (OSError, ValueError) as exc:
         print(f"multiseed: {exc}", file=sys.stderr)
         return 2
-    text = json.dumps(result, indent=1)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    else:
-        print(text)
+    emit_json(result, args.out)
     return 0
 
 

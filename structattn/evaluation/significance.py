@@ -25,9 +25,20 @@ def _named(text: str):
     return name, path
 
 
-def _read(path: str) -> list[str]:
+def read_lines(path: str) -> list[str]:
+    """The lines of a text file (references or hypotheses), without their newlines."""
     with open(path, encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f]
+
+
+def emit_json(result: dict, out: str | None) -> None:
+    """Write ``result`` as indented JSON to the file ``out``, or print it when ``out`` is None."""
+    text = json.dumps(result, indent=1)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    else:
+        print(text)
 
 
 def paired_bootstrap(refs: list[list[str]], systems: list[tuple[str, list[str]]], n: int, seed: int) -> dict:
@@ -85,17 +96,12 @@ def main(argv=None) -> int:
     if len(set(names)) != len(names):
         p.error(f"system names must be distinct, got {names}")
     try:
-        refs = [_read(r) for r in args.refs]
-        systems = [(name, _read(path)) for name, path in [args.baseline] + args.system]
+        refs = [read_lines(r) for r in args.refs]
+        systems = [(name, read_lines(path)) for name, path in [args.baseline] + args.system]
         result = paired_bootstrap(refs, systems, args.n, args.seed)
     except (OSError, ValueError) as exc:
         p.error(str(exc))
-    text = json.dumps(result, indent=1)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    else:
-        print(text)
+    emit_json(result, args.out)
     return 0
 
 
