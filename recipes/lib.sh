@@ -93,11 +93,15 @@ check_variants() {
 # onmt structattn-onmt-train's), with γ $gamma_entropy / $gamma_l2 and, when set, the form $viterbi_form.
 declare -A attention=()
 attention_load() {
-  local v
+  local v out lines i=0
+  # shellcheck disable=SC2086  # $1: the variant names, one word each
+  out="$("$py" -m structattn.evaluation.variants flags $1 --gamma-entropy "$gamma_entropy" --gamma-l2 "$gamma_l2" \
+    ${viterbi_form:+--form "$viterbi_form"} ${2:+--toolkit "$2"})" \
+    || die "no attention flags for the variants '$1' (structattn/evaluation/variants.py)"
+  mapfile -t lines <<< "$out"
   for v in $1; do
-    attention[$v]="$("$py" -m structattn.evaluation.variants flags "$v" --gamma-entropy "$gamma_entropy" --gamma-l2 "$gamma_l2" \
-      ${viterbi_form:+--form "$viterbi_form"} ${2:+--toolkit "$2"})" \
-      || die "no attention flags for variant '$v' (structattn/evaluation/variants.py)"
+    [ -n "${lines[i]:-}" ] || die "no attention flags for variant '$v' (structattn/evaluation/variants.py)"
+    attention[$v]="${lines[i]}"; i=$((i + 1))
   done
 }
 

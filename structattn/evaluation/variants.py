@@ -17,7 +17,7 @@ The shell recipes read the table through this file's command line (``recipes/lib
         variants_study='... viterbi-l2-nochain viterbi-l2-paper'        (the --size study set)
         paper_gamma_entropy=2
         paper_gamma_l2=10
-    python -m structattn.evaluation.variants flags viterbi-l2 --gamma-l2 5 --form stable
+    python -m structattn.evaluation.variants flags viterbi-l2 --gamma-l2 5 --form stable   (several names: a line each)
         --attention viterbi --attention-reg l2 --attention-gamma 5 --attention-form stable
     python -m structattn.evaluation.variants flags viterbi-l2 --toolkit onmt --form stable
         -global_attention_function viterbi -attention_reg l2 -attention_gamma 10 -attention_form stable
@@ -138,8 +138,9 @@ def main(argv=None) -> int:
     p.add_argument("--version", action="version", version=f"structattn {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("shell", help="the variant names and the paper's γ as shell assignments")
-    f = sub.add_parser("flags", help="the attention flags of one variant")
-    f.add_argument("variant", choices=list(VARIANTS))
+    f = sub.add_parser("flags", help="the attention flags of the variants, one line each, in the order given (one "
+                       "call for all: each call costs a Python start with torch)")
+    f.add_argument("variant", nargs="+", choices=list(VARIANTS))
     f.add_argument("--toolkit", choices=list(TOOLKITS), default="fairseq",
                    help="fairseq (fairseq-train --user-dir ...) or onmt (structattn-onmt-train); default fairseq")
     for reg in REGULARISERS:
@@ -154,10 +155,11 @@ def main(argv=None) -> int:
             print(f"paper_gamma_{reg}={shlex.quote(_number(g))}")
         return 0
     gamma = {reg: getattr(args, f"gamma_{reg}") for reg in REGULARISERS}
-    reg = VARIANTS[args.variant].reg
-    if reg and gamma[reg] is None:
-        gamma[reg] = _number(paper_gamma()[reg])
-    print(attention_flags(args.variant, gamma, args.form, args.toolkit))
+    for reg in REGULARISERS:
+        if gamma[reg] is None:
+            gamma[reg] = _number(paper_gamma()[reg])
+    for name in args.variant:
+        print(attention_flags(name, gamma, args.form, args.toolkit))
     return 0
 
 
