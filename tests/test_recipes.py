@@ -671,6 +671,12 @@ def test_iwslt14_dry_run_with_a_transformer(arch):
     ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--patience", "3"], "--patience is not mapped"),
     ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--schedule", "plateau"], "no plateau schedule"),
     ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--max-update", "0"], "--toolkit onmt needs --max-update > 0"),
+    ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--schedule", "linear"], "OpenNMT-py has no linear decay"),
+    ("recipes/offline_fr_en.sh", ["--schedule", "linear", "--max-update", "0"], "--schedule linear decays to the last"),
+    ("recipes/offline_fr_en.sh", ["--size", "quick", "--max-update", "500", "--warmup", "600"],
+     "--warmup (600) must be below --max-update (500) with --schedule linear"),
+    ("recipes/offline_fr_en.sh", ["--warmup", "x"], "--warmup must be a non-negative integer, not 'x'"),
+    ("recipes/offline_fr_en.sh", ["--schedule", "cosine"], "--schedule must be inverse_sqrt, linear, fixed or"),
     ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--max-update", "210"],
      "--max-update 210 with --toolkit onmt: use a value below 200 or a multiple of 25"),
     ("recipes/offline_fr_en.sh", ["--toolkit", "onmt", "--work", "/tmp/a b", "--dry-run"],
@@ -697,7 +703,8 @@ def test_offline_dry_run_identical_budgets(tmp_path):
     assert "test.kjv.en" in out and "--ref-label WEB" in out  # multi-reference BLEU
     lo = _sh("recipes/libreoffice_fr_en/run.sh", "--dry-run", "--size", "quick").stdout
     assert "libreoffice_corpus.py" in lo and "kjv" not in lo and "--ref-label LibreOffice" in lo
-    assert "--max-update 1600 " in lo and "--encoder-embed-dim 128 " in lo and "--lr-scheduler fixed " in lo
+    assert "--max-update 3000 " in lo and "--encoder-embed-dim 128 " in lo and "--lr-scheduler polynomial_decay " in lo
+    assert "--stop-time-hours" not in lo  # the quick budget is the number of updates only
     assert lo.count("fairseq-train") == 2 and "--attention sparsemax" not in lo  # quick: softmax vs Viterbi l2
 
 
@@ -912,6 +919,33 @@ def test_onmt_noam_flags_reproduce_fairseq_inverse_sqrt():
         fairseq_rate = sched.step_update(step)  # the rate after `step` updates: that of update step + 1
         rate = onmt_lr * optimizers.noam_decay(step, warmup_steps=warmup, model_size=hidden)  # update `step`
         assert rate == pytest.approx(fairseq_rate, rel=1e-5, abs=1.1e-5), step
+
+
+def test_quick_linear_schedule_in_fairseq():
+    """The quick preset's schedule, built by fairseq's own scheduler from the recipe's printed flags: a linear warm-up
+    to the peak --lr at update 800, then a straight line down to 1e-5 at the last update (3,000); the OpenNMT-py
+    runs of the same preset keep a constant rate (OpenNMT-py has no linear decay)."""
+    import re
+
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("fairseq")
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.optim import build_optimizer
+    from fairseq.optim.lr_scheduler import build_lr_scheduler
+
+    fs = _steps(_sh("recipes/bible_fr_en/run.sh", "--dry-run", "--size", "quick").stdout)
+    flags = re.search(r"--optimizer adam .*?--end-learning-rate \S+", fs["train.softmax"]).group(0)
+    args = options.parse_args_and_arch(options.get_training_parser(), ["data", "--arch", "lstm"]
+                                       + flags.replace("'(0.9, 0.98)'", "(0.9,0.98)").split())
+    cfg = convert_namespace_to_omegaconf(args)
+    sched = build_lr_scheduler(cfg.lr_scheduler, build_optimizer(cfg.optimizer, [torch.nn.Parameter(torch.zeros(1))]))
+    rate = {s: sched.step_update(s) for s in (0, 400, 800, 1900, 2999, 3000)}
+    assert rate[400] == pytest.approx(0.0025) and rate[800] == pytest.approx(0.005)
+    assert rate[1900] == pytest.approx((0.005 + 1e-5) / 2, rel=1e-3) and rate[3000] == pytest.approx(1e-5)
+    assert rate[0] < rate[400] < rate[800] > rate[1900] > rate[2999] > rate[3000]
+    on = _steps(_sh("recipes/bible_fr_en/run.sh", "--dry-run", "--size", "quick", "--toolkit", "onmt").stdout)
+    assert "-decay_method none -learning_rate 0.005 " in on["train.onmt-softmax"]
 
 
 def test_lib_toolkit_data_step_moves_only_its_runs(tmp_path):
