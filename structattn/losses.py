@@ -474,11 +474,13 @@ def _hard_dtw(theta: Tensor, lx: Tensor, ly: Tensor):
 
     Row by row: with a_j = max(v_{i−1,j−1}, v_{i−1,j}) and S_j = Σ_{l ≤ j} θ_{i,l}, the row recursion
     v_{i,j} = θ_{i,j} + max(v_{i,j−1}, a_j) unrolls to v_{i,j} = S_j + max_{k ≤ j}(a_k − S_{k−1}), a cumulative max,
-    so each row is a few vectorised ops. The backtrack from (N_b−1, M_b−1) takes the best of the existing parents of
-    each cell; ties go to the first of (diag, left, up) (a shortest path among the tied ones)."""
+    so each row is a few vectorised ops; they run in float64 (S_j − S_{k−1} cancels: float32 would lose digits on
+    long series). The backtrack from (N_b−1, M_b−1) takes the best of the existing parents of each cell; ties go to
+    the first of (diag, left, up)."""
     B, N, M = theta.shape
     real = _dtw_real_mask(lx, ly, N, M)
-    th = torch.where(real, theta, torch.zeros_like(theta))  # padded cells may be NaN; they never feed real ones
+    # padded cells may be NaN; they never feed real ones
+    th = torch.where(real, theta, torch.zeros_like(theta)).to(torch.float64)
     neg = torch.finfo(th.dtype).min
     V = th.new_empty(B, N, M)
     prev = th.new_full((B, M + 1), float("-inf"))
@@ -491,7 +493,7 @@ def _hard_dtw(theta: Tensor, lx: Tensor, ly: Tensor):
         V[:, i] = v
         prev = torch.cat((th.new_full((B, 1), float("-inf")), v), 1)
     ar = torch.arange(B, device=theta.device)
-    value = V[ar, lx - 1, ly - 1]
+    value = V[ar, lx - 1, ly - 1].to(theta.dtype)
     Vp = torch.nn.functional.pad(V, (1, 0, 1, 0), value=float("-inf"))  # [i + 1, j + 1] holds V[i, j]
     Ystar = torch.zeros_like(th)
     i, j = lx - 1, ly - 1
@@ -508,7 +510,7 @@ def _hard_dtw(theta: Tensor, lx: Tensor, ly: Tensor):
         i = torch.where(live, i - di, i)
         j = torch.where(live, j - dj, j)
         Ystar[ar[live], i[live], j[live]] = 1.0
-    return value, Ystar
+    return value, Ystar.to(theta.dtype)
 
 
 class _HardDTWFunction(torch.autograd.Function):

@@ -257,6 +257,9 @@ def test_module_reductions_and_float32():
         f32 = dtw_loss(theta.float(), Y.float(), reg=reg, gamma=0.5)
         assert f32.dtype == torch.float32
         torch.testing.assert_close(f32.double(), ref, rtol=1e-4, atol=1e-4)
+        half = dtw_loss(theta.half(), Y, reg=reg, gamma=0.5)  # computed in float32, returned in half
+        assert half.dtype == torch.float16
+        torch.testing.assert_close(half.double(), ref, rtol=1e-2, atol=2e-2)
     assert "reg='l2'" in repr(DTWLoss("l2"))
 
 
