@@ -47,7 +47,8 @@ from the start node v_{0,0}), so Ω_G(Y) = |Y|·Ω(e) = |Y|·γ/2 for ℓ2 (|Y| 
 at every cell of the path, the DP value v of the gold predecessor beats those of the other existing parents by ≥ γ.
 ``reg=None`` is the unregularised LP(θ) − ⟨θ, Y⟩ (max over alignments, a structured perceptron), subgradient
 Y*(θ) − Y. Targets in conv(Y) (soft alignments) are refused: their edge flows, hence Ω_G, are not determined by the
-cell masses. The cost-augmented ℓ_{C,Ω} and §4.3's relaxed loss Δ(Y_true, ∇DTW_Ω(θ)) are not implemented.
+cell masses. :func:`dtw_area_loss` is §4.3's non-convex relaxed loss Δ(Y_true, ∇DTW_Ω(θ)) = ‖L(E − Y_true)ᵀ‖²_F
+(§4.1 "Non-convex losses"), differentiated through Alg. 6. The cost-augmented ℓ_{C,Ω} is not implemented.
 
 Layout: θ is (B, T, S, S) with θ[b, t, i, j] scoring state j at step t−1 → state i at step t (the
 :mod:`structattn.ops.viterbi` convention); the state before step 0 is free (v_0 = 0_S). ``lengths`` (B,) marks
@@ -61,7 +62,7 @@ from torch import Tensor
 
 from .ops.dtw import _lengths as _dtw_lengths
 from .ops.dtw import _real_mask as _dtw_real_mask
-from .ops.dtw import dtw_value
+from .ops.dtw import dtw_marginals, dtw_value
 from .ops.smoothed_max import check_reg_gamma
 from .ops.viterbi import _check_lengths, viterbi_value
 
@@ -79,6 +80,8 @@ __all__ = [
     "hard_dtw",
     "check_alignment",
     "dtw_path_regularization",
+    "dtw_area_loss",
+    "DTWAreaLoss",
 ]
 
 LOSS_REGULARIZERS = ("entropy", "l2", None)
@@ -609,6 +612,64 @@ class DTWLoss(torch.nn.Module):
 
     def forward(self, theta: Tensor, target: Tensor, lengths_x=None, lengths_y=None) -> Tensor:
         loss = dtw_loss(theta, target, lengths_x, lengths_y, self.reg, 1.0 if self.gamma is None else self.gamma)
+        if self.reduction == "mean":
+            return loss.mean()
+        if self.reduction == "sum":
+            return loss.sum()
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"reg={self.reg!r}, gamma={self.gamma}, reduction={self.reduction!r}"
+
+
+def dtw_area_loss(theta: Tensor, target: Tensor, lengths_x=None, lengths_y=None, reg: str = "entropy",
+                  gamma: float = 1.0, *, backend: str | None = None) -> Tensor:
+    """§4.3's relaxed loss Δ(Y_true, E) = ‖L (E − Y_true)ᵀ‖²_F with E = ∇DTW_Ω(θ) (ICML 2018 §4.1 "Non-convex losses",
+    §4.3), L the lower-triangular matrix of ones: Σ_i Σ_j (Σ_{j' ≤ j} (E − Y_true)[i, j'])², per pair.
+
+    For 0/1 alignments E and Y_true that align each x_i with exactly one y_j, this is Σ_i |j_i − j_i^true|, the area
+    between the two paths (the mean absolute deviation of audio-to-score alignment, times N); for E ∈ conv(Y) a
+    smooth relaxation of it. Non-convex in θ. Its gradient goes through :func:`structattn.dtw_marginals`, whose
+    backward is the Hessian product of Alg. 6 (twice the cost of the value's gradient, §2.4).
+
+    Args: as :func:`dtw_loss` (θ (B, N, M) scores, ``target`` a 0/1 monotone alignment, lengths, Ω ∈ {"entropy",
+    "l2"}, γ, backend). The cumulative sums run over the real columns j < lengths_y[b] only.
+
+    Returns: (B,) losses ≥ 0 in θ's dtype.
+    """
+    if reg not in ("entropy", "l2"):
+        raise ValueError(f"reg must be 'entropy' or 'l2' (the relaxed loss needs E = ∇DTW_Ω), got {reg!r}")
+    _dtw_theta(theta)
+    B, N, M = theta.shape
+    lx = _dtw_lengths(lengths_x, B, N, "lengths_x", theta.device)
+    ly = _dtw_lengths(lengths_y, B, M, "lengths_y", theta.device)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"the target alignment must be a torch.Tensor, got {type(target).__name__}")
+    if target.shape != theta.shape:
+        raise ValueError(f"the target alignment must have theta's shape {tuple(theta.shape)}, "
+                         f"got {tuple(target.shape)}")
+    E = dtw_marginals(theta, lx, ly, reg, gamma, backend=backend)  # padded cells exactly 0
+    Y = check_alignment(target.detach().to(E.dtype), lx, ly)
+    real = _dtw_real_mask(lx, ly, N, M)
+    # Past the last real column the cumulative sum would repeat the row's total: keep the real cells only.
+    D = torch.where(real, (E - Y).cumsum(2), torch.zeros_like(E))
+    return (D * D).flatten(1).sum(1)
+
+
+class DTWAreaLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`dtw_area_loss` with fixed ``reg``, ``gamma`` and a ``reduction``."""
+
+    def __init__(self, reg: str = "entropy", gamma: float = 1.0, reduction: str = "mean"):
+        super().__init__()
+        if reg not in ("entropy", "l2"):
+            raise ValueError(f"reg must be 'entropy' or 'l2', got {reg!r}")
+        self.gamma = check_reg_gamma(reg, gamma)
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.reg, self.reduction = reg, reduction
+
+    def forward(self, theta: Tensor, target: Tensor, lengths_x=None, lengths_y=None) -> Tensor:
+        loss = dtw_area_loss(theta, target, lengths_x, lengths_y, self.reg, self.gamma)
         if self.reduction == "mean":
             return loss.mean()
         if self.reduction == "sum":

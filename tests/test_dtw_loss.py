@@ -15,7 +15,15 @@ import pytest
 import torch
 
 from structattn import dtw_marginals
-from structattn.losses import DTWLoss, check_alignment, dtw_loss, dtw_path_regularization, hard_dtw
+from structattn.losses import (
+    DTWAreaLoss,
+    DTWLoss,
+    check_alignment,
+    dtw_area_loss,
+    dtw_loss,
+    dtw_path_regularization,
+    hard_dtw,
+)
 from structattn.ops.reference import max_omega_reference
 
 REGS = ["entropy", "l2", None]
@@ -274,6 +282,56 @@ def test_hard_dtw_is_the_small_gamma_limit():
     assert math.isfinite(float(value.sum()))
 
 
+# ---- §4.3's relaxed loss Δ(Y_true, ∇DTW_Ω(θ)) = ‖L(E − Y_true)ᵀ‖²_F ------------------------------------------------------
+
+
+def test_area_loss_is_the_area_between_paths():
+    """With θ that makes E exactly a 0/1 path A (ℓ2, every gold predecessor ahead by ≫ γ), Δ(Y, A) is the area
+    between the paths, Σ_i |j_i(A) − j_i(Y)|, for paths with one column per row (↓ and ↘ moves only)."""
+    n, m = 5, 3
+    paths = [A for A in alignments(n, m) if bool((A.sum(1) == 1).all())]
+    assert len(paths) >= 5
+    for A in paths:
+        theta = (60 * A - 30)[None]
+        assert bool((dtw_marginals(theta, reg="l2", gamma=1.0)[0] == A).all())
+        for Y in paths:
+            area = float((A.argmax(1) - Y.argmax(1)).abs().sum())
+            assert float(dtw_area_loss(theta, Y[None], reg="l2", gamma=1.0)) == area
+
+
+@pytest.mark.parametrize("reg", ["entropy", "l2"])
+def test_area_loss_matches_the_matrix_formula_padded(reg):
+    B, N, M = 3, 6, 5
+    lx, ly = torch.tensor([6, 3, 4]), torch.tensor([5, 5, 2])
+    theta = _rand(40, B=B, N=N, M=M)
+    Y = hard_dtw(_rand(41, B=B, N=N, M=M), lx, ly)[1]
+    padded = theta.clone()
+    for b in range(B):
+        padded[b, lx[b]:] = float("nan")
+        padded[b, :, ly[b]:] = float("nan")
+    padded.requires_grad_()
+    loss = dtw_area_loss(padded, Y, lx, ly, reg=reg, gamma=0.5)
+    loss.sum().backward()
+    for b in range(B):
+        n, m = int(lx[b]), int(ly[b])
+        t = theta[b:b + 1, :n, :m].clone().requires_grad_()
+        E = dtw_marginals(t, reg=reg, gamma=0.5)[0]
+        L = torch.tril(torch.ones(m, m, dtype=torch.float64))
+        ref = ((L @ (E - Y[b, :n, :m]).T) ** 2).sum()  # the paper's ‖L(Y − Y_true)ᵀ‖²_F, literally
+        ref.backward()
+        torch.testing.assert_close(loss[b], ref, rtol=0, atol=1e-12)
+        torch.testing.assert_close(padded.grad[b, :n, :m], t.grad[0], rtol=0, atol=1e-12)
+        assert float(padded.grad[b].abs().sum() - padded.grad[b, :n, :m].abs().sum()) == 0.0
+    torch.testing.assert_close(DTWAreaLoss(reg, 0.5, "none")(theta, Y, lx, ly), loss.detach())
+
+
+@pytest.mark.parametrize("reg", ["entropy", "l2"])
+def test_area_loss_gradcheck(reg):
+    theta = _rand(42, B=2, N=3, M=4).requires_grad_()
+    Y = hard_dtw(_rand(43, B=2, N=3, M=4))[1]
+    assert torch.autograd.gradcheck(lambda t: dtw_area_loss(t, Y, reg=reg, gamma=0.7), (theta,))
+
+
 # ---- errors ------------------------------------------------------------------------------------------------------
 
 
@@ -315,3 +373,9 @@ def test_errors():
             dtw_loss(bad, Y, reg=reg)
     with pytest.raises(ValueError, match="reduction"):
         DTWLoss(reduction="avg")
+    with pytest.raises(ValueError, match="needs E"):
+        dtw_area_loss(theta, Y, reg=None)
+    with pytest.raises(ValueError, match="not a monotone path"):
+        dtw_area_loss(theta, broken)
+    with pytest.raises(ValueError, match="theta's shape"):
+        dtw_area_loss(theta, Y[:, :2])
