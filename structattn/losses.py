@@ -416,12 +416,12 @@ def _dtw_theta(theta) -> None:
         raise TypeError(f"theta must be a floating-point tensor, got {theta.dtype}")
 
 
-def check_alignment(Y: Tensor, lengths_x=None, lengths_y=None) -> Tensor:
+def check_alignment(Y: Tensor, lengths_x=None, lengths_y=None, *, return_mask: bool = False) -> Tensor:
     """Check that ``Y`` (B, N, M) is a batch of monotone alignment matrices and return it as 0/1 in its dtype (float
-    dtypes) with padded cells zeroed. On the real cells of pair b, Y must be 0/1, contain (0, 0) and
-    (N_b − 1, M_b − 1), and every cell of it but the last must have exactly one successor in it among (i, j+1),
-    (i+1, j+1), (i+1, j), every cell but the first exactly one predecessor: then its ones form one path of →, ↘, ↓
-    moves (the DTW DAG is acyclic, so no other component can exist). Raises ValueError naming the first bad pair."""
+    dtypes) with padded cells zeroed. On the real cells of pair b, Y must be 0/1 and its ones must form one path
+    (0, 0) → (N_b − 1, M_b − 1) of →, ↘, ↓ moves. Raises ValueError naming the first bad pair; with
+    ``return_mask=True`` returns instead the (B,) bool tensor of the pairs whose path is well formed (a 0/1 matrix is
+    still required)."""
     if not isinstance(Y, Tensor):
         raise TypeError(f"the target alignment must be a torch.Tensor, got {type(Y).__name__}")
     if Y.dim() != 3:
@@ -448,6 +448,8 @@ def check_alignment(Y: Tensor, lengths_x=None, lengths_y=None) -> Tensor:
     ok_step = (step == 0) | (step == 1) | ~rows[:, 1:]
     ar = torch.arange(B, device=Y.device)
     good = ((ok_row | ~rows).all(1) & ok_step.all(1) & (first[:, 0] == 0) & (last[ar, lx - 1] == ly - 1))
+    if return_mask:
+        return good
     if not bool(good.all()):
         b = int((~good).nonzero()[0])
         raise ValueError(

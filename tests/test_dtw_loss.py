@@ -63,21 +63,23 @@ def _path_of(A):
 # ---- the validator --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n,m", [(1, 1), (1, 3), (3, 1), (2, 3), (3, 3), (3, 4)])
+@pytest.mark.parametrize("n,m", [(1, 1), (1, 3), (3, 1), (2, 3), (3, 3), (3, 4), (4, 4)])
 def test_validator_accepts_exactly_the_alignments(n, m):
-    """Every 0/1 matrix of the size: accepted iff it is one of the enumerated alignments (Delannoy many)."""
+    """Every 0/1 matrix of the size, in one batch: well formed iff it is one of the enumerated alignments (Delannoy
+    many); the raising form agrees on a sample."""
     paths = {tuple(A.flatten().tolist()) for A in alignments(n, m)}
-    accepted = 0
-    for bits in itertools.product((0.0, 1.0), repeat=n * m):
-        Y = torch.tensor(bits, dtype=torch.float64).view(1, n, m)
-        try:
-            check_alignment(Y)
-            ok = True
-        except ValueError:
-            ok = False
-        assert ok == (bits in paths), Y
-        accepted += ok
-    assert accepted == len(paths)
+    bits = torch.tensor(list(itertools.product((0.0, 1.0), repeat=n * m)), dtype=torch.float64).view(-1, n, m)
+    ok = check_alignment(bits, return_mask=True)
+    expected = torch.tensor([tuple(b.flatten().tolist()) in paths for b in bits])
+    assert torch.equal(ok, expected)
+    assert int(ok.sum()) == len(paths)
+    g = torch.Generator().manual_seed(n * 10 + m)
+    for k in torch.randint(len(bits), (20,), generator=g).tolist() + [int(ok.nonzero()[0])]:
+        if bool(ok[k]):
+            check_alignment(bits[k:k + 1])
+        else:
+            with pytest.raises(ValueError, match="not a monotone path"):
+                check_alignment(bits[k:k + 1])
 
 
 def test_validator_uses_lengths_and_ignores_padding():
@@ -126,34 +128,40 @@ def test_hard_loss_and_argmax_by_enumeration(n, m):
     torch.testing.assert_close(losses, scores.max() - scores, rtol=0, atol=1e-12)
 
 
-def _local_gaps(theta, path, gamma):
-    """ℓ2: the loss as Σ over the path's cells of max_Ω(x_c) − x_c[pred] + γ/2, where x_c are the DP values of the
-    existing parents of c (0 for the start node) from the plain recursion; each gap is ≥ 0, 0 iff the local
+def _local_gaps(theta, paths, gamma):
+    """ℓ2: the loss of each path as Σ over its cells of max_Ω(x_c) − x_c[pred] + γ/2, where x_c are the DP values of
+    the existing parents of c (0 for the start node) from the plain recursion; each gap is ≥ 0, 0 iff the local
     sparsemax is one-hot on the gold predecessor."""
     n, m = theta.shape
-    v, parents = {}, {}
+    v, parents, smax = {}, {}, {}
     for i in range(n):
         for j in range(m):
             cells = [c for c in ((i, j - 1), (i - 1, j - 1), (i - 1, j)) if c in v]
             x = torch.stack([v[c] for c in cells]) if cells else theta.new_zeros(1)
             parents[i, j] = (cells, x)
-            v[i, j] = theta[i, j] + max_omega_reference(x, "l2", gamma)
-    gaps = []
-    for k, c in enumerate(path):
-        cells, x = parents[c]
-        gold = x[0] if k == 0 else x[cells.index(path[k - 1])]
-        gaps.append(max_omega_reference(x, "l2", gamma) - gold + gamma / 2)
-    return torch.stack(gaps)
+            smax[i, j] = max_omega_reference(x, "l2", gamma)
+            v[i, j] = theta[i, j] + smax[i, j]
+    out = []
+    for path in paths:
+        gaps = []
+        for k, c in enumerate(path):
+            cells, x = parents[c]
+            gold = x[0] if k == 0 else x[cells.index(path[k - 1])]
+            gaps.append(smax[c] - gold + gamma / 2)
+        out.append(torch.stack(gaps))
+    return out
 
 
 @pytest.mark.parametrize("n,m,gamma", [(3, 3, 1.0), (3, 4, 0.3), (4, 2, 2.0)])
 def test_l2_loss_is_the_sum_of_local_gaps(n, m, gamma):
     theta = _rand(3, B=1, N=n, M=m, scale=1.5)
-    for A in alignments(n, m):
-        gaps = _local_gaps(theta[0], _path_of(A), gamma)
-        assert bool((gaps >= -1e-9).all())
-        loss = dtw_loss(theta, A[None], reg="l2", gamma=gamma)
-        torch.testing.assert_close(loss[0], gaps.sum(), rtol=0, atol=1e-7)  # bisection-projection accuracy
+    A = torch.stack(alignments(n, m))
+    gaps = _local_gaps(theta[0], [_path_of(a) for a in A], gamma)
+    losses = dtw_loss(theta.expand(len(A), n, m), A, reg="l2", gamma=gamma)
+    for loss, gap in zip(losses, gaps):
+        assert bool((gap >= -1e-9).all())
+        torch.testing.assert_close(loss, gap.sum(), rtol=0, atol=1e-7)  # bisection-projection accuracy
+    assert bool((losses > 1e-3).any())  # not all zero: the identity is not checked on trivial values only
 
 
 def test_zero_loss_conditions():
