@@ -29,7 +29,17 @@ from .decoding import (
     sparse_decode,
     viterbi_decode,
 )
-from .losses import ViterbiLoss, hard_viterbi, tags_to_path, viterbi_loss
+from .losses import (
+    DTWAreaLoss,
+    DTWLoss,
+    ViterbiLoss,
+    dtw_area_loss,
+    dtw_loss,
+    hard_dtw,
+    hard_viterbi,
+    tags_to_path,
+    viterbi_loss,
+)
 
 # SparseMAP segmentation attention (Niculae et al. 2018 over the chain of ICML 2018 §5): imported on first use
 # (PEP 562), because structattn.attention loads the fused kernels' module and ``import structattn`` loads no backend
@@ -68,9 +78,14 @@ __all__ = [
     "viterbi_marginals",
     "viterbi_value",
     # structured losses and sparse decoding
+    "DTWAreaLoss",
+    "DTWLoss",
     "TagSequence",
     "ViterbiLoss",
     "count_sequences",
+    "dtw_area_loss",
+    "dtw_loss",
+    "hard_dtw",
     "hard_viterbi",
     "sequence_marginals",
     "sequence_probability",

@@ -36,6 +36,20 @@ subgradient, eq. (5)), lowest state index on ties. The target is a constant: no 
 Generic part. :func:`structured_loss_from_value` and :func:`perspective_regularization` do not know the graph:
 a loss for another DP_Ω (DTW_Ω) is its value, ⟨θ, Y⟩ and its own Ω_G from the same perspective sums.
 
+DTW_Ω (§3.2, App. B.3; the supervised alignment of §4.3). The same construction on the DTW DAG: :func:`dtw_loss`
+is ℓ_Ω(θ; Y) = DTW_Ω(θ) − ⟨θ, Y⟩ + Ω_G(Y) for a gold monotone alignment matrix Y ∈ Y (a 0/1 (N, M) matrix whose
+ones form a path (0, 0) → (N−1, M−1) of →, ↓, ↘ moves), gradient E − Y with E = ∇DTW_Ω(θ) (Alg. 5's backward, through
+:func:`structattn.dtw_value`). Every cell of the path has one incoming edge of mass 1 (the first cell's edge comes
+from the start node v_{0,0}), so Ω_G(Y) = |Y|·Ω(e) = |Y|·γ/2 for ℓ2 (|Y| the number of cells of the path) and 0 for
+−γH; there is no final max in DTW_Ω (the value is v_{N,M} itself), hence no end term. The −γH loss is exactly
+−γ log p(Y), p(Y) ∝ exp(⟨Y, θ⟩/γ), the negative log-likelihood of the gold alignment under the Gibbs distribution
+(DTW_{−γH}(θ) = γ log Σ_Y exp(⟨Y, θ⟩/γ)): > 0 unless Y is the only alignment (N = 1 or M = 1). The ℓ2 loss is 0 iff
+at every cell of the path, the DP value v of the gold predecessor beats those of the other existing parents by ≥ γ.
+``reg=None`` is the unregularised LP(θ) − ⟨θ, Y⟩ (max over alignments, a structured perceptron), subgradient
+Y*(θ) − Y. Targets in conv(Y) (soft alignments) are refused: their edge flows, hence Ω_G, are not determined by the
+cell masses. :func:`dtw_area_loss` is §4.3's non-convex relaxed loss Δ(Y_true, ∇DTW_Ω(θ)) = ‖L(E − Y_true)ᵀ‖²_F
+(§4.1 "Non-convex losses"), differentiated through Alg. 6. The cost-augmented ℓ_{C,Ω} is not implemented.
+
 Layout: θ is (B, T, S, S) with θ[b, t, i, j] scoring state j at step t−1 → state i at step t (the
 :mod:`structattn.ops.viterbi` convention); the state before step 0 is free (v_0 = 0_S). ``lengths`` (B,) marks
 steps t ≥ lengths[b] as padding: padded steps of θ and Y are ignored.
@@ -46,6 +60,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .ops.dtw import _lengths as _dtw_lengths
+from .ops.dtw import _real_mask as _dtw_real_mask
+from .ops.dtw import dtw_marginals, dtw_value
 from .ops.smoothed_max import check_reg_gamma
 from .ops.viterbi import _check_lengths, viterbi_value
 
@@ -58,6 +75,13 @@ __all__ = [
     "perspective_regularization",
     "viterbi_path_regularization",
     "structured_loss_from_value",
+    "dtw_loss",
+    "DTWLoss",
+    "hard_dtw",
+    "check_alignment",
+    "dtw_path_regularization",
+    "dtw_area_loss",
+    "DTWAreaLoss",
 ]
 
 LOSS_REGULARIZERS = ("entropy", "l2", None)
@@ -374,3 +398,285 @@ class ViterbiLoss(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"reg={self.reg!r}, gamma={self.gamma}, reduction={self.reduction!r}"
 
+
+
+# ---- DTW_Ω: the loss for monotone alignments (§4.1 on the DTW DAG of §3.2, used in §4.3) ---------------------------
+# θ is (B, N, M) as in structattn.ops.dtw: θ[b, i, j] scores aligning x_i with y_j; lengths_x / lengths_y (B,) in
+# [1, N] / [1, M] mark the real cells; padded cells of θ (even NaN) and of the target are ignored.
+
+
+def _dtw_theta(theta) -> None:
+    if not isinstance(theta, Tensor):
+        raise TypeError(f"theta must be a torch.Tensor, got {type(theta).__name__}")
+    if theta.dim() != 3:
+        raise ValueError(f"theta must have shape (B, N, M), got {tuple(theta.shape)}")
+    if theta.shape[1] < 1 or theta.shape[2] < 1:
+        raise ValueError(f"theta needs N >= 1 and M >= 1 (an empty series has no alignment), got {tuple(theta.shape)}")
+    if not theta.is_floating_point():
+        raise TypeError(f"theta must be a floating-point tensor, got {theta.dtype}")
+
+
+def check_alignment(Y: Tensor, lengths_x=None, lengths_y=None, *, return_mask: bool = False) -> Tensor:
+    """Check that ``Y`` (B, N, M) is a batch of monotone alignment matrices and return it as 0/1 in its dtype (float
+    dtypes) with padded cells zeroed. On the real cells of pair b, Y must be 0/1 and its ones must form one path
+    (0, 0) → (N_b − 1, M_b − 1) of →, ↘, ↓ moves. Raises ValueError naming the first bad pair; with
+    ``return_mask=True`` returns instead the (B,) bool tensor of the pairs whose path is well formed (a 0/1 matrix is
+    still required)."""
+    if not isinstance(Y, Tensor):
+        raise TypeError(f"the target alignment must be a torch.Tensor, got {type(Y).__name__}")
+    if Y.dim() != 3:
+        raise ValueError(f"the target alignment must have shape (B, N, M), got {tuple(Y.shape)}")
+    B, N, M = Y.shape
+    lx = _dtw_lengths(lengths_x, B, N, "lengths_x", Y.device)
+    ly = _dtw_lengths(lengths_y, B, M, "lengths_y", Y.device)
+    real = _dtw_real_mask(lx, ly, N, M)
+    Yr = torch.where(real, Y, torch.zeros_like(Y))
+    if bool(((Yr != 0) & (Yr != 1)).any()):
+        b = int(((Yr != 0) & (Yr != 1)).flatten(1).any(1).nonzero()[0])
+        raise ValueError(f"the target alignment of pair {b} is not a 0/1 matrix on its real cells (soft targets in "
+                         "conv(Y) are not supported: their edge flows are not determined by the cell masses)")
+    # Row by row, a monotone path is a non-empty run of ones [s_i, e_i] (its → moves); it leaves row i by ↓
+    # (s_{i+1} = e_i) or ↘ (s_{i+1} = e_i + 1); s_0 = 0 and e_{N_b−1} = M_b − 1. That is also sufficient.
+    P = Yr != 0
+    j = torch.arange(M, device=Y.device)
+    count = P.sum(2)  # (B, N)
+    first = torch.where(P, j, M).amin(2)
+    last = torch.where(P, j, -1).amax(2)
+    rows = torch.arange(N, device=Y.device)[None, :] < lx[:, None]
+    ok_row = (count >= 1) & (count == last - first + 1)
+    step = first[:, 1:] - last[:, :-1]
+    ok_step = (step == 0) | (step == 1) | ~rows[:, 1:]
+    ar = torch.arange(B, device=Y.device)
+    good = ((ok_row | ~rows).all(1) & ok_step.all(1) & (first[:, 0] == 0) & (last[ar, lx - 1] == ly - 1))
+    if return_mask:
+        return good
+    if not bool(good.all()):
+        b = int((~good).nonzero()[0])
+        raise ValueError(
+            f"the target alignment of pair {b} is not a monotone path from (0, 0) to ({int(lx[b]) - 1}, "
+            f"{int(ly[b]) - 1}) with steps (0, 1), (1, 1), (1, 0) on its real cells (lengths_x, lengths_y)")
+    return Yr
+
+
+def dtw_path_regularization(Y: Tensor, lengths_x=None, lengths_y=None, reg: str = "entropy",
+                            gamma: float = 1.0) -> Tensor:
+    """Ω_G(Y) (B,) for the DTW DAG: Σ over the cells the alignment Y visits of the perspective term of their incoming
+    edges; on a path each visited cell has one incoming edge of mass 1 (the first one from the start node), so this is
+    |Y|·Ω(e): |Y|·γ/2 for ℓ2, 0 for −γH and ``reg=None``. ``Y`` is checked by :func:`check_alignment`."""
+    Y = check_alignment(Y, lengths_x, lengths_y).detach()
+    if reg is None:
+        return Y.new_zeros(Y.shape[0])
+    return _dtw_omega_g(Y, reg, check_reg_gamma(reg, gamma))
+
+
+def _dtw_omega_g(Y: Tensor, reg: str, gamma: float) -> Tensor:
+    vertex = perspective_regularization(Y.new_tensor([1.0, 0.0, 0.0]), reg, gamma)  # Ω(e): one edge of mass 1
+    return Y.flatten(1).sum(1) * vertex
+
+
+def _hard_dtw(theta: Tensor, lx: Tensor, ly: Tensor):
+    """Max-plus DTW: LP(θ) = max_Y ⟨Y, θ⟩ (B,) and an argmax alignment matrix (B, N, M).
+
+    Row by row: with a_j = max(v_{i−1,j−1}, v_{i−1,j}) and S_j = Σ_{l ≤ j} θ_{i,l}, the row recursion
+    v_{i,j} = θ_{i,j} + max(v_{i,j−1}, a_j) unrolls to v_{i,j} = S_j + max_{k ≤ j}(a_k − S_{k−1}), a cumulative max,
+    so each row is a few vectorised ops; they run in float64 (S_j − S_{k−1} cancels: float32 would lose digits on
+    long series). The backtrack from (N_b−1, M_b−1) takes the best of the existing parents of each cell; ties go to
+    the first of (diag, left, up)."""
+    B, N, M = theta.shape
+    real = _dtw_real_mask(lx, ly, N, M)
+    # padded cells may be NaN; they never feed real ones
+    th = torch.where(real, theta, torch.zeros_like(theta)).to(torch.float64)
+    neg = torch.finfo(th.dtype).min
+    V = th.new_empty(B, N, M)
+    prev = th.new_full((B, M + 1), float("-inf"))
+    prev[:, 0] = 0.0  # the start node, the diag parent of (0, 0)
+    for i in range(N):
+        a = torch.maximum(prev[:, :-1], prev[:, 1:])
+        S = th[:, i].cumsum(1)
+        Sm1 = S - th[:, i]
+        v = S + torch.cummax(a - Sm1, 1).values
+        V[:, i] = v
+        prev = torch.cat((th.new_full((B, 1), float("-inf")), v), 1)
+    ar = torch.arange(B, device=theta.device)
+    value = V[ar, lx - 1, ly - 1].to(theta.dtype)
+    Vp = torch.nn.functional.pad(V, (1, 0, 1, 0), value=float("-inf"))  # [i + 1, j + 1] holds V[i, j]
+    Ystar = torch.zeros_like(th)
+    i, j = lx - 1, ly - 1
+    Ystar[ar, i, j] = 1.0
+    for _ in range(N + M - 2):
+        live = (i > 0) | (j > 0)
+        if not bool(live.any()):
+            break
+        cand = torch.stack((Vp[ar, i, j], Vp[ar, i + 1, j], Vp[ar, i, j + 1]), 1)  # diag, left, up
+        cand = torch.nan_to_num(cand, nan=neg)
+        k = cand.argmax(1)
+        di = torch.where(k == 1, 0, 1)
+        dj = torch.where(k == 2, 0, 1)
+        i = torch.where(live, i - di, i)
+        j = torch.where(live, j - dj, j)
+        Ystar[ar[live], i[live], j[live]] = 1.0
+    return value, Ystar.to(theta.dtype)
+
+
+class _HardDTWFunction(torch.autograd.Function):
+    """LP(θ) = max_Y ⟨Y, θ⟩ over monotone alignments; backward g·Y*(θ) (a subgradient, eq. (5)). Also returns Y*
+    (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, theta, lx, ly):
+        value, Ystar = _hard_dtw(theta, lx, ly)
+        ctx.save_for_backward(Ystar)
+        ctx.mark_non_differentiable(Ystar)
+        return value, Ystar
+
+    @staticmethod
+    def backward(ctx, g, g_Y):
+        (Ystar,) = ctx.saved_tensors
+        return g[:, None, None] * Ystar, None, None
+
+
+def _dtw_finite(theta: Tensor, lx: Tensor, ly: Tensor) -> None:
+    bad = ~torch.isfinite(theta.detach()) & _dtw_real_mask(lx, ly, *theta.shape[1:])
+    if bool(bad.any()):
+        raise ValueError("theta contains non-finite values in real cells; mark padding with lengths_x / lengths_y")
+
+
+def hard_dtw(theta: Tensor, lengths_x=None, lengths_y=None) -> tuple[Tensor, Tensor]:
+    """The unregularised DTW over scores: LP(θ) = max_{Y ∈ Y} ⟨Y, θ⟩ (eq. (3) on the DTW DAG) and an argmax alignment
+    matrix Y*(θ) (eq. (4)), (B,) and (B, N, M) (0 on padded cells). ``values`` is differentiable with Y* as
+    subgradient. Same arguments as :func:`structattn.dtw_value`."""
+    _dtw_theta(theta)
+    B, N, M = theta.shape
+    lx = _dtw_lengths(lengths_x, B, N, "lengths_x", theta.device)
+    ly = _dtw_lengths(lengths_y, B, M, "lengths_y", theta.device)
+    _dtw_finite(theta, lx, ly)
+    return _HardDTWFunction.apply(theta, lx, ly)
+
+
+def dtw_loss(theta: Tensor, target: Tensor, lengths_x=None, lengths_y=None, reg: str | None = "entropy",
+             gamma: float = 1.0, *, backend: str | None = None) -> Tensor:
+    """Structured loss ℓ_Ω(θ; Y) = DTW_Ω(θ) − ⟨θ, Y⟩ + Ω_G(Y) per pair (ICML 2018 §4.1's ℓ_{0,Ω} with DP_Ω = DTW_Ω
+    of §3.2, plus the θ-free constant Ω_G(Y) = |Y|·Ω(e) of the module docstring so that ℓ ≥ 0).
+
+    Args:
+        theta: (B, N, M) scores, θ[b, i, j] scoring the alignment of x_i with y_j (for a cost matrix C, θ = −C).
+        target: (B, N, M) gold alignment matrices, 0/1 with their ones on a monotone path (0, 0) → (N_b−1, M_b−1)
+            (checked by :func:`check_alignment`; padded cells ignored). A constant: no gradient flows into it.
+        lengths_x, lengths_y: optional (B,) integers in [1, N] and [1, M] (right padding of either axis).
+        reg: ``"entropy"`` (Ω = −γH: ℓ = −γ log p_θ(Y), the alignment's negative log-likelihood), ``"l2"``
+            (Ω = (γ/2)‖·‖², sparse E) or ``None`` (LP(θ) − ⟨θ, Y⟩, the structured perceptron; γ unused).
+        gamma: temperature γ > 0.
+        backend: DTW backend for the Ω losses (see :func:`structattn.dtw_value`).
+
+    Returns:
+        (B,) losses ≥ 0 (up to rounding), in θ's dtype (float16/bfloat16 computed in float32). Gradient in θ: E − Y
+        with E = ∇DTW_Ω(θ) (Alg. 5), or Y*(θ) − Y for ``reg=None``; 0 on padded cells. Twice differentiable for Ω
+        (the Hessian of DTW_Ω, Alg. 6).
+
+    Raises:
+        ValueError / TypeError: bad shapes or dtypes, a target that is not a monotone alignment, lengths out of range,
+        unknown ``reg``, γ ≤ 0, non-finite θ in a real cell.
+    """
+    gamma = _check_loss_reg(reg, gamma)
+    _dtw_theta(theta)
+    B, N, M = theta.shape
+    out_dtype = theta.dtype
+    theta_c = theta.float() if theta.dtype in _LOW_PRECISION else theta
+    lx = _dtw_lengths(lengths_x, B, N, "lengths_x", theta.device)
+    ly = _dtw_lengths(lengths_y, B, M, "lengths_y", theta.device)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"the target alignment must be a torch.Tensor, got {type(target).__name__}")
+    if target.shape != theta.shape:
+        raise ValueError(f"the target alignment must have theta's shape {tuple(theta.shape)}, "
+                         f"got {tuple(target.shape)}")
+    Y = check_alignment(target.detach().to(theta_c.dtype), lx, ly)
+    if reg is None:
+        _dtw_finite(theta_c, lx, ly)
+        value = _HardDTWFunction.apply(theta_c, lx, ly)[0]
+    else:
+        value = dtw_value(theta_c, lx, ly, reg, gamma, backend=backend)
+    # Padded cells of θ may hold anything (NaN included): zero them before the product with Y.
+    theta_r = torch.where(_dtw_real_mask(lx, ly, N, M), theta_c, torch.zeros_like(theta_c))
+    omega_Y = Y.new_zeros(B) if reg is None else _dtw_omega_g(Y, reg, gamma)
+    return structured_loss_from_value(value, theta_r, Y, omega_Y).to(out_dtype)
+
+
+class DTWLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`dtw_loss` with fixed ``reg``, ``gamma`` and a ``reduction`` (``"mean"`` over
+    pairs, ``"sum"`` or ``"none"``)."""
+
+    def __init__(self, reg: str | None = "entropy", gamma: float = 1.0, reduction: str = "mean"):
+        super().__init__()
+        gamma = _check_loss_reg(reg, gamma)
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.reg, self.gamma, self.reduction = reg, gamma, reduction
+
+    def forward(self, theta: Tensor, target: Tensor, lengths_x=None, lengths_y=None) -> Tensor:
+        loss = dtw_loss(theta, target, lengths_x, lengths_y, self.reg, 1.0 if self.gamma is None else self.gamma)
+        if self.reduction == "mean":
+            return loss.mean()
+        if self.reduction == "sum":
+            return loss.sum()
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"reg={self.reg!r}, gamma={self.gamma}, reduction={self.reduction!r}"
+
+
+def dtw_area_loss(theta: Tensor, target: Tensor, lengths_x=None, lengths_y=None, reg: str = "entropy",
+                  gamma: float = 1.0, *, backend: str | None = None) -> Tensor:
+    """§4.3's relaxed loss Δ(Y_true, E) = ‖L (E − Y_true)ᵀ‖²_F with E = ∇DTW_Ω(θ) (ICML 2018 §4.1 "Non-convex losses",
+    §4.3), L the lower-triangular matrix of ones: Σ_i Σ_j (Σ_{j' ≤ j} (E − Y_true)[i, j'])², per pair.
+
+    For 0/1 alignments E and Y_true that align each x_i with exactly one y_j, this is Σ_i |j_i − j_i^true|, the area
+    between the two paths (the mean absolute deviation of audio-to-score alignment, times N); for E ∈ conv(Y) a
+    smooth relaxation of it. Non-convex in θ. Its gradient goes through :func:`structattn.dtw_marginals`, whose
+    backward is the Hessian product of Alg. 6 (twice the cost of the value's gradient, §2.4).
+
+    Args: as :func:`dtw_loss` (θ (B, N, M) scores, ``target`` a 0/1 monotone alignment, lengths, Ω ∈ {"entropy",
+    "l2"}, γ, backend). The cumulative sums run over the real columns j < lengths_y[b] only.
+
+    Returns: (B,) losses ≥ 0 in θ's dtype.
+    """
+    if reg not in ("entropy", "l2"):
+        raise ValueError(f"reg must be 'entropy' or 'l2' (the relaxed loss needs E = ∇DTW_Ω), got {reg!r}")
+    _dtw_theta(theta)
+    B, N, M = theta.shape
+    lx = _dtw_lengths(lengths_x, B, N, "lengths_x", theta.device)
+    ly = _dtw_lengths(lengths_y, B, M, "lengths_y", theta.device)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"the target alignment must be a torch.Tensor, got {type(target).__name__}")
+    if target.shape != theta.shape:
+        raise ValueError(f"the target alignment must have theta's shape {tuple(theta.shape)}, "
+                         f"got {tuple(target.shape)}")
+    E = dtw_marginals(theta, lx, ly, reg, gamma, backend=backend)  # padded cells exactly 0
+    Y = check_alignment(target.detach().to(E.dtype), lx, ly)
+    real = _dtw_real_mask(lx, ly, N, M)
+    # Past the last real column the cumulative sum would repeat the row's total: keep the real cells only.
+    D = torch.where(real, (E - Y).cumsum(2), torch.zeros_like(E))
+    return (D * D).flatten(1).sum(1)
+
+
+class DTWAreaLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`dtw_area_loss` with fixed ``reg``, ``gamma`` and a ``reduction``."""
+
+    def __init__(self, reg: str = "entropy", gamma: float = 1.0, reduction: str = "mean"):
+        super().__init__()
+        if reg not in ("entropy", "l2"):
+            raise ValueError(f"reg must be 'entropy' or 'l2', got {reg!r}")
+        self.gamma = check_reg_gamma(reg, gamma)
+        if reduction not in ("mean", "sum", "none"):
+            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        self.reg, self.reduction = reg, reduction
+
+    def forward(self, theta: Tensor, target: Tensor, lengths_x=None, lengths_y=None) -> Tensor:
+        loss = dtw_area_loss(theta, target, lengths_x, lengths_y, self.reg, self.gamma)
+        if self.reduction == "mean":
+            return loss.mean()
+        if self.reduction == "sum":
+            return loss.sum()
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"reg={self.reg!r}, gamma={self.gamma}, reduction={self.reduction!r}"
