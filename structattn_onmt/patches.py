@@ -35,9 +35,10 @@ Patches
 ``attention options on the training parser`` (:func:`add_train_options`)
     *What OpenNMT does.* ``onmt.opts.model_opts`` declares ``-global_attention_function`` with
     ``choices=["softmax", "sparsemax"]``.
-    *What we do.* On the parser of ``structattn-onmt-train`` only: add ``viterbi`` to those choices and add
+    *What we do.* On the parser of ``structattn-onmt-train`` only: add ``viterbi``, ``fusedmax``, ``oscarmax``,
+    ``entmax15`` and ``sparsemap`` (:data:`structattn.options.ATTENTIONS`) to those choices and add
     ``-attention_reg``, ``-attention_gamma``, ``-attention_form``, ``-attention_contiguity``,
-    ``-attention_chain`` to the same
+    ``-attention_chain``, ``-attention_lambda`` to the same
     "Model- Attention" group (:mod:`structattn_onmt.options`), so they work on the command line and in YAML configs
     and are saved in the checkpoint's ``opt``.
 
@@ -250,7 +251,7 @@ def _replace_attr_original(cls, name: str):
 
 
 def add_train_options(parser) -> None:
-    """Add ``viterbi`` to ``-global_attention_function`` and the structattn options to OpenNMT's training parser
+    """Add structattn's attentions to ``-global_attention_function``'s choices and the structattn options to OpenNMT's training parser
     (built by ``onmt.opts.train_opts``)."""
     from structattn.options import finite_float, positive_float
 
@@ -262,9 +263,11 @@ def add_train_options(parser) -> None:
     from structattn.attention import ATTENTIONS
 
     action.choices = list(dict.fromkeys(list(action.choices or []) + list(ATTENTIONS)))
-    action.help = ("attention weights: softmax, sparsemax (OpenNMT's functions, computed by structattn) or "
+    action.help = ("attention weights: softmax, sparsemax (OpenNMT's functions, computed by structattn), "
                    "viterbi (structattn: segmentation attention with smoothed Viterbi marginals, Mensch & Blondel "
-                   "2018 section 5; see -attention_reg/-attention_gamma)")
+                   "2018 section 5; see -attention_reg/-attention_gamma), fusedmax, oscarmax (sparsemax with a "
+                   "total-variation / OSCAR penalty, see -attention_lambda), entmax15 (1.5-entmax) or sparsemap "
+                   "(SparseMAP over the segmentation chain); docs/choosing_attention.md")
     group = next(g for g in parser._action_groups if action in g._group_actions)
     add_attention_options(group, positive_float, finite_float)
 
