@@ -215,8 +215,10 @@ def resolve_options(attention: str, reg: str = DEFAULT_REG, gamma=None, form: st
         raise ValueError(f"{flag('attention_chain')} must be one of {', '.join(CHAIN_MODES)}; "
                          f"got {chain!r}")
     if lam is not None:
+        if isinstance(lam, bool):
+            raise ValueError(f"{flag('attention_lambda')} must be a number >= 0, got {lam!r}")
         try:
-            lam = nonnegative_float(str(lam)) if not isinstance(lam, bool) else nonnegative_float("bool")
+            lam = nonnegative_float(str(lam))
         except argparse.ArgumentTypeError as exc:
             raise ValueError(f"{flag('attention_lambda')} {exc}") from None
     if attention == "viterbi" and gamma is None:

@@ -23,7 +23,7 @@ from structattn.attention import ATTENTIONS, DEFAULT_CONTIGUITY, PAPER_GAMMA, VI
 # The values, defaults and checks are toolkit-neutral and shared with the OpenNMT-py glue (structattn.options);
 # this module adds what is fairseq's: the flags, the architecture defaults, the metrics.
 from structattn.ops.segmentation import chain_coupling
-from structattn.options import (DEFAULT_FORM, DEFAULT_LAMBDA, DEFAULT_REG, DEFAULT_CHAIN, REGULARIZERS,
+from structattn.options import (DEFAULT_FORM, DEFAULT_LAMBDA, DEFAULT_REG, DEFAULT_CHAIN, REGULARIZERS, SPARSEMAP_GAMMA,
                                 CHAIN_MODES, AttentionOptions, build_from_options, build_normalizer,
                                 nonnegative_float, positive_float, resolve_options)
 
@@ -55,14 +55,14 @@ def add_attention_args(parser) -> None:
     )
     parser.add_argument(
         "--attention-gamma", type=positive_float, metavar="FLOAT",
-        help="temperature gamma > 0 of the Viterbi attention (smaller is sparser; l2 turns into hard, "
-             f"non-differentiable Viterbi when gamma is too small); default: the paper's {gammas}; only used "
-             "with --attention viterbi",
+        help="temperature gamma > 0 of the Viterbi and SparseMAP attentions (smaller is sparser; l2 turns into "
+             f"hard, non-differentiable Viterbi when gamma is too small); default: the paper's {gammas}; "
+             f"{SPARSEMAP_GAMMA:g} for sparsemap; only used with --attention viterbi/sparsemap",
     )
     parser.add_argument(
         "--attention-form", choices=VITERBI_FORMS, metavar=_choices(VITERBI_FORMS),
-        help="parametrisation of the Viterbi attention: stable (scores centred per row, transitions T = "
-             "gamma * tau with a contiguity prior; keeps the scores' level from drifting, so rows neither die nor "
+        help="parametrisation of the Viterbi and SparseMAP attentions: stable (scores centred per row, "
+             "transitions T = gamma * tau with a contiguity prior; keeps the scores' level from drifting, so rows neither die nor "
              "freeze, see structattn.attention) or "
              f"paper (raw scores, T learned from 0, exactly as in the paper); default: {DEFAULT_FORM}",
     )
@@ -73,7 +73,7 @@ def add_attention_args(parser) -> None:
     )
     parser.add_argument(
         "--attention-chain", choices=CHAIN_MODES, metavar=_choices(CHAIN_MODES),
-        help="Viterbi attention only: on (the chain) or off (the chain-off ablation: the coupling kappa of "
+        help="Viterbi and SparseMAP attentions only: on (the chain) or off (the chain-off ablation: the coupling kappa of "
              "neighbouring positions held at 0, so positions are independent gates on the same scores; what the "
              f"chain buys is the difference); default: {DEFAULT_CHAIN}",
     )

@@ -11,7 +11,8 @@ option                         values                          default
                                ``oscarmax``, ``entmax15``,
                                ``sparsemap``
 ``attention_reg``              ``entropy``, ``l2``             ``entropy``
-``attention_gamma``            a finite number > 0             the paper's γ: 2 for entropy, 10 for l2
+``attention_gamma``            a finite number > 0             the paper's γ: 2 for entropy, 10 for l2;
+                                                               10 for sparsemap
 ``attention_form``             ``stable``, ``paper``           ``stable``
 ``attention_contiguity``       a finite number                 1.0
 ``attention_chain``            ``on``, ``off``                 ``on`` (``off``: the chain-off ablation)
@@ -20,7 +21,8 @@ option                         values                          default
 =============================  ==============================  ===========================================
 
 ``attention_reg``, ``attention_gamma``, ``attention_form``, ``attention_contiguity`` and ``attention_chain``
-are used by the Viterbi attention only, ``attention_lambda`` by fusedmax and oscarmax only (ignored otherwise, as
+are used by the Viterbi attention (all but ``attention_reg`` also by SparseMAP, whose transitions are parametrised
+as the Viterbi attention's), ``attention_lambda`` by fusedmax and oscarmax only (ignored otherwise, as
 in the fairseq plugin). The Viterbi and SparseMAP attentions need ``-global_attention general`` (their chain scores
 the bilinear s_t = h_t·M q); the others also work with ``dot`` and ``mlp``. This module defines the options and reads option
 namespaces; putting the options on OpenNMT's parser (and ``viterbi`` among ``-global_attention_function``'s
@@ -61,9 +63,9 @@ def add_attention_options(group, positive_float, finite_float) -> None:
     group.add("--attention_gamma", "-attention_gamma", type=positive_float, default=None, metavar="FLOAT",
               help="structattn: temperature gamma > 0 of the Viterbi attention (smaller is sparser; l2 turns into "
                    f"hard, non-differentiable Viterbi when gamma is too small); default: the paper's {gammas}; "
-                   "only used with -global_attention_function viterbi")
+                   "10 for sparsemap; only used with -global_attention_function viterbi/sparsemap")
     group.add("--attention_form", "-attention_form", type=str, default=DEFAULT_FORM, choices=list(VITERBI_FORMS),
-              help="structattn: parametrisation of the Viterbi attention: stable (scores centred per row, "
+              help="structattn: parametrisation of the Viterbi and SparseMAP attentions: stable (scores centred per row, "
                    "transitions T = gamma * tau with a contiguity prior) or paper (raw scores, T learned from 0, "
                    "exactly as in the paper)")
     group.add("--attention_contiguity", "-attention_contiguity", type=finite_float, default=DEFAULT_CONTIGUITY,

@@ -419,22 +419,27 @@ def _maybe_report_training(orig, self, step, *args, **kwargs):
 
 
 def viterbi_health(model) -> str | None:
-    """``attn_fallback …; attn_frozen …; T/g [[…], […]]`` for the Viterbi attentions of ``model`` since the last
-    call (their counters are read and reset), or None when the model has none or they saw no row."""
-    from structattn.attention import ViterbiAttention
+    """``attn_fallback …; attn_frozen …; T/g [[…], […]]`` for the Viterbi and SparseMAP attentions of ``model``
+    since the last call (their counters are read and reset; SparseMAP adds ``attn_structures …``, the mean number
+    of active segmentations per row), or None when the model has none or they saw no row."""
+    from structattn.attention import SparsemapAttention, ViterbiAttention
 
-    rows = dead = frozen = 0
+    rows = dead = frozen = srows = structures = 0
     taus = []
     for module in model.modules():
-        if isinstance(module, ViterbiAttention):
+        if isinstance(module, (ViterbiAttention, SparsemapAttention)):
             r, d, f = module.pop_fallback_counts()
             rows, dead, frozen = rows + r, dead + d, frozen + f
             taus.append((module.effective_transitions().detach() / module.gamma).cpu())
+        if isinstance(module, SparsemapAttention):
+            sr, st, _ = module.pop_structure_counts()
+            srows, structures = srows + sr, structures + st
     if not taus or rows == 0:
         return None
     tau = torch.stack(taus).mean(0).tolist()
     t = "[[" + "], [".join(", ".join(f"{x:.3f}" for x in row) for row in tau) + "]]"
-    return f"structattn attention: attn_fallback {dead / rows:.4f}; attn_frozen {frozen / rows:.4f}; T/g {t}"
+    line = f"structattn attention: attn_fallback {dead / rows:.4f}; attn_frozen {frozen / rows:.4f}; T/g {t}"
+    return line + (f"; attn_structures {structures / srows:.3f}" if srows else "")
 
 
 # ---- CPU data-parallel training ------------------------------------------------------------------------------

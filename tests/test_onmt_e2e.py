@@ -43,6 +43,10 @@ VARIANTS = [
     ("sparsemax", ["-global_attention_function", "sparsemax"]),
     ("viterbi-entropy", ["-global_attention_function", "viterbi", "-attention_reg", "entropy"]),
     ("viterbi-l2", ["-global_attention_function", "viterbi", "-attention_reg", "l2"]),
+    ("fusedmax", ["-global_attention_function", "fusedmax"]),
+    ("oscarmax", ["-global_attention_function", "oscarmax", "-attention_lambda", "0.02"]),
+    ("entmax15", ["-global_attention_function", "entmax15"]),
+    ("sparsemap", ["-global_attention_function", "sparsemap"]),
 ]
 TRAIN_STEPS = 300
 N_TEST = 12
@@ -181,7 +185,10 @@ def test_training_learns(trained, name):
     assert len(accs) == 2, trained[name][1][-2000:]
     assert accs[-1] >= MIN_VALID_ACCURACY, f"{name}: validation accuracy {accs}"
     health = re.findall(r"structattn attention: attn_fallback ([0-9.]+); attn_frozen ([0-9.]+); T/g", trained[name][1])
-    assert bool(health) == name.startswith("viterbi")  # the fairseq plugin's training metrics, Viterbi only
+    # the fairseq plugin's training metrics, for the attentions with a chain only
+    assert bool(health) == (name.startswith("viterbi") or name == "sparsemap")
+    if name == "sparsemap":
+        assert re.search(r"attn_structures [0-9.]+", trained[name][1])
 
 
 @pytest.mark.parametrize("name", [v[0] for v in VARIANTS])
@@ -325,3 +332,8 @@ def test_bad_values_stop_before_training(toy, tmp_path):
     assert proc.returncode == 2, _log(proc)[-2000:]
     assert "error: argument --attention_gamma/-attention_gamma: must be a finite number > 0, got '0'" in proc.stderr
     assert "Starting training" not in _log(proc) and not list(tmp_path.glob("m*.pt"))
+    proc = run("structattn-onmt-train", "-config", config, "-global_attention_function", "oscarmax",
+               "-attention_lambda", "-0.5", "-save_model", tmp_path / "m", "-train_steps", 5, check=False)
+    assert proc.returncode == 2, _log(proc)[-2000:]
+    assert "error: argument --attention_lambda/-attention_lambda: must be a finite number >= 0, got '-0.5'" \
+        in proc.stderr

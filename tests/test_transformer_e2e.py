@@ -74,6 +74,9 @@ def test_each_attention_learns_to_copy(data, trained, name, variant_args):
     if name.startswith("viterbi"):  # the Viterbi metrics, pooled over layers and heads
         record = log["valid"][-1]
         assert float(record["valid_attn_fallback"]) < 0.05 and "valid_T00/g" in record
+    if name == "sparsemap":  # SparseMAP's: active structures per row, pooled over layers and heads
+        record = log["valid"][-1]
+        assert float(record["valid_attn_fallback"]) < 0.05 and float(record["valid_attn_structures"]) >= 1
 
 
 def _load(root, checkpoint):
