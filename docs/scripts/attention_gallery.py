@@ -2,12 +2,14 @@
 
     python docs/scripts/attention_gallery.py            # writes docs/img/attention_gallery.png, prints a table
 
-The scores are **synthetic** (no model is trained): a fixed 9 × 9 matrix for the sentence pair "le chat noir dort sur
-le tapis rouge </s>" → "the black cat sleeps on the red rug </s>", s[i, j] = 3 on the aligned source word of target
-word i, 1.5 on its two neighbours, plus N(0, 0.5²) noise (seed 0). Each attention normalises the rows with the
-library's per-head normaliser at its defaults (structattn.options: λ, γ, the stable form's centring and contiguity
-prior τ = I for the Viterbi and SparseMAP attentions, untrained), exactly as a Transformer head with these scores
-would. The table gives, per attention, the exact zeros, the support and the segments per row
+The scores are **synthetic** (no model is trained): a fixed 9 × 9 pattern z for the sentence pair "le chat noir dort
+sur le tapis rouge </s>" → "the black cat sleeps on the red rug </s>", z[i, j] = 1 on the aligned source word of
+target word i, ½ on its two neighbours, plus N(0, (1/6)²) noise (seed 0). The attentions work at different
+temperatures (the plain ones at 1, the Viterbi attention at its γ = 2 or 10, SparseMAP at γ = 10), so each gets the
+same pattern at three times its own temperature, s = 3·γ·z (γ = 1 for the plain ones): a model learns the scale of
+its scores; the pattern is what is compared. Each attention normalises the rows with the library's per-head
+normaliser at its defaults (structattn.options: λ, γ, the stable form's centring and contiguity prior τ = I for the
+Viterbi and SparseMAP attentions, untrained), exactly as a Transformer head with these scores would. The table gives, per attention, the exact zeros, the support and the segments per row
 (structattn.report.stats) and, for SparseMAP, the active structures per row.
 """
 
@@ -25,8 +27,10 @@ from structattn.report.stats import matrix_stats
 SRC = "le chat noir dort sur le tapis rouge </s>".split()
 TGT = "the black cat sleeps on the red rug </s>".split()
 ALIGN = [0, 2, 1, 3, 4, 5, 7, 6, 8]  # target word i ↔ source word ALIGN[i]
+#: s = SCALE·γ·z (see the module docstring)
+SCALE = 3.0
 
-#: (title, --attention, extra resolve_options arguments) in the order of the picture
+#: (title, --attention, extra resolve_options arguments) in the order of the picture; γ is the resolved option
 PANELS = [
     ("softmax", "softmax", {}),
     ("sparsemax", "sparsemax", {}),
@@ -39,26 +43,29 @@ PANELS = [
 ]
 
 
-def scores() -> torch.Tensor:
+def pattern() -> torch.Tensor:
+    """z (T, S): the synthetic alignment pattern (module docstring)."""
     g = torch.Generator().manual_seed(0)
-    s = 0.5 * torch.randn(len(TGT), len(SRC), generator=g, dtype=torch.float64)
+    z = torch.randn(len(TGT), len(SRC), generator=g, dtype=torch.float64) / 6
     for i, j in enumerate(ALIGN):
-        s[i, j] += 3.0
+        z[i, j] += 1.0
         for k in (j - 1, j + 1):
             if 0 <= k < len(SRC):
-                s[i, k] += 1.5
-    return s
+                z[i, k] += 0.5
+    return z
 
 
 def maps() -> list:
     """[(title, weights (T, S) numpy, structures per row or None)] for every panel."""
     assert {a for _, a, _ in PANELS} == set(ATTENTIONS)  # every attention of the option table is drawn
-    s = scores()[None, None]  # (B = 1, H = 1, T, S)
+    z = pattern()[None, None]  # (B = 1, H = 1, T, S)
     out = []
     for title, attention, kw in PANELS:
-        norm = build_normalizer(resolve_options(attention, **kw), 1).double()
+        options = resolve_options(attention, **kw)
+        norm = build_normalizer(options, 1).double()
+        gamma = options.gamma if attention in ("viterbi", "sparsemap") else 1.0
         with torch.no_grad():
-            w = norm(s)[0, 0]
+            w = norm(SCALE * gamma * z)[0, 0]
         structures = None
         if hasattr(norm, "pop_structure_counts"):
             rows, total, _ = norm.pop_structure_counts()
@@ -75,7 +82,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     fig = heads_figure(np.stack([w for _, w, _ in panels]), SRC, TGT, titles=[t for t, _, _ in panels], ncols=4,
-                       title="synthetic scores (the same 9 × 9 matrix for every attention)")
+                       title="synthetic scores s = 3·γ·z: the same 9 × 9 pattern z for every attention, at 3× its temperature γ")
     save_figure(fig, args.out)
     print("| attention | exact zeros | support / row | segments / row | structures / row |")
     print("|---|---|---|---|---|")
