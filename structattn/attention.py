@@ -150,6 +150,7 @@ __all__ = [
     "SparsemapNormalizer",
     "SparsemapStructures",
     "SPARSEMAP_GAMMA",
+    "structure_totals",
 ]
 
 # ATTENTIONS, PAPER_GAMMA, VITERBI_FORMS and the defaults are defined once, in structattn.options (imported above).
@@ -859,7 +860,9 @@ class _SparsemapState(_ViterbiState):
         self.tol, self.max_iter = _check_solver(tol, max_iter)
         self._init_viterbi("l2", SPARSEMAP_GAMMA if gamma is None else gamma, form, contiguity, shape, chain)
         self.reg = None  # not a smoothed Viterbi: SparseMAP's own regulariser, (γ/2)‖u‖² on the state marginals
-        for name in ("_srows", "_structures", "_unconverged"):
+        # _total_*: never reset (read by the attention dumps through structure_totals, beside the training logs,
+        # which pop the others)
+        for name in ("_srows", "_structures", "_unconverged", "_total_rows", "_total_structures"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long), persistent=False)
 
     def _sparsemap_rows(self, scores: Tensor, padding_mask: Tensor | None, trans: Tensor) -> Tensor:
@@ -876,6 +879,8 @@ class _SparsemapState(_ViterbiState):
         self._srows += real.sum()
         self._structures += info.num_structures.sum()
         self._unconverged += (~info.converged).sum()
+        self._total_rows += real.sum()
+        self._total_structures += info.num_structures.sum()
         return w
 
     def _sparsemap_repr(self) -> str:
@@ -918,6 +923,17 @@ class SparsemapAttention(_SparsemapState, _BilinearAttention):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", " + self._sparsemap_repr()
+
+
+def structure_totals(model: nn.Module) -> tuple[int, int] | None:
+    """(attention rows, active structures summed over them) of every SparseMAP module of ``model`` since it was
+    built (counts that the training logs do not reset), or None when ``model`` has no SparseMAP attention. The
+    attention dumps take the difference over a translation run: the mean number of active segmentations per row
+    of every row the decoder computed (all beam hypotheses, all steps)."""
+    mods = [m for m in model.modules() if isinstance(m, _SparsemapState)]
+    if not mods:
+        return None
+    return sum(int(m._total_rows) for m in mods), sum(int(m._total_structures) for m in mods)
 
 
 # ---- per-head normalisers of multi-head attention, for every attention -----------------------------------------

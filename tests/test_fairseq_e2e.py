@@ -64,6 +64,8 @@ def test_train_then_generate(data, name, variant_args):
     print(f"{name}: valid loss {valid} (bound {bound:.2f}, first train {first_train}), exact copies {exact:.0%}")
     assert exact >= 0.5, f"{name}: only {exact:.0%} of the copies are exact"
     assert re.search(r"^A-\d+\t\d+-\d+", gen.stdout, re.M), "--print-alignment output missing"
+    if name in LATER_VARIANTS:
+        _check_dump_statistics(root, save, name)
 
     # --print-alignment soft (fairseq >= 0.10): the attention the decoder used, one row per target token (EOS
     # included) over the source tokens (EOS included), each row a distribution (fairseq prints 6 decimals, so a
@@ -78,6 +80,27 @@ def test_train_then_generate(data, name, variant_args):
         assert len(matrix) == len(hyps[i].split()) + 1, (i, matrix)
         for row in matrix:
             assert len(row) == len(src[i]) + 1 and abs(sum(row) - 1) < 1e-5 * len(row) and min(row) >= 0, (i, row)
+
+
+def _check_dump_statistics(root, save, name):
+    """--dump-attention and the statistics of structattn-stats: exact zeros for the sparse attentions, the active
+    structures per row for SparseMAP (from the dump's footer)."""
+    from structattn.export import read_dump
+    from structattn.report.stats import dump_stats, dump_structures
+
+    dump = root / f"dump-{name}.jsonl"
+    _generate(root / "bin", save / "checkpoint_best.pt", "--task", "structattn_translation", "--dump-attention", dump)
+    meta, records = read_dump(dump)
+    stats = dump_stats(records)
+    print(f"{name}: dump statistics {stats}, structures/row {dump_structures(meta)}")
+    assert meta["attention"] == name and stats["n_sentences"] == 24
+    if name == "sparsemap":
+        assert 1.0 <= dump_structures(meta) < 20  # ≥ 1 structure per row; a few, not one per position
+    else:
+        assert dump_structures(meta) != dump_structures(meta)  # NaN: only SparseMAP dumps say
+        assert stats["zero_fraction"] > 0.2, stats  # fusedmax, oscarmax, 1.5-entmax: exact zeros
+    args = (meta.get("model_args") or [{}])[0]
+    assert args.get("attention_lambda") == {"fusedmax": 0.1, "oscarmax": 0.01}.get(name)  # the checkpoint says
 
 
 def test_resume_from_checkpoint_last(data):

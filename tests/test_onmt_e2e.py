@@ -208,6 +208,8 @@ def test_translate_beam_attn_debug_report_align_and_dump(toy, translated, name):
     meta, records = read_dump(dump)
     assert meta["toolkit"] == "opennmt-py" and meta["generation"]["beam"] == 3
     assert meta["attention"] == name.split("-")[0]
+    if name == "oscarmax":  # the checkpoint's opt says which λ the model holds
+        assert meta["model_args"][0]["attention_lambda"] == 0.02
     assert sorted({r.id for r in records}) == list(range(N_TEST))
     assert {r.nbest_rank for r in records} == {0, 1}
     src_lines = (root / "test.src").read_text().splitlines()
@@ -228,9 +230,14 @@ def test_structattn_stats_reads_the_dumps(translated):
     stats = {row["label"]: row for row in json.loads(proc.stdout)}
     print({k: round(v["zero_fraction"], 3) for k, v in stats.items()})
     # the sparse attentions have exact zeros (softmax and -H only where float32 underflows)
-    for sparse in ("viterbi-l2", "sparsemax"):
-        assert stats[sparse]["zero_fraction"] > 0.2
-        assert stats[sparse]["zero_fraction"] > stats["softmax"]["zero_fraction"] + 0.1
+    for sparse in ("viterbi-l2", "sparsemax", "fusedmax", "oscarmax", "entmax15"):
+        assert stats[sparse]["zero_fraction"] > 0.2, sparse
+        assert stats[sparse]["zero_fraction"] > stats["softmax"]["zero_fraction"] + 0.1, sparse
+    # SparseMAP's active structures per row (the dump's footer); the other dumps do not have the number
+    assert 1.0 <= stats["sparsemap"]["structures_per_row"] < 20
+    assert "structures_per_row" not in stats["softmax"]
+    table = run("structattn-stats", *specs).stdout
+    assert "structures/row" in table.splitlines()[0]
     _, l2 = read_dump(translated["viterbi-l2"][1])
     assert any((r.attention == 0).any() for r in l2)
 
