@@ -19,7 +19,6 @@ except ImportError:
     pytest.skip("OpenNMT-py is not installed (bash scripts/install_onmt.sh installs it; CI does)",
                 allow_module_level=True)
 
-from structattn.attention import SoftmaxAttention, SparsemaxAttention, ViterbiAttention
 from structattn.options import AttentionOptions, resolve_options
 from structattn_onmt import patches
 from structattn_onmt.cli import _train_parser, train_main
@@ -148,11 +147,13 @@ def test_layer_is_the_library_attention_and_padding_is_exact(name):
     options = OPTIONS[name]
     dim, lengths = 6, [5, 3, 1]
     layer = StructuredGlobalAttention(dim, options, attn_type="general", attn_func=options.attention)
-    kind = {"softmax": SoftmaxAttention, "sparsemax": SparsemaxAttention}.get(options.attention, ViterbiAttention)
+    from structattn.attention import build_attention
+
+    kind = type(build_attention(options.attention, dim, dim))
     assert type(layer.attention) is kind and layer.linear_in is layer.attention.proj
     keys = set(layer.state_dict())
     assert "attention.proj.weight" in keys and "linear_out.weight" in keys and "linear_in.weight" not in keys
-    if options.attention == "viterbi":
+    if options.attention in ("viterbi", "sparsemap"):
         assert ("attention.transitions_over_gamma" if options.form == "stable" else "attention.transitions") in keys
     enc = torch.randn(3, 5, dim)
     for b, n in enumerate(lengths):
