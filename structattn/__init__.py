@@ -44,7 +44,8 @@ from .losses import (
 # SparseMAP segmentation attention (Niculae et al. 2018 over the chain of ICML 2018 §5): imported on first use
 # (PEP 562), because structattn.attention loads the fused kernels' module and ``import structattn`` loads no backend
 # (tests/test_backends.py).
-_LAZY = {"SparsemapAttention": "attention", "SparsemapStructures": "attention", "sparsemap_attention": "attention"}
+_LAZY = {name: "attention" for name in ("SparsemapAttention", "SparsemapStructures", "sparsemap_attention",
+                                        "entmax15_attention", "fusedmax_attention", "oscarmax_attention")}
 
 
 def __getattr__(name):
@@ -57,6 +58,9 @@ def __getattr__(name):
 
 # DTW_Ω (ICML 2018 §3.2)
 from .ops import DTWMarginals, SmoothedDTW, dtw_hvp, dtw_marginals, dtw_value
+
+# fusedmax and oscarmax (the structured-attention lecture): the operators; their attention functions are lazy (above)
+from .ops.structured_sparsemax import Fusedmax, Oscarmax, ProxTV, fusedmax, oscarmax, prox_tv
 
 __version__ = "0.1.0"
 
@@ -103,4 +107,14 @@ __all__ = [
     "dtw_hvp",
     "dtw_marginals",
     "dtw_value",
+    # fusedmax, oscarmax, entmax-1.5 (the structured-attention lecture; Peters et al. 2019)
+    "Fusedmax",
+    "Oscarmax",
+    "ProxTV",
+    "fusedmax",
+    "oscarmax",
+    "prox_tv",
+    "fusedmax_attention",
+    "oscarmax_attention",
+    "entmax15_attention",
 ]

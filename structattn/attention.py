@@ -100,11 +100,18 @@ from .ops.segmentation import (
     segmentation_weights,
 )
 from .ops.smoothed_max import check_reg_gamma, sparsemax
-from .options import (ATTENTIONS, DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_REG, PAPER_GAMMA, VITERBI_FORMS,
-                      paper_gamma)
+from .options import (ATTENTIONS, DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_LAMBDA, DEFAULT_REG, PAPER_GAMMA,
+                      SPARSEMAP_GAMMA, VITERBI_FORMS, paper_gamma)
 from .ops.sparsemap import DEFAULT_MAX_ITER as SPARSEMAP_MAX_ITER
 from .ops.sparsemap import DEFAULT_TOL as SPARSEMAP_TOL
 from .ops.sparsemap import sparsemap_weights
+from .ops.structured_sparsemax import (
+    DEFAULT_FUSEDMAX_LAMBDA,
+    DEFAULT_OSCARMAX_LAMBDA,
+    check_lambda,
+    fusedmax,
+    oscarmax,
+)
 
 __all__ = [
     "ATTENTIONS",
@@ -112,6 +119,9 @@ __all__ = [
     "bilinear_scores",
     "softmax_attention",
     "sparsemax_attention",
+    "fusedmax_attention",
+    "oscarmax_attention",
+    "entmax15_attention",
     "segmentation_potentials",
     "viterbi_attention",
     "centre_scores",
@@ -124,15 +134,23 @@ __all__ = [
     "SoftmaxAttention",
     "SparsemaxAttention",
     "SPARSEMAX_TEMPERATURE",
+    "FusedmaxAttention",
+    "OscarmaxAttention",
+    "Entmax15Attention",
     "ViterbiAttention",
     "build_attention",
     "multihead_viterbi_attention",
     "ViterbiNormalizer",
+    "HeadNormalizer",
+    "build_normalizer",
     "coupling_report",
     # SparseMAP segmentation attention
     "sparsemap_attention",
     "SparsemapAttention",
+    "SparsemapNormalizer",
     "SparsemapStructures",
+    "SPARSEMAP_GAMMA",
+    "structure_totals",
 ]
 
 # ATTENTIONS, PAPER_GAMMA, VITERBI_FORMS and the defaults are defined once, in structattn.options (imported above).
@@ -202,6 +220,61 @@ def sparsemax_attention(scores: Tensor, padding_mask: Tensor | None = None) -> T
     filled = torch.where(padding_mask, top - 2.0, scores)
     w = sparsemax(filled)
     return w.masked_fill(~real, 0.0)
+
+
+# ---- structured and sparse normalisers beyond sparsemax: fusedmax, oscarmax, entmax-1.5 ------------------
+
+
+def fusedmax_attention(scores: Tensor, padding_mask: Tensor | None = None,
+                       lam: float = DEFAULT_FUSEDMAX_LAMBDA) -> Tensor:
+    """w = fusedmax(s) = argmin_{w ∈ △} ½‖w − s‖² + λ Σ_t |w_{t+1} − w_t| over the real positions of each row
+    (Niculae & Blondel 2017; = sparsemax ∘ prox_TV, :func:`structattn.ops.structured_sparsemax.fusedmax`).
+
+    The total variation links consecutive *real* positions (padding of any layout is compacted away), so contiguous
+    source positions get equal weights. Same guarantees as :func:`softmax_attention`; ``lam`` = λ ≥ 0 (λ = 0:
+    sparsemax). The default 0.1 fuses neighbours whose scores differ by less than about 0.2 (the reason for this value
+    is given at :data:`structattn.ops.structured_sparsemax.DEFAULT_FUSEDMAX_LAMBDA`).
+    """
+    return fusedmax(scores, lam, _check_scores(scores, padding_mask))
+
+
+def oscarmax_attention(scores: Tensor, padding_mask: Tensor | None = None,
+                       lam: float = DEFAULT_OSCARMAX_LAMBDA) -> Tensor:
+    """w = argmin_{w ∈ △} ½‖w − s‖² + λ Σ_{t<t'} max(|w_t|, |w_t'|) over the real positions of each row: the exact
+    oscarmax of the lecture's formula (:func:`structattn.ops.structured_sparsemax.oscarmax`; *not* the authors'
+    sparsemax ∘ prox_OSCAR, which is not always that argmin). Positions with close scores get equal weights,
+    wherever they are. Same guarantees as :func:`softmax_attention`; the pairs run over the real positions. The
+    default λ = 0.01 scales with the length (the largest OSCAR weight is λ(n − 1), see
+    :data:`structattn.ops.structured_sparsemax.DEFAULT_OSCARMAX_LAMBDA`).
+    """
+    return oscarmax(scores, lam, _check_scores(scores, padding_mask))
+
+
+def _entmax():
+    try:
+        import entmax
+    except ImportError as exc:  # a --no-deps install: say what is missing and how to get it
+        raise ImportError("entmax15_attention needs the `entmax` package (a dependency of structattn): "
+                          "pip install entmax") from exc
+    return entmax
+
+
+def entmax15_attention(scores: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+    """w = 1.5-entmax(s) = argmax_{w ∈ △} ⟨w, s⟩ + H^T_{1.5}(w) over the real positions of each row (Peters, Niculae
+    & Martins 2019), computed by the `entmax` package's exact sort-based ``entmax15`` (imported at the first call).
+
+    Same guarantees as :func:`softmax_attention`; sparse, but with a smoother support than sparsemax.
+    """
+    padding_mask = _check_scores(scores, padding_mask)
+    entmax15 = _entmax().entmax15
+    if padding_mask is None:
+        return entmax15(scores, dim=-1)
+    # 1.5-entmax is w = [s/2 − τ]₊² with τ ≥ max(s)/2 − 1 (the largest weight is at most 1), so any entry below
+    # max(s) − 2 is outside the support and does not move τ: filling padding with max_real − 3 removes it.
+    top = scores.detach().masked_fill(padding_mask, float("-inf")).amax(-1, keepdim=True)
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    w = entmax15(torch.where(padding_mask, top - 3.0, scores), dim=-1)
+    return w.masked_fill(padding_mask, 0.0)
 
 
 def viterbi_attention(
@@ -402,6 +475,37 @@ class SparsemaxAttention(_BilinearAttention):
         return super().extra_repr() + f", temperature={float(self.temperature[0]):g}"
 
 
+class FusedmaxAttention(_BilinearAttention):
+    """Bilinear fusedmax attention w = fusedmax_λ(x_t·M·z); see :func:`fusedmax_attention`."""
+
+    def __init__(self, query_dim: int, source_dim: int, lam: float = DEFAULT_FUSEDMAX_LAMBDA):
+        super().__init__(query_dim, source_dim)
+        self.lam = check_lambda(lam)
+
+    def normalize(self, scores, padding_mask):
+        return fusedmax_attention(scores, padding_mask, self.lam)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, lam={self.lam}"
+
+
+class OscarmaxAttention(FusedmaxAttention):
+    """Bilinear oscarmax attention w = oscarmax_λ(x_t·M·z); see :func:`oscarmax_attention`."""
+
+    def __init__(self, query_dim: int, source_dim: int, lam: float = DEFAULT_OSCARMAX_LAMBDA):
+        super().__init__(query_dim, source_dim, lam)
+
+    def normalize(self, scores, padding_mask):
+        return oscarmax_attention(scores, padding_mask, self.lam)
+
+
+class Entmax15Attention(_BilinearAttention):
+    """Bilinear 1.5-entmax attention w = entmax15(x_t·M·z); see :func:`entmax15_attention`."""
+
+    def normalize(self, scores, padding_mask):
+        return entmax15_attention(scores, padding_mask)
+
+
 class _ViterbiState:
     """What every Viterbi attention module holds (mixin of :class:`ViterbiAttention` and
     :class:`ViterbiNormalizer`): Ω, γ, the form and its transition parameter (``transitions`` = T in the paper
@@ -516,17 +620,27 @@ class ViterbiAttention(_ViterbiState, _BilinearAttention):
 
 def build_attention(attention: str, query_dim: int, source_dim: int, reg: str = DEFAULT_REG,
                     gamma: float | None = None, form: str = DEFAULT_FORM, contiguity: float | None = None,
-                    chain: bool = True):
+                    chain: bool = True, lam: float | None = None):
     """Factory: ``attention`` in :data:`ATTENTIONS` (the same word as the ``--attention`` flag of the plugins);
-    ``reg``/``gamma``/``form``/``contiguity``/``chain`` are used by ``"viterbi"`` only, with the defaults of
+    ``reg``/``gamma``/``form``/``contiguity``/``chain`` are used by ``"viterbi"`` (and all but ``reg`` by
+    ``"sparsemap"``, whose γ = None is :data:`SPARSEMAP_GAMMA`), with the defaults of
     :mod:`structattn.options` (γ = None takes the paper's value, :data:`PAPER_GAMMA`; ``form`` in
-    :data:`VITERBI_FORMS`; contiguity None: the stable form's :data:`~structattn.options.DEFAULT_CONTIGUITY`)."""
+    :data:`VITERBI_FORMS`; contiguity None: the stable form's :data:`~structattn.options.DEFAULT_CONTIGUITY`);
+    ``lam`` = λ by ``"fusedmax"`` and ``"oscarmax"`` only (None: :data:`structattn.options.DEFAULT_LAMBDA`)."""
     if attention == "softmax":
         return SoftmaxAttention(query_dim, source_dim)
     if attention == "sparsemax":
         return SparsemaxAttention(query_dim, source_dim)
     if attention == "viterbi":
         return ViterbiAttention(query_dim, source_dim, reg, gamma, form, contiguity, chain)
+    if attention == "fusedmax":
+        return FusedmaxAttention(query_dim, source_dim, DEFAULT_LAMBDA[attention] if lam is None else lam)
+    if attention == "oscarmax":
+        return OscarmaxAttention(query_dim, source_dim, DEFAULT_LAMBDA[attention] if lam is None else lam)
+    if attention == "entmax15":
+        return Entmax15Attention(query_dim, source_dim)
+    if attention == "sparsemap":
+        return SparsemapAttention(query_dim, source_dim, gamma=gamma, form=form, contiguity=contiguity, chain=chain)
     raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
 
 
@@ -719,49 +833,60 @@ def sparsemap_attention(
     return w, SparsemapStructures(ys, alpha, p, count, iters, conv, flags)
 
 
-class SparsemapAttention(_BilinearAttention):
-    """Bilinear SparseMAP segmentation attention (:func:`sparsemap_attention`) with a learned transition matrix T
-    (``transitions``, (2, 2)), in the paper form of :class:`ViterbiAttention`: θ from the raw scores, T initialised
-    at 0 (no preference for attending nor for contiguity; the chain starts factorised, where p_t =
-    clip((1 + s_t)/2, 0, 1)). M starts at U(−a, a), a = √(3/(d_x d_z)), so that the initial score std is at most
-    1 — the unit scale of the SparseMAP regulariser — for states in [−1, 1]^d (as ViterbiAttention with γ = 1).
-    At that initialisation the support is large (every position with |s_t| < 1 is fractional: ~27 structures per
-    row of 50 positions at score std 1, benchmarks/RESULTS.md "SparseMAP normaliser"); larger scores or a
-    contiguity preference in T make it sparser.
+# SPARSEMAP_GAMMA (the SparseMAP modules' default γ) is defined, with its reason, in structattn.options.
 
-    Every forward adds to running counts read and reset by :meth:`pop_fallback_counts` (rows, dead rows that fell
-    back to softmax, frozen rows with one structure), the same contract as the Viterbi modules, and by
-    :meth:`pop_structure_counts` (rows, active structures, rows that did not converge)."""
 
-    def __init__(self, query_dim: int, source_dim: int, tol: float = SPARSEMAP_TOL,
-                 max_iter: int = SPARSEMAP_MAX_ITER):
-        super().__init__(query_dim, source_dim)
+class _SparsemapState(_ViterbiState):
+    """What every SparseMAP attention module holds (mixin of :class:`SparsemapAttention` and
+    :class:`SparsemapNormalizer`): the solver's tolerance and iteration cap, a temperature γ, the Viterbi
+    attention's form and transition parameter, and running counts of rows, dead and frozen rows, active structures
+    and rows that did not converge.
+
+    How T is parametrised and learned: exactly as the Viterbi attention's (:class:`_ViterbiState`, the module
+    docstring), with the same options and defaults (:mod:`structattn.options`) — T[i, j] scores state j at t−1 →
+    state i at t, θ[t, 1, j] = s_t + T[1, j], θ[t, 0, j] = T[0, j]; ``form="stable"`` (default) centres each row's
+    scores over its real positions and learns τ = T/γ (``transitions_over_gamma``) from the contiguity prior
+    [[c, 0], [0, c]]; ``form="paper"`` learns a raw T (``transitions``) from 0 on the raw scores; ``chain=False``
+    holds the coupling κ at 0. The temperature enters as the regulariser's weight,
+
+        μ* = argmax_{μ ∈ conv(Y)} ⟨θ, μ⟩ − (γ/2)‖u‖² = SparseMAP(θ/γ)   (:func:`sparsemap_attention` of θ/γ),
+
+    γ = :data:`SPARSEMAP_GAMMA` by default (``form="paper", gamma=1`` is :func:`sparsemap_attention` on the raw
+    scores and T). T is learned by gradient steps through the closed-form derivative on the active set. A dead row
+    (all mass on y = 0…0) falls back to softmax(s̃/γ), s̃ the (centred) scores."""
+
+    def _init_sparsemap(self, tol: float, max_iter: int, shape: tuple, gamma: float | None, form: str,
+                        contiguity: float | None, chain: bool) -> None:
         self.tol, self.max_iter = _check_solver(tol, max_iter)
-        self.transitions = nn.Parameter(torch.zeros(2, 2))
-        a = math.sqrt(3.0 / (query_dim * source_dim))
-        nn.init.uniform_(self.proj.weight, -a, a)
-        for name in ("_rows", "_dead", "_frozen", "_srows", "_structures", "_unconverged"):
+        self._init_viterbi("l2", SPARSEMAP_GAMMA if gamma is None else gamma, form, contiguity, shape, chain)
+        self.reg = None  # not a smoothed Viterbi: SparseMAP's own regulariser, (γ/2)‖u‖² on the state marginals
+        # _total_*: never reset (read by the attention dumps through structure_totals, beside the training logs,
+        # which pop the others)
+        for name in ("_srows", "_structures", "_unconverged", "_total_rows", "_total_structures"):
             self.register_buffer(name, torch.zeros((), dtype=torch.long), persistent=False)
 
-    def normalize(self, scores, padding_mask):
-        w, info = sparsemap_attention(scores, self.transitions, padding_mask, self.tol, self.max_iter,
-                                      return_structures=True)
+    def _sparsemap_rows(self, scores: Tensor, padding_mask: Tensor | None, trans: Tensor) -> Tensor:
+        padding_mask = _check_scores(scores, padding_mask)
+        scores = _upcast_half(scores)
+        if padding_mask is not None:
+            scores = scores.masked_fill(padding_mask, 0.0)  # −inf on padding (fairseq): ignored, no NaN gradient
+        if self.form == "stable":
+            scores = centre_rows(scores, padding_mask)
+        w, info = sparsemap_attention(scores / self.gamma, trans / self.gamma, padding_mask, self.tol,
+                                      self.max_iter, return_structures=True)
+        self._count_rows(info.flags)
         real = (info.flags & HAS_REAL) != 0
-        rows = real.sum()
-        self._rows += rows
-        self._dead += ((info.flags & DEAD) != 0).sum()
-        self._frozen += ((info.flags & FROZEN) != 0).sum()
-        self._srows += rows
+        self._srows += real.sum()
         self._structures += info.num_structures.sum()
         self._unconverged += (~info.converged).sum()
+        self._total_rows += real.sum()
+        self._total_structures += info.num_structures.sum()
         return w
 
-    def pop_fallback_counts(self) -> tuple[int, int, int]:
-        """(rows, dead rows, frozen rows) since the last call; resets them."""
-        out = int(self._rows), int(self._dead), int(self._frozen)
-        for b in (self._rows, self._dead, self._frozen):
-            b.zero_()
-        return out
+    def _sparsemap_repr(self) -> str:
+        r = f"gamma={self.gamma}, form={self.form!r}"
+        r += f", contiguity={self.contiguity}" if self.form == "stable" else ""
+        return r + ("" if self.chain else ", chain=False") + f", tol={self.tol}, max_iter={self.max_iter}"
 
     def pop_structure_counts(self) -> tuple[int, int, int]:
         """(rows, active structures summed over them, rows that did not converge) since the last call; resets
@@ -771,5 +896,137 @@ class SparsemapAttention(_BilinearAttention):
             b.zero_()
         return out
 
+
+class SparsemapAttention(_SparsemapState, _BilinearAttention):
+    """Bilinear SparseMAP segmentation attention (:func:`sparsemap_attention` of θ/γ) with a learned transition
+    matrix, parametrised as the Viterbi attention's (:class:`_SparsemapState`): ``gamma`` (None:
+    :data:`SPARSEMAP_GAMMA`), ``form`` (stable: centred scores and τ = T/γ from the contiguity prior; paper: raw T
+    from 0), ``contiguity``, ``chain``. M starts at U(−a, a), a = γ·√(3/(d_x d_z)), so that the initial score std
+    is at most γ for states in [−1, 1]^d (as :class:`ViterbiAttention`). At unit score scale the support is large
+    (every position with |s_t/γ| < 1 is fractional: ~27 structures per row of 50 positions at score std γ,
+    benchmarks/RESULTS.md "SparseMAP normaliser"); larger scores or a contiguity preference in T make it sparser.
+
+    Every forward adds to running counts read and reset by :meth:`pop_fallback_counts` (rows, dead rows that fell
+    back to softmax, frozen rows with one structure), the same contract as the Viterbi modules, and by
+    :meth:`pop_structure_counts` (rows, active structures, rows that did not converge)."""
+
+    def __init__(self, query_dim: int, source_dim: int, tol: float = SPARSEMAP_TOL,
+                 max_iter: int = SPARSEMAP_MAX_ITER, gamma: float | None = None, form: str = DEFAULT_FORM,
+                 contiguity: float | None = None, chain: bool = True):
+        super().__init__(query_dim, source_dim)
+        self._init_sparsemap(tol, max_iter, (2, 2), gamma, form, contiguity, chain)
+        a = self.gamma * math.sqrt(3.0 / (query_dim * source_dim))
+        nn.init.uniform_(self.proj.weight, -a, a)
+
+    def normalize(self, scores, padding_mask):
+        return self._sparsemap_rows(scores, padding_mask, self.effective_transitions())
+
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", tol={self.tol}, max_iter={self.max_iter}"
+        return super().extra_repr() + ", " + self._sparsemap_repr()
+
+
+def structure_totals(model: nn.Module) -> tuple[int, int] | None:
+    """(attention rows, active structures summed over them) of every SparseMAP module of ``model`` since it was
+    built (counts that the training logs do not reset), or None when ``model`` has no SparseMAP attention. The
+    attention dumps take the difference over a translation run: the mean number of active segmentations per row
+    of every row the decoder computed (all beam hypotheses, all steps)."""
+    mods = [m for m in model.modules() if isinstance(m, _SparsemapState)]
+    if not mods:
+        return None
+    return sum(int(m._total_rows) for m in mods), sum(int(m._total_structures) for m in mods)
+
+
+# ---- per-head normalisers of multi-head attention, for every attention -----------------------------------------
+
+
+def _rows_of(scores: Tensor, padding_mask: Tensor | None):
+    """(B, H, Q, S) scores and a mask broadcastable to them → (B·H·Q, S) rows and their mask (None: no mask)."""
+    rows, mask, _, _ = _head_rows(scores, padding_mask, scores.new_zeros(2, 2))
+    return rows, mask
+
+
+class HeadNormalizer(nn.Module):
+    """A parameter-free attention applied to every (sentence, head, query) row of multi-head scores (B, H, Q, S)
+    over the source positions: ``softmax``, ``sparsemax`` (plain sparsemax(s); the bilinear module's temperature is
+    a device of the LSTM's scores, not of the Transformer's scaled dot products), ``fusedmax`` / ``oscarmax``
+    (λ = ``lam``; the total variation links neighbouring source positions of each head's row) or ``entmax15``.
+    Padding (a bool mask broadcastable to the scores, True at padding, any layout) gets exactly 0; padded scores
+    may be −inf (fairseq fills them so)."""
+
+    KINDS = ("softmax", "sparsemax", "fusedmax", "oscarmax", "entmax15")
+
+    def __init__(self, attention: str, lam: float | None = None):
+        super().__init__()
+        if attention not in self.KINDS:
+            raise ValueError(f"HeadNormalizer: attention must be one of {self.KINDS}, got {attention!r}")
+        self.attention = attention
+        self.lam = check_lambda(DEFAULT_LAMBDA[attention] if lam is None else lam) \
+            if attention in DEFAULT_LAMBDA else None
+
+    def forward(self, scores: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        rows, mask = _rows_of(scores, padding_mask)
+        mask = _check_scores(rows, mask)
+        if self.attention == "softmax":
+            w = softmax_attention(rows, mask)
+        elif self.attention == "sparsemax":
+            w = sparsemax_attention(rows, mask)
+        else:
+            if mask is not None:  # −inf on padding: the operators ignore padded entries, their gradient must be 0
+                rows = rows.masked_fill(mask, 0.0)
+            if self.attention == "fusedmax":
+                w = fusedmax_attention(rows, mask, self.lam)
+            elif self.attention == "oscarmax":
+                w = oscarmax_attention(rows, mask, self.lam)
+            else:
+                w = entmax15_attention(rows, mask)
+        return w.view(scores.shape)
+
+    def extra_repr(self) -> str:
+        return repr(self.attention) + ("" if self.lam is None else f", lam={self.lam}")
+
+
+class SparsemapNormalizer(_SparsemapState, nn.Module):
+    """SparseMAP segmentation attention (:func:`sparsemap_attention`) for multi-head attention: one SparseMAP chain
+    over the source per (sentence, head, query) row of scores (B, H, Q, S), with ``num_heads`` learned transition
+    matrices (``transitions``, (num_heads, 2, 2), from 0: one per head, or one shared by the heads with
+    ``num_heads=1``), parametrised as in :class:`SparsemapAttention` (:class:`_SparsemapState`). Counts as
+    :class:`SparsemapAttention` does."""
+
+    def __init__(self, num_heads: int = 1, tol: float = SPARSEMAP_TOL, max_iter: int = SPARSEMAP_MAX_ITER,
+                 gamma: float | None = None, form: str = DEFAULT_FORM, contiguity: float | None = None,
+                 chain: bool = True):
+        super().__init__()
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        self.num_heads = num_heads
+        self._init_sparsemap(tol, max_iter, (num_heads, 2, 2), gamma, form, contiguity, chain)
+
+    def forward(self, scores: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        if scores.dim() == 4 and self.num_heads != 1 and scores.shape[1] != self.num_heads:
+            raise ValueError(f"{type(self).__name__} was built for {self.num_heads} heads, got scores of shape "
+                             f"{tuple(scores.shape)}")
+        rows, mask = _rows_of(scores, padding_mask)
+        Q = scores.shape[2]
+        # row n is (sentence, head, query) in that order: its head is (n // Q) % H
+        head = torch.arange(rows.shape[0], device=rows.device) // Q % self.num_heads
+        return self._sparsemap_rows(rows, mask, self.effective_transitions()[head]).view(scores.shape)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, " + self._sparsemap_repr()
+
+
+def build_normalizer(attention: str, num_heads: int = 1, reg: str = DEFAULT_REG, gamma: float | None = None,
+                     form: str = DEFAULT_FORM, contiguity: float | None = None, chain: bool = True,
+                     lam: float | None = None) -> nn.Module:
+    """Factory of the per-head normaliser of a multi-head attention (maps scores (B, H, Q, S) and a padding mask
+    broadcastable to them to weights): :class:`ViterbiNormalizer` (``reg``/``gamma``/``form``/``contiguity``/
+    ``chain`` as in :func:`build_attention`) and :class:`SparsemapNormalizer` with ``num_heads`` transition
+    matrices (SparseMAP: ``gamma``/``form``/``contiguity``/``chain`` as the Viterbi attention's, γ = None:
+    :data:`SPARSEMAP_GAMMA`), :class:`HeadNormalizer` (λ = ``lam`` for fusedmax/oscarmax) for the others."""
+    if attention == "viterbi":
+        return ViterbiNormalizer(num_heads, reg, gamma, form, contiguity, chain)
+    if attention == "sparsemap":
+        return SparsemapNormalizer(num_heads, gamma=gamma, form=form, contiguity=contiguity, chain=chain)
+    if attention in HeadNormalizer.KINDS:
+        return HeadNormalizer(attention, lam)
+    raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")

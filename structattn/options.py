@@ -1,9 +1,10 @@
 """Toolkit-neutral attention options: the defaults, the value checks and the module they describe.
 
-Every toolkit entry point offers the same six choices, under its own spelling (fairseq: ``--attention``,
+Every toolkit entry point offers the same seven choices, under its own spelling (fairseq: ``--attention``,
 ``--attention-reg``, ``--attention-gamma``, ``--attention-form``, ``--attention-contiguity``,
-``--attention-chain``; OpenNMT-py: ``-global_attention_function``, ``-attention_reg``, ``-attention_gamma``,
-``-attention_form``, ``-attention_contiguity``, ``-attention_chain``):
+``--attention-chain``, ``--attention-lambda``; OpenNMT-py: ``-global_attention_function``, ``-attention_reg``,
+``-attention_gamma``, ``-attention_form``, ``-attention_contiguity``, ``-attention_chain``,
+``-attention_lambda``):
 
 ========================  =======================================  ================================================
 choice                    values                                   default
@@ -11,13 +12,27 @@ choice                    values                                   default
 attention kind            :data:`structattn.attention.ATTENTIONS`  the toolkit's own (fairseq plugin: ``viterbi``;
                                                                    OpenNMT-py: ``softmax``, OpenNMT's default)
 regulariser Ω (Viterbi)   :data:`structattn.ops.REGULARIZERS`      :data:`DEFAULT_REG` (``entropy``)
-temperature γ (Viterbi)   a finite number > 0                      the paper's γ per Ω (:data:`PAPER_GAMMA`)
-form (Viterbi)            :data:`VITERBI_FORMS`                    :data:`DEFAULT_FORM` (``stable``)
+temperature γ (Viterbi,   a finite number > 0                      the paper's γ per Ω (:data:`PAPER_GAMMA`);
+SparseMAP)                                                         SparseMAP: :data:`SPARSEMAP_GAMMA` (10)
+form (Viterbi, SparseMAP) :data:`VITERBI_FORMS`                    :data:`DEFAULT_FORM` (``stable``)
 contiguity c (stable)     a finite number                          :data:`DEFAULT_CONTIGUITY`
-chain (Viterbi)           :data:`CHAIN_MODES`                      :data:`DEFAULT_CHAIN` (``on``; ``off`` is the
+chain (Viterbi,           :data:`CHAIN_MODES`                      :data:`DEFAULT_CHAIN` (``on``; ``off`` is the
+SparseMAP)
                                                                    chain-off ablation: κ ≡ 0, independent
                                                                    positions on the same scores)
+λ (fusedmax, oscarmax)    a finite number ≥ 0 (0: sparsemax)       per attention, :data:`DEFAULT_LAMBDA` (fusedmax
+                                                                   0.1, oscarmax 0.01: the ops module's
+                                                                   ``DEFAULT_FUSEDMAX_LAMBDA`` /
+                                                                   ``DEFAULT_OSCARMAX_LAMBDA``)
 ========================  =======================================  ================================================
+
+The attentions (:data:`ATTENTIONS`): ``softmax``, ``sparsemax``, ``viterbi`` (smoothed-Viterbi segmentation
+attention), ``fusedmax`` and ``oscarmax`` (sparsemax with a total-variation / OSCAR penalty, λ above), ``entmax15``
+(1.5-entmax, no option) and ``sparsemap`` (SparseMAP over the Viterbi attention's 2-state chain: a sparse mixture of
+whole segmentations). The SparseMAP attention learns its transition matrix T exactly as the Viterbi attention does
+(one per head in a Transformer), so γ, form, contiguity and chain apply to it too, with the same defaults except γ:
+its regulariser is fixed, (γ/2)‖u‖² on the state marginals (Ω does not apply), and γ defaults to
+:data:`SPARSEMAP_GAMMA` (:class:`structattn.attention.SparsemapAttention`).
 
 **The defaults are defined here and only here.** The library (:class:`structattn.attention.ViterbiAttention`,
 :class:`~structattn.attention.ViterbiNormalizer`, :func:`~structattn.attention.build_attention`, γ = None of
@@ -41,6 +56,9 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from .ops.smoothed_max import REGULARIZERS
+# the λ defaults live beside the operators they parametrise (structattn.ops, already imported by the line above:
+# no new import cost, and no import of structattn.attention)
+from .ops.structured_sparsemax import DEFAULT_FUSEDMAX_LAMBDA, DEFAULT_OSCARMAX_LAMBDA
 
 __all__ = [
     "ATTENTIONS",
@@ -52,17 +70,29 @@ __all__ = [
     "DEFAULT_CONTIGUITY",
     "CHAIN_MODES",
     "DEFAULT_CHAIN",
+    "LAMBDA_ATTENTIONS",
+    "SPARSEMAP_GAMMA",
+    "CHAIN_ATTENTIONS",
+    "DEFAULT_LAMBDA",
     "paper_gamma",
     "AttentionOptions",
     "positive_float",
     "finite_float",
+    "nonnegative_float",
     "resolve_options",
     "build_from_options",
     "build_normalizer",
 ]
 
-#: Attention kinds (the layers of :mod:`structattn.attention`; the plugins' ``--attention`` choices).
-ATTENTIONS = ("softmax", "sparsemax", "viterbi")
+#: Attention kinds (the layers of :mod:`structattn.attention`; the plugins' ``--attention`` choices). The first
+#: three are the paper's comparison; the others are the structured and sparse attentions beside it
+#: (docs/choosing_attention.md).
+ATTENTIONS = ("softmax", "sparsemax", "viterbi", "fusedmax", "oscarmax", "entmax15", "sparsemap")
+
+#: The attentions with a penalty weight λ (``--attention-lambda``) and its default for each: the values the
+#: operators themselves default to (:mod:`structattn.ops.structured_sparsemax`, where the reasons are given).
+DEFAULT_LAMBDA = {"fusedmax": DEFAULT_FUSEDMAX_LAMBDA, "oscarmax": DEFAULT_OSCARMAX_LAMBDA}
+LAMBDA_ATTENTIONS = tuple(DEFAULT_LAMBDA)
 
 #: Temperatures used in the paper (App. C.3): γ = 2 for negentropy, γ = 10 for squared ℓ2. γ = None anywhere in
 #: the library or the plugins means this value for the chosen Ω.
@@ -70,6 +100,16 @@ PAPER_GAMMA = {"entropy": 2.0, "l2": 10.0}
 
 #: Parametrisations of the Viterbi attention (:mod:`structattn.attention`): the paper's, and the trainable one.
 VITERBI_FORMS = ("paper", "stable")
+
+#: Default temperature γ of the SparseMAP attention, whose regulariser (γ/2)‖u‖² is a squared ℓ2: the scale the
+#: library uses for every squared-ℓ2 attention (the ℓ2 Viterbi chain's paper γ and the sparsemax temperature,
+#: docs/sparse_init.md). At γ = 1 (SparseMAP on the raw scores) the toy LSTM of tests/test_fairseq_e2e.py froze: 84 %
+#: of its rows had one structure (zero Jacobian) after 500 updates, and its validation loss went back up to 2.1
+#: bits; with γ = 10 in the stable form it learns (docs/choosing_attention.md).
+SPARSEMAP_GAMMA = PAPER_GAMMA["l2"]
+
+#: The attentions with a chain over the source and a learned transition matrix (γ, form, contiguity, chain).
+CHAIN_ATTENTIONS = ("viterbi", "sparsemap")
 
 #: Default regulariser Ω of the Viterbi attention.
 DEFAULT_REG = "entropy"
@@ -96,8 +136,9 @@ def paper_gamma(reg: str) -> float:
 
 @dataclass(frozen=True)
 class AttentionOptions:
-    """Validated attention options (γ filled in with the paper's value for the Viterbi attention; ``reg``,
-    ``gamma``, ``form`` and ``contiguity`` are carried but unused by softmax and sparsemax)."""
+    """Validated attention options (γ filled in for the Viterbi and SparseMAP attentions, λ with
+    :data:`DEFAULT_LAMBDA` for fusedmax and oscarmax; ``reg`` is carried but used by the Viterbi attention only,
+    ``gamma``, ``form``, ``contiguity`` and ``chain`` by it and SparseMAP, ``lam`` by fusedmax and oscarmax)."""
 
     attention: str
     reg: str = DEFAULT_REG
@@ -105,6 +146,7 @@ class AttentionOptions:
     form: str = DEFAULT_FORM
     contiguity: Optional[float] = DEFAULT_CONTIGUITY
     chain: str = DEFAULT_CHAIN
+    lam: Optional[float] = None
 
 
 def positive_float(text) -> float:
@@ -129,18 +171,31 @@ def finite_float(text) -> float:
     return value
 
 
+def nonnegative_float(text) -> float:
+    """argparse ``type`` for λ: a finite number ≥ 0."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not (0.0 <= value < math.inf):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def _dash(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
 def resolve_options(attention: str, reg: str = DEFAULT_REG, gamma=None, form: str = DEFAULT_FORM,
                     contiguity=DEFAULT_CONTIGUITY, flag: Callable[[str], str] = _dash,
-                    chain: str = DEFAULT_CHAIN) -> AttentionOptions:
-    """Check the six values and fill in γ's paper default for the Viterbi attention.
+                    chain: str = DEFAULT_CHAIN, lam=None) -> AttentionOptions:
+    """Check the seven values and fill in γ's default for the Viterbi (the paper's) and SparseMAP
+    (:data:`SPARSEMAP_GAMMA`) attentions and λ's default (:data:`DEFAULT_LAMBDA`) for fusedmax and oscarmax.
 
     ``flag`` spells an option for the error messages: it receives ``"attention"``, ``"attention_reg"``,
-    ``"attention_gamma"``, ``"attention_form"``, ``"attention_contiguity"`` or ``"attention_chain"``
-    (default: fairseq's ``--attention-reg`` spelling). Raises ``ValueError`` naming the option and the value."""
+    ``"attention_gamma"``, ``"attention_form"``, ``"attention_contiguity"``, ``"attention_chain"`` or
+    ``"attention_lambda"`` (default: fairseq's ``--attention-reg`` spelling). Raises ``ValueError`` naming the
+    option and the value."""
     if attention not in ATTENTIONS:
         raise ValueError(f"{flag('attention')} must be one of {', '.join(ATTENTIONS)}; got {attention!r}")
     if reg not in REGULARIZERS:
@@ -159,16 +214,29 @@ def resolve_options(attention: str, reg: str = DEFAULT_REG, gamma=None, form: st
     if chain not in CHAIN_MODES:
         raise ValueError(f"{flag('attention_chain')} must be one of {', '.join(CHAIN_MODES)}; "
                          f"got {chain!r}")
+    if lam is not None:
+        if isinstance(lam, bool):
+            raise ValueError(f"{flag('attention_lambda')} must be a number >= 0, got {lam!r}")
+        try:
+            lam = nonnegative_float(str(lam))
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"{flag('attention_lambda')} {exc}") from None
     if attention == "viterbi" and gamma is None:
         gamma = PAPER_GAMMA[reg]
-    return AttentionOptions(attention, reg, gamma, form, contiguity, chain)
+    if attention == "sparsemap" and gamma is None:
+        gamma = SPARSEMAP_GAMMA
+    if attention in DEFAULT_LAMBDA and lam is None:
+        lam = DEFAULT_LAMBDA[attention]
+    return AttentionOptions(attention, reg, gamma, form, contiguity, chain, lam)
 
 
 def build_from_options(options: AttentionOptions, query_dim: int, source_dim: int):
     """The :mod:`structattn.attention` module the options describe (query of ``query_dim`` scored against sources
     of ``source_dim``): exactly what the fairseq plugin builds for the same options."""
     from .attention import build_attention  # here, not at the top: structattn.attention imports this module
-    if options.attention != "viterbi":
+    if options.attention in DEFAULT_LAMBDA:
+        return build_attention(options.attention, query_dim, source_dim, lam=options.lam)
+    if options.attention not in CHAIN_ATTENTIONS:
         return build_attention(options.attention, query_dim, source_dim)
     contiguity = options.contiguity if options.form == "stable" else None
     return build_attention(options.attention, query_dim, source_dim, options.reg, options.gamma, options.form,
@@ -176,12 +244,10 @@ def build_from_options(options: AttentionOptions, query_dim: int, source_dim: in
 
 
 def build_normalizer(options: AttentionOptions, num_heads: int):
-    """The Viterbi normaliser of a multi-head attention with ``num_heads`` transition matrices (one per head, or 1
-    shared by the heads; :class:`structattn.attention.ViterbiNormalizer`), or None for softmax/sparsemax
-    (parameter-free: the caller applies :func:`structattn.attention.softmax_attention` / ``sparsemax_attention``)."""
-    from .attention import ViterbiNormalizer  # here, not at the top: structattn.attention imports this module
-    if options.attention != "viterbi":
-        return None
+    """The normaliser of a multi-head attention, applied per head to scores (B, H, Q, S)
+    (:func:`structattn.attention.build_normalizer`): for ``viterbi`` and ``sparsemap`` with ``num_heads``
+    transition matrices (one per head, or 1 shared by the heads), parameter-free for the others."""
+    from .attention import build_normalizer as build  # here, not at the top: structattn.attention imports this
     contiguity = options.contiguity if options.form == "stable" else None
-    return ViterbiNormalizer(num_heads, options.reg, options.gamma, options.form, contiguity,
-                             options.chain == "on")
+    return build(options.attention, num_heads, options.reg, options.gamma, options.form, contiguity,
+                 options.chain == "on", lam=options.lam)

@@ -201,10 +201,13 @@ class StructAttnTranslationTask(TranslationTask):
         if self.cfg.dump_attention:
             _require_attention(models)
             self._export = self._choose_exported_attention(models, args)
-            from structattn.attention import coupling_report
+            from structattn.attention import coupling_report, structure_totals
 
             # the learned transitions and their coupling κ, per model of the ensemble (structattn-stats shows κ)
             self._couplings = [coupling_report(m) for m in models]
+            # SparseMAP's active structures per row over this run (structattn-stats' "structures/row")
+            self._structure_models = models
+            self._structures_start = [structure_totals(m) for m in models]
         elif self.cfg.dump_attention_layer is not None or self.cfg.dump_attention_heads is not None:
             raise ValueError("--dump-attention-layer/--dump-attention-heads choose what --dump-attention writes; "
                              "give --dump-attention PATH too")
@@ -470,6 +473,9 @@ class StructAttnTranslationTask(TranslationTask):
             "max_pad_mass": self._max_pad_mass,
             "contract_ok": self._max_pad_mass <= PAD_MASS_TOLERANCE,
         }
+        per_row = _structures_per_row(getattr(self, "_structure_models", []), getattr(self, "_structures_start", []))
+        if per_row is not None:
+            summary["structures_per_row"] = per_row
         path = w.finalize(summary)
         self._dump_done = True
         logger.info("--dump-attention: wrote %d records for %d sentences to %s", w.n_records, len(self._written), path)
@@ -477,3 +483,17 @@ class StructAttnTranslationTask(TranslationTask):
     def _dump_abort_at_exit(self):
         if self._dump_writer is not None and not self._dump_writer.closed:
             self._dump_writer.abort()
+
+
+def _structures_per_row(models, start) -> Optional[float]:
+    """Mean active SparseMAP structures per attention row computed since ``start`` (the models' totals then), or
+    None for models without SparseMAP attention (:func:`structattn.attention.structure_totals`)."""
+    from structattn.attention import structure_totals
+
+    rows = structures = 0
+    for model, before in zip(models, start):
+        after = structure_totals(model)
+        if after is None or before is None:
+            continue
+        rows, structures = rows + after[0] - before[0], structures + after[1] - before[1]
+    return structures / rows if rows else None

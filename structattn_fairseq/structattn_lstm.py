@@ -1,8 +1,8 @@
 """fairseq model ``structattn_lstm``: fairseq's LSTM encoder-decoder with a selectable attention layer.
 
 Mensch & Blondel, ICML 2018, §5 and App. C.3: an LSTM encoder-decoder with input feeding whose attention is
-softmax, sparsemax or the smoothed-Viterbi segmentation attention (:mod:`structattn.attention`, which holds all the
-maths). This file is glue only: it subclasses ``fairseq.models.lstm`` and replaces nothing but
+softmax, sparsemax, the smoothed-Viterbi segmentation attention or another of :data:`structattn.options.ATTENTIONS`
+(:mod:`structattn.attention`, which holds all the maths). This file is glue only: it subclasses ``fairseq.models.lstm`` and replaces nothing but
 
 * the attention layer of the decoder (:class:`StructAttnLayer`), and
 * the encoder's padding handling, so that encoder states, the padding mask and therefore the returned attention
@@ -95,7 +95,7 @@ class StructAttnLSTMEncoder(LSTMEncoder):
 
 class StructAttnLSTMDecoder(LSTMDecoder):
     """fairseq's ``LSTMDecoder`` (input feeding, incremental decoding, beam reordering unchanged) whose attention
-    layer is :class:`StructAttnLayer` (softmax, sparsemax or smoothed-Viterbi segmentation attention).
+    layer is :class:`StructAttnLayer` (any attention of :data:`structattn.options.ATTENTIONS`).
 
     Attention contract: the returned ``attn`` (bsz, tgt_len, src_len) is indexed like the ``src_tokens`` given to
     the model — column j is the weight of ``src_tokens[:, j]``, exactly 0 on padding columns — for left- and
@@ -125,7 +125,8 @@ class StructAttnLSTMDecoder(LSTMDecoder):
 
 @register_model("structattn_lstm")
 class StructAttnLSTMModel(LSTMModel):
-    """LSTM encoder-decoder with softmax / sparsemax / smoothed-Viterbi segmentation attention (ICML 2018 §5)."""
+    """LSTM encoder-decoder with any attention of :data:`structattn.options.ATTENTIONS` (softmax, sparsemax, the
+    smoothed-Viterbi segmentation attention of ICML 2018 §5, fusedmax, oscarmax, 1.5-entmax, SparseMAP)."""
 
     @staticmethod
     def add_args(parser):

@@ -1,11 +1,13 @@
 """fairseq model ``structattn_transformer``: fairseq's Transformer whose encoder-decoder attention normalises its
-scores with softmax, sparsemax or the smoothed-Viterbi segmentation attention, per head (see docs/transformer.md).
+scores with any attention of :data:`structattn.options.ATTENTIONS` (softmax, sparsemax, the smoothed-Viterbi
+segmentation attention, fusedmax, oscarmax, 1.5-entmax, SparseMAP), per head (see docs/transformer.md).
 
 Mensch & Blondel, ICML 2018, §5 apply the segmentation attention to an LSTM (App. C.3, ``structattn_lstm``); here
 the same normalisers (:mod:`structattn.attention`, which holds all the maths) replace the softmax of every decoder
 layer's encoder-decoder attention, independently for each head: head h of a layer turns its scaled dot products
 s_t = q·k_t/√d into weights over the source with its own chain (one learned 2×2 transition matrix per head and
-layer, :class:`structattn.attention.ViterbiNormalizer`). Self-attention (encoder and decoder) stays softmax. This
+layer, :class:`structattn.attention.ViterbiNormalizer`; SparseMAP likewise, :class:`~structattn.attention.
+SparsemapNormalizer`; the others per head row, :class:`~structattn.attention.HeadNormalizer`). Self-attention (encoder and decoder) stays softmax. This
 file is glue only: it subclasses fairseq 0.12's Transformer and replaces nothing but
 
 * the encoder-decoder attention module (:class:`StructAttnEncoderAttention`, a ``MultiheadAttention`` that keeps
@@ -33,9 +35,9 @@ from fairseq.models.transformer import transformer_iwslt_de_en as fairseq_transf
 from fairseq.modules import MultiheadAttention
 from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
-from torch import Tensor
+from torch import Tensor, nn
 
-from structattn.attention import ViterbiNormalizer, softmax_attention, sparsemax_attention
+from structattn.attention import SparsemapNormalizer, ViterbiNormalizer
 
 from .attention_options import (AttentionOptions, add_attention_args, attention_defaults, build_normalizer,
                                 check_transition_keys, log_attention_metrics, resolve_attention_args)
@@ -67,19 +69,15 @@ class StructAttnEncoderAttention(MultiheadAttention):
         super().__init__(embed_dim, num_heads, kdim=kdim, vdim=vdim, dropout=dropout, encoder_decoder_attention=True,
                          q_noise=q_noise, qn_block_size=qn_block_size)
         self.attention = options.attention  # the attention kind, as --attention names it
-        # Parameters of fairseq's MultiheadAttention, plus (Viterbi only) ``normalizer.transitions[_over_gamma]``,
-        # (heads, 2, 2) or, shared by the heads, (1, 2, 2).
-        self.normalizer: Optional[ViterbiNormalizer] = build_normalizer(options,
-                                                                        num_heads if per_head_transitions else 1)
+        # Parameters of fairseq's MultiheadAttention, plus (Viterbi) ``normalizer.transitions[_over_gamma]`` or
+        # (SparseMAP) ``normalizer.transitions``, (heads, 2, 2) or, shared by the heads, (1, 2, 2); the other
+        # normalisers have no parameter (a softmax model's state dict is fairseq's transformer's).
+        self.normalizer: nn.Module = build_normalizer(options, num_heads if per_head_transitions else 1)
 
     def normalize(self, scores: Tensor, padding_mask: Tensor) -> Tensor:
         """scores (bsz, heads, tgt, src) (float32 or float64) and padding_mask (bsz, heads, tgt, src) bool →
         weights of the scores' shape and dtype."""
-        if self.normalizer is not None:
-            return self.normalizer(scores, padding_mask)
-        rows = scores.reshape(-1, scores.size(-1))
-        fn = softmax_attention if self.attention == "softmax" else sparsemax_attention
-        return fn(rows, padding_mask.reshape(rows.shape)).view(scores.shape)
+        return self.normalizer(scores, padding_mask)
 
     def forward(self, query: Tensor, key: Optional[Tensor], value: Optional[Tensor],
                 key_padding_mask: Optional[Tensor] = None, incremental_state=None, need_weights: bool = True,
@@ -169,8 +167,8 @@ class StructAttnTransformerDecoder(TransformerDecoderBase):
         return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
 
     def normalizers(self) -> list:
-        """The Viterbi normalisers of the layers, first to last (empty for softmax/sparsemax)."""
-        return [m for m in self.modules() if isinstance(m, ViterbiNormalizer)]
+        """The normalisers with a chain (Viterbi, SparseMAP) of the layers, first to last (empty for the others)."""
+        return [m for m in self.modules() if isinstance(m, (ViterbiNormalizer, SparsemapNormalizer))]
 
     def set_attention_export(self, layer: Optional[int] = None, heads: str = "mean") -> None:
         """Choose the attention the decoder returns (``extra["attn"]``, so ``hypo["attention"]`` and
@@ -207,8 +205,8 @@ class StructAttnTransformerDecoder(TransformerDecoderBase):
 
 @register_model("structattn_transformer")
 class StructAttnTransformerModel(TransformerModel):
-    """Transformer (Vaswani et al. 2017) whose encoder-decoder attention is softmax, sparsemax or the smoothed-Viterbi
-    segmentation attention (Mensch & Blondel 2018 §5), per head."""
+    """Transformer (Vaswani et al. 2017) whose encoder-decoder attention is softmax, sparsemax, the smoothed-Viterbi
+    segmentation attention (Mensch & Blondel 2018 §5), fusedmax, oscarmax, 1.5-entmax or SparseMAP, per head."""
 
     @classmethod
     def add_args(cls, parser):
@@ -216,8 +214,8 @@ class StructAttnTransformerModel(TransformerModel):
         add_attention_args(parser)
         parser.add_argument(
             "--attention-transitions", choices=TRANSITIONS, metavar="{" + ",".join(TRANSITIONS) + "}",
-            help="Viterbi attention only: one transition matrix T per head of each decoder layer (head) or one per "
-                 f"layer shared by its heads (layer); default: {DEFAULT_TRANSITIONS} (docs/transformer.md)")
+            help="Viterbi and SparseMAP attention only: one transition matrix T per head of each decoder layer (head) "
+                 f"or one per layer shared by its heads (layer); default: {DEFAULT_TRANSITIONS} (docs/transformer.md)")
 
     @classmethod
     def build_model(cls, args, task):

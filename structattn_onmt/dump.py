@@ -96,6 +96,11 @@ class DumpCollector:
         if self.translator is not None:
             raise RuntimeError("-dump_attention supports one pass over -src")
         self.translator = translator
+        from structattn.attention import structure_totals
+
+        model = getattr(translator, "model", None)
+        # SparseMAP's active structures per row over this run (structattn-stats' "structures/row")
+        self._structures_start = None if model is None else structure_totals(model)
         if transform:
             from onmt.transforms import TransformPipe
 
@@ -127,7 +132,11 @@ class DumpCollector:
         self._flush()
         if not self.writer.header_written:
             self.writer.write_header(self._metadata())
-        self.writer.finalize({"n_sentences": self.n_sentences, "toolkit": "opennmt-py"})
+        summary = {"n_sentences": self.n_sentences, "toolkit": "opennmt-py"}
+        per_row = self._structures_per_row()
+        if per_row is not None:
+            summary["structures_per_row"] = per_row
+        self.writer.finalize(summary)
         self.done = True
         logger.info("-dump_attention: wrote %d records for %d sentences to %s", self.writer.n_records,
                     self.n_sentences, self.path)
@@ -214,6 +223,17 @@ class DumpCollector:
                       "used by OpenNMT's search",
             "couplings": self._couplings(),
         }
+
+    def _structures_per_row(self):
+        """Mean active SparseMAP structures per attention row since :meth:`start`, None without SparseMAP."""
+        from structattn.attention import structure_totals
+
+        model = getattr(self.translator, "model", None)
+        before = getattr(self, "_structures_start", None)
+        after = None if model is None else structure_totals(model)
+        if before is None or after is None or after[0] == before[0]:
+            return None
+        return (after[1] - before[1]) / (after[0] - before[0])
 
     def _couplings(self):
         """The learned transitions and their coupling κ of the translator's model (structattn-stats shows κ)."""

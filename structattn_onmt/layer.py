@@ -5,16 +5,17 @@ c = Σ_t w_t h_t, output tanh(W_out [c; q])) whose weights w come from :mod:`str
 OpenNMT's softmax/sparsemax:
 
 * ``global_attention general`` (OpenNMT's default): the whole scoring-and-normalising step is the library's
-  module (``SoftmaxAttention`` / ``SparsemaxAttention`` / ``ViterbiAttention``, built by
+  module (``SoftmaxAttention`` / ``SparsemaxAttention`` / ``ViterbiAttention`` / ``FusedmaxAttention`` / …, built by
   :func:`structattn.options.build_from_options` exactly as the fairseq plugin builds it). Its bilinear form
   M = ``attention.proj`` takes the place of OpenNMT's ``linear_in`` (s_t = h_t·(M q), the same "general" score),
   and the Viterbi transitions are parameters of that module, so both are in the checkpoint
   (``decoder.attn.attention.proj.weight``, ``decoder.attn.attention.transitions_over_gamma`` or
-  ``…transitions``). M and T keep the library's initialisation (restored after OpenNMT's ``-param_init``, see
-  ``patches.py``).
-* ``global_attention dot`` / ``mlp`` with softmax or sparsemax: OpenNMT's scores, the library's normalisers
-  (:func:`structattn.attention.softmax_attention`, :func:`~structattn.attention.sparsemax_attention`). The Viterbi
-  attention needs the bilinear score (``general``); other combinations are refused when the model is built.
+  ``…transitions``, the latter also SparseMAP's T). M and T keep the library's initialisation (restored after
+  OpenNMT's ``-param_init``, see ``patches.py``).
+* ``global_attention dot`` / ``mlp`` with the attentions without a chain (softmax, sparsemax, fusedmax, oscarmax,
+  entmax15): OpenNMT's scores, the library's normalisers (:class:`structattn.attention.HeadNormalizer`'s
+  functions). The Viterbi and SparseMAP attentions need the bilinear score (``general``); other combinations are
+  refused when the model is built.
 
 Padding: OpenNMT pads sources on the right and passes their lengths; the layer turns them into the library's
 ``padding_mask`` (True at padding), so padded positions get weight exactly 0 and a sentence gets the same weights
@@ -33,7 +34,7 @@ from onmt.modules.global_attention import GlobalAttention
 from onmt.utils.misc import sequence_mask
 from torch import Tensor
 
-from structattn.attention import softmax_attention, sparsemax_attention
+from structattn.attention import HeadNormalizer
 from structattn.options import AttentionOptions, build_from_options
 
 __all__ = ["StructuredGlobalAttention"]
@@ -48,7 +49,7 @@ class StructuredGlobalAttention(GlobalAttention):
         dim: size of the decoder states and of the (bidirectional-concatenated) encoder states.
         options: the validated attention options (:func:`structattn_onmt.options.options_from_opt`).
         coverage: OpenNMT's coverage term; not supported (refused).
-        attn_type: ``general`` (default, any attention), ``dot`` or ``mlp`` (softmax and sparsemax only).
+        attn_type: ``general`` (default, any attention), ``dot`` or ``mlp`` (not Viterbi nor SparseMAP).
         attn_func: OpenNMT's ``global_attention_function``; must equal ``options.attention``.
     """
 
@@ -61,9 +62,10 @@ class StructuredGlobalAttention(GlobalAttention):
                              f"got {attn_type!r}")
         if attn_func != options.attention:
             raise ValueError(f"attention function {attn_func!r} differs from the options' {options.attention!r}")
-        if options.attention == "viterbi" and attn_type != "general":
-            raise ValueError("structattn-onmt: -global_attention_function viterbi needs -global_attention general "
-                             f"(the bilinear score s_t = h_t . M q of the paper); got -global_attention {attn_type}")
+        if options.attention in ("viterbi", "sparsemap") and attn_type != "general":
+            raise ValueError(f"structattn-onmt: -global_attention_function {options.attention} needs -global_attention "
+                             f"general (the bilinear score s_t = h_t . M q of the paper); got -global_attention "
+                             f"{attn_type}")
         # OpenNMT's constructor builds linear_out (and, for mlp, its scoring layers); it only accepts its own two
         # functions, so it is given "softmax" and the real one is set afterwards.
         super().__init__(dim, coverage=False, attn_type=attn_type, attn_func="softmax")
@@ -72,8 +74,11 @@ class StructuredGlobalAttention(GlobalAttention):
         if attn_type == "general":
             del self.linear_in  # M is the library module's `proj` (see the `linear_in` property)
             self.attention = build_from_options(options, dim, dim)
+            self.rows = None
         else:
             self.attention = None
+            # the library's normaliser of OpenNMT's scores, applied to (N, S) rows as one (N, 1, 1, S) "head" each
+            self.rows = HeadNormalizer(options.attention, options.lam)
 
     @property
     def linear_in(self):
@@ -95,9 +100,8 @@ class StructuredGlobalAttention(GlobalAttention):
         """(N, S) scores → (N, S) weights, exactly 0 on padding."""
         if self.attention is not None:
             return self.attention.normalize(scores, padding_mask)
-        if self.attn_func == "sparsemax":
-            return sparsemax_attention(scores, padding_mask)
-        return softmax_attention(scores, padding_mask)
+        mask = None if padding_mask is None else padding_mask[:, None, None, :]
+        return self.rows(scores[:, None, None, :], mask).view(scores.shape)
 
     def forward(self, src, enc_out, src_len=None, coverage=None):
         """OpenNMT's interface: ``src`` queries (batch, tgt_len, dim) or (batch, dim), ``enc_out`` (batch,
@@ -130,4 +134,6 @@ class StructuredGlobalAttention(GlobalAttention):
         r = f"dim={self.dim}, attn_type={self.attn_type!r}, attention={o.attention!r}"
         if o.attention == "viterbi":
             r += f", reg={o.reg!r}, gamma={o.gamma}, form={o.form!r}"
+        if o.lam is not None and o.attention in ("fusedmax", "oscarmax"):
+            r += f", lam={o.lam}"
         return r

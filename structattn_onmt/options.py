@@ -7,31 +7,42 @@ a YAML config). The values, defaults and checks are the fairseq plugin's (:mod:`
 option                         values                          default
 =============================  ==============================  ===========================================
 ``global_attention_function``  ``softmax``, ``sparsemax``,     ``softmax`` (OpenNMT's own default)
-                               ``viterbi``
+                               ``viterbi``, ``fusedmax``,
+                               ``oscarmax``, ``entmax15``,
+                               ``sparsemap``
 ``attention_reg``              ``entropy``, ``l2``             ``entropy``
-``attention_gamma``            a finite number > 0             the paper's γ: 2 for entropy, 10 for l2
+``attention_gamma``            a finite number > 0             the paper's γ: 2 for entropy, 10 for l2;
+                                                               10 for sparsemap
 ``attention_form``             ``stable``, ``paper``           ``stable``
 ``attention_contiguity``       a finite number                 1.0
 ``attention_chain``            ``on``, ``off``                 ``on`` (``off``: the chain-off ablation)
+``attention_lambda``           a finite number ≥ 0             per attention: 0.1 for fusedmax, 0.01 for
+                                                               oscarmax
 =============================  ==============================  ===========================================
 
 ``attention_reg``, ``attention_gamma``, ``attention_form``, ``attention_contiguity`` and ``attention_chain``
-are used by the Viterbi
-attention only (ignored otherwise, as in the fairseq plugin). This module defines the options and reads option
+are used by the Viterbi attention (all but ``attention_reg`` also by SparseMAP, whose transitions are parametrised
+as the Viterbi attention's), ``attention_lambda`` by fusedmax and oscarmax only (ignored otherwise, as
+in the fairseq plugin). The Viterbi and SparseMAP attentions need ``-global_attention general`` (their chain scores
+the bilinear s_t = h_t·M q); the others also work with ``dot`` and ``mlp``. This module defines the options and reads option
 namespaces; putting the options on OpenNMT's parser (and ``viterbi`` among ``-global_attention_function``'s
 choices) is a change to OpenNMT and lives in ``patches.py`` (:func:`structattn_onmt.patches.add_train_options`).
 """
 
 from __future__ import annotations
 
-from structattn.options import (ATTENTIONS, DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_REG, DEFAULT_CHAIN,
-                                PAPER_GAMMA, REGULARIZERS, CHAIN_MODES, VITERBI_FORMS, AttentionOptions,
-                                resolve_options)
+from structattn.options import (ATTENTIONS, DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_LAMBDA, DEFAULT_REG,
+                                DEFAULT_CHAIN, PAPER_GAMMA, REGULARIZERS, CHAIN_MODES, VITERBI_FORMS,
+                                AttentionOptions, nonnegative_float, resolve_options)
 
 __all__ = ["OPTION_NAMES", "MARKER", "add_attention_options", "options_from_opt", "check_train_opt", "flag"]
 
 #: the options this package adds to onmt_train's (``global_attention_function`` exists there already)
-OPTION_NAMES = ("attention_reg", "attention_gamma", "attention_form", "attention_contiguity", "attention_chain")
+OPTION_NAMES = ("attention_reg", "attention_gamma", "attention_form", "attention_contiguity", "attention_chain",
+                "attention_lambda")
+
+#: the attentions whose chain scores the bilinear "general" score (their transitions live in the library module)
+CHAIN_ATTENTIONS = ("viterbi", "sparsemap")
 
 #: an option every model trained by ``structattn-onmt-train`` has in its checkpoint's ``opt``; models without it
 #: (trained by plain ``onmt_train``) keep OpenNMT's own attention layer when translated
@@ -44,7 +55,7 @@ def flag(name: str) -> str:
 
 
 def add_attention_options(group, positive_float, finite_float) -> None:
-    """Add the five Viterbi options to an OpenNMT option group (``group.add`` of configargparse)."""
+    """Add the five Viterbi options and λ to an OpenNMT option group (``group.add`` of configargparse)."""
     gammas = ", ".join(f"{g:g} for {reg}" for reg, g in PAPER_GAMMA.items())
     group.add("--attention_reg", "-attention_reg", type=str, default=DEFAULT_REG, choices=list(REGULARIZERS),
               help="structattn: regulariser of the smoothed max in the Viterbi attention: entropy (dense, CRF "
@@ -52,9 +63,9 @@ def add_attention_options(group, positive_float, finite_float) -> None:
     group.add("--attention_gamma", "-attention_gamma", type=positive_float, default=None, metavar="FLOAT",
               help="structattn: temperature gamma > 0 of the Viterbi attention (smaller is sparser; l2 turns into "
                    f"hard, non-differentiable Viterbi when gamma is too small); default: the paper's {gammas}; "
-                   "only used with -global_attention_function viterbi")
+                   "10 for sparsemap; only used with -global_attention_function viterbi/sparsemap")
     group.add("--attention_form", "-attention_form", type=str, default=DEFAULT_FORM, choices=list(VITERBI_FORMS),
-              help="structattn: parametrisation of the Viterbi attention: stable (scores centred per row, "
+              help="structattn: parametrisation of the Viterbi and SparseMAP attentions: stable (scores centred per row, "
                    "transitions T = gamma * tau with a contiguity prior) or paper (raw scores, T learned from 0, "
                    "exactly as in the paper)")
     group.add("--attention_contiguity", "-attention_contiguity", type=finite_float, default=DEFAULT_CONTIGUITY,
@@ -65,6 +76,11 @@ def add_attention_options(group, positive_float, finite_float) -> None:
               choices=list(CHAIN_MODES),
               help="structattn: on (the Viterbi attention's chain) or off (the chain-off ablation: the "
                    "coupling kappa of neighbouring positions held at 0, independent gates on the same scores)")
+    lambdas = ", ".join(f"{lam:g} for {name}" for name, lam in DEFAULT_LAMBDA.items())
+    group.add("--attention_lambda", "-attention_lambda", type=nonnegative_float, default=None, metavar="FLOAT",
+              help="structattn: weight lambda >= 0 of the structured penalty of fusedmax (total variation) and "
+                   f"oscarmax (OSCAR); 0 gives sparsemax; default: {lambdas}; only used with "
+                   "-global_attention_function fusedmax/oscarmax")
 
 
 def options_from_opt(opt) -> AttentionOptions | None:
@@ -80,6 +96,7 @@ def options_from_opt(opt) -> AttentionOptions | None:
         getattr(opt, "attention_contiguity", DEFAULT_CONTIGUITY),
         flag=flag,
         chain=getattr(opt, "attention_chain", DEFAULT_CHAIN),
+        lam=getattr(opt, "attention_lambda", None),  # None in checkpoints from before λ existed: the default
     )
 
 
@@ -95,13 +112,12 @@ def check_train_opt(opt) -> list[str]:
     if attention not in ATTENTIONS:  # pragma: no cover - resolve_options raised already
         problems.append(f"-global_attention_function must be one of {', '.join(ATTENTIONS)}")
     rnn_decoder = getattr(opt, "decoder_type", "rnn") == "rnn"
-    if attention == "viterbi":
-        if not rnn_decoder:
-            problems.append("-global_attention_function viterbi is an attention of the RNN decoder (-decoder_type "
-                            f"rnn); got -decoder_type {opt.decoder_type}")
-        elif getattr(opt, "global_attention", "general") != "general":
-            problems.append("-global_attention_function viterbi needs -global_attention general (the bilinear "
-                            f"score of the paper); got -global_attention {opt.global_attention}")
+    if attention not in ("softmax", "sparsemax") and not rnn_decoder:
+        problems.append(f"-global_attention_function {attention} is an attention of the RNN decoder (-decoder_type "
+                        f"rnn); got -decoder_type {opt.decoder_type}")
+    elif attention in CHAIN_ATTENTIONS and getattr(opt, "global_attention", "general") != "general":
+        problems.append(f"-global_attention_function {attention} needs -global_attention general (the bilinear "
+                        f"score of the paper); got -global_attention {opt.global_attention}")
     if rnn_decoder and getattr(opt, "global_attention", "general") != "none":
         if getattr(opt, "coverage_attn", False):
             problems.append("-coverage_attn is not supported by structattn-onmt-train (OpenNMT's coverage loss reads "

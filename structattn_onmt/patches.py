@@ -35,9 +35,10 @@ Patches
 ``attention options on the training parser`` (:func:`add_train_options`)
     *What OpenNMT does.* ``onmt.opts.model_opts`` declares ``-global_attention_function`` with
     ``choices=["softmax", "sparsemax"]``.
-    *What we do.* On the parser of ``structattn-onmt-train`` only: add ``viterbi`` to those choices and add
+    *What we do.* On the parser of ``structattn-onmt-train`` only: add ``viterbi``, ``fusedmax``, ``oscarmax``,
+    ``entmax15`` and ``sparsemap`` (:data:`structattn.options.ATTENTIONS`) to those choices and add
     ``-attention_reg``, ``-attention_gamma``, ``-attention_form``, ``-attention_contiguity``,
-    ``-attention_chain`` to the same
+    ``-attention_chain``, ``-attention_lambda`` to the same
     "Model- Attention" group (:mod:`structattn_onmt.options`), so they work on the command line and in YAML configs
     and are saved in the checkpoint's ``opt``.
 
@@ -250,7 +251,7 @@ def _replace_attr_original(cls, name: str):
 
 
 def add_train_options(parser) -> None:
-    """Add ``viterbi`` to ``-global_attention_function`` and the structattn options to OpenNMT's training parser
+    """Add structattn's attentions to ``-global_attention_function``'s choices and the structattn options to OpenNMT's training parser
     (built by ``onmt.opts.train_opts``)."""
     from structattn.options import finite_float, positive_float
 
@@ -262,9 +263,11 @@ def add_train_options(parser) -> None:
     from structattn.attention import ATTENTIONS
 
     action.choices = list(dict.fromkeys(list(action.choices or []) + list(ATTENTIONS)))
-    action.help = ("attention weights: softmax, sparsemax (OpenNMT's functions, computed by structattn) or "
+    action.help = ("attention weights: softmax, sparsemax (OpenNMT's functions, computed by structattn), "
                    "viterbi (structattn: segmentation attention with smoothed Viterbi marginals, Mensch & Blondel "
-                   "2018 section 5; see -attention_reg/-attention_gamma)")
+                   "2018 section 5; see -attention_reg/-attention_gamma), fusedmax, oscarmax (sparsemax with a "
+                   "total-variation / OSCAR penalty, see -attention_lambda), entmax15 (1.5-entmax) or sparsemap "
+                   "(SparseMAP over the segmentation chain); docs/choosing_attention.md")
     group = next(g for g in parser._action_groups if action in g._group_actions)
     add_attention_options(group, positive_float, finite_float)
 
@@ -416,22 +419,27 @@ def _maybe_report_training(orig, self, step, *args, **kwargs):
 
 
 def viterbi_health(model) -> str | None:
-    """``attn_fallback …; attn_frozen …; T/g [[…], […]]`` for the Viterbi attentions of ``model`` since the last
-    call (their counters are read and reset), or None when the model has none or they saw no row."""
-    from structattn.attention import ViterbiAttention
+    """``attn_fallback …; attn_frozen …; T/g [[…], […]]`` for the Viterbi and SparseMAP attentions of ``model``
+    since the last call (their counters are read and reset; SparseMAP adds ``attn_structures …``, the mean number
+    of active segmentations per row), or None when the model has none or they saw no row."""
+    from structattn.attention import SparsemapAttention, ViterbiAttention
 
-    rows = dead = frozen = 0
+    rows = dead = frozen = srows = structures = 0
     taus = []
     for module in model.modules():
-        if isinstance(module, ViterbiAttention):
+        if isinstance(module, (ViterbiAttention, SparsemapAttention)):
             r, d, f = module.pop_fallback_counts()
             rows, dead, frozen = rows + r, dead + d, frozen + f
             taus.append((module.effective_transitions().detach() / module.gamma).cpu())
+        if isinstance(module, SparsemapAttention):
+            sr, st, _ = module.pop_structure_counts()
+            srows, structures = srows + sr, structures + st
     if not taus or rows == 0:
         return None
     tau = torch.stack(taus).mean(0).tolist()
     t = "[[" + "], [".join(", ".join(f"{x:.3f}" for x in row) for row in tau) + "]]"
-    return f"structattn attention: attn_fallback {dead / rows:.4f}; attn_frozen {frozen / rows:.4f}; T/g {t}"
+    line = f"structattn attention: attn_fallback {dead / rows:.4f}; attn_frozen {frozen / rows:.4f}; T/g {t}"
+    return line + (f"; attn_structures {structures / srows:.3f}" if srows else "")
 
 
 # ---- CPU data-parallel training ------------------------------------------------------------------------------

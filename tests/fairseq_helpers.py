@@ -15,13 +15,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 USER_DIR = ROOT / "structattn_fairseq"
 
-# (name, extra fairseq-train arguments) of the four attention variants.
+# (name, extra fairseq-train arguments) of the attention variants: the paper's four, then the structured and sparse
+# attentions beside them (each at its default λ / γ).
 VARIANTS = [
     ("softmax", ["--attention", "softmax"]),
     ("sparsemax", ["--attention", "sparsemax"]),
     ("viterbi-entropy", ["--attention", "viterbi", "--attention-reg", "entropy"]),
     ("viterbi-l2", ["--attention", "viterbi", "--attention-reg", "l2"]),
+    ("fusedmax", ["--attention", "fusedmax"]),
+    ("oscarmax", ["--attention", "oscarmax"]),
+    ("entmax15", ["--attention", "entmax15"]),
+    ("sparsemap", ["--attention", "sparsemap"]),
 ]
+#: the variants added after the paper's four: the end-to-end tests train them for fewer updates (CI time)
+LATER_VARIANTS = ("fusedmax", "oscarmax", "entmax15", "sparsemap")
 
 
 def make_toy_data(raw: Path, task: str = "reverse", n_train: int = 600, n_valid: int = 60, n_test: int = 12,

@@ -26,7 +26,8 @@ from structattn.attention import (
 from structattn.options import DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_REG, PAPER_GAMMA, REGULARIZERS
 
 #: the defaults, spelt out once here so that a change to them is a deliberate change to this test as well
-EXPECTED = {"reg": "entropy", "form": "stable", "contiguity": 1.0, "gamma": {"entropy": 2.0, "l2": 10.0}}
+EXPECTED = {"reg": "entropy", "form": "stable", "contiguity": 1.0, "gamma": {"entropy": 2.0, "l2": 10.0},
+            "lam": {"fusedmax": 0.1, "oscarmax": 0.01}, "sparsemap_gamma": 10.0}
 
 
 def _toolkit(module: str):
@@ -45,8 +46,48 @@ def test_the_one_definition_is_the_one_every_committed_result_used():
         EXPECTED["reg"], EXPECTED["form"], EXPECTED["contiguity"], EXPECTED["gamma"])
     assert set(PAPER_GAMMA) == set(REGULARIZERS)
     # attention.py re-exports the same objects; it does not define its own
-    for name in ("ATTENTIONS", "PAPER_GAMMA", "VITERBI_FORMS", "DEFAULT_REG", "DEFAULT_FORM", "DEFAULT_CONTIGUITY"):
+    for name in ("ATTENTIONS", "PAPER_GAMMA", "VITERBI_FORMS", "DEFAULT_REG", "DEFAULT_FORM", "DEFAULT_CONTIGUITY",
+                 "SPARSEMAP_GAMMA"):
         assert getattr(attention, name) is getattr(options, name), name
+    assert (options.DEFAULT_LAMBDA, options.SPARSEMAP_GAMMA) == (EXPECTED["lam"], EXPECTED["sparsemap_gamma"])
+    # λ's defaults are the operators' own (one definition, beside the operators)
+    from structattn.ops import structured_sparsemax as ssm
+
+    assert options.DEFAULT_LAMBDA == {"fusedmax": ssm.DEFAULT_FUSEDMAX_LAMBDA, "oscarmax": ssm.DEFAULT_OSCARMAX_LAMBDA}
+
+
+@pytest.mark.parametrize("name", ["fusedmax", "oscarmax"])
+def test_lambda_defaults_of_the_library(name):
+    lam = options.DEFAULT_LAMBDA[name]
+    assert _default(getattr(attention, f"{name}_attention"), "lam") == lam
+    cls = getattr(attention, f"{name.capitalize()}Attention")
+    assert _default(cls.__init__, "lam") == lam and cls(3, 4).lam == lam
+    assert build_attention(name, 3, 4).lam == lam and attention.build_normalizer(name, 2).lam == lam
+    assert options.resolve_options(name).lam == lam
+    assert options.build_from_options(options.resolve_options(name), 3, 4).lam == lam
+    assert options.build_normalizer(options.resolve_options(name), 2).lam == lam
+    assert options.build_from_options(options.resolve_options(name, lam=0.5), 3, 4).lam == 0.5
+    assert options.resolve_options("softmax").lam is None  # λ belongs to fusedmax and oscarmax only
+
+
+def test_sparsemap_defaults_of_the_library():
+    g = options.SPARSEMAP_GAMMA
+    for m in (attention.SparsemapAttention(3, 4), attention.SparsemapNormalizer(2), build_attention("sparsemap", 3, 4),
+              attention.build_normalizer("sparsemap", 2),
+              options.build_from_options(options.resolve_options("sparsemap"), 3, 4),
+              options.build_normalizer(options.resolve_options("sparsemap"), 2)):
+        assert (m.gamma, m.form, m.contiguity, m.chain) == (g, DEFAULT_FORM, DEFAULT_CONTIGUITY, True), m
+    assert options.resolve_options("sparsemap").gamma == g
+
+
+@pytest.mark.parametrize("bad, message", [(-0.1, "must be a finite number >= 0"), (float("inf"), "finite"),
+                                          (float("nan"), "finite"), ("x", "must be a number >= 0"),
+                                          (True, "number >= 0")])
+def test_bad_lambda_and_attention_are_refused(bad, message):
+    with pytest.raises(ValueError, match=f"--attention-lambda .*{message}"):
+        options.resolve_options("fusedmax", lam=bad)
+    with pytest.raises(ValueError, match="--attention must be one of .*sparsemap.*; got 'fusedmaxx'"):
+        options.resolve_options("fusedmaxx")
 
 
 def test_options_is_a_leaf_module():
@@ -120,11 +161,18 @@ def test_fairseq_plugin_defaults():
                 fairseq_options.get_training_parser(), [str(ROOT), "--user-dir", str(USER_DIR), "--arch", arch])
         assert (args.attention_reg, args.attention_gamma, args.attention_form, args.attention_contiguity) == (
             DEFAULT_REG, None, DEFAULT_FORM, DEFAULT_CONTIGUITY), arch
+        assert args.attention_lambda is None, arch  # None: the chosen attention's default
         plugin = importlib.import_module(f"{USER_DIR.name}.attention_options")
         resolved = plugin.resolve_attention_args(args)
         assert resolved == options.resolve_options(args.attention), arch
         if args.attention == "viterbi":
             assert resolved.gamma == PAPER_GAMMA[DEFAULT_REG]
+        for name, lam in options.DEFAULT_LAMBDA.items():
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                args = fairseq_options.parse_args_and_arch(
+                    fairseq_options.get_training_parser(),
+                    [str(ROOT), "--user-dir", str(USER_DIR), "--arch", arch, "--attention", name])
+            assert plugin.resolve_attention_args(args).lam == lam == args.attention_lambda, (arch, name)
 
 
 def test_onmt_defaults():
@@ -137,3 +185,9 @@ def test_onmt_defaults():
         DEFAULT_REG, None, DEFAULT_FORM, DEFAULT_CONTIGUITY)
     opt.global_attention_function = "viterbi"
     assert options_from_opt(opt) == options.resolve_options("viterbi")
+    assert opt.attention_lambda is None  # None: the chosen attention's default
+    for name, lam in options.DEFAULT_LAMBDA.items():
+        opt.global_attention_function = name
+        assert options_from_opt(opt).lam == lam == options.resolve_options(name).lam
+    opt.global_attention_function = "sparsemap"
+    assert options_from_opt(opt).gamma == options.SPARSEMAP_GAMMA

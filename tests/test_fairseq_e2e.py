@@ -8,13 +8,17 @@ import shutil
 
 import pytest
 
-from fairseq_helpers import USER_DIR, VARIANTS, hypotheses, make_toy_data, parse_log, preprocess, run_cli, train
+from fairseq_helpers import (LATER_VARIANTS, USER_DIR, VARIANTS, hypotheses, make_toy_data, parse_log, preprocess,
+                             run_cli, train)
 
 pytest.importorskip("fairseq")
 
 pytestmark = pytest.mark.slow
 
 MAX_UPDATE = 500
+#: fusedmax, oscarmax, entmax15, sparsemap: fewer updates (CI time); each was below the thresholds after ~300 updates
+#: in a 500-update run (SparseMAP, the slowest, takes ~2-3x softmax's time per update)
+LATER_MAX_UPDATE = 300
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +40,8 @@ def _generate(bin_dir, checkpoint, *extra):
 def test_train_then_generate(data, name, variant_args):
     root, stats = data
     save = root / f"ck-{name}"
-    proc = train(root / "bin", save, variant_args, MAX_UPDATE, ["--validate-interval-updates", MAX_UPDATE // 2])
+    max_update = LATER_MAX_UPDATE if name in LATER_VARIANTS else MAX_UPDATE
+    proc = train(root / "bin", save, variant_args, max_update, ["--validate-interval-updates", max_update // 2])
     log = parse_log(proc.stdout)
     valid = [float(r["valid_loss"]) for r in log["valid"]]
     first_train = float(log["train_inner"][0]["loss"])  # mean loss of the first 10 updates (bits/token)
@@ -45,7 +50,10 @@ def test_train_then_generate(data, name, variant_args):
     bound = stats["unigram_entropy_bits"]
     assert valid[-1] < 0.35 * bound, f"{name}: valid losses {valid}, source-blind bound {bound:.2f} bits"
     assert valid[-1] < first_train - 1.5, f"{name}: loss went from {first_train} to {valid[-1]}"
-    assert int(log["train"][-1]["train_num_updates"]) == MAX_UPDATE
+    assert int(log["train"][-1]["train_num_updates"]) == max_update
+    if name == "sparsemap":  # the training metrics of a SparseMAP attention
+        record = log["valid"][-1]
+        assert float(record["valid_attn_fallback"]) < 0.05 and float(record["valid_attn_structures"]) >= 1
 
     gen = _generate(root / "bin", save / "checkpoint_best.pt", "--print-alignment")
     hyps = hypotheses(gen.stdout)
@@ -56,6 +64,8 @@ def test_train_then_generate(data, name, variant_args):
     print(f"{name}: valid loss {valid} (bound {bound:.2f}, first train {first_train}), exact copies {exact:.0%}")
     assert exact >= 0.5, f"{name}: only {exact:.0%} of the copies are exact"
     assert re.search(r"^A-\d+\t\d+-\d+", gen.stdout, re.M), "--print-alignment output missing"
+    if name in LATER_VARIANTS:
+        _check_dump_statistics(root, save, name)
 
     # --print-alignment soft (fairseq >= 0.10): the attention the decoder used, one row per target token (EOS
     # included) over the source tokens (EOS included), each row a distribution (fairseq prints 6 decimals, so a
@@ -70,6 +80,27 @@ def test_train_then_generate(data, name, variant_args):
         assert len(matrix) == len(hyps[i].split()) + 1, (i, matrix)
         for row in matrix:
             assert len(row) == len(src[i]) + 1 and abs(sum(row) - 1) < 1e-5 * len(row) and min(row) >= 0, (i, row)
+
+
+def _check_dump_statistics(root, save, name):
+    """--dump-attention and the statistics of structattn-stats: exact zeros for the sparse attentions, the active
+    structures per row for SparseMAP (from the dump's footer)."""
+    from structattn.export import read_dump
+    from structattn.report.stats import dump_stats, dump_structures
+
+    dump = root / f"dump-{name}.jsonl"
+    _generate(root / "bin", save / "checkpoint_best.pt", "--task", "structattn_translation", "--dump-attention", dump)
+    meta, records = read_dump(dump)
+    stats = dump_stats(records)
+    print(f"{name}: dump statistics {stats}, structures/row {dump_structures(meta)}")
+    assert meta["attention"] == name and stats["n_sentences"] == 24
+    if name == "sparsemap":
+        assert 1.0 <= dump_structures(meta) < 20  # ≥ 1 structure per row; a few, not one per position
+    else:
+        assert dump_structures(meta) != dump_structures(meta)  # NaN: only SparseMAP dumps say
+        assert stats["zero_fraction"] > 0.2, stats  # fusedmax, oscarmax, 1.5-entmax: exact zeros
+    args = (meta.get("model_args") or [{}])[0]
+    assert args.get("attention_lambda") == {"fusedmax": 0.1, "oscarmax": 0.01}.get(name)  # the checkpoint says
 
 
 def test_resume_from_checkpoint_last(data):
@@ -134,10 +165,16 @@ def test_cli_help_and_errors(data):
     root, _ = data
     help_text = run_cli("train", root / "bin", "--user-dir", USER_DIR, "--arch", "structattn_lstm", "--help").stdout
     flat = " ".join(help_text.split())
-    for opt in ("--attention {softmax,sparsemax,viterbi}", "--attention-reg {entropy,l2}", "--attention-gamma FLOAT"):
+    for opt in ("--attention {softmax,sparsemax,viterbi,fusedmax,oscarmax,entmax15,sparsemap}",
+                "--attention-reg {entropy,l2}", "--attention-gamma FLOAT", "--attention-lambda FLOAT"):
         assert opt in flat
     bad = run_cli("train", root / "bin", "--user-dir", USER_DIR, "--arch", "structattn_lstm", "--attention-gamma",
                   "0", check=False)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].endswith("argument --attention-gamma: must be a finite number > 0, "
                                                          "got '0'")
+    bad = run_cli("train", root / "bin", "--user-dir", USER_DIR, "--arch", "structattn_lstm", "--attention",
+                  "fusedmax", "--attention-lambda", "-1", check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].endswith("argument --attention-lambda: must be a finite number >= 0, "
+                                                         "got '-1'")

@@ -33,6 +33,10 @@ VARIANTS = {
     "sparsemax": dict(attention="sparsemax"),
     "viterbi-entropy": dict(attention="viterbi", attention_reg="entropy", attention_gamma=1.0),
     "viterbi-l2": dict(attention="viterbi", attention_reg="l2", attention_gamma=1.0),
+    "fusedmax": dict(attention="fusedmax", attention_lambda=0.2),
+    "oscarmax": dict(attention="oscarmax"),
+    "entmax15": dict(attention="entmax15"),
+    "sparsemap": dict(attention="sparsemap", attention_gamma=1.0),
 }
 
 
@@ -250,6 +254,10 @@ def test_help_hook_leaves_fairseq_models_alone(monkeypatch):
         (["--attention-gamma", "abc"], "argument --attention-gamma: must be a number > 0, got 'abc'"),
         (["--attention", "dot"], "argument --attention: invalid choice: 'dot'"),
         (["--attention-reg", "l1"], "argument --attention-reg: invalid choice: 'l1'"),
+        (["--attention-lambda", "-1"], "argument --attention-lambda: must be a finite number >= 0, got '-1'"),
+        (["--attention-lambda", "nan"], "argument --attention-lambda: must be a finite number >= 0, got 'nan'"),
+        (["--attention-lambda", "x"], "argument --attention-lambda: must be a number >= 0, got 'x'"),
+        (["--attention", "fusedmaxx"], "argument --attention: invalid choice: 'fusedmaxx'"),
     ],
 )
 def test_bad_options_give_short_clear_errors(extra, message):
@@ -273,6 +281,17 @@ def test_build_model_validates_programmatic_args_and_fills_paper_gamma():
         args = _args(attention="viterbi", attention_reg=reg)
         model = StructAttnLSTMModel.build_model(args, task)
         assert args.attention_gamma == gamma and model.decoder.attention.attention.gamma == gamma
+    with pytest.raises(ValueError, match="--attention-lambda must be a finite number >= 0"):
+        StructAttnLSTMModel.build_model(_args(attention="fusedmax", attention_lambda=-0.5), task)
+    # λ's default per attention and SparseMAP's γ are filled in, so that the checkpoint records them
+    for attention, lam, gamma in (("fusedmax", 0.1, None), ("oscarmax", 0.01, None), ("sparsemap", None, 10.0),
+                                  ("entmax15", None, None)):
+        args = _args(attention=attention)
+        att = StructAttnLSTMModel.build_model(args, task).decoder.attention.attention
+        assert (args.attention_lambda, args.attention_gamma) == (lam, gamma), attention
+        assert (getattr(att, "lam", None), getattr(att, "gamma", None)) == (lam, gamma), attention
+    args = _args(attention="oscarmax", attention_lambda=0.3)
+    assert StructAttnLSTMModel.build_model(args, task).decoder.attention.attention.lam == 0.3
 
 
 def test_empty_source_sentence_is_rejected():

@@ -43,6 +43,10 @@ VARIANTS = [
     ("sparsemax", ["-global_attention_function", "sparsemax"]),
     ("viterbi-entropy", ["-global_attention_function", "viterbi", "-attention_reg", "entropy"]),
     ("viterbi-l2", ["-global_attention_function", "viterbi", "-attention_reg", "l2"]),
+    ("fusedmax", ["-global_attention_function", "fusedmax"]),
+    ("oscarmax", ["-global_attention_function", "oscarmax", "-attention_lambda", "0.02"]),
+    ("entmax15", ["-global_attention_function", "entmax15"]),
+    ("sparsemap", ["-global_attention_function", "sparsemap"]),
 ]
 TRAIN_STEPS = 300
 N_TEST = 12
@@ -181,7 +185,10 @@ def test_training_learns(trained, name):
     assert len(accs) == 2, trained[name][1][-2000:]
     assert accs[-1] >= MIN_VALID_ACCURACY, f"{name}: validation accuracy {accs}"
     health = re.findall(r"structattn attention: attn_fallback ([0-9.]+); attn_frozen ([0-9.]+); T/g", trained[name][1])
-    assert bool(health) == name.startswith("viterbi")  # the fairseq plugin's training metrics, Viterbi only
+    # the fairseq plugin's training metrics, for the attentions with a chain only
+    assert bool(health) == (name.startswith("viterbi") or name == "sparsemap")
+    if name == "sparsemap":
+        assert re.search(r"attn_structures [0-9.]+", trained[name][1])
 
 
 @pytest.mark.parametrize("name", [v[0] for v in VARIANTS])
@@ -201,6 +208,8 @@ def test_translate_beam_attn_debug_report_align_and_dump(toy, translated, name):
     meta, records = read_dump(dump)
     assert meta["toolkit"] == "opennmt-py" and meta["generation"]["beam"] == 3
     assert meta["attention"] == name.split("-")[0]
+    if name == "oscarmax":  # the checkpoint's opt says which λ the model holds
+        assert meta["model_args"][0]["attention_lambda"] == 0.02
     assert sorted({r.id for r in records}) == list(range(N_TEST))
     assert {r.nbest_rank for r in records} == {0, 1}
     src_lines = (root / "test.src").read_text().splitlines()
@@ -221,9 +230,14 @@ def test_structattn_stats_reads_the_dumps(translated):
     stats = {row["label"]: row for row in json.loads(proc.stdout)}
     print({k: round(v["zero_fraction"], 3) for k, v in stats.items()})
     # the sparse attentions have exact zeros (softmax and -H only where float32 underflows)
-    for sparse in ("viterbi-l2", "sparsemax"):
-        assert stats[sparse]["zero_fraction"] > 0.2
-        assert stats[sparse]["zero_fraction"] > stats["softmax"]["zero_fraction"] + 0.1
+    for sparse in ("viterbi-l2", "sparsemax", "fusedmax", "oscarmax", "entmax15"):
+        assert stats[sparse]["zero_fraction"] > 0.2, sparse
+        assert stats[sparse]["zero_fraction"] > stats["softmax"]["zero_fraction"] + 0.1, sparse
+    # SparseMAP's active structures per row (the dump's footer); the other dumps do not have the number
+    assert 1.0 <= stats["sparsemap"]["structures_per_row"] < 20
+    assert "structures_per_row" not in stats["softmax"]
+    table = run("structattn-stats", *specs).stdout
+    assert "structures/row" in table.splitlines()[0]
     _, l2 = read_dump(translated["viterbi-l2"][1])
     assert any((r.attention == 0).any() for r in l2)
 
@@ -325,3 +339,8 @@ def test_bad_values_stop_before_training(toy, tmp_path):
     assert proc.returncode == 2, _log(proc)[-2000:]
     assert "error: argument --attention_gamma/-attention_gamma: must be a finite number > 0, got '0'" in proc.stderr
     assert "Starting training" not in _log(proc) and not list(tmp_path.glob("m*.pt"))
+    proc = run("structattn-onmt-train", "-config", config, "-global_attention_function", "oscarmax",
+               "-attention_lambda", "-0.5", "-save_model", tmp_path / "m", "-train_steps", 5, check=False)
+    assert proc.returncode == 2, _log(proc)[-2000:]
+    assert "error: argument --attention_lambda/-attention_lambda: must be a finite number >= 0, got '-0.5'" \
+        in proc.stderr

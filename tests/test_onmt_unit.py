@@ -19,7 +19,6 @@ except ImportError:
     pytest.skip("OpenNMT-py is not installed (bash scripts/install_onmt.sh installs it; CI does)",
                 allow_module_level=True)
 
-from structattn.attention import SoftmaxAttention, SparsemaxAttention, ViterbiAttention
 from structattn.options import AttentionOptions, resolve_options
 from structattn_onmt import patches
 from structattn_onmt.cli import _train_parser, train_main
@@ -35,6 +34,10 @@ OPTIONS = {
     "viterbi-entropy": resolve_options("viterbi", "entropy"),
     "viterbi-l2": resolve_options("viterbi", "l2"),
     "viterbi-l2-paper": resolve_options("viterbi", "l2", 3.0, "paper", None),
+    "fusedmax": resolve_options("fusedmax", lam=0.2),
+    "oscarmax": resolve_options("oscarmax"),
+    "entmax15": resolve_options("entmax15"),
+    "sparsemap": resolve_options("sparsemap"),
 }
 
 
@@ -96,6 +99,14 @@ def test_options_reach_the_checkpoint_opt_and_stock_models_have_none():
      "-global_attention_function viterbi needs -global_attention general"),
     (["-global_attention_function", "viterbi", "-decoder_type", "transformer", "-encoder_type", "transformer"],
      "-global_attention_function viterbi is an attention of the RNN decoder"),
+    (["-global_attention_function", "sparsemap", "-global_attention", "dot"],
+     "-global_attention_function sparsemap needs -global_attention general"),
+    (["-global_attention_function", "fusedmax", "-decoder_type", "transformer", "-encoder_type", "transformer"],
+     "-global_attention_function fusedmax is an attention of the RNN decoder"),
+    (["-global_attention_function", "oscarmax", "-attention_lambda", "-1"],
+     "argument --attention_lambda/-attention_lambda: must be a finite number >= 0, got '-1'"),
+    (["-global_attention_function", "fusedmaxx"], "argument --global_attention_function/-global_attention_function: "
+                                                  "invalid choice: 'fusedmaxx'"),
     (["-coverage_attn"], "-coverage_attn is not supported by structattn-onmt-train"),
     (["-copy_attn"], "-copy_attn is not supported by structattn-onmt-train"),
     (["-world_size", "2"], "give the ranks of this machine with -gpu_ranks (e.g. -gpu_ranks 0 1)"),
@@ -119,7 +130,11 @@ def test_check_train_opt_accepts_every_attention():
     for argv in (["-global_attention_function", "softmax", "-global_attention", "dot"],
                  ["-global_attention_function", "sparsemax", "-global_attention", "mlp"],
                  ["-global_attention_function", "viterbi", "-attention_reg", "l2", "-attention_gamma", "1e-3"],
-                 ["-global_attention_function", "viterbi", "-attention_form", "paper"]):
+                 ["-global_attention_function", "viterbi", "-attention_form", "paper"],
+                 ["-global_attention_function", "fusedmax", "-global_attention", "dot", "-attention_lambda", "0"],
+                 ["-global_attention_function", "oscarmax", "-global_attention", "mlp"],
+                 ["-global_attention_function", "entmax15"],
+                 ["-global_attention_function", "sparsemap", "-attention_gamma", "3"]):
         assert check_train_opt(_parse(*argv)) == [], argv
 
 
@@ -132,11 +147,13 @@ def test_layer_is_the_library_attention_and_padding_is_exact(name):
     options = OPTIONS[name]
     dim, lengths = 6, [5, 3, 1]
     layer = StructuredGlobalAttention(dim, options, attn_type="general", attn_func=options.attention)
-    kind = {"softmax": SoftmaxAttention, "sparsemax": SparsemaxAttention}.get(options.attention, ViterbiAttention)
+    from structattn.attention import build_attention
+
+    kind = type(build_attention(options.attention, dim, dim))
     assert type(layer.attention) is kind and layer.linear_in is layer.attention.proj
     keys = set(layer.state_dict())
     assert "attention.proj.weight" in keys and "linear_out.weight" in keys and "linear_in.weight" not in keys
-    if options.attention == "viterbi":
+    if options.attention in ("viterbi", "sparsemap"):
         assert ("attention.transitions_over_gamma" if options.form == "stable" else "attention.transitions") in keys
     enc = torch.randn(3, 5, dim)
     for b, n in enumerate(lengths):
@@ -156,18 +173,29 @@ def test_layer_is_the_library_attention_and_padding_is_exact(name):
 
 
 @pytest.mark.parametrize("attn_type", ["dot", "mlp"])
-@pytest.mark.parametrize("func", ["softmax", "sparsemax"])
+@pytest.mark.parametrize("func", ["softmax", "sparsemax", "fusedmax", "oscarmax", "entmax15"])
 def test_dot_and_mlp_scores_with_the_library_normalisers(attn_type, func):
-    layer = StructuredGlobalAttention(4, AttentionOptions(func), attn_type=attn_type, attn_func=func)
+    from structattn import attention
+
+    torch.manual_seed(0)
+    layer = StructuredGlobalAttention(4, resolve_options(func), attn_type=attn_type, attn_func=func)
     assert layer.attention is None
-    _, w = layer(torch.randn(2, 4), torch.randn(2, 3, 4), torch.tensor([3, 2]))
+    q, enc = torch.randn(2, 4), torch.randn(2, 3, 4) * 3
+    _, w = layer(q, enc, torch.tensor([3, 2]))
     assert torch.all(w[1, 2] == 0)
     torch.testing.assert_close(w.sum(-1), torch.ones(2))
+    # the library's function of OpenNMT's scores, each row over its real positions
+    scores = layer.score(q.unsqueeze(1), enc).squeeze(1)
+    fn = getattr(attention, f"{func}_attention")
+    for b, n in enumerate((3, 2)):
+        torch.testing.assert_close(w[b, :n], fn(scores[b:b + 1, :n])[0])
 
 
-def test_viterbi_needs_the_bilinear_score():
-    with pytest.raises(ValueError, match="needs -global_attention general"):
-        StructuredGlobalAttention(4, OPTIONS["viterbi-l2"], attn_type="dot", attn_func="viterbi")
+@pytest.mark.parametrize("name", ["viterbi-l2", "sparsemap"])
+def test_chain_attentions_need_the_bilinear_score(name):
+    func = name.split("-")[0]
+    with pytest.raises(ValueError, match=f"{func} needs -global_attention general"):
+        StructuredGlobalAttention(4, OPTIONS[name], attn_type="dot", attn_func=func)
 
 
 # ---- models built by OpenNMT with the patches ----------------------------------------------------------------------

@@ -339,7 +339,7 @@ def test_bad_input_raises_clear_errors():
 
 def test_module_learns_transitions_and_counts_rows():
     torch.manual_seed(0)
-    m = SparsemapAttention(3, 4)
+    m = SparsemapAttention(3, 4, form="paper", gamma=1.0)  # SparseMAP of the raw scores and a raw T from 0
     assert torch.equal(m.transitions.detach(), torch.zeros(2, 2))
     q, k = torch.rand(5, 3) * 2 - 1, torch.rand(5, 7, 4) * 2 - 1
     pm = torch.zeros(5, 7, dtype=torch.bool)
@@ -357,6 +357,44 @@ def test_module_learns_transitions_and_counts_rows():
     assert rows == srows == 4 and unconverged == 0 and structures >= 4
     assert m.pop_fallback_counts() == (0, 0, 0) and m.pop_structure_counts() == (0, 0, 0)
     assert "max_iter" in repr(m)
+
+
+@pytest.mark.parametrize("form", ["stable", "paper"])
+def test_module_forms_are_the_viterbi_attentions(form):
+    """The modules parametrise T as the Viterbi attention does (structattn.options defaults: stable form, τ = T/γ
+    from the contiguity prior, centred scores; γ = SPARSEMAP_GAMMA): weights = sparsemap_attention(s̃/γ, T/γ)."""
+    from structattn.attention import SparsemapNormalizer, ViterbiAttention, centre_scores
+    from structattn.options import DEFAULT_CONTIGUITY, DEFAULT_FORM, SPARSEMAP_GAMMA
+
+    torch.manual_seed(1)
+    m = SparsemapAttention(3, 4, form=form)
+    assert m.gamma == SPARSEMAP_GAMMA and SparsemapAttention(3, 4).form == DEFAULT_FORM
+    v = ViterbiAttention(3, 4, "l2", SPARSEMAP_GAMMA, form)
+    assert {n for n, _ in m.named_parameters()} == {n for n, _ in v.named_parameters()}
+    if form == "stable":
+        assert torch.equal(m.transitions_over_gamma.detach(), torch.eye(2) * DEFAULT_CONTIGUITY)
+    q, k = torch.rand(4, 3) * 2 - 1, torch.rand(4, 6, 4) * 2 - 1
+    pm = torch.zeros(4, 6, dtype=torch.bool)
+    pm[1, :2] = True
+    with torch.no_grad():
+        m.proj.weight.mul_(5.0)
+    _, w = m(q, k, pm)
+    s = torch.bmm(k, m.proj(q).unsqueeze(2)).squeeze(2)
+    s = centre_scores(s, pm) if form == "stable" else s
+    ref = sparsemap_attention(s / m.gamma, m.effective_transitions() / m.gamma, pm)
+    torch.testing.assert_close(w, ref)
+    # the multi-head normaliser: head h of every row uses its own T_h
+    n = SparsemapNormalizer(2, form=form)
+    with torch.no_grad():
+        for p in n.parameters():
+            p.copy_(torch.randn_like(p))
+    s4 = torch.randn(2, 2, 3, 5) * 10
+    w4 = n(s4)
+    for h in range(2):
+        rows = s4[:, h].reshape(-1, 5)
+        rows = centre_scores(rows) if form == "stable" else rows
+        torch.testing.assert_close(w4[:, h].reshape(-1, 5),
+                                   sparsemap_attention(rows / n.gamma, n.effective_transitions()[h] / n.gamma))
 
 
 def test_top_level_exports():

@@ -39,6 +39,10 @@ VARIANTS = {
     "viterbi-entropy": dict(attention="viterbi", attention_reg="entropy", attention_gamma=1.0),
     "viterbi-l2": dict(attention="viterbi", attention_reg="l2", attention_gamma=1.0),
     "viterbi-l2-paper": dict(attention="viterbi", attention_reg="l2", attention_gamma=1.0, attention_form="paper"),
+    "fusedmax": dict(attention="fusedmax", attention_lambda=0.2),
+    "oscarmax": dict(attention="oscarmax"),
+    "entmax15": dict(attention="entmax15"),
+    "sparsemap": dict(attention="sparsemap", attention_gamma=1.0),
 }
 HEADS, LAYERS = 4, 2
 # fairseq computes the decoder's self-attention softmax in float32 (utils.softmax) and the generator keeps scores in
@@ -97,6 +101,19 @@ def test_architectures_and_parameters():
                                     "decoder.layers.0.encoder_attn.normalizer.transitions_over_gamma"}
     # self-attention stays fairseq's softmax attention
     assert type(model.decoder.layers[0].self_attn).__name__ == "MultiheadAttention"
+    # every other attention: a normaliser per layer, per head; SparseMAP with one T per head, parametrised as the
+    # Viterbi attention's; the others without parameters (their state dict is fairseq's transformer's)
+    for attention, lam in (("fusedmax", 0.1), ("oscarmax", 0.01), ("entmax15", None), ("sparsemap", None)):
+        args = _args(attention=attention)
+        m = StructAttnTransformerModel.build_model(args, _task(d))
+        layer = m.decoder.layers[0].encoder_attn.normalizer
+        assert getattr(layer, "lam", None) == lam == args.attention_lambda, attention
+        extra = {k for k in m.state_dict() if ".normalizer." in k}
+        if attention == "sparsemap":
+            assert layer.transitions_over_gamma.shape == (HEADS, 2, 2) and layer.gamma == args.attention_gamma == 10
+            assert len(extra) == LAYERS and len(m.decoder.normalizers()) == LAYERS
+        else:
+            assert not extra and not m.decoder.normalizers()
     for arch, dims in ((structattn_transformer, (512, 2048, 8, 6)), (structattn_transformer_iwslt_de_en,
                                                                      (512, 1024, 4, 6))):
         args = argparse.Namespace()
@@ -353,6 +370,7 @@ def test_options_parse_with_fairseq_transformer_options():
         (["--attention-reg", "l1"], "argument --attention-reg: invalid choice: 'l1'"),
         (["--attention-form", "exact"], "argument --attention-form: invalid choice: 'exact'"),
         (["--attention-transitions", "model"], "argument --attention-transitions: invalid choice: 'model'"),
+        (["--attention-lambda", "-0.1"], "argument --attention-lambda: must be a finite number >= 0, got '-0.1'"),
     ],
 )
 def test_bad_options_give_short_clear_errors(extra, message):

@@ -1,4 +1,4 @@
-"""The math core: smoothed max operators and the smoothed Viterbi (no fairseq, matplotlib or Triton imports)."""
+"""The math core: smoothed max operators, the smoothed Viterbi, fusedmax / oscarmax (no fairseq, matplotlib or Triton imports)."""
 
 from .smoothed_max import (
     REGULARIZERS,
@@ -10,6 +10,7 @@ from .smoothed_max import (
     smoothed_max,
     sparsemax,
 )
+from .structured_sparsemax import Fusedmax, Oscarmax, ProxTV, fusedmax, oscarmax, prox_tv
 from .viterbi import SmoothedViterbi, ViterbiMarginals, viterbi_hvp, viterbi_marginals, viterbi_value
 
 # DTW_Ω (ICML 2018 §3.2)
@@ -35,4 +36,11 @@ __all__ = [
     "dtw_hvp",
     "dtw_marginals",
     "dtw_value",
+    # structured sparsemax (fusedmax, oscarmax; the structured-attention lecture)
+    "Fusedmax",
+    "Oscarmax",
+    "ProxTV",
+    "fusedmax",
+    "oscarmax",
+    "prox_tv",
 ]

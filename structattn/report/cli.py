@@ -212,7 +212,7 @@ def _run(prog: str, fn, argv) -> int:
 
 def _stats(argv) -> int:
     from ..export import eos_symbol
-    from .stats import STAT_COLUMNS, dump_head_count, dump_kappa, dump_stats, format_stat
+    from .stats import STAT_COLUMNS, dump_head_count, dump_kappa, dump_stats, dump_structures, format_stat
 
     p = argparse.ArgumentParser(
         prog="structattn-stats",
@@ -234,6 +234,9 @@ def _stats(argv) -> int:
         heads = [dump_stats(m.records, head=h, **kw) for h in range(dump_head_count(m.records) or 0)]
         kappa, head_kappa = dump_kappa(m.metadata)
         st = dict(dump_stats(m.records, **kw), kappa=kappa)
+        structures = dump_structures(m.metadata)
+        if structures == structures:  # SparseMAP dumps only: the column exists where some dump has it
+            st["structures_per_row"] = structures
         for h, hs in enumerate(heads):
             hs["kappa"] = head_kappa[h] if head_kappa is not None and h < len(head_kappa) else float("nan")
         rows.append((m, st, heads))
@@ -250,6 +253,11 @@ def _stats(argv) -> int:
         print(json.dumps(out, indent=2))
         return 0
     columns = list(STAT_COLUMNS) + [("kappa", "κ", "{:.2f}")]
+    if any("structures_per_row" in st for _, st, _ in rows):
+        columns.append(("structures_per_row", "structures/row", "{:.2f}"))
+        for _, st, heads in rows:
+            for stat in [st] + heads:
+                stat.setdefault("structures_per_row", float("nan"))
     header = ["model"] + [name for _, name, _ in columns]
     table = [header]
     for m, st, heads in rows:

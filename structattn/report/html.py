@@ -36,11 +36,12 @@ class ModelDump:
         args = (m.get("model_args") or [{}])[0] if m.get("model_args") else {}
         if m.get("attention"):
             parts.append(f"attention={m['attention']}")
-        if m.get("attention") == "viterbi":
-            if args.get("attention_reg"):
-                parts.append(f"reg={args['attention_reg']}")
-            if args.get("attention_gamma") is not None:
-                parts.append(f"γ={args['attention_gamma']}")
+        if m.get("attention") == "viterbi" and args.get("attention_reg"):
+            parts.append(f"reg={args['attention_reg']}")
+        if m.get("attention") in ("viterbi", "sparsemap") and args.get("attention_gamma") is not None:
+            parts.append(f"γ={args['attention_gamma']}")
+        if m.get("attention") in ("fusedmax", "oscarmax") and args.get("attention_lambda") is not None:
+            parts.append(f"λ={args['attention_lambda']}")
         if m.get("attention_layer") is not None:  # multi-head models: which layer, heads averaged or all
             parts.append(f"layer {m['attention_layer']}, {m.get('num_heads')} heads ({m.get('attention_heads')})")
         gen = m.get("generation") or {}

@@ -25,6 +25,11 @@ positions), read from the dump's metadata (``couplings``, written by both toolki
 column exists; n/a for older dumps and for models without Viterbi attention): the mean over the first model's
 matrices, and for the head rows of a multi-head dump the κ of that head in the dumped layer.
 
+Active structures per row (SparseMAP attention only; ``structattn-stats``' column "structures/row", shown when a
+dump has it): the mean number of whole segmentations in the SparseMAP solution of a row, over every attention row
+the decoder computed while the dump was written (all beam hypotheses and steps, not only the dumped ones: the
+weights alone cannot tell it), read from the dump's footer (``summary["structures_per_row"]``).
+
 Dump-level numbers pool over cells (zero fraction) or over target rows (means), i.e. long sentences weigh more.
 
 Multi-head dumps (records with ``heads``, :mod:`structattn.export`): the statistics above describe ``attention``, the
@@ -41,7 +46,7 @@ import numpy as np
 from ..export import DEFAULT_EOS
 
 __all__ = ["row_support", "row_segments", "matrix_stats", "dump_stats", "dump_head_count", "select_records",
-           "record_fallback_rows", "eos_mass_rows", "dump_kappa", "STAT_COLUMNS"]
+           "record_fallback_rows", "eos_mass_rows", "dump_kappa", "dump_structures", "STAT_COLUMNS"]
 
 # (key, column title, format) in the order tables show them
 STAT_COLUMNS = [
@@ -219,6 +224,12 @@ def dump_kappa(metadata: dict) -> tuple[float, list | None]:
         if len(mine) == 1:
             heads = list(mine[0].get("kappa", []))
     return mean, heads
+
+
+def dump_structures(metadata: dict) -> float:
+    """Mean active SparseMAP structures per attention row of a dump (module docstring), NaN when it does not say."""
+    value = ((metadata or {}).get("summary") or {}).get("structures_per_row")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
 
 
 def format_stat(value, fmt: str) -> str:

@@ -1,0 +1,266 @@
+"""C source of the CPU kernels of fusedmax and oscarmax (compiled once per user by :mod:`.cpu_prox`).
+
+One call runs one pass over all rows of an (N, T) array, row by row (both proxes are sequential within a row):
+
+* ``psm_forward``: per row, the real positions (``mask`` False) are compacted in order, then
+
+  - kind 0, prox_TV: Condat's direct algorithm (L. Condat, "A direct algorithm for 1D total variation denoising",
+    IEEE SPL 20(11), 2013), argmin_x ½‖x − y‖² + λ Σ|x_{i+1} − x_i|, written out by segments;
+  - kind 1, fusedmax = sparsemax(prox_TV(y));
+  - kind 2, oscarmax = sparsemax(v), v = the non-increasing isotonic regression (pool adjacent violators) of
+    y_sorted − w, w_k = λ(n − 1 − k) (k = 0…n−1, y sorted decreasingly, stable), put back in the original order
+    (:mod:`structattn.ops.structured_sparsemax` derives why this is the exact OSCAR argmin over the simplex);
+
+  and writes P (the prox for kind 0, the weights otherwise; 0 on padding) and G, an int32 group label per position
+  (−1 on padding): positions of one row with equal label form one fused group (a run of equal prox values for TV,
+  a pooled block for OSCAR). Returns the number of rows with a non-finite real entry (their outputs are garbage).
+* ``psm_backward``: the vector-Jacobian product from (∂L/∂P, P, G): for kind ≥ 1, sparsemax's
+  h = s ⊙ (g − mean_s g) with s = {P > 0}, then (every kind) the average of h over each group.
+
+Both are written once with ``real``/``SFX`` placeholders, instantiated for float and double.
+"""
+
+_HEADER = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+"""
+
+_BODY = r"""
+/* Condat (2013), "A direct algorithm for 1D total variation denoising", the published C routine TV1D_denoise
+   (objective 1/2 ||x - y||^2 + lambda sum |x_{k+1} - x_k|), with his variable names: u is the dual variable,
+   [vmin, vmax] the bounds of the current segment's value, k0 the start of the current segment, kminus/kplus the
+   last positions where umin = lambda / umax = -lambda. Linear time in practice. */
+static void tv1d_SFX(const real *input, real *output, int64_t width, real lambda)
+{
+    if (width <= 0) return;
+    if (!(lambda > 0)) { memcpy(output, input, (size_t)width * sizeof(real)); return; }
+    int64_t k = 0, k0 = 0, kplus = 0, kminus = 0;
+    real umin = lambda, umax = -lambda;
+    real vmin = input[0] - lambda, vmax = input[0] + lambda;
+    const real twolambda = (real)2.0 * lambda, minlambda = -lambda;
+    for (;;) {
+        while (k == width - 1) {  /* the right boundary */
+            if (umin < (real)0.0) {  /* vmin too high: negative jump */
+                do output[k0++] = vmin; while (k0 <= kminus);
+                umax = (vmin = input[kminus = k = k0]) + (umin = lambda) - vmax;
+            } else if (umax > (real)0.0) {  /* vmax too low: positive jump */
+                do output[k0++] = vmax; while (k0 <= kplus);
+                umin = (vmax = input[kplus = k = k0]) + (umax = minlambda) - vmin;
+            } else {
+                vmin += umin / (real)(k - k0 + 1);
+                do output[k0++] = vmin; while (k0 <= k);
+                return;
+            }
+        }
+        if ((umin += input[k + 1] - vmin) < minlambda) {  /* negative jump */
+            do output[k0++] = vmin; while (k0 <= kminus);
+            vmax = (vmin = input[kplus = kminus = k = k0]) + twolambda;
+            umin = lambda;
+            umax = minlambda;
+        } else if ((umax += input[k + 1] - vmax) > lambda) {  /* positive jump */
+            do output[k0++] = vmax; while (k0 <= kplus);
+            vmin = (vmax = input[kplus = kminus = k = k0]) - twolambda;
+            umin = lambda;
+            umax = minlambda;
+        } else {  /* no jump */
+            k++;
+            if (umin >= lambda) {
+                vmin += (umin - lambda) / (real)((kminus = k) - k0 + 1);
+                umin = lambda;
+            }
+            if (umax <= minlambda) {
+                vmax += (umax + lambda) / (real)((kplus = k) - k0 + 1);
+                umax = minlambda;
+            }
+        }
+    }
+}
+
+typedef struct { real v; int64_t i; } pair_SFX;
+
+/* Stable sort of a[0..n) by decreasing v (ties keep their order): insertion sort on short runs, then merges through
+   tmp. Rows are short (attention lengths), where this beats qsort's indirect comparisons. */
+static void sort_pairs_SFX(pair_SFX *a, pair_SFX *tmp, int64_t n)
+{
+    const int64_t RUN = 16;
+    for (int64_t s = 0; s < n; s += RUN) {
+        int64_t e = s + RUN < n ? s + RUN : n;
+        for (int64_t i = s + 1; i < e; i++) {
+            pair_SFX key = a[i];
+            int64_t j = i - 1;
+            while (j >= s && a[j].v < key.v) { a[j + 1] = a[j]; j--; }
+            a[j + 1] = key;
+        }
+    }
+    for (int64_t w = RUN; w < n; w *= 2) {
+        for (int64_t s = 0; s < n; s += 2 * w) {
+            int64_t m = s + w < n ? s + w : n, e = s + 2 * w < n ? s + 2 * w : n, i = s, j = m, o = s;
+            while (i < m && j < e) tmp[o++] = (a[j].v > a[i].v) ? a[j++] : a[i++];
+            while (i < m) tmp[o++] = a[i++];
+            while (j < e) tmp[o++] = a[j++];
+        }
+        memcpy(a, tmp, (size_t)n * sizeof(pair_SFX));
+    }
+}
+
+/* sparsemax of v[0..n) (any order) into p: threshold tau by Michelot's (1986) iteration on the shifted values (the
+   support shrinks to its fixed point; each pass is O(n), a handful of passes in practice). */
+static void sparsemax_row_SFX(const real *v, real *p, int64_t n)
+{
+    real m = v[0];
+    for (int64_t i = 1; i < n; i++) if (v[i] > m) m = v[i];
+    real s = 0;
+    for (int64_t i = 0; i < n; i++) s += v[i] - m;
+    int64_t k = n;
+    real tau = (s - (real)1.0) / (real)k;
+    for (;;) {
+        real s2 = 0;
+        int64_t k2 = 0;
+        for (int64_t i = 0; i < n; i++) {
+            real d = v[i] - m;
+            if (d > tau) { s2 += d; k2++; }
+        }
+        tau = (s2 - (real)1.0) / (real)k2;  /* k2 >= 1: the max (d = 0) always exceeds tau < 0 */
+        if (k2 == k) break;
+        k = k2;
+    }
+    for (int64_t i = 0; i < n; i++) {
+        real d = v[i] - m - tau;
+        p[i] = d > (real)0.0 ? d : (real)0.0;
+    }
+}
+
+int64_t psm_forward_SFX(int64_t N, int64_t T, const real *X, const uint8_t *mask, int kind, double lamd,
+                        real *P, int32_t *G)
+{
+    real lam = (real)lamd;
+    if (T <= 0) return 0;
+    real *y = (real *)malloc((size_t)T * 3 * sizeof(real));
+    int64_t *idx = (int64_t *)malloc((size_t)T * sizeof(int64_t));
+    int32_t *grp = (int32_t *)malloc((size_t)T * sizeof(int32_t));
+    pair_SFX *srt = (pair_SFX *)malloc((size_t)T * 2 * sizeof(pair_SFX));
+    int64_t *bstart = (int64_t *)malloc((size_t)T * sizeof(int64_t));
+    real *bsum = (real *)malloc((size_t)T * sizeof(real));
+    if (!y || !idx || !grp || !srt || !bstart || !bsum) {
+        free(y); free(idx); free(grp); free(srt); free(bstart); free(bsum);
+        return -1;
+    }
+    real *v = y + T, *p = y + 2 * T;
+    int64_t bad = 0;
+    for (int64_t b = 0; b < N; b++) {
+        const real *x = X + b * T;
+        const uint8_t *mk = mask ? mask + b * T : NULL;
+        real *Pb = P + b * T;
+        int32_t *Gb = G + b * T;
+        int64_t n = 0;
+        int finite = 1;
+        for (int64_t t = 0; t < T; t++) {
+            Pb[t] = 0;
+            Gb[t] = -1;
+            if (mk && mk[t]) continue;
+            if (!isfinite(x[t])) finite = 0;
+            idx[n] = t;
+            y[n++] = x[t];
+        }
+        if (n == 0) continue;
+        if (!finite) { bad++; continue; }
+        if (kind <= 1) {
+            tv1d_SFX(y, v, n, lam);
+            /* groups: maximal runs of equal prox value (Condat writes one value per segment) */
+            int32_t g = 0;
+            for (int64_t i = 0; i < n; i++) {
+                if (i > 0 && v[i] != v[i - 1]) g = (int32_t)i;
+                grp[i] = g;
+            }
+            if (kind == 1) sparsemax_row_SFX(v, p, n);
+            else memcpy(p, v, (size_t)n * sizeof(real));
+        } else {
+            for (int64_t i = 0; i < n; i++) { srt[i].v = y[i]; srt[i].i = i; }
+            sort_pairs_SFX(srt, srt + T, n);
+            /* PAV for a non-increasing fit of u_k = y_(k) - lam (n - 1 - k): blocks on a stack (start, sum);
+               merge while the previous block's mean is strictly below the new one's (strict: at lam = 0 tied
+               entries stay separate and v = y exactly). */
+            int64_t nb = 0;
+            for (int64_t k = 0; k < n; k++) {
+                bstart[nb] = k;
+                bsum[nb] = srt[k].v - lam * (real)(n - 1 - k);
+                nb++;
+                while (nb > 1) {
+                    int64_t c1 = bstart[nb - 1] - bstart[nb - 2], c2 = k + 1 - bstart[nb - 1];
+                    if (bsum[nb - 2] * (real)c2 < bsum[nb - 1] * (real)c1) {
+                        bsum[nb - 2] += bsum[nb - 1];
+                        nb--;
+                    } else break;
+                }
+            }
+            /* v (sorted frame, non-increasing) and sparsemax's threshold from the sorted prefix sums */
+            real cs = 0, tau = 0;
+            for (int64_t q = 0; q < nb; q++) {
+                int64_t e = q + 1 < nb ? bstart[q + 1] : n;
+                real mean = bsum[q] / (real)(e - bstart[q]);
+                for (int64_t k = bstart[q]; k < e; k++) {
+                    v[k] = mean;
+                    grp[srt[k].i] = (int32_t)bstart[q];
+                }
+            }
+            real top = v[0];
+            for (int64_t k = 0; k < n; k++) {
+                real d = v[k] - top;
+                cs += d;
+                /* support = the largest k with v_k > (sum_{i<=k} v_i - 1)/k, a prefix of the sorted order */
+                if (d * (real)(k + 1) > cs - (real)1.0) tau = (cs - (real)1.0) / (real)(k + 1);
+            }
+            for (int64_t k = 0; k < n; k++) {
+                real d = v[k] - top - tau;
+                p[srt[k].i] = d > (real)0.0 ? d : (real)0.0;
+            }
+        }
+        for (int64_t i = 0; i < n; i++) {
+            Pb[idx[i]] = p[i];
+            Gb[idx[i]] = grp[i];
+        }
+    }
+    free(y); free(idx); free(grp); free(srt); free(bstart); free(bsum);
+    return bad;
+}
+
+int psm_backward_SFX(int64_t N, int64_t T, const real *GO, const real *P, const int32_t *G, int sparse, real *GI)
+{
+    if (T <= 0) return 0;
+    real *acc = (real *)malloc((size_t)T * sizeof(real));
+    int64_t *cnt = (int64_t *)malloc((size_t)T * sizeof(int64_t));
+    if (!acc || !cnt) { free(acc); free(cnt); return -1; }
+    for (int64_t b = 0; b < N; b++) {
+        const real *g = GO + b * T, *pb = P + b * T;
+        const int32_t *gb = G + b * T;
+        real *out = GI + b * T;
+        real mean = 0;
+        if (sparse) {
+            real s = 0;
+            int64_t k = 0;
+            for (int64_t t = 0; t < T; t++) if (gb[t] >= 0 && pb[t] > (real)0.0) { s += g[t]; k++; }
+            mean = k ? s / (real)k : (real)0.0;
+        }
+        for (int64_t t = 0; t < T; t++) { acc[t] = 0; cnt[t] = 0; }
+        for (int64_t t = 0; t < T; t++) {
+            if (gb[t] < 0) continue;
+            real h = sparse ? (pb[t] > (real)0.0 ? g[t] - mean : (real)0.0) : g[t];
+            acc[gb[t]] += h;
+            cnt[gb[t]]++;
+        }
+        for (int64_t t = 0; t < T; t++) out[t] = gb[t] < 0 ? (real)0.0 : acc[gb[t]] / (real)cnt[gb[t]];
+    }
+    free(acc); free(cnt);
+    return 0;
+}
+"""
+
+
+def source() -> str:
+    """The full C translation unit: the body instantiated for float (``_f32``) and double (``_f64``)."""
+    parts = [_HEADER]
+    for real, sfx in (("float", "f32"), ("double", "f64")):
+        parts.append(f"#define real {real}\n{_BODY.replace('_SFX', '_' + sfx)}\n#undef real\n")
+    return "".join(parts)

@@ -1,0 +1,142 @@
+"""CPU fast path of fusedmax / oscarmax: the C kernels of ``_cpu_prox_source`` loaded with ctypes.
+
+Compiled and cached exactly like the Viterbi kernels (:mod:`.cpu`: the system C compiler, a per-user cache keyed by a
+hash of source, flags and compiler, atomic install), as a separate small library so that neither invalidates the
+other's cache. Both proxes are sequential within a row (Condat's TV algorithm, pool adjacent violators): in tensor
+operations they would be a Python loop over positions. If no compiler works, :func:`available` is False, a one-time
+warning says why, and :mod:`structattn.ops.structured_sparsemax` runs its plain-Python reference instead.
+
+The functions take contiguous float32/float64 CPU tensors and do not validate (the public functions do).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+
+import torch
+from torch import Tensor
+
+from ...fileio import atomic_path
+from . import cpu as _cpu
+from ._cpu_prox_source import source
+
+__all__ = ["available", "unavailable_reason", "load", "library_path", "forward", "backward", "TV", "FUSEDMAX",
+           "OSCARMAX"]
+
+#: Kinds of :func:`forward`: the TV prox alone, sparsemax ∘ prox_TV, the exact OSCAR argmin over the simplex.
+TV, FUSEDMAX, OSCARMAX = 0, 1, 2
+
+_CFLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-Werror=implicit-function-declaration"]
+_lock = threading.Lock()
+_lib = None
+_error: str | None = None
+_warned = False
+
+
+def library_path() -> str | None:
+    """Where the compiled library is (or would be) cached; None if there is no C compiler."""
+    cc = _cpu._compiler()
+    if cc is None:
+        return None
+    key = hashlib.sha256(
+        "\0".join([source(), " ".join(_CFLAGS), cc, platform.machine(), sys.platform]).encode()).hexdigest()[:16]
+    return os.path.join(_cpu._cache_dir(), f"prox_{key}.so")
+
+
+def _compile(path: str, cc: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp, atomic_path(path) as out:
+        src = os.path.join(tmp, "prox.c")
+        with open(src, "w") as f:
+            f.write(source())
+        proc = subprocess.run([cc, *_CFLAGS, src, "-o", out, "-lm"], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
+
+
+def _declare(lib) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for sfx in ("f32", "f64"):
+        f = getattr(lib, f"psm_forward_{sfx}")
+        f.argtypes, f.restype = [i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr, ptr], i64
+        f = getattr(lib, f"psm_backward_{sfx}")
+        f.argtypes, f.restype = [i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr], ctypes.c_int
+
+
+def load():
+    """Compile (first use only) and load the library; None (with a one-time warning) if impossible."""
+    global _lib, _error, _warned
+    if _lib is not None or _error is not None:
+        return _lib
+    with _lock:
+        if _lib is not None or _error is not None:
+            return _lib
+        try:
+            path = library_path()
+            if path is None:
+                raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
+            if not os.path.exists(path):
+                _compile(path, _cpu._compiler())
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:  # a corrupt or foreign cached file: rebuild once
+                os.remove(path)
+                _compile(path, _cpu._compiler())
+                lib = ctypes.CDLL(path)
+            _declare(lib)
+            _lib = lib
+        except Exception as exc:  # noqa: BLE001 - any failure means: use the reference path
+            _error = f"{type(exc).__name__}: {exc}"
+    if _lib is None and not _warned:
+        _warned = True
+        warnings.warn(f"structattn: the C fusedmax/oscarmax kernel is unavailable ({_error}); using the slow "
+                      "plain-Python reference. Install a C compiler (gcc) or set CC to enable it.", RuntimeWarning,
+                      stacklevel=3)
+    return _lib
+
+
+def available() -> bool:
+    """True if the C kernels are compiled and loaded (compiling them on first call)."""
+    return load() is not None
+
+
+def unavailable_reason() -> str | None:
+    load()
+    return _error
+
+
+def _fn(name: str, dtype: torch.dtype):
+    lib = load()
+    if lib is None:
+        raise RuntimeError(f"the C fusedmax/oscarmax kernel is unavailable: {_error}")
+    return getattr(lib, f"psm_{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+
+
+def forward(x: Tensor, mask: Tensor | None, kind: int, lam: float) -> tuple[int, Tensor, Tensor]:
+    """(number of rows with a non-finite real entry, P (N, T), groups (N, T) int32) for ``x`` (N, T) contiguous,
+    ``mask`` (N, T) contiguous bool (True at padding) or None."""
+    N, T = x.shape
+    P, G = torch.empty_like(x), torch.empty(N, T, dtype=torch.int32)
+    bad = _fn("forward", x.dtype)(N, T, x.data_ptr(), None if mask is None else mask.data_ptr(), kind, lam,
+                                  P.data_ptr(), G.data_ptr())
+    if bad < 0:
+        raise MemoryError("the fusedmax/oscarmax kernel could not allocate its workspace")
+    return bad, P, G
+
+
+def backward(g: Tensor, P: Tensor, G: Tensor, sparse: bool) -> Tensor:
+    """∂L/∂x (N, T) from ∂L/∂P (contiguous, of P's dtype), P and the groups; ``sparse``: P is a sparsemax output
+    (kinds 1, 2), so its Jacobian comes first."""
+    N, T = P.shape
+    out = torch.empty_like(P)
+    if _fn("backward", P.dtype)(N, T, g.data_ptr(), P.data_ptr(), G.data_ptr(), int(sparse), out.data_ptr()) < 0:
+        raise MemoryError("the fusedmax/oscarmax kernel could not allocate its workspace")
+    return out
