@@ -105,6 +105,7 @@ from .options import (ATTENTIONS, DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_REG,
 from .ops.sparsemap import DEFAULT_MAX_ITER as SPARSEMAP_MAX_ITER
 from .ops.sparsemap import DEFAULT_TOL as SPARSEMAP_TOL
 from .ops.sparsemap import sparsemap_weights
+from .ops.entmax import entmax15
 from .ops.structured_sparsemax import (
     DEFAULT_FUSEDMAX_LAMBDA,
     DEFAULT_OSCARMAX_LAMBDA,
@@ -245,23 +246,14 @@ def oscarmax_attention(scores: Tensor, padding_mask: Tensor | None = None,
     return oscarmax(scores, lam, _check_scores(scores, padding_mask))
 
 
-def _entmax():
-    try:
-        import entmax
-    except ImportError as exc:  # a --no-deps install: say what is missing and how to get it
-        raise ImportError("entmax15_attention needs the `entmax` package (a dependency of structattn): "
-                          "pip install entmax") from exc
-    return entmax
-
-
 def entmax15_attention(scores: Tensor, padding_mask: Tensor | None = None) -> Tensor:
     """w = 1.5-entmax(s) = argmax_{w ∈ △} ⟨w, s⟩ + H^T_{1.5}(w) over the real positions of each row (Peters, Niculae
     & Martins 2019), computed by the `entmax` package's exact sort-based ``entmax15`` (imported at the first call).
 
-    Same guarantees as :func:`softmax_attention`; sparse, but with a smoother support than sparsemax.
+    Same guarantees as :func:`softmax_attention`; sparse, but with a smoother support than sparsemax. Compiles with
+    ``fullgraph=True`` (:mod:`structattn.ops.entmax` says how).
     """
     padding_mask = _check_scores(scores, padding_mask)
-    entmax15 = _entmax().entmax15
     if padding_mask is None:
         return entmax15(scores, dim=-1)
     # 1.5-entmax is w = [s/2 − τ]₊² with τ ≥ max(s)/2 − 1 (the largest weight is at most 1), so any entry below

@@ -68,12 +68,21 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .kernels import cpu_prox as _kernel
 
 __all__ = ["prox_tv", "fusedmax", "oscarmax", "ProxTV", "Fusedmax", "Oscarmax", "check_lambda",
            "DEFAULT_FUSEDMAX_LAMBDA", "DEFAULT_OSCARMAX_LAMBDA"]
 
-TV, FUSEDMAX, OSCARMAX = _kernel.TV, _kernel.FUSEDMAX, _kernel.OSCARMAX
+#: The kinds of :func:`structattn.ops.kernels.cpu_prox.forward` (same numbers there; a test checks): the TV prox
+#: alone, sparsemax ∘ prox_TV, the exact OSCAR argmin over the simplex.
+TV, FUSEDMAX, OSCARMAX = 0, 1, 2
+
+
+def _kernel():
+    """The C kernels' module, imported on first use: ``import structattn`` loads no backend module and runs no
+    compiler (tests/test_backends.py), exactly as the Viterbi kernels (``kernels/registry.py``) are found."""
+    from .kernels import cpu_prox
+
+    return cpu_prox
 
 #: Default λ of fusedmax. Attention scores are O(1) and prox_TV fuses neighbours whose scores differ by less than
 #: about 2λ, so λ = 0.1 fuses near-equal neighbours without flattening the row. (torchsparseattn's class default,
@@ -195,7 +204,9 @@ def _oscar_v_reference(y: list[float], lam: float) -> tuple[list[float], list[in
     blocks: list[list] = []  # [start, sum, count]
     for k, i in enumerate(order):
         blocks.append([k, y[i] - lam * (n - 1 - k), 1])
-        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] < blocks[-1][1] / blocks[-1][2]:
+        # mean(prev) < mean(last), cross-multiplied exactly as the C kernel does, so that blocks whose means tie up
+        # to rounding are pooled (or not) identically in both and the groups — hence the gradients — agree
+        while len(blocks) > 1 and blocks[-2][1] * blocks[-1][2] < blocks[-1][1] * blocks[-2][2]:
             s, c = blocks[-1][1], blocks[-1][2]
             blocks.pop()
             blocks[-1][1] += s
@@ -209,13 +220,16 @@ def _oscar_v_reference(y: list[float], lam: float) -> tuple[list[float], list[in
 
 def _sparsemax_reference(v: list[float]) -> list[float]:
     """Sort-based projection onto the simplex (Held et al. 1974)."""
-    z = sorted(v, reverse=True)
-    cs, tau = 0.0, 0.0
-    for k, zk in enumerate(z, 1):
-        cs += zk
-        if zk > (cs - 1.0) / k:
-            tau = (cs - 1.0) / k
-    return [max(a - tau, 0.0) for a in v]
+    order = sorted(range(len(v)), key=lambda i: -v[i])
+    cs, tau, ksup = 0.0, 0.0, 1
+    for k, i in enumerate(order, 1):
+        cs += v[i]
+        if v[i] > (cs - 1.0) / k:
+            tau, ksup = (cs - 1.0) / k, k
+    p = [0.0] * len(v)
+    for i in order[:ksup]:  # exactly 0 past the support, as in the C kernel
+        p[i] = max(v[i] - tau, 0.0)
+    return p
 
 
 def _reference_forward(x: Tensor, mask: Tensor | None, kind: int, lam: float) -> tuple[int, Tensor, Tensor]:
@@ -237,8 +251,8 @@ def _reference_forward(x: Tensor, mask: Tensor | None, kind: int, lam: float) ->
         else:
             v = _tv1d_reference(y, lam)
             grp = [0] * len(v)
-            for i in range(1, len(v)):
-                grp[i] = i if v[i] != v[i - 1] else grp[i - 1]
+            for i in range(1, len(v)):  # λ = 0: the identity, one group per position (as in the C kernel)
+                grp[i] = i if (v[i] != v[i - 1] or not lam > 0) else grp[i - 1]
         p = v if kind == TV else _sparsemax_reference(v)
         for i, t in enumerate(idx):
             P[b, t], G[b, t] = p[i], grp[i]
@@ -270,7 +284,8 @@ def _forward_impl(x: Tensor, mask: Tensor | None, kind: int, lam: float) -> tupl
     dev = x.device
     xc = x.detach().to("cpu").contiguous()
     mc = None if mask is None else mask.to("cpu").contiguous()
-    bad, P, G = (_kernel.forward if _kernel.available() else _reference_forward)(xc, mc, kind, lam)
+    kernel = _kernel()
+    bad, P, G = (kernel.forward if kernel.available() else _reference_forward)(xc, mc, kind, lam)
     if bad:
         raise ValueError(f"{bad} row(s) have non-finite (NaN or ±inf) entries at real (non-padded) positions; "
                          "mark padding with the mask instead")
@@ -278,10 +293,11 @@ def _forward_impl(x: Tensor, mask: Tensor | None, kind: int, lam: float) -> tupl
 
 
 def _backward_impl(g: Tensor, P: Tensor, G: Tensor, sparse: bool) -> Tensor:
-    if not _kernel.available():
+    kernel = _kernel()
+    if not kernel.available():
         return _backward_tensor(g, P, G, sparse)
     dev = P.device
-    out = _kernel.backward(g.detach().to("cpu", P.dtype).contiguous(), P.to("cpu").contiguous(),
+    out = kernel.backward(g.detach().to("cpu", P.dtype).contiguous(), P.to("cpu").contiguous(),
                            G.to("cpu").contiguous(), sparse)
     return out.to(dev)
 
