@@ -155,7 +155,8 @@ __all__ = [
 # ---- input checks -------------------------------------------------------------------------------------------------
 
 
-def _check_scores(scores: Tensor, padding_mask: Tensor | None, name: str = "scores") -> Tensor | None:
+def _check_scores(scores: Tensor, padding_mask: Tensor | None, name: str = "scores",
+                  drop_empty: bool = True) -> Tensor | None:
     if not isinstance(scores, Tensor) or not scores.is_floating_point():
         raise TypeError(f"{name} must be a floating-point torch.Tensor")
     if scores.dim() != 2:
@@ -170,7 +171,9 @@ def _check_scores(scores: Tensor, padding_mask: Tensor | None, name: str = "scor
         )
     # No padding: take the unmasked path. Reading the mask on the host is a data-dependent branch that
     # torch.compile cannot trace; compiled code keeps the (equivalent) masked path instead.
-    if not torch.compiler.is_compiling() and not bool(padding_mask.any()):
+    # drop_empty=False: the caller handles any mask at no extra cost (the fusedmax/oscarmax kernels), so skip this
+    # pass over the mask (~25 µs at B = 512, T = 50: a tenth of softmax's forward + backward there).
+    if drop_empty and not torch.compiler.is_compiling() and not bool(padding_mask.any()):
         return None
     return padding_mask
 
@@ -231,7 +234,7 @@ def fusedmax_attention(scores: Tensor, padding_mask: Tensor | None = None,
     sparsemax). The default 0.1 fuses neighbours whose scores differ by less than about 0.2 (the reason for this value
     is given at :data:`structattn.ops.structured_sparsemax.DEFAULT_FUSEDMAX_LAMBDA`).
     """
-    return fusedmax(scores, lam, _check_scores(scores, padding_mask))
+    return fusedmax(scores, lam, _check_scores(scores, padding_mask, drop_empty=False))
 
 
 def oscarmax_attention(scores: Tensor, padding_mask: Tensor | None = None,
@@ -243,7 +246,7 @@ def oscarmax_attention(scores: Tensor, padding_mask: Tensor | None = None,
     default λ = 0.01 scales with the length (the largest OSCAR weight is λ(n − 1), see
     :data:`structattn.ops.structured_sparsemax.DEFAULT_OSCARMAX_LAMBDA`).
     """
-    return oscarmax(scores, lam, _check_scores(scores, padding_mask))
+    return oscarmax(scores, lam, _check_scores(scores, padding_mask, drop_empty=False))
 
 
 def entmax15_attention(scores: Tensor, padding_mask: Tensor | None = None) -> Tensor:

@@ -342,10 +342,14 @@ class _ProxSparsemaxFunction(torch.autograd.Function):
     def forward(ctx, x, mask, kind, lam):
         out = _forward_impl(x, mask, kind, lam)
         _setup(ctx, (x, mask, kind, lam), out)
+        # the group labels get no gradient: do not let autograd allocate and zero an (N, T) tensor for them
+        ctx.set_materialize_grads(False)
         return out
 
     @staticmethod
     def backward(ctx, gP, gG):
+        if gP is None:  # not materialised: P did not reach the loss
+            return None, None, None, None
         return _grad(ctx, gP, _backward_impl)
 
 

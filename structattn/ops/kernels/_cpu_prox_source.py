@@ -111,7 +111,7 @@ static void sort_pairs_SFX(pair_SFX *a, pair_SFX *tmp, int64_t n)
    one ulp lower, and the plain iteration then cycles for ever (e.g. prox_TV of (.5, -.5, -2, -1.5, 0, -.5, 1, -1,
    1.5, 0) at lambda = 0.3). So each pass filters only the survivors of the previous one (compacted into p, used as
    scratch): the support size strictly decreases until it is stable, at most n passes, a handful in practice.
-   p[0] survives every pass: its d = 0 exceeds tau < 0 (s <= 0). The final weights are nonzero exactly on the
+   The max (d = 0) survives every pass: it exceeds tau < 0 (s <= 0). The final weights are nonzero exactly on the
    final support, whose entries exceed every tau seen (tmax) while each dropped entry was <= the tau that dropped it:
    max(d - tau, 0) alone would give a dropped entry lying at the threshold a weight of 1e-16 and put it into the
    support that the backward pass reads from P > 0. */
@@ -119,10 +119,16 @@ static void sparsemax_row_SFX(const real *v, real *p, int64_t n)
 {
     real m = v[0];
     for (int64_t i = 1; i < n; i++) if (v[i] > m) m = v[i];
+    /* tau >= -1 (no weight exceeds 1), so an entry with d <= -1 is never in the support: the first pass keeps
+       only d > -1 (a few entries of an attention row), and Michelot's iteration started from any superset of the
+       support converges to the same tau (Condat, "Fast projection onto the simplex and the l1 ball", 2016). */
     real s = 0;
-    for (int64_t i = 0; i < n; i++) { p[i] = v[i] - m; s += p[i]; }
-    int64_t k = n;
-    real tau = (s - (real)1.0) / (real)k, tmax = tau;
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        real d = v[i] - m;
+        if (d > (real)-1.0) { p[k++] = d; s += d; }
+    }
+    real tau = (s - (real)1.0) / (real)k, tmax = tau > (real)-1.0 ? tau : (real)-1.0;
     for (;;) {
         real s2 = 0;
         int64_t k2 = 0;
