@@ -208,35 +208,26 @@ def test_fusedmax_and_oscarmax_at_lambda_zero_are_sparsemax(record_property):
 
 def test_sparsemax_threshold_tie_terminates_and_is_exact(record_property):
     """A row whose prox lands an entry exactly at sparsemax's threshold (up to one rounding). The plain Michelot
-    iteration cycled for ever on it (the support grew back by that entry, then shrank, ...). Run in a subprocess with
-    a timeout, so that a regression fails instead of hanging the suite; its weight must be exactly 0 (not 1e-16), or
+    iteration cycled for ever on it (the support grew back by that entry, then shrank, ...); the kernel's iteration
+    now only shrinks its support, so it ends by construction. The entry's weight must be exactly 0 (not 1e-16), or
     the backward pass, which reads the support from P > 0, would use a different support than the forward."""
-    _need("torchsparseattn")
+    tsa = _need("torchsparseattn")
+    from torchsparseattn.sparsemax import project_simplex, sparsemax_grad
+
     record_property("oracle", "torchsparseattn 0.2 prox_tv1d + project_simplex + project_jv")
-    code = textwrap.dedent(
-        """
-        import torch, torchsparseattn as tsa
-        from torchsparseattn.sparsemax import project_simplex, sparsemax_grad
-        from structattn.ops import structured_sparsemax as S
-        x = torch.tensor([0.5, -0.5, -2.0, -1.5, 0.0, -0.5, 1.0, -1.0, 1.5, -0.0], dtype=torch.float64)
-        v = tsa.FusedProxFunction(0.3).project(x)
-        ref = project_simplex(v)
-        dout = torch.linspace(-1, 1, 10, dtype=torch.float64)
-        gref = tsa.FusedProxFunction(0.3).project_jv(sparsemax_grad(dout, ref), v)
-        for dt in (torch.float64, torch.float32):
-            xr = x.to(dt).requires_grad_(True)
-            w = S.fusedmax(xr, 0.3)
-            assert float(w[0]) == 0.0, w
-            (gx,) = torch.autograd.grad(w, xr, dout.to(dt))
-            tol = 1e-12 if dt == torch.float64 else 1e-6
-            assert float((w.double() - ref).abs().max()) <= tol, (w, ref)
-            assert float((gx.double() - gref).abs().max()) <= tol, (gx, gref)
-        print("ok")
-        """
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
-                          env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+    x = torch.tensor([0.5, -0.5, -2.0, -1.5, 0.0, -0.5, 1.0, -1.0, 1.5, -0.0], dtype=torch.float64)
+    v = tsa.FusedProxFunction(0.3).project(x)
+    ref = project_simplex(v)
+    dout = torch.linspace(-1, 1, 10, dtype=torch.float64)
+    gref = tsa.FusedProxFunction(0.3).project_jv(sparsemax_grad(dout, ref), v)
+    for dt in (torch.float64, torch.float32):
+        xr = x.to(dt).requires_grad_(True)
+        w = S.fusedmax(xr, 0.3)
+        assert float(w[0]) == 0.0, w
+        (gx,) = torch.autograd.grad(w, xr, dout.to(dt))
+        tol = 1e-12 if dt == torch.float64 else 1e-6
+        torch.testing.assert_close(w.detach().double(), ref, atol=tol, rtol=0)
+        torch.testing.assert_close(gx.double(), gref, atol=tol, rtol=0)
 
 
 def test_import_loads_no_kernel_and_first_use_loads_the_prox_kernel():
@@ -351,24 +342,26 @@ def test_oscarmax_equals_authors_composition_where_it_is_exact(record_property):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", [S.TV, S.FUSEDMAX, S.OSCARMAX])
-def test_kernel_matches_python_reference(kind, dtype):
+@pytest.mark.parametrize("N,T", [(40, 17), (8, 130)])  # OSCAR: rows of <= 96 real positions sort by ranks, longer merge
+def test_kernel_matches_python_reference(kind, dtype, N, T):
     if not K.available():
         pytest.skip(f"no C kernel: {K.unavailable_reason()}")
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(40, 17, generator=g, dtype=torch.float64)
+    x = torch.randn(N, T, generator=g, dtype=torch.float64)
     x[::3] = torch.round(x[::3] * 2) / 2
     x[5] = 0.25
-    mask = torch.rand(40, 17, generator=g) < 0.3
+    mask = torch.rand(N, T, generator=g) < (0.3 if T < 100 else 0.05)
     mask[7] = True
     x = x.to(dtype)
-    _, P, G = K.forward(x.contiguous(), mask.contiguous(), kind, 0.2)
-    _, Pr, Gr = S._reference_forward(x, mask, kind, 0.2)
+    lam = 0.2 if kind != S.OSCARMAX or T < 100 else 0.01  # OSCAR's weights grow with n: keep some rows unpooled
+    _, P, G = K.forward(x.contiguous(), mask.contiguous(), kind, lam)
+    _, Pr, Gr = S._reference_forward(x, mask, kind, lam)
     torch.testing.assert_close(P, Pr, atol=1e-12 if dtype == torch.float64 else 2e-6, rtol=0)
     if dtype == torch.float64:
         # group labels may be named differently; the partition must be the same
         same = G[:, :, None] == G[:, None, :]
         assert torch.equal(same, Gr[:, :, None] == Gr[:, None, :])
-    gout = torch.randn(40, 17, generator=g, dtype=torch.float64).to(dtype)
+    gout = torch.randn(N, T, generator=g, dtype=torch.float64).to(dtype)
     torch.testing.assert_close(K.backward(gout, P, G, kind != S.TV), S._backward_tensor(gout, P, G, kind != S.TV),
                                atol=1e-12 if dtype == torch.float64 else 1e-6, rtol=0)
 
@@ -478,8 +471,8 @@ def test_padding_any_layout_equals_unpadded(name):
         (gb,) = torch.autograd.grad(wb, sb, gw[b, real][None])
         torch.testing.assert_close(w[b, real], wb[0], atol=1e-12, rtol=0)
         torch.testing.assert_close(gs[b, real], gb[0], atol=1e-12, rtol=0)
-        assert abs(float(w[b].sum()) - 1) < 1e-12
-    assert float(w[4].abs().sum()) == 0.0
+        assert abs(float(w[b].detach().sum()) - 1) < 1e-12
+    assert float(w[4].detach().abs().sum()) == 0.0
 
 
 @pytest.mark.parametrize("name", ["fusedmax", "oscarmax"])

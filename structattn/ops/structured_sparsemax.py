@@ -1,8 +1,10 @@
 r"""Sparsemax with a structured penalty: the 1-D total-variation prox, fusedmax and oscarmax.
 
-Niculae & Blondel, "A Regularized Framework for Sparse and Structured Neural Attention", NeurIPS 2017 (the
-structured-attention lecture, ``shared/seeds/004_*``), define for a row θ ∈ R^n of scores the mappings
-argmin_{p ∈ △} ½‖p − θ‖² + λ·R(p) with
+M. Blondel's lecture "Structured Attention & Differentiable Dynamic Programming" (4 January 2019,
+``shared/seeds/004_*``; slides "Fusedmax attention", "Fusedmax: computation", "Jacobian of prox_TV", "Oscarmax
+attention"), after Niculae & Blondel, "A Regularized Framework for Sparse and Structured Neural Attention" (NeurIPS
+2017), defines for a row θ ∈ R^n of scores the mappings argmin_{p ∈ △} ½‖p − θ‖² + λ·R(p) — argmax_Ω(θ) with
+Ω(p) = ½‖p‖² + λR(p) — with
 
 * **fusedmax** — R(p) = Σ_{i<n} |p_{i+1} − p_i| (fused lasso / 1-D total variation): contiguous positions get equal
   weights, segments of the source are attended as a whole;
@@ -14,11 +16,13 @@ argmin_{p ∈ △} ½‖p − θ‖² + λ·R(p) with
 **prox_TV** (:func:`prox_tv`): argmin_{x ∈ R^n} ½‖x − θ‖² + λ Σ|x_{i+1} − x_i|, computed exactly by Condat's direct
 algorithm (L. Condat, IEEE Signal Processing Letters 20(11), 2013; its published routine, in C). The lecture's
 slide writes the prox with ‖x − y‖² (no ½); with that scaling its λ is twice ours. The groups of the solution are its
-maximal runs of equal value; the Jacobian of prox_TV is the averaging within each group (Niculae & Blondel, Prop. 3:
-block-diagonal, each block the constant matrix 1/|G|).
+maximal runs of equal value; the Jacobian of prox_TV is the averaging within each group (the proposition of Niculae &
+Blondel 2017 on the lecture's slide "Jacobian of prox_TV": block-diagonal, each block the constant matrix 1/|G|). At
+λ = 0 the prox is the identity and every position is its own group, even where inputs tie.
 
-**fusedmax** (:func:`fusedmax`) = sparsemax(prox_TV(θ)), *exactly* the argmin above (Niculae & Blondel, Prop. 2,
-the lecture's "fusedmax = sparsemax ∘ prox_TV"). Why: let v = prox_TV(θ) and p = sparsemax(v) = max(v − τ, 0).
+**fusedmax** (:func:`fusedmax`) = sparsemax(prox_TV(θ)), *exactly* the argmin above (the proposition of Niculae &
+Blondel 2017 on the slide "Fusedmax: computation", "fusedmax = sparsemax ∘ prox_TV"; the slide adds "not true for all
+regularizers!" — it is not for OSCAR, below). Why: let v = prox_TV(θ) and p = sparsemax(v) = max(v − τ, 0).
 Then θ − v ∈ λ∂TV(v) and v − p ∈ N_△(p). p is a non-decreasing function of v entrywise, so wherever
 p_{i+1} ≠ p_i the jump has the sign of v_{i+1} − v_i, and ∂TV(v) ⊆ ∂TV(p) (where p is flat the subdifferential
 allows any slope in [−1, 1]). Adding, θ − p ∈ λ∂TV(p) + N_△(p): the optimality condition of the fusedmax problem.
@@ -51,6 +55,11 @@ vector-Jacobian product as for fusedmax with the OSCAR groups.
 Padding (``mask`` True at padded positions, any layout): the real positions of a row are compacted in order and the
 problem is solved over them only — the TV chain links consecutive *real* positions, and OSCAR's weights use n = the
 number of real positions. Padded outputs are exactly 0; a row without real positions is all 0.
+
+sparsemax's threshold is found by Michelot's (1986) iteration (the lecture's table: sparsemax forward by Michelot,
+prox_TV by Condat), started from the entries within 1 of the maximum and made monotone (each pass filters only the
+previous pass's survivors: the plain iteration can cycle for ever when an entry lies at the threshold up to one
+rounding); entries off the final support get exactly 0.
 
 Implementations: one C call per pass over all rows (``kernels/_cpu_prox_source.py``) on CPU, float32/float64;
 half-precision inputs are computed in float32; tensors on another device make a round trip through the host (the
@@ -382,7 +391,7 @@ def prox_tv(x: Tensor, lam: float, mask: Tensor | None = None) -> Tensor:
             positions of each row in order; padded outputs are 0.
 
     Differentiable w.r.t. x: the Jacobian averages within each run of equal output values (Niculae & Blondel 2017,
-    Prop. 3)."""
+    the lecture's slide "Jacobian of prox_TV"; at λ = 0 the identity)."""
     return _apply(x, mask, TV, lam)
 
 

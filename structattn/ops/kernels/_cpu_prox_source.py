@@ -147,6 +147,22 @@ static void sparsemax_row_SFX(const real *v, real *p, int64_t n)
     }
 }
 
+/* The same stable decreasing order for short rows by ranks: rank_i = #{j : y_j > y_i} + #{j < i : y_j = y_i}, then
+   a[rank_i] = (y_i, i). O(n^2) comparisons, but branch-free loops the compiler vectorises: at attention lengths
+   (n <= RANK_SORT_MAX) several times faster than the merge sort, whose data-dependent branches mispredict. */
+#define RANK_SORT_MAX 96
+static void rank_sort_SFX(const real *y, pair_SFX *a, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        const real yi = y[i];
+        int64_t r = 0;
+        for (int64_t j = 0; j < i; j++) r += y[j] >= yi;
+        for (int64_t j = i + 1; j < n; j++) r += y[j] > yi;
+        a[r].v = yi;
+        a[r].i = i;
+    }
+}
+
 int64_t psm_forward_SFX(int64_t N, int64_t T, const real *X, const uint8_t *mask, int kind, double lamd,
                         real *P, int32_t *G)
 {
@@ -194,8 +210,11 @@ int64_t psm_forward_SFX(int64_t N, int64_t T, const real *X, const uint8_t *mask
             if (kind == 1) sparsemax_row_SFX(v, p, n);
             else memcpy(p, v, (size_t)n * sizeof(real));
         } else {
-            for (int64_t i = 0; i < n; i++) { srt[i].v = y[i]; srt[i].i = i; }
-            sort_pairs_SFX(srt, srt + T, n);
+            if (n <= RANK_SORT_MAX) rank_sort_SFX(y, srt, n);
+            else {
+                for (int64_t i = 0; i < n; i++) { srt[i].v = y[i]; srt[i].i = i; }
+                sort_pairs_SFX(srt, srt + T, n);
+            }
             /* PAV for a non-increasing fit of u_k = y_(k) - lam (n - 1 - k): blocks on a stack (start, sum);
                merge while the previous block's mean is strictly below the new one's (strict: at lam = 0 tied
                entries stay separate and v = y exactly). */
