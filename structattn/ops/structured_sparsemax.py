@@ -1,8 +1,10 @@
 r"""Sparsemax with a structured penalty: the 1-D total-variation prox, fusedmax and oscarmax.
 
-Niculae & Blondel, "A Regularized Framework for Sparse and Structured Neural Attention", NeurIPS 2017 (the
-structured-attention lecture, ``shared/seeds/004_*``), define for a row θ ∈ R^n of scores the mappings
-argmin_{p ∈ △} ½‖p − θ‖² + λ·R(p) with
+M. Blondel's lecture "Structured Attention & Differentiable Dynamic Programming" (4 January 2019,
+``shared/seeds/004_*``; slides "Fusedmax attention", "Fusedmax: computation", "Jacobian of prox_TV", "Oscarmax
+attention"), after Niculae & Blondel, "A Regularized Framework for Sparse and Structured Neural Attention" (NeurIPS
+2017), defines for a row θ ∈ R^n of scores the mappings argmin_{p ∈ △} ½‖p − θ‖² + λ·R(p) — argmax_Ω(θ) with
+Ω(p) = ½‖p‖² + λR(p) — with
 
 * **fusedmax** — R(p) = Σ_{i<n} |p_{i+1} − p_i| (fused lasso / 1-D total variation): contiguous positions get equal
   weights, segments of the source are attended as a whole;
@@ -14,11 +16,13 @@ argmin_{p ∈ △} ½‖p − θ‖² + λ·R(p) with
 **prox_TV** (:func:`prox_tv`): argmin_{x ∈ R^n} ½‖x − θ‖² + λ Σ|x_{i+1} − x_i|, computed exactly by Condat's direct
 algorithm (L. Condat, IEEE Signal Processing Letters 20(11), 2013; its published routine, in C). The lecture's
 slide writes the prox with ‖x − y‖² (no ½); with that scaling its λ is twice ours. The groups of the solution are its
-maximal runs of equal value; the Jacobian of prox_TV is the averaging within each group (Niculae & Blondel, Prop. 3:
-block-diagonal, each block the constant matrix 1/|G|).
+maximal runs of equal value; the Jacobian of prox_TV is the averaging within each group (the proposition of Niculae &
+Blondel 2017 on the lecture's slide "Jacobian of prox_TV": block-diagonal, each block the constant matrix 1/|G|). At
+λ = 0 the prox is the identity and every position is its own group, even where inputs tie.
 
-**fusedmax** (:func:`fusedmax`) = sparsemax(prox_TV(θ)), *exactly* the argmin above (Niculae & Blondel, Prop. 2,
-the lecture's "fusedmax = sparsemax ∘ prox_TV"). Why: let v = prox_TV(θ) and p = sparsemax(v) = max(v − τ, 0).
+**fusedmax** (:func:`fusedmax`) = sparsemax(prox_TV(θ)), *exactly* the argmin above (the proposition of Niculae &
+Blondel 2017 on the slide "Fusedmax: computation", "fusedmax = sparsemax ∘ prox_TV"; the slide adds "not true for all
+regularizers!" — it is not for OSCAR, below). Why: let v = prox_TV(θ) and p = sparsemax(v) = max(v − τ, 0).
 Then θ − v ∈ λ∂TV(v) and v − p ∈ N_△(p). p is a non-decreasing function of v entrywise, so wherever
 p_{i+1} ≠ p_i the jump has the sign of v_{i+1} − v_i, and ∂TV(v) ⊆ ∂TV(p) (where p is flat the subdifferential
 allows any slope in [−1, 1]). Adding, θ − p ∈ λ∂TV(p) + N_△(p): the optimality condition of the fusedmax problem.
@@ -52,6 +56,11 @@ Padding (``mask`` True at padded positions, any layout): the real positions of a
 problem is solved over them only — the TV chain links consecutive *real* positions, and OSCAR's weights use n = the
 number of real positions. Padded outputs are exactly 0; a row without real positions is all 0.
 
+sparsemax's threshold is found by Michelot's (1986) iteration (the lecture's table: sparsemax forward by Michelot,
+prox_TV by Condat), started from the entries within 1 of the maximum and made monotone (each pass filters only the
+previous pass's survivors: the plain iteration can cycle for ever when an entry lies at the threshold up to one
+rounding); entries off the final support get exactly 0.
+
 Implementations: one C call per pass over all rows (``kernels/_cpu_prox_source.py``) on CPU, float32/float64;
 half-precision inputs are computed in float32; tensors on another device make a round trip through the host (the
 proxes are sequential within a row: no GPU kernel here). Without a C compiler a plain-Python reference runs (slow;
@@ -68,12 +77,21 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .kernels import cpu_prox as _kernel
 
 __all__ = ["prox_tv", "fusedmax", "oscarmax", "ProxTV", "Fusedmax", "Oscarmax", "check_lambda",
            "DEFAULT_FUSEDMAX_LAMBDA", "DEFAULT_OSCARMAX_LAMBDA"]
 
-TV, FUSEDMAX, OSCARMAX = _kernel.TV, _kernel.FUSEDMAX, _kernel.OSCARMAX
+#: The kinds of :func:`structattn.ops.kernels.cpu_prox.forward` (same numbers there; a test checks): the TV prox
+#: alone, sparsemax ∘ prox_TV, the exact OSCAR argmin over the simplex.
+TV, FUSEDMAX, OSCARMAX = 0, 1, 2
+
+
+def _kernel():
+    """The C kernels' module, imported on first use: ``import structattn`` loads no backend module and runs no
+    compiler (tests/test_backends.py), exactly as the Viterbi kernels (``kernels/registry.py``) are found."""
+    from .kernels import cpu_prox
+
+    return cpu_prox
 
 #: Default λ of fusedmax. Attention scores are O(1) and prox_TV fuses neighbours whose scores differ by less than
 #: about 2λ, so λ = 0.1 fuses near-equal neighbours without flattening the row. (torchsparseattn's class default,
@@ -195,7 +213,9 @@ def _oscar_v_reference(y: list[float], lam: float) -> tuple[list[float], list[in
     blocks: list[list] = []  # [start, sum, count]
     for k, i in enumerate(order):
         blocks.append([k, y[i] - lam * (n - 1 - k), 1])
-        while len(blocks) > 1 and blocks[-2][1] / blocks[-2][2] < blocks[-1][1] / blocks[-1][2]:
+        # mean(prev) < mean(last), cross-multiplied exactly as the C kernel does, so that blocks whose means tie up
+        # to rounding are pooled (or not) identically in both and the groups — hence the gradients — agree
+        while len(blocks) > 1 and blocks[-2][1] * blocks[-1][2] < blocks[-1][1] * blocks[-2][2]:
             s, c = blocks[-1][1], blocks[-1][2]
             blocks.pop()
             blocks[-1][1] += s
@@ -209,13 +229,16 @@ def _oscar_v_reference(y: list[float], lam: float) -> tuple[list[float], list[in
 
 def _sparsemax_reference(v: list[float]) -> list[float]:
     """Sort-based projection onto the simplex (Held et al. 1974)."""
-    z = sorted(v, reverse=True)
-    cs, tau = 0.0, 0.0
-    for k, zk in enumerate(z, 1):
-        cs += zk
-        if zk > (cs - 1.0) / k:
-            tau = (cs - 1.0) / k
-    return [max(a - tau, 0.0) for a in v]
+    order = sorted(range(len(v)), key=lambda i: -v[i])
+    cs, tau, ksup = 0.0, 0.0, 1
+    for k, i in enumerate(order, 1):
+        cs += v[i]
+        if v[i] > (cs - 1.0) / k:
+            tau, ksup = (cs - 1.0) / k, k
+    p = [0.0] * len(v)
+    for i in order[:ksup]:  # exactly 0 past the support, as in the C kernel
+        p[i] = max(v[i] - tau, 0.0)
+    return p
 
 
 def _reference_forward(x: Tensor, mask: Tensor | None, kind: int, lam: float) -> tuple[int, Tensor, Tensor]:
@@ -237,8 +260,8 @@ def _reference_forward(x: Tensor, mask: Tensor | None, kind: int, lam: float) ->
         else:
             v = _tv1d_reference(y, lam)
             grp = [0] * len(v)
-            for i in range(1, len(v)):
-                grp[i] = i if v[i] != v[i - 1] else grp[i - 1]
+            for i in range(1, len(v)):  # λ = 0: the identity, one group per position (as in the C kernel)
+                grp[i] = i if (v[i] != v[i - 1] or not lam > 0) else grp[i - 1]
         p = v if kind == TV else _sparsemax_reference(v)
         for i, t in enumerate(idx):
             P[b, t], G[b, t] = p[i], grp[i]
@@ -270,7 +293,8 @@ def _forward_impl(x: Tensor, mask: Tensor | None, kind: int, lam: float) -> tupl
     dev = x.device
     xc = x.detach().to("cpu").contiguous()
     mc = None if mask is None else mask.to("cpu").contiguous()
-    bad, P, G = (_kernel.forward if _kernel.available() else _reference_forward)(xc, mc, kind, lam)
+    kernel = _kernel()
+    bad, P, G = (kernel.forward if kernel.available() else _reference_forward)(xc, mc, kind, lam)
     if bad:
         raise ValueError(f"{bad} row(s) have non-finite (NaN or ±inf) entries at real (non-padded) positions; "
                          "mark padding with the mask instead")
@@ -278,10 +302,11 @@ def _forward_impl(x: Tensor, mask: Tensor | None, kind: int, lam: float) -> tupl
 
 
 def _backward_impl(g: Tensor, P: Tensor, G: Tensor, sparse: bool) -> Tensor:
-    if not _kernel.available():
+    kernel = _kernel()
+    if not kernel.available():
         return _backward_tensor(g, P, G, sparse)
     dev = P.device
-    out = _kernel.backward(g.detach().to("cpu", P.dtype).contiguous(), P.to("cpu").contiguous(),
+    out = kernel.backward(g.detach().to("cpu", P.dtype).contiguous(), P.to("cpu").contiguous(),
                            G.to("cpu").contiguous(), sparse)
     return out.to(dev)
 
@@ -326,10 +351,14 @@ class _ProxSparsemaxFunction(torch.autograd.Function):
     def forward(ctx, x, mask, kind, lam):
         out = _forward_impl(x, mask, kind, lam)
         _setup(ctx, (x, mask, kind, lam), out)
+        # the group labels get no gradient: do not let autograd allocate and zero an (N, T) tensor for them
+        ctx.set_materialize_grads(False)
         return out
 
     @staticmethod
     def backward(ctx, gP, gG):
+        if gP is None:  # not materialised: P did not reach the loss
+            return None, None, None, None
         return _grad(ctx, gP, _backward_impl)
 
 
@@ -362,7 +391,7 @@ def prox_tv(x: Tensor, lam: float, mask: Tensor | None = None) -> Tensor:
             positions of each row in order; padded outputs are 0.
 
     Differentiable w.r.t. x: the Jacobian averages within each run of equal output values (Niculae & Blondel 2017,
-    Prop. 3)."""
+    the lecture's slide "Jacobian of prox_TV"; at λ = 0 the identity)."""
     return _apply(x, mask, TV, lam)
 
 

@@ -105,30 +105,61 @@ static void sort_pairs_SFX(pair_SFX *a, pair_SFX *tmp, int64_t n)
     }
 }
 
-/* sparsemax of v[0..n) (any order) into p: threshold tau by Michelot's (1986) iteration on the shifted values (the
-   support shrinks to its fixed point; each pass is O(n), a handful of passes in practice). */
+/* sparsemax of v[0..n) (any order) into p: threshold tau by Michelot's (1986) iteration on the shifted values
+   d = v - max(v). In exact arithmetic the support {d > tau} only shrinks from pass to pass; in floating point an
+   entry lying exactly at the threshold (a weight of 0) can re-enter when tau is recomputed with a rounding error
+   one ulp lower, and the plain iteration then cycles for ever (e.g. prox_TV of (.5, -.5, -2, -1.5, 0, -.5, 1, -1,
+   1.5, 0) at lambda = 0.3). So each pass filters only the survivors of the previous one (compacted into p, used as
+   scratch): the support size strictly decreases until it is stable, at most n passes, a handful in practice.
+   The max (d = 0) survives every pass: it exceeds tau < 0 (s <= 0). The final weights are nonzero exactly on the
+   final support, whose entries exceed every tau seen (tmax) while each dropped entry was <= the tau that dropped it:
+   max(d - tau, 0) alone would give a dropped entry lying at the threshold a weight of 1e-16 and put it into the
+   support that the backward pass reads from P > 0. */
 static void sparsemax_row_SFX(const real *v, real *p, int64_t n)
 {
     real m = v[0];
     for (int64_t i = 1; i < n; i++) if (v[i] > m) m = v[i];
+    /* tau >= -1 (no weight exceeds 1), so an entry with d <= -1 is never in the support: the first pass keeps
+       only d > -1 (a few entries of an attention row), and Michelot's iteration started from any superset of the
+       support converges to the same tau (Condat, "Fast projection onto the simplex and the l1 ball", 2016). */
     real s = 0;
-    for (int64_t i = 0; i < n; i++) s += v[i] - m;
-    int64_t k = n;
-    real tau = (s - (real)1.0) / (real)k;
+    int64_t k = 0;
+    for (int64_t i = 0; i < n; i++) {
+        real d = v[i] - m;
+        if (d > (real)-1.0) { p[k++] = d; s += d; }
+    }
+    real tau = (s - (real)1.0) / (real)k, tmax = tau > (real)-1.0 ? tau : (real)-1.0;
     for (;;) {
         real s2 = 0;
         int64_t k2 = 0;
-        for (int64_t i = 0; i < n; i++) {
-            real d = v[i] - m;
-            if (d > tau) { s2 += d; k2++; }
+        for (int64_t i = 0; i < k; i++) {
+            real d = p[i];
+            if (d > tau) { s2 += d; p[k2++] = d; }
         }
-        tau = (s2 - (real)1.0) / (real)k2;  /* k2 >= 1: the max (d = 0) always exceeds tau < 0 */
-        if (k2 == k) break;
+        if (k2 == k || k2 == 0) break;  /* k2 = 0 cannot happen (the max survives); a guard, not a case */
+        tau = (s2 - (real)1.0) / (real)k2;
+        if (tau > tmax) tmax = tau;
         k = k2;
     }
     for (int64_t i = 0; i < n; i++) {
-        real d = v[i] - m - tau;
-        p[i] = d > (real)0.0 ? d : (real)0.0;
+        real d = v[i] - m;
+        p[i] = d > tmax ? d - tau : (real)0.0;
+    }
+}
+
+/* The same stable decreasing order for short rows by ranks: rank_i = #{j : y_j > y_i} + #{j < i : y_j = y_i}, then
+   a[rank_i] = (y_i, i). O(n^2) comparisons, but branch-free loops the compiler vectorises: at attention lengths
+   (n <= RANK_SORT_MAX) several times faster than the merge sort, whose data-dependent branches mispredict. */
+#define RANK_SORT_MAX 96
+static void rank_sort_SFX(const real *y, pair_SFX *a, int64_t n)
+{
+    for (int64_t i = 0; i < n; i++) {
+        const real yi = y[i];
+        int64_t r = 0;
+        for (int64_t j = 0; j < i; j++) r += y[j] >= yi;
+        for (int64_t j = i + 1; j < n; j++) r += y[j] > yi;
+        a[r].v = yi;
+        a[r].i = i;
     }
 }
 
@@ -168,17 +199,22 @@ int64_t psm_forward_SFX(int64_t N, int64_t T, const real *X, const uint8_t *mask
         if (!finite) { bad++; continue; }
         if (kind <= 1) {
             tv1d_SFX(y, v, n, lam);
-            /* groups: maximal runs of equal prox value (Condat writes one value per segment) */
+            /* groups: maximal runs of equal prox value (Condat writes one value per segment). At lambda = 0 the
+               prox is the identity (Jacobian I), so every position is its own group even where inputs tie: else
+               fusedmax's gradient at lambda = 0 would average tied neighbours and differ from sparsemax's. */
             int32_t g = 0;
             for (int64_t i = 0; i < n; i++) {
-                if (i > 0 && v[i] != v[i - 1]) g = (int32_t)i;
+                if (i > 0 && (v[i] != v[i - 1] || !(lam > 0))) g = (int32_t)i;
                 grp[i] = g;
             }
             if (kind == 1) sparsemax_row_SFX(v, p, n);
             else memcpy(p, v, (size_t)n * sizeof(real));
         } else {
-            for (int64_t i = 0; i < n; i++) { srt[i].v = y[i]; srt[i].i = i; }
-            sort_pairs_SFX(srt, srt + T, n);
+            if (n <= RANK_SORT_MAX) rank_sort_SFX(y, srt, n);
+            else {
+                for (int64_t i = 0; i < n; i++) { srt[i].v = y[i]; srt[i].i = i; }
+                sort_pairs_SFX(srt, srt + T, n);
+            }
             /* PAV for a non-increasing fit of u_k = y_(k) - lam (n - 1 - k): blocks on a stack (start, sum);
                merge while the previous block's mean is strictly below the new one's (strict: at lam = 0 tied
                entries stay separate and v = y exactly). */
@@ -206,15 +242,18 @@ int64_t psm_forward_SFX(int64_t N, int64_t T, const real *X, const uint8_t *mask
                 }
             }
             real top = v[0];
+            int64_t ksup = 1;
             for (int64_t k = 0; k < n; k++) {
                 real d = v[k] - top;
                 cs += d;
                 /* support = the largest k with v_k > (sum_{i<=k} v_i - 1)/k, a prefix of the sorted order */
-                if (d * (real)(k + 1) > cs - (real)1.0) tau = (cs - (real)1.0) / (real)(k + 1);
+                if (d * (real)(k + 1) > cs - (real)1.0) { tau = (cs - (real)1.0) / (real)(k + 1); ksup = k + 1; }
             }
+            /* exactly 0 past the support (an entry tied with the threshold would otherwise get a rounding-sized
+               weight and join the support that the backward pass reads from P > 0) */
             for (int64_t k = 0; k < n; k++) {
                 real d = v[k] - top - tau;
-                p[srt[k].i] = d > (real)0.0 ? d : (real)0.0;
+                p[srt[k].i] = (k < ksup && d > (real)0.0) ? d : (real)0.0;
             }
         }
         for (int64_t i = 0; i < n; i++) {
