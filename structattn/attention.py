@@ -71,7 +71,8 @@ becomes the default in :mod:`structattn.options`. Pass ``form="paper"`` for the 
 Multi-head attention (:func:`multihead_viterbi_attention`, :class:`ViterbiNormalizer`). A Transformer's
 encoder-decoder attention scores the source itself — the scaled dot products s_t = q·k_t/√d of each head — so only
 the normaliser is replaced: every (sentence, head, target position) row is one chain with the unary scores s_t of §5,
-and each head has its own transition matrix T_h (both forms as above). The fairseq glue is
+and each head has its own transition matrix T_h (both forms as above) and, optionally (``gamma_mode`` learned or
+scaled, a departure from the paper's fixed γ: see :class:`ViterbiNormalizer`), its own learned γ_h. The fairseq glue is
 ``user_dir/structattn_transformer.py`` (docs/transformer.md).
 
 Where the computation lives. This module holds the checks, the public functions and the modules; the Viterbi
@@ -653,8 +654,10 @@ class ViterbiNormalizer(_ViterbiState, nn.Module):
     adds to the running counts of :meth:`pop_fallback_counts` (one row per sequence, head and query).
 
     ``gamma_mode`` (:data:`structattn.options.GAMMA_MODES`): ``"fixed"`` (default, the paper's: one γ for every
-    head) or ``"learned"``: each transition matrix m (each head, or the one shared matrix) has its own temperature
-    γ_m = exp(``log_gamma[m]``), a parameter initialised at log γ. This departs from the paper (App. C.3 fixes γ);
+    head), ``"learned"``: each transition matrix m (each head, or the one shared matrix) has its own temperature
+    γ_m = exp(``log_gamma[m]``), a parameter initialised at log γ, or ``"scaled"``: the same parameter, set once
+    on the first training batch to log(γ·σ_m), σ_m the head's score scale (:meth:`_scale_gamma`), then learned.
+    ``learned`` and ``scaled`` depart from the paper (App. C.3 fixes γ);
     why: a Transformer's scores q·k/√d are O(1) (row std 0.4 at initialisation, ~1 after 200 updates on the Bible
     data, docs/transformer.md) against the paper's γ = 10 of ℓ2, so θ/γ is ~0.1 and the ℓ2 chain is nearly dense;
     the bilinear LSTM attention starts its scores on the γ scale and has no such mismatch. γ_m is applied exactly:
