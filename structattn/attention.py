@@ -71,7 +71,8 @@ becomes the default in :mod:`structattn.options`. Pass ``form="paper"`` for the 
 Multi-head attention (:func:`multihead_viterbi_attention`, :class:`ViterbiNormalizer`). A Transformer's
 encoder-decoder attention scores the source itself — the scaled dot products s_t = q·k_t/√d of each head — so only
 the normaliser is replaced: every (sentence, head, target position) row is one chain with the unary scores s_t of §5,
-and each head has its own transition matrix T_h (both forms as above). The fairseq glue is
+and each head has its own transition matrix T_h (both forms as above) and, optionally (``gamma_mode`` learned or
+scaled, a departure from the paper's fixed γ: see :class:`ViterbiNormalizer`), its own learned γ_h. The fairseq glue is
 ``user_dir/structattn_transformer.py`` (docs/transformer.md).
 
 Where the computation lives. This module holds the checks, the public functions and the modules; the Viterbi
@@ -100,8 +101,8 @@ from .ops.segmentation import (
     segmentation_weights,
 )
 from .ops.smoothed_max import check_reg_gamma, sparsemax
-from .options import (ATTENTIONS, DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_LAMBDA, DEFAULT_REG, PAPER_GAMMA,
-                      SPARSEMAP_GAMMA, VITERBI_FORMS, paper_gamma)
+from .options import (ATTENTIONS, DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_GAMMA_MODE, DEFAULT_LAMBDA, DEFAULT_REG,
+                      GAMMA_MODES, PAPER_GAMMA, SPARSEMAP_GAMMA, VITERBI_FORMS, paper_gamma)
 from .ops.sparsemap import DEFAULT_MAX_ITER as SPARSEMAP_MAX_ITER
 from .ops.sparsemap import DEFAULT_TOL as SPARSEMAP_TOL
 from .ops.sparsemap import sparsemap_weights
@@ -365,17 +366,21 @@ def frozen_rows(marginals: Tensor, padding_mask: Tensor | None = None) -> Tensor
 
 def coupling_report(model: nn.Module) -> list[dict]:
     """The learned transitions of every Viterbi attention module of ``model``, as plain data (for attention dumps,
-    logs and reports): ``[{"module": name in model.named_modules(), "form", "chain", "gamma", "T_over_gamma": one
-    (2, 2) list per matrix, "kappa": one κ per matrix}]`` with κ the coupling of neighbouring positions
-    (:func:`structattn.ops.segmentation.chain_coupling`; one matrix per head for a :class:`ViterbiNormalizer`).
-    Empty for a model without Viterbi attention."""
+    logs and reports): ``[{"module": name in model.named_modules(), "form", "chain", "gamma", "gamma_mode",
+    "gammas": one γ per matrix, "T_over_gamma": one (2, 2) list per matrix, "kappa": one κ per matrix}]`` with κ the
+    coupling of neighbouring positions (:func:`structattn.ops.segmentation.chain_coupling`; one matrix per head for
+    a :class:`ViterbiNormalizer`), each matrix divided by its own γ (``gammas``: all equal to ``gamma`` unless
+    ``gamma_mode`` is ``"learned"``, where ``gamma`` is the initial value). Empty for a model without Viterbi
+    attention."""
     from .ops.segmentation import chain_coupling
 
     out = []
     for name, m in model.named_modules():
         if isinstance(m, _ViterbiState):
-            tau = (m.effective_transitions().detach().double() / m.gamma).reshape(-1, 2, 2).cpu()
+            gammas = m.matrix_gammas().detach().double().cpu()
+            tau = (m.effective_transitions().detach().double().reshape(-1, 2, 2).cpu() / gammas[:, None, None])
             out.append({"module": name, "form": m.form, "chain": m.chain, "gamma": m.gamma,
+                        "gamma_mode": m.gamma_mode, "gammas": [round(g, 4) for g in gammas.tolist()],
                         "T_over_gamma": [[[round(x, 4) for x in row] for row in t] for t in tau.tolist()],
                         "kappa": [round(k, 4) for k in chain_coupling(tau).tolist()]})
     return out
@@ -508,9 +513,11 @@ class _ViterbiState:
     attention rows, dead (fallback) rows and frozen rows."""
 
     def _init_viterbi(self, reg: str, gamma: float | None, form: str, contiguity: float | None,
-                      shape: tuple, chain: bool = True) -> None:
+                      shape: tuple, chain: bool = True, gamma_mode: str = DEFAULT_GAMMA_MODE) -> None:
         if not isinstance(chain, bool):
             raise TypeError(f"chain must be a bool, got {chain!r}")
+        if gamma_mode not in GAMMA_MODES:
+            raise ValueError(f"gamma_mode must be one of {GAMMA_MODES}, got {gamma_mode!r}")
         #: False: the chain-off ablation (:meth:`effective_transitions`): independent positions, κ ≡ 0
         self.chain = chain
         self.gamma = _gamma(reg, gamma)
@@ -530,14 +537,44 @@ class _ViterbiState:
             self.contiguity = float(c)
             prior = torch.tensor([[self.contiguity, 0.0], [0.0, self.contiguity]])
             self.transitions_over_gamma = nn.Parameter(prior.expand(shape).clone())
+        #: ``fixed``: γ (:attr:`gamma`) for every matrix; ``learned``/``scaled``: γ_m = exp(``log_gamma[m]``) per
+        #: transition matrix (per head of a :class:`ViterbiNormalizer`), starting at :attr:`gamma` (``learned``) or
+        #: at :attr:`gamma` times the head's score scale on the first training batch (``scaled``)
+        self.gamma_mode = gamma_mode
+        if gamma_mode != "fixed":
+            # log γ, not γ: Adam's ~lr steps then change γ by a *factor*, the same relative speed whatever its size,
+            # and γ stays > 0 without a constraint
+            self.log_gamma = nn.Parameter(torch.full(shape[:-2] or (1,), math.log(self.gamma)))
+        if gamma_mode == "scaled":
+            # persistent: a checkpoint records that its γ was set from the scores (never re-done after loading)
+            self.register_buffer("gamma_scaled", torch.zeros(1, dtype=torch.bool))
         self.register_buffer("_rows", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("_dead", torch.zeros((), dtype=torch.long), persistent=False)
         self.register_buffer("_frozen", torch.zeros((), dtype=torch.long), persistent=False)
         #: set to a list to collect the (B,) dead-row flags of every forward (None: do not collect)
         self.recorded_dead: list | None = None
 
+    def matrix_gammas(self) -> Tensor:
+        """(M,) γ of each of the M transition matrices: :attr:`gamma` repeated (``gamma_mode="fixed"``) or the learned
+        exp(``log_gamma``) (``"learned"``, differentiable)."""
+        if self.gamma_mode != "fixed":
+            return self.log_gamma.exp()
+        p = self.transitions if self.form == "paper" else self.transitions_over_gamma
+        return p.new_full((p.reshape(-1, 2, 2).shape[0],), self.gamma)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.gamma_mode != "fixed" and prefix + "log_gamma" not in state_dict \
+                and (prefix + "transitions" in state_dict or prefix + "transitions_over_gamma" in state_dict):
+            # A checkpoint of the fixed-γ model (every one written before gamma_mode existed): it was trained with
+            # γ = self.gamma for every head, which is where a learned γ starts (and, scaled, stays: it is not reset
+            # from the scores). Loading it into a learned-γ model (e.g. to fine-tune) gives the model it was.
+            state_dict[prefix + "log_gamma"] = torch.full_like(self.log_gamma, math.log(self.gamma))
+            if self.gamma_mode == "scaled":
+                state_dict[prefix + "gamma_scaled"] = torch.ones(1, dtype=torch.bool)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def effective_transitions(self) -> Tensor:
-        """T as used in θ (the paper's T; γ·τ in the stable form).
+        """T as used in θ (the paper's T; γ·τ in the stable form, with each matrix's own γ when γ is learned).
 
         With ``chain=False`` (the chain-off ablation) T is projected onto the matrices f(i) + g(j) — the
         orthogonal complement of K = [[1, −1], [−1, 1]], T − (⟨T, K⟩/4)·K — so that the coupling κ = ⟨T, K⟩/γ
@@ -545,19 +582,32 @@ class _ViterbiState:
         has no component along K): the chain factorises into independent per-position gates on the same
         unary scores, and the three remaining directions of T keep their job of shifting them (a learned bias of
         the attend state). What the chain itself buys is the difference between the two models."""
-        t = self.transitions if self.form == "paper" else self.gamma * self.transitions_over_gamma
+        if self.form == "paper":
+            t = self.transitions
+        elif self.gamma_mode != "fixed":
+            g = self.matrix_gammas()
+            t = g.reshape(self.transitions_over_gamma.shape[:-2] + (1, 1)) * self.transitions_over_gamma
+        else:
+            t = self.gamma * self.transitions_over_gamma
         if self.chain:
             return t
         k = t.new_tensor([[1.0, -1.0], [-1.0, 1.0]])
         return t - (t * k).sum((-2, -1), keepdim=True) / 4.0 * k
 
-    def _normalize_rows(self, scores: Tensor, padding_mask: Tensor | None, trans: Tensor, tdiv: int = 1) -> Tensor:
+    def _normalize_rows(self, scores: Tensor, padding_mask: Tensor | None, trans: Tensor, tdiv: int = 1,
+                        gamma: float | None = None, fallback_scores: Tensor | None = None) -> Tensor:
         """Weights of the rows ``scores`` (N, T) under this module's form, with T = ``trans`` (2, 2) or, for
-        ``trans`` (M, 2, 2), T = ``trans[(b // tdiv) % M]`` for row b; counts the rows. Computed in float32 for
-        half-precision scores, returned in their dtype."""
+        ``trans`` (M, 2, 2), T = ``trans[(b // tdiv) % M]`` for row b, and γ = ``gamma`` (None: :attr:`gamma`);
+        counts the rows. Computed in float32 for half-precision scores, returned in their dtype.
+        ``fallback_scores``: the rows' softmax fallback uses these scores instead of ``scores`` (the per-head γ
+        path passes s/γ_h as ``scores`` and s here, so that a dead row falls back to softmax(s) as with a fixed γ)."""
         padding_mask = _check_scores(scores, padding_mask)
-        w, _, flags = _viterbi_rows(scores, trans, tdiv, padding_mask, self.reg, self.gamma,
-                                    centre=self.form == "stable", flags=True)
+        w, _, flags = _viterbi_rows(scores, trans, tdiv, padding_mask, self.reg,
+                                    self.gamma if gamma is None else gamma, centre=self.form == "stable", flags=True)
+        if fallback_scores is not None:
+            dead = (flags & DEAD) != 0
+            if torch.compiler.is_compiling() or bool(dead.any()):
+                w = torch.where(dead[:, None], masked_softmax(fallback_scores, padding_mask).to(w.dtype), w)
         self._count_rows(flags)
         return w
 
@@ -710,15 +760,29 @@ class ViterbiNormalizer(_ViterbiState, nn.Module):
     (``transitions``, (num_heads, 2, 2), from 0) on the raw scores; ``form="stable"`` centres each row's scores
     over its real positions and learns τ = T/γ (``transitions_over_gamma``, from [[c, 0], [0, c]] per head). The
     chain runs in float32 for float16/bfloat16 scores; the weights come back in the scores' dtype. Every forward
-    adds to the running counts of :meth:`pop_fallback_counts` (one row per sequence, head and query)."""
+    adds to the running counts of :meth:`pop_fallback_counts` (one row per sequence, head and query).
+
+    ``gamma_mode`` (:data:`structattn.options.GAMMA_MODES`): ``"fixed"`` (default, the paper's: one γ for every
+    head), ``"learned"``: each transition matrix m (each head, or the one shared matrix) has its own temperature
+    γ_m = exp(``log_gamma[m]``), a parameter initialised at log γ, or ``"scaled"``: the same parameter, set once
+    on the first training batch to log(γ·σ_m), σ_m the head's score scale (:meth:`_scale_gamma`), then learned.
+    ``learned`` and ``scaled`` depart from the paper (App. C.3 fixes γ);
+    why: a Transformer's scores q·k/√d are O(1) (row std 0.4 at initialisation, ~1 after 200 updates on the Bible
+    data, docs/transformer.md) against the paper's γ = 10 of ℓ2, so θ/γ is ~0.1 and the ℓ2 chain is nearly dense;
+    the bilinear LSTM attention starts its scores on the γ scale and has no such mismatch. γ_m is applied exactly:
+    since Vit_{γΩ}(θ) = γ·Vit_Ω(θ/γ), the marginals with temperature γ_h are those with temperature 1 of θ/γ_h,
+    so head h's rows are run as s/γ_h with T_h/γ_h at γ = 1 (the same weights, a row that falls back to softmax
+    falls back to softmax(s) as with a fixed γ), and the gradient reaches log γ_h through that division. In the
+    stable form T_h = γ_h·τ_h, so τ_h (and κ_h) stay on the head's own γ scale as γ_h moves."""
 
     def __init__(self, num_heads: int = 1, reg: str = DEFAULT_REG, gamma: float | None = None,
-                 form: str = DEFAULT_FORM, contiguity: float | None = None, chain: bool = True):
+                 form: str = DEFAULT_FORM, contiguity: float | None = None, chain: bool = True,
+                 gamma_mode: str = DEFAULT_GAMMA_MODE):
         super().__init__()
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
         self.num_heads = num_heads
-        self._init_viterbi(reg, gamma, form, contiguity, (num_heads, 2, 2), chain)
+        self._init_viterbi(reg, gamma, form, contiguity, (num_heads, 2, 2), chain, gamma_mode)
 
     def forward(self, scores: Tensor, padding_mask: Tensor | None = None) -> Tensor:
         """scores (B, H, Q, S) with H = ``num_heads`` (or any H when ``num_heads`` is 1), padding_mask bool
@@ -726,12 +790,55 @@ class ViterbiNormalizer(_ViterbiState, nn.Module):
         if scores.dim() == 4 and self.num_heads != 1 and scores.shape[1] != self.num_heads:
             raise ValueError(f"{type(self).__name__} was built for {self.num_heads} heads, got scores of shape "
                              f"{tuple(scores.shape)}")
-        rows, mask, trans, tdiv = _head_rows(scores, padding_mask, self.effective_transitions())
-        return self._normalize_rows(rows, mask, trans, tdiv).view(scores.shape)
+        if self.gamma_mode == "fixed":
+            rows, mask, trans, tdiv = _head_rows(scores, padding_mask, self.effective_transitions())
+            return self._normalize_rows(rows, mask, trans, tdiv).view(scores.shape)
+        # Per-head γ_h: run head h at γ = 1 on (s/γ_h, T_h/γ_h) (class docstring).
+        _head_rows(scores, padding_mask, self.effective_transitions())  # the argument checks, before any arithmetic
+        if self.gamma_mode == "scaled" and self.training and not torch.compiler.is_compiling() \
+                and not bool(self.gamma_scaled):
+            self._scale_gamma(scores, padding_mask)
+        g = self.matrix_gammas().to(_upcast_half(scores).dtype)  # (M,), M = num_heads or 1
+        scaled = _upcast_half(scores)
+        if padding_mask is not None:
+            # padded entries may be ±inf: 0 there, or their (zero) gradient times s/γ² would be NaN for log γ
+            scaled = scaled.masked_fill(padding_mask, 0.0)
+        scaled = scaled / g.view(1, -1, 1, 1)
+        trans = self.effective_transitions().to(g.dtype) / g.view(-1, 1, 1)
+        rows, mask, trans, tdiv = _head_rows(scaled, padding_mask, trans)
+        w = self._normalize_rows(rows, mask, trans, tdiv, gamma=1.0, fallback_scores=scores.reshape(rows.shape))
+        return w.to(scores.dtype).view(scores.shape)
+
+    @torch.no_grad()
+    def _scale_gamma(self, scores: Tensor, padding_mask: Tensor | None) -> None:
+        """``gamma_mode="scaled"``: log γ_m ← log(γ·σ_m), once, from the first training batch. σ_m is the head's
+        score scale: the root mean square over its rows (all rows for a shared matrix) of the standard deviation of
+        a row's scores over its real positions — the spread that θ/γ compares with γ (the level is removed by the
+        stable form's centring and does not decide sparsity). Averaged over the ranks of a distributed run, so that
+        every replica starts from the same γ."""
+        s = _upcast_half(scores).detach()
+        B, H, Q, S = s.shape
+        real = torch.ones_like(s, dtype=torch.bool) if padding_mask is None else ~padding_mask.expand(B, H, Q, S)
+        n = real.sum(-1, keepdim=True)
+        x = s.masked_fill(~real, 0.0)
+        mean = x.sum(-1, keepdim=True) / n.clamp_min(1)
+        var = ((x - mean).masked_fill(~real, 0.0).pow(2).sum(-1) / n.squeeze(-1).clamp_min(1))  # (B, H, Q)
+        rows = (n.squeeze(-1) > 0).to(s.dtype)
+        per_head = torch.stack([(var * rows).sum((0, 2)), rows.sum((0, 2))])  # (2, H): Σ var, row count
+        if self.log_gamma.numel() == 1:
+            per_head = per_head.sum(1, keepdim=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(per_head)
+        sigma = (per_head[0] / per_head[1].clamp_min(1)).sqrt()
+        # a head whose scores are all equal (σ = 0) keeps γ itself: no scale to be relative to
+        sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+        self.log_gamma.copy_((self.gamma * sigma).log().to(self.log_gamma.dtype))
+        self.gamma_scaled.fill_(True)
 
     def extra_repr(self) -> str:
         r = f"num_heads={self.num_heads}, reg={self.reg!r}, gamma={self.gamma}, form={self.form!r}"
         r += f", contiguity={self.contiguity}" if self.form == "stable" else ""
+        r += f", gamma_mode={self.gamma_mode!r}" if self.gamma_mode != "fixed" else ""
         return r + ("" if self.chain else ", chain=False")
 
 
@@ -1012,14 +1119,17 @@ class SparsemapNormalizer(_SparsemapState, nn.Module):
 
 def build_normalizer(attention: str, num_heads: int = 1, reg: str = DEFAULT_REG, gamma: float | None = None,
                      form: str = DEFAULT_FORM, contiguity: float | None = None, chain: bool = True,
-                     lam: float | None = None) -> nn.Module:
+                     lam: float | None = None, gamma_mode: str = DEFAULT_GAMMA_MODE) -> nn.Module:
     """Factory of the per-head normaliser of a multi-head attention (maps scores (B, H, Q, S) and a padding mask
     broadcastable to them to weights): :class:`ViterbiNormalizer` (``reg``/``gamma``/``form``/``contiguity``/
     ``chain`` as in :func:`build_attention`) and :class:`SparsemapNormalizer` with ``num_heads`` transition
     matrices (SparseMAP: ``gamma``/``form``/``contiguity``/``chain`` as the Viterbi attention's, γ = None:
-    :data:`SPARSEMAP_GAMMA`), :class:`HeadNormalizer` (λ = ``lam`` for fusedmax/oscarmax) for the others."""
+    :data:`SPARSEMAP_GAMMA`), :class:`HeadNormalizer` (λ = ``lam`` for fusedmax/oscarmax) for the others.
+    ``gamma_mode`` (:data:`~structattn.options.GAMMA_MODES`) is the Viterbi normaliser's only."""
     if attention == "viterbi":
-        return ViterbiNormalizer(num_heads, reg, gamma, form, contiguity, chain)
+        return ViterbiNormalizer(num_heads, reg, gamma, form, contiguity, chain, gamma_mode)
+    if gamma_mode != DEFAULT_GAMMA_MODE:
+        raise ValueError(f"gamma_mode {gamma_mode!r} is an option of the Viterbi normaliser, not of {attention!r}")
     if attention == "sparsemap":
         return SparsemapNormalizer(num_heads, gamma=gamma, form=form, contiguity=contiguity, chain=chain)
     if attention in HeadNormalizer.KINDS:

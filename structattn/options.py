@@ -24,6 +24,10 @@ SparseMAP)
                                                                    0.1, oscarmax 0.01: the ops module's
                                                                    ``DEFAULT_FUSEDMAX_LAMBDA`` /
                                                                    ``DEFAULT_OSCARMAX_LAMBDA``)
+γ mode (multi-head        :data:`GAMMA_MODES`                      :data:`DEFAULT_GAMMA_MODE` (``fixed``, the
+Viterbi normaliser)                                                paper's; ``learned``, ``scaled``: one learned γ
+                                                                   per head; fairseq Transformer only:
+                                                                   ``--attention-gamma-mode``)
 ========================  =======================================  ================================================
 
 The attentions (:data:`ATTENTIONS`): ``softmax``, ``sparsemax``, ``viterbi`` (smoothed-Viterbi segmentation
@@ -74,6 +78,9 @@ __all__ = [
     "SPARSEMAP_GAMMA",
     "CHAIN_ATTENTIONS",
     "DEFAULT_LAMBDA",
+    "GAMMA_MODES",
+    "DEFAULT_GAMMA_MODE",
+    "SCALED_GAMMA",
     "paper_gamma",
     "AttentionOptions",
     "positive_float",
@@ -126,6 +133,19 @@ DEFAULT_CONTIGUITY = 1.0
 CHAIN_MODES = ("on", "off")
 DEFAULT_CHAIN = "on"
 
+#: The temperature of the multi-head Viterbi normaliser (:class:`structattn.attention.ViterbiNormalizer`):
+#: ``fixed`` (one γ for every head, as in the paper, App. C.3), ``learned`` (a parameter log γ_h per transition
+#: matrix, i.e. per head, initialised at log γ) or ``scaled`` (the same parameter, initialised on the first training
+#: batch at γ_h = γ·σ_h, σ_h the head's score scale: γ is then in units of the head's scores, default
+#: :data:`SCALED_GAMMA`). ``learned`` and ``scaled`` depart from the paper (docs/transformer.md). Only the multi-head
+#: normaliser has them: the bilinear :class:`~structattn.attention.ViterbiAttention` of the LSTM keeps γ fixed (its
+#: scores are initialised on the γ scale, so it has no scale mismatch to correct).
+GAMMA_MODES = ("fixed", "learned", "scaled")
+DEFAULT_GAMMA_MODE = "fixed"
+#: γ of ``gamma_mode="scaled"`` when none is given: each head starts with γ_h = σ_h, its scores' own scale — the
+#: regime the LSTM's initialisation of M reaches (score std on the γ scale, :class:`structattn.attention.ViterbiAttention`).
+SCALED_GAMMA = 1.0
+
 
 def paper_gamma(reg: str) -> float:
     """The paper's γ for Ω = ``reg`` (:data:`PAPER_GAMMA`); ``ValueError`` naming the choices otherwise."""
@@ -147,6 +167,7 @@ class AttentionOptions:
     contiguity: Optional[float] = DEFAULT_CONTIGUITY
     chain: str = DEFAULT_CHAIN
     lam: Optional[float] = None
+    gamma_mode: str = DEFAULT_GAMMA_MODE
 
 
 def positive_float(text) -> float:
@@ -188,13 +209,15 @@ def _dash(name: str) -> str:
 
 def resolve_options(attention: str, reg: str = DEFAULT_REG, gamma=None, form: str = DEFAULT_FORM,
                     contiguity=DEFAULT_CONTIGUITY, flag: Callable[[str], str] = _dash,
-                    chain: str = DEFAULT_CHAIN, lam=None) -> AttentionOptions:
-    """Check the seven values and fill in γ's default for the Viterbi (the paper's) and SparseMAP
-    (:data:`SPARSEMAP_GAMMA`) attentions and λ's default (:data:`DEFAULT_LAMBDA`) for fusedmax and oscarmax.
+                    chain: str = DEFAULT_CHAIN, lam=None, gamma_mode: str = DEFAULT_GAMMA_MODE) -> AttentionOptions:
+    """Check the values and fill in γ's default for the Viterbi attention (the paper's; :data:`SCALED_GAMMA` for
+    ``gamma_mode="scaled"``, where γ is relative to the heads' score scale) and the SparseMAP attention
+    (:data:`SPARSEMAP_GAMMA`), and λ's default (:data:`DEFAULT_LAMBDA`) for fusedmax and oscarmax.
 
     ``flag`` spells an option for the error messages: it receives ``"attention"``, ``"attention_reg"``,
-    ``"attention_gamma"``, ``"attention_form"``, ``"attention_contiguity"``, ``"attention_chain"`` or
-    ``"attention_lambda"`` (default: fairseq's ``--attention-reg`` spelling). Raises ``ValueError`` naming the
+    ``"attention_gamma"``, ``"attention_form"``, ``"attention_contiguity"``, ``"attention_chain"``,
+    ``"attention_lambda"`` or ``"attention_gamma_mode"`` (default: fairseq's ``--attention-reg`` spelling). Raises
+    ``ValueError`` naming the
     option and the value."""
     if attention not in ATTENTIONS:
         raise ValueError(f"{flag('attention')} must be one of {', '.join(ATTENTIONS)}; got {attention!r}")
@@ -221,19 +244,25 @@ def resolve_options(attention: str, reg: str = DEFAULT_REG, gamma=None, form: st
             lam = nonnegative_float(str(lam))
         except argparse.ArgumentTypeError as exc:
             raise ValueError(f"{flag('attention_lambda')} {exc}") from None
+    if gamma_mode not in GAMMA_MODES:
+        raise ValueError(f"{flag('attention_gamma_mode')} must be one of {', '.join(GAMMA_MODES)}; "
+                         f"got {gamma_mode!r}")
     if attention == "viterbi" and gamma is None:
-        gamma = PAPER_GAMMA[reg]
+        gamma = SCALED_GAMMA if gamma_mode == "scaled" else PAPER_GAMMA[reg]
     if attention == "sparsemap" and gamma is None:
         gamma = SPARSEMAP_GAMMA
     if attention in DEFAULT_LAMBDA and lam is None:
         lam = DEFAULT_LAMBDA[attention]
-    return AttentionOptions(attention, reg, gamma, form, contiguity, chain, lam)
+    return AttentionOptions(attention, reg, gamma, form, contiguity, chain, lam, gamma_mode)
 
 
 def build_from_options(options: AttentionOptions, query_dim: int, source_dim: int):
     """The :mod:`structattn.attention` module the options describe (query of ``query_dim`` scored against sources
     of ``source_dim``): exactly what the fairseq plugin builds for the same options."""
     from .attention import build_attention  # here, not at the top: structattn.attention imports this module
+    if options.attention == "viterbi" and options.gamma_mode != DEFAULT_GAMMA_MODE:
+        raise ValueError(f"gamma_mode {options.gamma_mode!r} is an option of the multi-head Viterbi normaliser "
+                         "(the Transformer); the bilinear Viterbi attention keeps γ fixed")
     if options.attention in DEFAULT_LAMBDA:
         return build_attention(options.attention, query_dim, source_dim, lam=options.lam)
     if options.attention not in CHAIN_ATTENTIONS:
@@ -250,4 +279,4 @@ def build_normalizer(options: AttentionOptions, num_heads: int):
     from .attention import build_normalizer as build  # here, not at the top: structattn.attention imports this
     contiguity = options.contiguity if options.form == "stable" else None
     return build(options.attention, num_heads, options.reg, options.gamma, options.form, contiguity,
-                 options.chain == "on", lam=options.lam)
+                 options.chain == "on", lam=options.lam, gamma_mode=options.gamma_mode)

@@ -23,9 +23,9 @@ from structattn.attention import ATTENTIONS, DEFAULT_CONTIGUITY, PAPER_GAMMA, VI
 # The values, defaults and checks are toolkit-neutral and shared with the OpenNMT-py glue (structattn.options);
 # this module adds what is fairseq's: the flags, the architecture defaults, the metrics.
 from structattn.ops.segmentation import chain_coupling
-from structattn.options import (DEFAULT_FORM, DEFAULT_LAMBDA, DEFAULT_REG, DEFAULT_CHAIN, REGULARIZERS, SPARSEMAP_GAMMA,
-                                CHAIN_MODES, AttentionOptions, build_from_options, build_normalizer,
-                                nonnegative_float, positive_float, resolve_options)
+from structattn.options import (DEFAULT_FORM, DEFAULT_LAMBDA, DEFAULT_REG, DEFAULT_CHAIN, DEFAULT_GAMMA_MODE,
+                                REGULARIZERS, SPARSEMAP_GAMMA, CHAIN_MODES, AttentionOptions, build_from_options,
+                                build_normalizer, nonnegative_float, positive_float, resolve_options)
 
 DEFAULT_ATTENTION = "viterbi"
 
@@ -107,7 +107,9 @@ def resolve_attention_args(args) -> AttentionOptions:
                               getattr(args, "attention_gamma", None), getattr(args, "attention_form", DEFAULT_FORM),
                               getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY),
                               chain=getattr(args, "attention_chain", None) or DEFAULT_CHAIN,
-                              lam=getattr(args, "attention_lambda", None))
+                              lam=getattr(args, "attention_lambda", None),
+                              # --attention-gamma-mode is the Transformer's (its multi-head normaliser): fixed elsewhere
+                              gamma_mode=getattr(args, "attention_gamma_mode", None) or DEFAULT_GAMMA_MODE)
     if options.attention in ("viterbi", "sparsemap") and getattr(args, "attention_gamma", None) is None:
         args.attention_gamma = options.gamma
     if options.lam is not None and getattr(args, "attention_lambda", None) is None:
@@ -125,8 +127,9 @@ def log_attention_metrics(att, prefix: str = "") -> None:
     """Log the fallback and frozen-row rates and the learned transitions on the γ scale of a Viterbi attention
     (no-op for the attentions without a chain) into fairseq's active metric aggregators (train_inner/train while
     training, valid during validation): ``attn_fallback``, ``attn_frozen``, ``T00/g T01/g T10/g T11/g`` (T[i, j]:
-    state j at t−1 → state i at t) and ``kappa``, the coupling κ = (T00 + T11 − T01 − T10)/γ — the one direction of
-    T that links neighbouring positions (|κ| < 0.25: independent positions, :func:`structattn.ops.segmentation.
+    state j at t−1 → state i at t) and ``kappa``, the coupling κ = (T00 + T11 − T01 − T10)/γ (each matrix on its own
+    γ when γ is learned per head, ``--attention-gamma-mode learned|scaled``) — the one direction of T that links
+    neighbouring positions (|κ| < 0.25: independent positions, :func:`structattn.ops.segmentation.
     chain_coupling`; the other three directions only shift the scores). ``prefix`` distinguishes several attention
     layers. A SparseMAP attention logs ``attn_fallback``, ``attn_frozen`` (rows with one structure), ``attn_structures``
     (mean number of active segmentations per row) and ``attn_unconverged`` (share of rows whose active-set solver
@@ -135,7 +138,9 @@ def log_attention_metrics(att, prefix: str = "") -> None:
     ``att`` is one module or a list of them (e.g. the normalisers of every decoder layer of a Transformer, None
     where a layer has none): the rates then pool the rows of all of them and T/γ and ``kappa`` are the means over
     all their transition matrices (one per head for a :class:`structattn.attention.ViterbiNormalizer`); with more
-    than one matrix, κ of each is logged too, as ``kappa_L<layer>H<head>`` (layer: the position in ``att``).
+    than one matrix, κ of each is logged too, as ``kappa_L<layer>H<head>`` (layer: the position in ``att``). When a
+    module learns its γ (``gamma_mode`` ``"learned"`` or ``"scaled"``), ``gamma`` (the mean over the matrices) and each matrix's
+    ``gamma_L<layer>H<head>`` are logged as well.
 
     Reads the counts on the host: callers skip it inside compiled graphs (the counts keep accumulating in the
     module's buffers and are logged by the next eager call)."""
@@ -152,7 +157,8 @@ def log_attention_metrics(att, prefix: str = "") -> None:
         return
     metrics.log_scalar(f"{prefix}attn_fallback", dead / rows, weight=rows, round=4)
     metrics.log_scalar(f"{prefix}attn_frozen", frozen / rows, weight=rows, round=4)
-    taus = [(m.effective_transitions().detach() / m.gamma).reshape(-1, 2, 2) for m in atts]
+    gammas = [m.matrix_gammas().detach() for m in atts]
+    taus = [m.effective_transitions().detach().reshape(-1, 2, 2) / g.view(-1, 1, 1) for m, g in zip(atts, gammas)]
     kappas = [chain_coupling(t).cpu().tolist() for t in taus]
     tau = torch.cat(taus).mean(0).cpu().tolist()
     for i in range(2):
@@ -164,6 +170,14 @@ def log_attention_metrics(att, prefix: str = "") -> None:
         for (layer, _), ks in zip(layers, kappas):
             for head, k in enumerate(ks):
                 metrics.log_scalar(f"{prefix}kappa_L{layer}H{head}", k, weight=0, round=3)
+    if any(getattr(m, "gamma_mode", "fixed") != "fixed" for m in atts):
+        gs = [g.cpu().tolist() for g in gammas]
+        flat = [g for layer in gs for g in layer]
+        metrics.log_scalar(f"{prefix}gamma", sum(flat) / len(flat), weight=0, round=3)
+        if len(flat) > 1:
+            for (layer, _), ls in zip(layers, gs):
+                for head, g in enumerate(ls):
+                    metrics.log_scalar(f"{prefix}gamma_L{layer}H{head}", g, weight=0, round=3)
 
 
 def _log_sparsemap_metrics(atts: list, prefix: str) -> None:

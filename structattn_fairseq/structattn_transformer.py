@@ -38,6 +38,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 from torch import Tensor, nn
 
 from structattn.attention import SparsemapNormalizer, ViterbiNormalizer
+from structattn.options import DEFAULT_GAMMA_MODE, GAMMA_MODES
 
 from .attention_options import (AttentionOptions, add_attention_args, attention_defaults, build_normalizer,
                                 check_transition_keys, log_attention_metrics, resolve_attention_args)
@@ -48,6 +49,7 @@ EXPORT_HEADS = ("mean", "all")
 #: --attention-transitions: one Viterbi transition matrix per head, or one per layer shared by its heads
 TRANSITIONS = ("head", "layer")
 DEFAULT_TRANSITIONS = "head"
+# --attention-gamma-mode: the values and the default are structattn.options' (GAMMA_MODES, DEFAULT_GAMMA_MODE)
 
 
 class StructAttnEncoderAttention(MultiheadAttention):
@@ -216,6 +218,13 @@ class StructAttnTransformerModel(TransformerModel):
             "--attention-transitions", choices=TRANSITIONS, metavar="{" + ",".join(TRANSITIONS) + "}",
             help="Viterbi and SparseMAP attention only: one transition matrix T per head of each decoder layer (head) "
                  f"or one per layer shared by its heads (layer); default: {DEFAULT_TRANSITIONS} (docs/transformer.md)")
+        parser.add_argument(
+            "--attention-gamma-mode", choices=GAMMA_MODES, metavar="{" + ",".join(GAMMA_MODES) + "}",
+            help="Viterbi attention only: fixed (one temperature gamma, --attention-gamma, for every head, as in the "
+                 "paper), learned (one learned log gamma per transition matrix, i.e. per head, starting at "
+                 "--attention-gamma) or scaled (the same, starting at --attention-gamma times the head's score "
+                 "scale on the first training batch; default gamma then 1); learned and scaled depart from the paper "
+                 f"for the O(1) scale of q.k/sqrt(d); default: {DEFAULT_GAMMA_MODE} (docs/transformer.md)")
 
     @classmethod
     def build_model(cls, args, task):
@@ -252,9 +261,11 @@ class StructAttnTransformerModel(TransformerModel):
 
 
 def _transformer_attention_defaults(args) -> None:
-    """The shared --attention* defaults and --attention-transitions'."""
+    """The shared --attention* defaults and those of --attention-transitions and --attention-gamma-mode."""
     attention_defaults(args)
     args.attention_transitions = getattr(args, "attention_transitions", DEFAULT_TRANSITIONS)
+    # checkpoints written before the option existed record none: fixed, the γ they were trained with
+    args.attention_gamma_mode = getattr(args, "attention_gamma_mode", DEFAULT_GAMMA_MODE)
 
 
 @register_model_architecture("structattn_transformer", "structattn_transformer")

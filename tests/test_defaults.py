@@ -27,7 +27,8 @@ from structattn.options import DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_REG, PA
 
 #: the defaults, spelt out once here so that a change to them is a deliberate change to this test as well
 EXPECTED = {"reg": "entropy", "form": "stable", "contiguity": 1.0, "gamma": {"entropy": 2.0, "l2": 10.0},
-            "lam": {"fusedmax": 0.1, "oscarmax": 0.01}, "sparsemap_gamma": 10.0}
+            "lam": {"fusedmax": 0.1, "oscarmax": 0.01}, "sparsemap_gamma": 10.0, "gamma_mode": "fixed",
+            "scaled_gamma": 1.0}
 
 
 def _toolkit(module: str):
@@ -45,6 +46,7 @@ def test_the_one_definition_is_the_one_every_committed_result_used():
     assert (DEFAULT_REG, DEFAULT_FORM, DEFAULT_CONTIGUITY, PAPER_GAMMA) == (
         EXPECTED["reg"], EXPECTED["form"], EXPECTED["contiguity"], EXPECTED["gamma"])
     assert set(PAPER_GAMMA) == set(REGULARIZERS)
+    assert (options.DEFAULT_GAMMA_MODE, options.SCALED_GAMMA) == (EXPECTED["gamma_mode"], EXPECTED["scaled_gamma"])
     # attention.py re-exports the same objects; it does not define its own
     for name in ("ATTENTIONS", "PAPER_GAMMA", "VITERBI_FORMS", "DEFAULT_REG", "DEFAULT_FORM", "DEFAULT_CONTIGUITY",
                  "SPARSEMAP_GAMMA"):
@@ -124,6 +126,8 @@ def test_built_modules_hold_the_defaults(reg):
               options.build_from_options(options.resolve_options("viterbi", reg), 3, 4),
               options.build_normalizer(options.resolve_options("viterbi", reg), 2)):
         assert (m.reg, m.gamma, m.form, m.contiguity) == (reg, PAPER_GAMMA[reg], DEFAULT_FORM, DEFAULT_CONTIGUITY)
+        assert m.gamma_mode == options.DEFAULT_GAMMA_MODE and not hasattr(m, "log_gamma")
+    assert _default(ViterbiNormalizer.__init__, "gamma_mode") == options.DEFAULT_GAMMA_MODE
     m = ViterbiAttention(3, 4)
     assert m.reg == DEFAULT_REG and m.gamma == PAPER_GAMMA[DEFAULT_REG]
 
@@ -149,6 +153,10 @@ def test_resolve_options_defaults():
     assert (o.reg, o.gamma, o.form, o.contiguity) == (DEFAULT_REG, PAPER_GAMMA[DEFAULT_REG], DEFAULT_FORM,
                                                       DEFAULT_CONTIGUITY)
     assert options.AttentionOptions("viterbi").form == DEFAULT_FORM
+    assert o.gamma_mode == options.AttentionOptions("viterbi").gamma_mode == options.DEFAULT_GAMMA_MODE
+    # γ = None in the scaled mode is relative to the heads' score scale: SCALED_GAMMA, not the paper's
+    assert options.resolve_options("viterbi", "l2", gamma_mode="scaled").gamma == options.SCALED_GAMMA
+    assert options.resolve_options("viterbi", "l2", gamma_mode="learned").gamma == PAPER_GAMMA["l2"]
 
 
 def test_fairseq_plugin_defaults():
@@ -167,6 +175,9 @@ def test_fairseq_plugin_defaults():
         assert resolved == options.resolve_options(args.attention), arch
         if args.attention == "viterbi":
             assert resolved.gamma == PAPER_GAMMA[DEFAULT_REG]
+        assert resolved.gamma_mode == options.DEFAULT_GAMMA_MODE, arch
+        if arch == "structattn_transformer_tiny":  # the option is the Transformer's (its multi-head normaliser)
+            assert args.attention_gamma_mode == options.DEFAULT_GAMMA_MODE
         for name, lam in options.DEFAULT_LAMBDA.items():
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 args = fairseq_options.parse_args_and_arch(

@@ -212,7 +212,7 @@ def _run(prog: str, fn, argv) -> int:
 
 def _stats(argv) -> int:
     from ..export import eos_symbol
-    from .stats import STAT_COLUMNS, dump_head_count, dump_kappa, dump_stats, dump_structures, format_stat
+    from .stats import STAT_COLUMNS, dump_gamma, dump_head_count, dump_kappa, dump_stats, dump_structures, format_stat
 
     p = argparse.ArgumentParser(
         prog="structattn-stats",
@@ -229,16 +229,20 @@ def _stats(argv) -> int:
     args = p.parse_args(argv)
     models = _load_all(args.dumps)
     rows = []
+    any_learned_gamma = False
     for m in models:
         kw = dict(nbest_rank=args.nbest_rank, exclude_eos=args.exclude_eos, eos=eos_symbol(m.metadata))
         heads = [dump_stats(m.records, head=h, **kw) for h in range(dump_head_count(m.records) or 0)]
         kappa, head_kappa = dump_kappa(m.metadata)
-        st = dict(dump_stats(m.records, **kw), kappa=kappa)
+        gamma, head_gamma, learned = dump_gamma(m.metadata)
+        any_learned_gamma |= learned
+        st = dict(dump_stats(m.records, **kw), kappa=kappa, gamma=gamma)
         structures = dump_structures(m.metadata)
         if structures == structures:  # SparseMAP dumps only: the column exists where some dump has it
             st["structures_per_row"] = structures
         for h, hs in enumerate(heads):
             hs["kappa"] = head_kappa[h] if head_kappa is not None and h < len(head_kappa) else float("nan")
+            hs["gamma"] = head_gamma[h] if head_gamma is not None and h < len(head_gamma) else float("nan")
         rows.append((m, st, heads))
 
     def plain(st):
@@ -258,6 +262,8 @@ def _stats(argv) -> int:
         for _, st, heads in rows:
             for stat in [st] + heads:
                 stat.setdefault("structures_per_row", float("nan"))
+    if any_learned_gamma:  # per-head γ (--attention-gamma-mode learned|scaled); a fixed γ is in the dump's options
+        columns.append(("gamma", "γ", "{:.3g}"))
     header = ["model"] + [name for _, name, _ in columns]
     table = [header]
     for m, st, heads in rows:

@@ -23,7 +23,9 @@ For a matrix A (target rows × source columns) we count, with *exact* zeros (A =
 κ = (T₀₀ + T₁₁ − T₀₁ − T₁₀)/γ (:func:`structattn.ops.segmentation.chain_coupling`; |κ| < 0.25: independent
 positions), read from the dump's metadata (``couplings``, written by both toolkits' dump writers since this
 column exists; n/a for older dumps and for models without Viterbi attention): the mean over the first model's
-matrices, and for the head rows of a multi-head dump the κ of that head in the dumped layer.
+matrices, and for the head rows of a multi-head dump the κ of that head in the dumped layer. Each matrix is divided
+by its own γ: models that learn a γ per head (``--attention-gamma-mode learned|scaled``) get a γ column too
+(:func:`dump_gamma`, same convention: the mean over the first model's matrices, the head's γ on head rows).
 
 Active structures per row (SparseMAP attention only; ``structattn-stats``' column "structures/row", shown when a
 dump has it): the mean number of whole segmentations in the SparseMAP solution of a row, over every attention row
@@ -46,7 +48,7 @@ import numpy as np
 from ..export import DEFAULT_EOS
 
 __all__ = ["row_support", "row_segments", "matrix_stats", "dump_stats", "dump_head_count", "select_records",
-           "record_fallback_rows", "eos_mass_rows", "dump_kappa", "dump_structures", "STAT_COLUMNS"]
+           "record_fallback_rows", "eos_mass_rows", "dump_kappa", "dump_gamma", "dump_structures", "STAT_COLUMNS"]
 
 # (key, column title, format) in the order tables show them
 STAT_COLUMNS = [
@@ -230,6 +232,26 @@ def dump_structures(metadata: dict) -> float:
     """Mean active SparseMAP structures per attention row of a dump (module docstring), NaN when it does not say."""
     value = ((metadata or {}).get("summary") or {}).get("structures_per_row")
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
+
+def dump_gamma(metadata: dict) -> tuple[float, list | None, bool]:
+    """(mean γ over the first model's transition matrices, [γ per head of the dumped layer] or None, whether any of
+    them is learned) from a dump's metadata (``couplings``' ``gammas`` and ``gamma_mode``, as :func:`dump_kappa`);
+    (NaN, None, False) when the dump does not say (dumps written before per-head γ existed had a fixed γ)."""
+    couplings = (metadata or {}).get("couplings")
+    if not couplings or not couplings[0]:
+        return float("nan"), None, False
+    modules = couplings[0]
+    learned = any(m.get("gamma_mode", "fixed") != "fixed" for m in modules)
+    flat = [g for m in modules for g in m.get("gammas", [])]
+    mean = sum(flat) / len(flat) if flat else float("nan")
+    layer = metadata.get("attention_layer")
+    heads = None
+    if isinstance(layer, int):
+        mine = [m for m in modules if f"layers.{layer}." in m.get("module", "") + "."]
+        if len(mine) == 1 and "gammas" in mine[0]:
+            heads = list(mine[0]["gammas"])
+    return mean, heads, learned
 
 
 def format_stat(value, fmt: str) -> str:
