@@ -358,7 +358,7 @@ def test_modules_match_functions():
 
 
 def test_registry_namespaces():
-    assert kernels.names("dtw") == ("reference", "cpu")
+    assert kernels.names("dtw") == ("reference", "cpu", "triton")  # triton: tests/test_triton_dtw.py
     assert kernels.names()[:3] == ("reference", "cpu", "triton")  # Viterbi's, unchanged
     with pytest.raises(ValueError, match="op must be"):
         kernels.names("nope")
@@ -397,7 +397,7 @@ def test_bad_input_raises_clearly():
     with pytest.raises(ValueError, match="gamma"):
         dtw_value(theta, gamma=-1.0)
     with pytest.raises(ValueError, match="backend must be"):
-        dtw_value(theta, backend="triton")
+        dtw_value(theta, backend="gpu")
     with pytest.raises(ValueError, match="Z must"):
         dtw_hvp(theta, theta[:, :2])
 

@@ -29,7 +29,10 @@ min(N, M) cells; the reference stores 3 weights per cell of its (N + M − 1)·m
 kernel one value per cell plus two guards per diagonal: linear in the DP size.
 
 Backends (registered with ``op="dtw"`` in :mod:`structattn.ops.kernels`): ``"reference"`` (the plain tensor code
-below, any device and dtype) and ``"cpu"`` (:mod:`structattn.ops.kernels.cpu_dtw`, C: value, E and the HVP). ``backend="auto"`` picks the C kernel for CPU tensors when it compiles. There is no Triton DTW kernel.
+below, any device and dtype), ``"cpu"`` (:mod:`structattn.ops.kernels.cpu_dtw`, C: value, E and the HVP) and
+``"triton"`` (:mod:`structattn.ops.kernels.triton_dtw`, CUDA: value, E and the HVP, one program per pair; its saved
+state is the values by diagonals, (B, N + M − 1, N)). ``backend="auto"`` picks the C kernel for CPU tensors when it
+compiles and the Triton kernel for CUDA float32/float64 tensors when Triton imports, else the reference.
 """
 
 from __future__ import annotations
@@ -298,9 +301,9 @@ class _Reference:
 
 def resolve_dtw_backend(backend, theta: Tensor) -> str:
     """The concrete DTW backend a call uses. ``None`` or ``"auto"``: the first registered ``auto`` backend that serves
-    θ's device and dtype and is available (the C kernel for CPU float32/float64), else ``"reference"``. An explicit
-    name that cannot serve θ raises (TypeError for the dtype, ValueError for the device, RuntimeError if
-    unavailable) instead of silently falling back."""
+    θ's device and dtype and is available (the C kernel for CPU, the Triton kernel for CUDA float32/float64), else
+    ``"reference"``. An explicit name that cannot serve θ raises (TypeError for the dtype, ValueError for the
+    device, RuntimeError if unavailable) instead of silently falling back."""
     names = ("auto", *_kernels.names(_OP))
     if backend is None:
         backend = "auto"
@@ -391,7 +394,8 @@ def dtw_value(theta: Tensor, lengths_x=None, lengths_y=None, reg: str = "entropy
         lengths_y: optional (B,) integers in [1, M]: columns j ≥ lengths_y[b] are padding (ignored).
         reg: ``"entropy"`` or ``"l2"``.
         gamma: temperature γ > 0.
-        backend: ``None``/``"auto"``, ``"reference"`` (tensor code) or ``"cpu"`` (C kernel); see
+        backend: ``None``/``"auto"``, ``"reference"`` (tensor code), ``"cpu"`` (C kernel, CPU tensors) or
+            ``"triton"`` (Triton kernel, CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``); see
             :func:`resolve_dtw_backend`. All give the same numbers up to float rounding.
 
     Returns:
