@@ -114,11 +114,11 @@ for reg in T.REGS:
     theta = T.rand(3, 5, 6, seed=9, scale=2.0)
     check(theta, torch.tensor([5, 4, 3]), torch.tensor([6, 6, 5]), reg, 0.5, T.rand(3, 5, 6, seed=10), 1e-12); n += 1
 td._MAX_BLOCK = 1024
-# the saved state: W (B, N + M − 1, N) for N ≤ M (tall θ transposed first)
+# the saved state: the value keeps θ and E; the marginals θ, E and W (B, N + M − 1, N) for N ≤ M (tall θ transposed)
 theta = T.rand(2, 9, 4, seed=1).requires_grad_()
-v = dtw_value(theta, backend="triton")
-sizes = sorted(t.numel() for t in v.grad_fn.saved_tensors if t.is_floating_point() and t.dim() > 1)
-assert sizes == sorted([2 * 9 * 4, 2 * (9 + 4 - 1) * 4]), sizes
+assert T.saved_sizes(dtw_value(theta, backend="triton").grad_fn) == [2 * 9 * 4] * 2
+sizes = T.saved_sizes(T.marginals_node(dtw_marginals(theta, backend="triton")))
+assert sizes == sorted([2 * 9 * 4, 2 * 9 * 4, 2 * (9 + 4 - 1) * 4]), sizes
 print("ok", n, "|", "; ".join(sorted(rec.oracles)))
 """
 

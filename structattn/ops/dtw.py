@@ -37,6 +37,7 @@ compiles and the Triton kernel for CUDA float32/float64 tensors when Triton impo
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -104,7 +105,8 @@ def _prepare(theta: Tensor, lengths_x, lengths_y, reg: str, gamma: float):
     # One read pass without a (B, N, M) temporary in the common case: NaN and ±inf propagate through a sum, so a
     # finite sum proves every cell finite; only a non-finite sum (or an overflow of huge finite values) pays the
     # cell-by-cell check, which also ignores padding.
-    if theta.numel() and not bool(torch.isfinite(theta.detach().sum())):
+    # (math.isfinite of .item(): one tensor op fewer than torch.isfinite + bool, which shows on small pairs.)
+    if theta.numel() and not math.isfinite(theta.detach().sum().item()):
         bad = ~torch.isfinite(theta.detach())
         if bool(bad.any()):
             bad &= _real_mask(lx, ly, N, M)
@@ -329,26 +331,29 @@ def _impl(name: str):
 
 class _DTWValueFunction(torch.autograd.Function):
     """θ ↦ DTW_Ω(θ); backward g·E (Alg. 5), itself differentiable (through _DTWMarginalsFunction, whose backward is
-    Alg. 6), so double backward works."""
+    Alg. 6), so double backward works.
+
+    When θ needs a gradient the forward runs the backend's ``marginals`` (Alg. 5 forward and backward sweeps in one
+    call or launch) and keeps E, not the backend's state: the backward is then one product, without a second kernel
+    call and its Python overhead (what dominated small pairs), and a pair's values are still in cache for its
+    backward sweep. Memory is the same order: E is B·N·M numbers, the C kernel's state B·(N·M + 2(N + M − 1) + 6)."""
 
     @staticmethod
-    def forward(ctx, theta, lx, ly, reg, gamma, backend):
-        value, saved = _impl(backend).forward(theta, lx, ly, reg, gamma)
+    def forward(ctx, theta, lx, ly, reg, gamma, backend, with_grad):
         ctx.reg, ctx.gamma, ctx.backend = reg, gamma, backend
-        ctx.save_for_backward(theta, saved, lx, ly)
+        if not with_grad:  # no graph will be built: the forward sweep only
+            return _impl(backend).forward(theta, lx, ly, reg, gamma)[0]
+        value, _, E = _impl(backend).marginals(theta, lx, ly, reg, gamma)
+        ctx.save_for_backward(theta, E, lx, ly)
         return value
 
     @staticmethod
     def backward(ctx, g):
-        theta, saved, lx, ly = ctx.saved_tensors
+        theta, E, lx, ly = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: E must be differentiable in θ, so it comes from the marginals Function.
             E = _DTWMarginalsFunction.apply(theta, lx, ly, ctx.reg, ctx.gamma, ctx.backend)
-        else:
-            # A fresh tensor that nothing else holds: scale it in place (saves a (B, N, M) temporary and a pass).
-            E = _impl(ctx.backend).backward(theta, saved, lx, ly, ctx.reg, ctx.gamma)
-            return E.mul_(g[:, None, None]), None, None, None, None, None
-        return g[:, None, None] * E, None, None, None, None, None
+        return g[:, None, None] * E, None, None, None, None, None, None
 
 
 class _DTWMarginalsFunction(torch.autograd.Function):
@@ -410,7 +415,8 @@ def dtw_value(theta: Tensor, lengths_x=None, lengths_y=None, reg: str = "entropy
     theta_c, lx, ly, gamma, out_dtype = _prepare(theta, lengths_x, lengths_y, reg, gamma)
     name = resolve_dtw_backend(backend, theta_c)
     th, lx, ly, _ = _oriented(theta_c, lx, ly)
-    return _DTWValueFunction.apply(th, lx, ly, reg, gamma, name).to(out_dtype)
+    with_grad = torch.is_grad_enabled() and th.requires_grad
+    return _DTWValueFunction.apply(th, lx, ly, reg, gamma, name, with_grad).to(out_dtype)
 
 
 def dtw_marginals(theta: Tensor, lengths_x=None, lengths_y=None, reg: str = "entropy", gamma: float = 1.0, *,

@@ -79,6 +79,9 @@ def _load():
                 f = getattr(lib, f"dtw_backward_{sfx}")
                 f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr]
                 f.restype = ctypes.c_int
+                f = getattr(lib, f"dtw_marginals_{sfx}")
+                f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr, ptr, ptr]
+                f.restype = ctypes.c_int
                 f = getattr(lib, f"dtw_hvp_{sfx}")
                 f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr, ptr]
                 f.restype = ctypes.c_int
@@ -111,6 +114,8 @@ def _fn(name: str, dtype: torch.dtype):
 
 
 def _lens(x: Tensor) -> Tensor:
+    if x.dtype == torch.int64 and x.device.type == "cpu" and x.is_contiguous():
+        return x  # the usual case (structattn.ops.dtw checked them): no conversion ops on the small-pair path
     return x.to(device="cpu", dtype=torch.int64).contiguous()
 
 
@@ -141,8 +146,19 @@ def backward(theta: Tensor, W: Tensor, lx: Tensor, ly: Tensor, reg: str, gamma: 
 
 
 def marginals(theta: Tensor, lx: Tensor, ly: Tensor, reg: str, gamma: float):
-    value, W = forward(theta, lx, ly, reg, gamma)
-    return value, W, backward(theta, W, lx, ly, reg, gamma)
+    """Alg. 5 forward + backward in one call, pair by pair (a pair's W is still in cache for its backward sweep):
+    (value, W, E)."""
+    theta = theta.contiguous()
+    B, N, M = theta.shape
+    lx, ly = _lens(lx), _lens(ly)
+    value = theta.new_empty(B)
+    W = theta.new_empty(B, N * M + 2 * (N + M - 1) + 6)
+    E = theta.new_empty(B, N, M)  # the kernel writes every cell, padding included
+    rc = _fn("marginals", theta.dtype)(B, N, M, theta.data_ptr(), lx.data_ptr(), ly.data_ptr(), int(reg == "l2"),
+                                       gamma, value.data_ptr(), W.data_ptr(), E.data_ptr())
+    if rc < 0:
+        raise MemoryError("the C DTW kernel could not allocate its workspace")
+    return value, W, E
 
 
 def hvp(theta: Tensor, W: Tensor, E: Tensor, Z: Tensor, lx: Tensor, ly: Tensor, reg: str, gamma: float):
