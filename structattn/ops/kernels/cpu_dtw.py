@@ -49,8 +49,10 @@ def _compile(path: str, cc: str) -> None:
         with open(src, "w") as f:
             f.write(source())
         for extra in (_vcpu._SIMD_FLAGS, [*_vcpu._SIMD_FLAGS, "-DSTRUCTATTN_NO_CLONES"], ["-DSTRUCTATTN_NO_CLONES"]):
+            # One translation unit, two types × three target clones: over two minutes on a loaded 2-core machine
+            # (measured 130 s at load 9); the limit only guards against a hung compiler.
             proc = subprocess.run([cc, *_vcpu._CFLAGS, *extra, src, "-o", out, "-lm"], capture_output=True, text=True,
-                                  timeout=120)
+                                  timeout=600)
             if proc.returncode == 0:
                 break
         if proc.returncode != 0:
