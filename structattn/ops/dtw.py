@@ -26,7 +26,8 @@ E = 0 and Ė = 0 exactly. An empty series has no alignment, so lengths 0 are an 
 
 Memory: the passes work on θ transposed when N > M (DTW_Ω(θ) = DTW_Ω(θᵀ)), so that a diagonal has at most
 min(N, M) cells; the reference stores 3 weights per cell of its (N + M − 1)·min(N, M) ≤ 2·N·M diagonal slots, the C
-kernel one value per cell plus two guards per diagonal: linear in the DP size.
+kernel one value per cell plus two guards per diagonal, the Triton kernel one value per diagonal slot: linear in the
+DP size. The value's autograd node keeps E (B·N·M) instead: when θ needs a gradient its forward runs both sweeps.
 
 Backends (registered with ``op="dtw"`` in :mod:`structattn.ops.kernels`): ``"reference"`` (the plain tensor code
 below, any device and dtype), ``"cpu"`` (:mod:`structattn.ops.kernels.cpu_dtw`, C: value, E and the HVP) and
