@@ -73,7 +73,7 @@ def calls_for(fn, target: float = 0.05) -> int:
 
 
 def ms(t: float) -> str:
-    return f"{t * 1e3:.3g}"
+    return f"{t * 1e3:.3g}" if t < 1 else f"{t * 1e3:.0f}"
 
 
 def peak_mib(fn) -> float:
