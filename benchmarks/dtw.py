@@ -12,7 +12,9 @@ soft-DTW value + gradient w.r.t. C (one value per pair, the gradient of their su
 * ``ddtw``: ``ddtw.SDTW(backend="cpu_numba")`` (batched).
 The packages that are not installed are left out (the table says which ran). Every package's value is checked
 against structattn's (1e-6 relative) before its time is recorded. Time: the best of --reps interleaved repetitions
-after one warm-up (numba compiles then). Peak memory, in one more call per implementation after the timed ones: the
+after one warm-up (numba compiles then); a repetition times as many calls as fill about 50 ms, each alone, and keeps
+the fastest (one call for the large sizes; up to 1000 for the small ones, where one call per repetition on a shared
+machine would time the scheduler). Peak memory, in one more call per implementation after the timed ones: the
 growth of the process's peak resident set (VmHWM, reset through /proc/self/clear_refs) over the resident set before
 the call, inputs excluded.
 Prints a markdown table; ratios are package time / structattn time, from the same run.
@@ -53,10 +55,25 @@ def _kib(field: str) -> int:
 _libc = ctypes.CDLL(None)
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def timed(fn, calls: int = 1) -> float:
+    """The fastest of ``calls`` calls, each timed alone (a call that the scheduler interrupted is only slower)."""
+    best = float("inf")
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def calls_for(fn, target: float = 0.05) -> int:
+    """How many calls one repetition makes: as many as fill about ``target`` seconds (1 for the large sizes, up to
+    1000 for the small ones, where one call per repetition on a shared machine would time the scheduler). The same
+    rule for every package."""
+    return max(1, min(1000, int(target / max(timed(fn), 1e-6))))
+
+
+def ms(t: float) -> str:
+    return f"{t * 1e3:.3g}" if t < 1 else f"{t * 1e3:.0f}"
 
 
 def peak_mib(fn) -> float:
@@ -174,22 +191,24 @@ def main():
                 scale = B if k == "ddtw" else 1  # ddtw differentiates the batch mean
                 assert np.allclose(np.asarray(g0) * scale, ref_grad[0].numpy(), atol=1e-3), k
                 del val, grad
+            calls = {k: calls_for(f) for k, f in fns.items()}
             for _ in range(a.reps):
                 for k, f in fns.items():
                     t, m = best[k]
-                    best[k] = (min(t, timed(f)), m)
+                    best[k] = (min(t, timed(f, calls[k])), m)
             for k, f in fns.items():
                 best[k] = (best[k][0], peak_mib(f))
             base = best["structattn"][0]
             for k, (t, m) in best.items():
                 rows.append((L, B, k, t, m, t / base))
-            print(f"L={L} B={B}: " + ", ".join(f"{k} {t * 1e3:.1f} ms" for k, (t, _) in best.items()), flush=True)
+            print(f"L={L} B={B}: " + ", ".join(f"{k} {ms(t)} ms ({t / base:.2f}x)" for k, (t, _) in best.items()),
+                  flush=True)
             del C, fns
     print()
     print("| L | B | implementation | time (ms) | peak extra memory (MiB) | time / structattn |")
     print("|---:|---:|---|---:|---:|---:|")
     for L, B, k, t, m, r in rows:
-        print(f"| {L} | {B} | {k} | {t * 1e3:.1f} | {m:.1f} | {r:.2f} |")
+        print(f"| {L} | {B} | {k} | {ms(t)} | {m:.1f} | {r:.2f} |")
 
 
 if __name__ == "__main__":

@@ -159,7 +159,7 @@ if [ $gpu_ok -eq 1 ]; then
   # AOT compilation of the Triton kernels.
   tests=(tests/test_kernels.py tests/test_viterbi.py tests/test_custom_ops.py tests/test_mixed_precision.py
          tests/test_triton_aot.py tests/test_attention.py tests/test_reliability_attention.py
-         tests/test_fairseq_model.py tests/test_transformer.py)
+         tests/test_fairseq_model.py tests/test_transformer.py tests/test_triton_dtw.py)
   run_step tests 600 tests.log "$py" -m pytest -q -p no:cacheprovider -rs "${tests[@]}"
   run_step step 180 step.md "$py" benchmarks/run.py --quick --no-e2e --device "$device" --output "$work/step.md"
   run_step normaliser 180 normaliser.log "$py" benchmarks/normalizer.py --device "$device"

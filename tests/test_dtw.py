@@ -358,7 +358,7 @@ def test_modules_match_functions():
 
 
 def test_registry_namespaces():
-    assert kernels.names("dtw") == ("reference", "cpu")
+    assert kernels.names("dtw") == ("reference", "cpu", "triton")  # triton: tests/test_triton_dtw.py
     assert kernels.names()[:3] == ("reference", "cpu", "triton")  # Viterbi's, unchanged
     with pytest.raises(ValueError, match="op must be"):
         kernels.names("nope")
@@ -397,18 +397,32 @@ def test_bad_input_raises_clearly():
     with pytest.raises(ValueError, match="gamma"):
         dtw_value(theta, gamma=-1.0)
     with pytest.raises(ValueError, match="backend must be"):
-        dtw_value(theta, backend="triton")
+        dtw_value(theta, backend="gpu")
     with pytest.raises(ValueError, match="Z must"):
         dtw_hvp(theta, theta[:, :2])
 
 
+def marginals_node(E):
+    """The _DTWMarginalsFunction node behind an output of dtw_marginals (a transpose may come first)."""
+    node = E.grad_fn
+    while "DTWMarginals" not in type(node).__name__:
+        node = node.next_functions[0][0]
+    return node
+
+
+def saved_sizes(node):
+    return sorted(t.numel() for t in node.saved_tensors if t.is_floating_point() and t.dim() > 1)
+
+
 def test_saved_state_is_linear_in_the_dp_size():
-    """What the value's autograd node keeps: the C kernel one value per cell plus two guards per diagonal, the
-    reference 3 weights per diagonal slot; a tall θ is transposed first, so diagonals have min(N, M) slots."""
+    """What the autograd nodes keep. The value's: θ and E (its forward runs both sweeps of Alg. 5 when θ needs a
+    gradient), B·N·M each, for every backend. The marginals': θ, E and the backend's state for the Hessian product:
+    the C kernel one value per cell plus two guards per diagonal, the reference 3 weights per diagonal slot; a tall
+    θ is transposed first, so diagonals have min(N, M) slots."""
     B, N, M = 2, 40, 7
     theta = rand(B, N, M, seed=3).requires_grad_()
     for backend, per_pair in (("cpu", N * M + 2 * (N + M - 1) + 6), ("reference", 3 * (N + M - 1) * min(N, M))):
         v = dtw_value(theta, backend=backend)
-        saved = [t for t in v.grad_fn.saved_tensors if t.is_floating_point() and t.dim() > 1]
-        sizes = sorted(t.numel() for t in saved)
-        assert sizes == sorted([B * N * M, B * per_pair]), (backend, sizes)  # θ itself and the backend's state
+        assert saved_sizes(v.grad_fn) == [B * N * M] * 2, backend
+        E = dtw_marginals(theta, backend=backend)
+        assert saved_sizes(marginals_node(E)) == sorted([B * N * M, B * N * M, B * per_pair]), backend

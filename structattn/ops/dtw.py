@@ -26,13 +26,20 @@ E = 0 and Ė = 0 exactly. An empty series has no alignment, so lengths 0 are an 
 
 Memory: the passes work on θ transposed when N > M (DTW_Ω(θ) = DTW_Ω(θᵀ)), so that a diagonal has at most
 min(N, M) cells; the reference stores 3 weights per cell of its (N + M − 1)·min(N, M) ≤ 2·N·M diagonal slots, the C
-kernel one value per cell plus two guards per diagonal: linear in the DP size.
+kernel one value per cell plus two guards per diagonal, the Triton kernel one value per diagonal slot: linear in the
+DP size. The value's autograd node keeps E (B·N·M) instead: when θ needs a gradient its forward runs both sweeps.
 
 Backends (registered with ``op="dtw"`` in :mod:`structattn.ops.kernels`): ``"reference"`` (the plain tensor code
-below, any device and dtype) and ``"cpu"`` (:mod:`structattn.ops.kernels.cpu_dtw`, C: value, E and the HVP). ``backend="auto"`` picks the C kernel for CPU tensors when it compiles. There is no Triton DTW kernel.
+below, any device and dtype), ``"cpu"`` (:mod:`structattn.ops.kernels.cpu_dtw`, C: value, E and the HVP) and
+``"triton"`` (:mod:`structattn.ops.kernels.triton_dtw`, CUDA: value, E and the HVP, one program per pair; its saved
+state is the values by diagonals, (B, N + M − 1, N)). ``backend="auto"`` picks the C kernel for CPU tensors when it
+compiles and the Triton kernel for CUDA float32/float64 tensors when Triton imports, else the reference.
 """
 
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 from torch import Tensor
@@ -99,7 +106,8 @@ def _prepare(theta: Tensor, lengths_x, lengths_y, reg: str, gamma: float):
     # One read pass without a (B, N, M) temporary in the common case: NaN and ±inf propagate through a sum, so a
     # finite sum proves every cell finite; only a non-finite sum (or an overflow of huge finite values) pays the
     # cell-by-cell check, which also ignores padding.
-    if theta.numel() and not bool(torch.isfinite(theta.detach().sum())):
+    # (math.isfinite of .item(): one tensor op fewer than torch.isfinite + bool, which shows on small pairs.)
+    if theta.numel() and not math.isfinite(theta.detach().sum().item()):
         bad = ~torch.isfinite(theta.detach())
         if bool(bad.any()):
             bad &= _real_mask(lx, ly, N, M)
@@ -296,9 +304,9 @@ class _Reference:
 
 def resolve_dtw_backend(backend, theta: Tensor) -> str:
     """The concrete DTW backend a call uses. ``None`` or ``"auto"``: the first registered ``auto`` backend that serves
-    θ's device and dtype and is available (the C kernel for CPU float32/float64), else ``"reference"``. An explicit
-    name that cannot serve θ raises (TypeError for the dtype, ValueError for the device, RuntimeError if
-    unavailable) instead of silently falling back."""
+    θ's device and dtype and is available (the C kernel for CPU, the Triton kernel for CUDA float32/float64), else
+    ``"reference"``. An explicit name that cannot serve θ raises (TypeError for the dtype, ValueError for the
+    device, RuntimeError if unavailable) instead of silently falling back."""
     names = ("auto", *_kernels.names(_OP))
     if backend is None:
         backend = "auto"
@@ -310,7 +318,8 @@ def resolve_dtw_backend(backend, theta: Tensor) -> str:
             if entry.serves(dev, dt, 0) and entry.load().available():
                 return entry.name
         return "reference"
-    _kernels.spec(backend, _OP).check(dev, dt, 0, interpreting=False)
+    # Under TRITON_INTERPRET=1 an explicit "triton" runs on CPU tensors (the tests); "auto" never picks it there.
+    _kernels.spec(backend, _OP).check(dev, dt, 0, interpreting=os.environ.get("TRITON_INTERPRET") == "1")
     return backend
 
 
@@ -323,26 +332,29 @@ def _impl(name: str):
 
 class _DTWValueFunction(torch.autograd.Function):
     """θ ↦ DTW_Ω(θ); backward g·E (Alg. 5), itself differentiable (through _DTWMarginalsFunction, whose backward is
-    Alg. 6), so double backward works."""
+    Alg. 6), so double backward works.
+
+    When θ needs a gradient the forward runs the backend's ``marginals`` (Alg. 5 forward and backward sweeps in one
+    call or launch) and keeps E, not the backend's state: the backward is then one product, without a second kernel
+    call and its Python overhead (what dominated small pairs), and a pair's values are still in cache for its
+    backward sweep. Memory is the same order: E is B·N·M numbers, the C kernel's state B·(N·M + 2(N + M − 1) + 6)."""
 
     @staticmethod
-    def forward(ctx, theta, lx, ly, reg, gamma, backend):
-        value, saved = _impl(backend).forward(theta, lx, ly, reg, gamma)
+    def forward(ctx, theta, lx, ly, reg, gamma, backend, with_grad):
         ctx.reg, ctx.gamma, ctx.backend = reg, gamma, backend
-        ctx.save_for_backward(theta, saved, lx, ly)
+        if not with_grad:  # no graph will be built: the forward sweep only
+            return _impl(backend).forward(theta, lx, ly, reg, gamma)[0]
+        value, _, E = _impl(backend).marginals(theta, lx, ly, reg, gamma)
+        ctx.save_for_backward(theta, E, lx, ly)
         return value
 
     @staticmethod
     def backward(ctx, g):
-        theta, saved, lx, ly = ctx.saved_tensors
+        theta, E, lx, ly = ctx.saved_tensors
         if torch.is_grad_enabled():
             # create_graph=True: E must be differentiable in θ, so it comes from the marginals Function.
             E = _DTWMarginalsFunction.apply(theta, lx, ly, ctx.reg, ctx.gamma, ctx.backend)
-        else:
-            # A fresh tensor that nothing else holds: scale it in place (saves a (B, N, M) temporary and a pass).
-            E = _impl(ctx.backend).backward(theta, saved, lx, ly, ctx.reg, ctx.gamma)
-            return E.mul_(g[:, None, None]), None, None, None, None, None
-        return g[:, None, None] * E, None, None, None, None, None
+        return g[:, None, None] * E, None, None, None, None, None, None
 
 
 class _DTWMarginalsFunction(torch.autograd.Function):
@@ -388,7 +400,8 @@ def dtw_value(theta: Tensor, lengths_x=None, lengths_y=None, reg: str = "entropy
         lengths_y: optional (B,) integers in [1, M]: columns j ≥ lengths_y[b] are padding (ignored).
         reg: ``"entropy"`` or ``"l2"``.
         gamma: temperature γ > 0.
-        backend: ``None``/``"auto"``, ``"reference"`` (tensor code) or ``"cpu"`` (C kernel); see
+        backend: ``None``/``"auto"``, ``"reference"`` (tensor code), ``"cpu"`` (C kernel, CPU tensors) or
+            ``"triton"`` (Triton kernel, CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``); see
             :func:`resolve_dtw_backend`. All give the same numbers up to float rounding.
 
     Returns:
@@ -403,7 +416,8 @@ def dtw_value(theta: Tensor, lengths_x=None, lengths_y=None, reg: str = "entropy
     theta_c, lx, ly, gamma, out_dtype = _prepare(theta, lengths_x, lengths_y, reg, gamma)
     name = resolve_dtw_backend(backend, theta_c)
     th, lx, ly, _ = _oriented(theta_c, lx, ly)
-    return _DTWValueFunction.apply(th, lx, ly, reg, gamma, name).to(out_dtype)
+    with_grad = torch.is_grad_enabled() and th.requires_grad
+    return _DTWValueFunction.apply(th, lx, ly, reg, gamma, name, with_grad).to(out_dtype)
 
 
 def dtw_marginals(theta: Tensor, lengths_x=None, lengths_y=None, reg: str = "entropy", gamma: float = 1.0, *,

@@ -18,17 +18,17 @@ _BODY = r"""
    functions: GCC vectorises the loops that expand them. Entropy: softmax((x - max)/g). l2: sparsemax of 3 without
    sorting (the largest z is 0, s2 the median, s3 the smallest; supports of size 1, 2, 3 have thresholds -1,
    (s2 - 1)/2, (s2 + s3 - 1)/3, nested tests); -inf entries get weight 0. */
-#define Q3_ENT(a, b, c, g, qa, qb, qc) do {                                                                       \
+#define Q3_ENT(a, b, c, ig, qa, qb, qc) do {                                                                       \
         real mx_ = (a) > (b) ? (a) : (b);                                                                          \
         mx_ = mx_ > (c) ? mx_ : (c);                                                                               \
-        real ea_ = EXP(((a) - mx_) / (g)), eb_ = EXP(((b) - mx_) / (g)), ec_ = EXP(((c) - mx_) / (g));             \
+        real ea_ = EXP(((a) - mx_) * (ig)), eb_ = EXP(((b) - mx_) * (ig)), ec_ = EXP(((c) - mx_) * (ig));          \
         real inv_ = (real)1 / (ea_ + eb_ + ec_);                                                                   \
         qa = ea_ * inv_; qb = eb_ * inv_; qc = ec_ * inv_;                                                         \
     } while (0)
-#define Q3_L2(a, b, c, g, qa, qb, qc) do {                                                                        \
+#define Q3_L2(a, b, c, ig, qa, qb, qc) do {                                                                        \
         real mx_ = (a) > (b) ? (a) : (b);                                                                          \
         mx_ = mx_ > (c) ? mx_ : (c);                                                                               \
-        real za_ = ((a) - mx_) / (g), zb_ = ((b) - mx_) / (g), zc_ = ((c) - mx_) / (g);                            \
+        real za_ = ((a) - mx_) * (ig), zb_ = ((b) - mx_) * (ig), zc_ = ((c) - mx_) * (ig);                         \
         real mn_ = za_ < zb_ ? za_ : zb_, mab_ = za_ < zb_ ? zb_ : za_;                                            \
         real t_ = mab_ < zc_ ? mab_ : zc_;                                                                         \
         real s2_ = mn_ > t_ ? mn_ : t_, s3_ = mn_ < zc_ ? mn_ : zc_;                                               \
@@ -51,6 +51,7 @@ VEC_CLONES
 static real dtw_fwd_pair_SFX(int64_t n, int64_t m, int64_t M, const int64_t *X, const real *th, int l2, real g,
                              real *W)
 {
+    const real ig = (real)1 / g; /* multiply by 1/γ: a division per use costs more than the exp it feeds */
     const int64_t D = n + m - 1;
     const int64_t st = M - 1; /* theta[i][d - i] = th[d + i * (M - 1)] */
     for (int64_t k = 0; k < 6; k++) W[k] = -INFINITY;
@@ -67,7 +68,7 @@ static real dtw_fwd_pair_SFX(int64_t n, int64_t m, int64_t M, const int64_t *X, 
                 real a = p1[i + 1], b = p2[i], c = p1[i];
                 real mx = a > b ? a : b;
                 mx = mx > c ? mx : c;
-                real s = EXP((a - mx) / g) + EXP((b - mx) / g) + EXP((c - mx) / g);
+                real s = EXP((a - mx) * ig) + EXP((b - mx) * ig) + EXP((c - mx) * ig);
                 cur[i + 1] = thd[i * st] + (mx + g * LOG(s));
             }
         } else {
@@ -76,7 +77,7 @@ static real dtw_fwd_pair_SFX(int64_t n, int64_t m, int64_t M, const int64_t *X, 
                 real a = p1[i + 1], b = p2[i], c = p1[i];
                 real mx = a > b ? a : b;
                 mx = mx > c ? mx : c;
-                real za = (a - mx) / g, zb = (b - mx) / g, zc = (c - mx) / g;
+                real za = (a - mx) * ig, zb = (b - mx) * ig, zc = (c - mx) * ig;
                 /* sparsemax of 3 without sorting: the largest is 0, s2 the median, s3 the smallest; support sizes
                    1, 2, 3 have thresholds -1, (s2 - 1)/2, (s2 + s3 - 1)/3 (nested tests). -inf entries never enter. */
                 real mn = za < zb ? za : zb, mxab = za < zb ? zb : za;
@@ -95,19 +96,98 @@ static real dtw_fwd_pair_SFX(int64_t n, int64_t m, int64_t M, const int64_t *X, 
     return W[X[D + 1] + n];
 }
 
+/* Alg. 5 forward over one pair, also storing q = grad max_Omega of every cell in Ql, Qd, Qu (packed like W, zero in
+   the guard slots), so that the backward sweep of the fused marginals reads the weights instead of recomputing them
+   (three exponentials per cell fewer). */
+VEC_CLONES
+static real dtw_fwdq_pair_SFX(int64_t n, int64_t m, int64_t M, const int64_t *X, const real *th, int l2, real g,
+                              real *W, real *Ql, real *Qd, real *Qu)
+{
+    const real ig = (real)1 / g;
+    const int64_t D = n + m - 1;
+    const int64_t st = M - 1;
+    for (int64_t k = 0; k < 6; k++) W[k] = -INFINITY;
+    W[0] = 0;
+    for (int64_t d = 0; d < D; d++) {
+        const int64_t lo = d - m + 1 > 0 ? d - m + 1 : 0, hi = d < n - 1 ? d : n - 1;
+        real *cur = W + X[d + 2], *ql = Ql + X[d + 2], *qd = Qd + X[d + 2], *qu = Qu + X[d + 2];
+        const real *p1 = W + X[d + 1], *p2 = W + X[d], *thd = th + d;
+        cur[lo] = -INFINITY;
+        cur[hi + 2] = -INFINITY;
+        ql[lo] = qd[lo] = qu[lo] = 0;
+        ql[hi + 2] = qd[hi + 2] = qu[hi + 2] = 0;
+        if (!l2) {
+            #pragma omp simd
+            for (int64_t i = lo; i <= hi; i++) {
+                real a = p1[i + 1], b = p2[i], c = p1[i];
+                real mx = a > b ? a : b;
+                mx = mx > c ? mx : c;
+                real ea = EXP((a - mx) * ig), eb = EXP((b - mx) * ig), ec = EXP((c - mx) * ig);
+                real s = ea + eb + ec, inv = (real)1 / s;
+                cur[i + 1] = thd[i * st] + (mx + g * LOG(s));
+                ql[i + 1] = ea * inv; qd[i + 1] = eb * inv; qu[i + 1] = ec * inv;
+            }
+        } else {
+            #pragma omp simd
+            for (int64_t i = lo; i <= hi; i++) {
+                real a = p1[i + 1], b = p2[i], c = p1[i];
+                real mx = a > b ? a : b;
+                mx = mx > c ? mx : c;
+                real za = (a - mx) * ig, zb = (b - mx) * ig, zc = (c - mx) * ig;
+                real mn = za < zb ? za : zb, mxab = za < zb ? zb : za;
+                real t = mxab < zc ? mxab : zc;
+                real s2 = mn > t ? mn : t;
+                real s3 = mn < zc ? mn : zc;
+                real t2 = (s2 - (real)1) * (real)0.5;
+                real tau = s3 > t2 ? (s2 + s3 - (real)1) / (real)3 : (s2 > (real)-1 ? t2 : (real)-1);
+                real qa = za - tau, qb = zb - tau, qc = zc - tau;
+                qa = qa > 0 ? qa : 0; qb = qb > 0 ? qb : 0; qc = qc > 0 ? qc : 0;
+                cur[i + 1] = thd[i * st] + (mx + g * (tau + (real)0.5 * (qa * qa + qb * qb + qc * qc)));
+                ql[i + 1] = qa; qd[i + 1] = qb; qu[i + 1] = qc;
+            }
+        }
+    }
+    return W[X[D + 1] + n];
+}
+
+/* Alg. 5 backward over one pair from the weights stored by dtw_fwdq_pair (rows d + 1, d + 2 read in place; a zero
+   row past the last diagonal). Eb: (n + m + 3) x R scratch, z: a zero row of R. */
+VEC_CLONES
+static void dtw_bwdq_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const int64_t *X, const real *Ql,
+                              const real *Qd, const real *Qu, real *E, real *Eb, const real *z)
+{
+    const int64_t D = n + m - 1;
+    memset(Eb, 0, sizeof(real) * (size_t)((D + 4) * R));
+    for (int64_t d = D - 1; d >= 0; d--) {
+        const int64_t lo = d - m + 1 > 0 ? d - m + 1 : 0, hi = d < n - 1 ? d : n - 1;
+        real *e = Eb + (d + 2) * R;
+        const real *e1 = Eb + (d + 3) * R, *e2 = Eb + (d + 4) * R;
+        const real *ql1 = d + 1 < D ? Ql + X[d + 3] : z, *qu1 = d + 1 < D ? Qu + X[d + 3] : z;
+        const real *qd2 = d + 2 < D ? Qd + X[d + 4] : z;
+        #pragma omp simd
+        for (int64_t i = lo; i <= hi; i++)
+            e[i + 1] = e1[i + 1] * ql1[i + 1] + e1[i + 2] * qu1[i + 2] + e2[i + 2] * qd2[i + 2];
+        if (d == D - 1) e[n] = 1;
+    }
+    for (int64_t i = 0; i < n; i++)
+        for (int64_t j = 0; j < m; j++)
+            E[i * M + j] = Eb[(i + j + 2) * R + i + 1];
+}
+
 /* q = grad max_Omega(left, diag, up) of the cells of diagonal d (slots lo+1..hi+1), zero in the two guard slots */
 VEC_CLONES
 static void dtw_q_row_SFX(int64_t lo, int64_t hi, const real *p1, const real *p2, int l2, real g,
                           real *ql, real *qd, real *qu)
 {
+    const real ig = (real)1 / g; /* multiply by 1/γ: a division per use costs more than the exp it feeds */
     ql[lo] = qd[lo] = qu[lo] = 0;
     ql[hi + 2] = qd[hi + 2] = qu[hi + 2] = 0;
     if (!l2) {
         #pragma omp simd
-        for (int64_t i = lo; i <= hi; i++) Q3_ENT(p1[i + 1], p2[i], p1[i], g, ql[i + 1], qd[i + 1], qu[i + 1]);
+        for (int64_t i = lo; i <= hi; i++) Q3_ENT(p1[i + 1], p2[i], p1[i], ig, ql[i + 1], qd[i + 1], qu[i + 1]);
     } else {
         #pragma omp simd
-        for (int64_t i = lo; i <= hi; i++) Q3_L2(p1[i + 1], p2[i], p1[i], g, ql[i + 1], qd[i + 1], qu[i + 1]);
+        for (int64_t i = lo; i <= hi; i++) Q3_L2(p1[i + 1], p2[i], p1[i], ig, ql[i + 1], qd[i + 1], qu[i + 1]);
     }
 }
 
@@ -117,28 +197,29 @@ static void dtw_qdot_row_SFX(int64_t lo, int64_t hi, const real *p1, const real 
                              const real *t2, int l2, real g, real *ql, real *qd, real *qu, real *tl, real *td,
                              real *tu)
 {
+    const real ig = (real)1 / g; /* multiply by 1/γ: a division per use costs more than the exp it feeds */
     ql[lo] = qd[lo] = qu[lo] = tl[lo] = td[lo] = tu[lo] = 0;
     ql[hi + 2] = qd[hi + 2] = qu[hi + 2] = tl[hi + 2] = td[hi + 2] = tu[hi + 2] = 0;
     if (!l2) {
         #pragma omp simd
         for (int64_t i = lo; i <= hi; i++) {
             real a, b, c;
-            Q3_ENT(p1[i + 1], p2[i], p1[i], g, a, b, c);
+            Q3_ENT(p1[i + 1], p2[i], p1[i], ig, a, b, c);
             real xa = t1[i + 1], xb = t2[i], xc = t1[i];
             real s = a * xa + b * xb + c * xc;
             ql[i + 1] = a; qd[i + 1] = b; qu[i + 1] = c;
-            tl[i + 1] = a * (xa - s) / g; td[i + 1] = b * (xb - s) / g; tu[i + 1] = c * (xc - s) / g;
+            tl[i + 1] = a * (xa - s) * ig; td[i + 1] = b * (xb - s) * ig; tu[i + 1] = c * (xc - s) * ig;
         }
     } else {
         #pragma omp simd
         for (int64_t i = lo; i <= hi; i++) {
             real a, b, c;
-            Q3_L2(p1[i + 1], p2[i], p1[i], g, a, b, c);
+            Q3_L2(p1[i + 1], p2[i], p1[i], ig, a, b, c);
             real xa = t1[i + 1], xb = t2[i], xc = t1[i];
             real sa = a > 0 ? (real)1 : (real)0, sb = b > 0 ? (real)1 : (real)0, sc = c > 0 ? (real)1 : (real)0;
             real mean = (sa * xa + sb * xb + sc * xc) / (sa + sb + sc);
             ql[i + 1] = a; qd[i + 1] = b; qu[i + 1] = c;
-            tl[i + 1] = sa * (xa - mean) / g; td[i + 1] = sb * (xb - mean) / g; tu[i + 1] = sc * (xc - mean) / g;
+            tl[i + 1] = sa * (xa - mean) * ig; td[i + 1] = sb * (xb - mean) * ig; tu[i + 1] = sc * (xc - mean) * ig;
         }
     }
 }
@@ -181,6 +262,7 @@ VEC_CLONES
 static real dtw_hvp_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const int64_t *X, const real *W,
                              const real *Z, int l2, real g, real *Ed_out, real *Vd, real *Eb, real *Ed, real *q)
 {
+    const real ig = (real)1 / g; /* multiply by 1/γ: a division per use costs more than the exp it feeds */
     const int64_t D = n + m - 1, st = M - 1;
     memset(Vd, 0, sizeof(real) * (size_t)((D + 2) * R));
     for (int64_t d = 0; d < D; d++) {
@@ -193,14 +275,14 @@ static real dtw_hvp_pair_SFX(int64_t n, int64_t m, int64_t M, int64_t R, const i
             #pragma omp simd
             for (int64_t i = lo; i <= hi; i++) {
                 real a, b, c;
-                Q3_ENT(p1[i + 1], p2[i], p1[i], g, a, b, c);
+                Q3_ENT(p1[i + 1], p2[i], p1[i], ig, a, b, c);
                 cur[i + 1] = zd[i * st] + (a * t1[i + 1] + b * t2[i] + c * t1[i]);
             }
         } else {
             #pragma omp simd
             for (int64_t i = lo; i <= hi; i++) {
                 real a, b, c;
-                Q3_L2(p1[i + 1], p2[i], p1[i], g, a, b, c);
+                Q3_L2(p1[i + 1], p2[i], p1[i], ig, a, b, c);
                 cur[i + 1] = zd[i * st] + (a * t1[i + 1] + b * t2[i] + c * t1[i]);
             }
         }
@@ -265,6 +347,39 @@ int dtw_backward_SFX(int64_t B, int64_t N, int64_t M, const real *W, const int64
     for (int64_t b = 0; b < B; b++) {
         dtw_rows(lx[b], ly[b], X);
         dtw_bwd_pair_SFX(lx[b], ly[b], M, R, X, W + b * blk, l2, (real)g, E + b * N * M, Eb, Eb + (N + M + 3) * R);
+        zero_padding_SFX(lx[b], ly[b], N, M, E + b * N * M);
+    }
+    free(Eb);
+    free(X);
+    return 0;
+}
+
+/* Alg. 5 forward and backward in one call, pair by pair: the forward stores the weights q of the pair (3 numbers per
+   cell, one pair at a time, in cache for small pairs) and the backward sweep reads them. value (B,), W (B, DTW_BLOCK(N, M)), E (B, N, M) as in the two calls above. Returns -1 if the scratch
+   cannot be allocated. */
+int dtw_marginals_SFX(int64_t B, int64_t N, int64_t M, const real *th, const int64_t *lx, const int64_t *ly, int l2,
+                      double g, real *value, real *W, real *E)
+{
+    const int64_t R = N + 2, blk = DTW_BLOCK(N, M);
+    /* Stored weights while a pair's 3 x blk of them stay cache-sized (up to 256 x 256 cells: 1.5 MiB in double);
+       beyond, streaming them through memory would cost about what recomputing them does, so recompute. */
+    const int store_q = N * M <= 65536;
+    /* Eb, a zero row, then either the weights of one pair (3 x blk) or the 6 x R scratch of dtw_bwd_pair */
+    real *Eb = (real *)malloc(sizeof(real) * (size_t)((N + M + 4) * R + (store_q ? 3 * blk : 6 * R)));
+    int64_t *X = (int64_t *)malloc(sizeof(int64_t) * (size_t)(N + M + 1));
+    if (!Eb || !X) { free(Eb); free(X); return -1; }
+    real *z = Eb + (N + M + 3) * R, *Q = z + R;
+    memset(z, 0, sizeof(real) * (size_t)R);
+    for (int64_t b = 0; b < B; b++) {
+        dtw_rows(lx[b], ly[b], X);
+        if (store_q) {
+            value[b] = dtw_fwdq_pair_SFX(lx[b], ly[b], M, X, th + b * N * M, l2, (real)g, W + b * blk, Q, Q + blk,
+                                         Q + 2 * blk);
+            dtw_bwdq_pair_SFX(lx[b], ly[b], M, R, X, Q, Q + blk, Q + 2 * blk, E + b * N * M, Eb, z);
+        } else {
+            value[b] = dtw_fwd_pair_SFX(lx[b], ly[b], M, X, th + b * N * M, l2, (real)g, W + b * blk);
+            dtw_bwd_pair_SFX(lx[b], ly[b], M, R, X, W + b * blk, l2, (real)g, E + b * N * M, Eb, Q);
+        }
         zero_padding_SFX(lx[b], ly[b], N, M, E + b * N * M);
     }
     free(Eb);
