@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from structattn.options import ATTENTIONS
+
 from fairseq_helpers import ROOT, USER_DIR, cli_env
 
 SMALL = ["--encoder-embed-dim", "16", "--encoder-hidden-size", "16", "--decoder-embed-dim", "16",
@@ -78,7 +80,7 @@ def _cases(t, ro):
     """name: (command, expected part of the last stderr line, our check (one stderr line))."""
     cases = {
         "attention dot": (_train(t, "--attention", "dot"), "argument --attention: invalid choice: 'dot' (choose "
-                          "from 'softmax', 'sparsemax', 'viterbi')", False),
+                          "from " + ", ".join(repr(a) for a in ATTENTIONS) + ")", False),
         "reg l1": (_train(t, "--attention-reg", "l1"), "argument --attention-reg: invalid choice: 'l1'", False),
         "gamma 0": (_train(t, "--attention-gamma", "0"), "argument --attention-gamma: must be a finite number > 0, "
                     "got '0'", False),
