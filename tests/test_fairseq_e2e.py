@@ -40,7 +40,8 @@ def _generate(bin_dir, checkpoint, *extra):
 def test_train_then_generate(data, name, variant_args):
     root, stats = data
     save = root / f"ck-{name}"
-    max_update = LATER_MAX_UPDATE if name in LATER_VARIANTS else MAX_UPDATE
+    # SparseMAP learns the copy later (25 % exact copies after 300 updates in CI): it keeps the full budget
+    max_update = LATER_MAX_UPDATE if name in LATER_VARIANTS and name != "sparsemap" else MAX_UPDATE
     proc = train(root / "bin", save, variant_args, max_update, ["--validate-interval-updates", max_update // 2])
     log = parse_log(proc.stdout)
     valid = [float(r["valid_loss"]) for r in log["valid"]]

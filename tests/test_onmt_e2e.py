@@ -49,6 +49,8 @@ VARIANTS = [
     ("sparsemap", ["-global_attention_function", "sparsemap"]),
 ]
 TRAIN_STEPS = 300
+#: SparseMAP learns the copy later (3 of 12 exact copies after 300 steps in CI, with the accuracy floor met): 500
+STEPS = {"sparsemap": 500}
 N_TEST = 12
 # target classes: 10 words + </s>; a model that ignores the source is right about 1 time in 10
 MIN_VALID_ACCURACY = 60.0
@@ -154,10 +156,10 @@ def trained(toy):
     root, config = toy
     out = {}
     for name, args in VARIANTS:
+        steps = STEPS.get(name, TRAIN_STEPS)
         proc = run("structattn-onmt-train", "-config", config, *args, "-save_model", root / "run" / name,
-                   "-train_steps", TRAIN_STEPS, "-valid_steps", TRAIN_STEPS // 2,
-                   "-save_checkpoint_steps", TRAIN_STEPS // 2)
-        ck = root / "run" / f"{name}_step_{TRAIN_STEPS}.pt"
+                   "-train_steps", steps, "-valid_steps", steps // 2, "-save_checkpoint_steps", steps // 2)
+        ck = root / "run" / f"{name}_step_{steps}.pt"
         assert ck.exists(), _log(proc)[-3000:]
         out[name] = (ck, _log(proc))
     return out
@@ -181,7 +183,7 @@ def translated(toy, trained):
 @pytest.mark.parametrize("name", [v[0] for v in VARIANTS])
 def test_training_learns(trained, name):
     accs = _valid_accuracies(trained[name][1])
-    print(f"{name}: validation accuracy {accs} after {TRAIN_STEPS} steps")
+    print(f"{name}: validation accuracy {accs} after {STEPS.get(name, TRAIN_STEPS)} steps")
     assert len(accs) == 2, trained[name][1][-2000:]
     assert accs[-1] >= MIN_VALID_ACCURACY, f"{name}: validation accuracy {accs}"
     health = re.findall(r"structattn attention: attn_fallback ([0-9.]+); attn_frozen ([0-9.]+); T/g", trained[name][1])
