@@ -111,8 +111,8 @@ case "$size" in
   # quick: the settings that learn fastest on 2 cores (measured, recipes/bible_fr_en/QUICKSTART.md): short pairs,
   # a 2k vocabulary, small batches, no regularisation, a high peak rate reached slowly (800 warm-up updates) and
   # decayed to the end. The budget is the number of updates only (no wall-clock cap: a slow machine takes longer,
-  # and no variant is cut short). The slow warm-up is what keeps softmax's attention off </s> for every seed tried
-  # (a constant 5e-3 parked it there for 2 seeds in 3: recipes/bible_fr_en/STUDY.md).
+  # and no variant is cut short). The slow warm-up took softmax's attention off </s> for seeds 1 and 3 (a constant
+  # 5e-3 parked it there); seed 2's softmax still fails to align (recipes/bible_fr_en/QUICKSTART.md, STUDY.md).
   quick) p_train=0    p_test=200 p_update=3000  p_epoch=100 spm_vocab=2000 max_tokens=2000 p_dim=128 p_hours=0
          p_report=6 p_lr=0.005 p_drop=0 p_ls=0 p_maxlen=60 p_jobs=2 p_sched=linear p_warmup=800
          p_variants="softmax viterbi-l2" ;;
