@@ -100,6 +100,21 @@ def _check_loss_reg(reg, gamma) -> float | None:
     return check_reg_gamma(reg, gamma)
 
 
+def _check_reduction(reduction) -> None:
+    """The ``reduction`` of the loss modules: ``"mean"`` or ``"sum"`` over the batch, or ``"none"``."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+def _reduce(loss: Tensor, reduction: str) -> Tensor:
+    """``loss`` (per sequence) reduced as :func:`_check_reduction` accepted."""
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
 def _check_theta(theta) -> None:
     if not isinstance(theta, Tensor):
         raise TypeError(f"theta must be a torch.Tensor, got {type(theta).__name__}")
@@ -382,18 +397,13 @@ class ViterbiLoss(torch.nn.Module):
     def __init__(self, reg: str | None = "entropy", gamma: float = 1.0, reduction: str = "mean", start="uniform"):
         super().__init__()
         gamma = _check_loss_reg(reg, gamma)
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        _check_reduction(reduction)
         self.reg, self.gamma, self.reduction, self.start = reg, gamma, reduction, start
 
     def forward(self, theta: Tensor, target: Tensor, lengths=None) -> Tensor:
         loss = viterbi_loss(theta, target, lengths, self.reg, 1.0 if self.gamma is None else self.gamma,
                             start=self.start)
-        if self.reduction == "mean":
-            return loss.mean()
-        if self.reduction == "sum":
-            return loss.sum()
-        return loss
+        return _reduce(loss, self.reduction)
 
     def extra_repr(self) -> str:
         return f"reg={self.reg!r}, gamma={self.gamma}, reduction={self.reduction!r}"
@@ -608,17 +618,12 @@ class DTWLoss(torch.nn.Module):
     def __init__(self, reg: str | None = "entropy", gamma: float = 1.0, reduction: str = "mean"):
         super().__init__()
         gamma = _check_loss_reg(reg, gamma)
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        _check_reduction(reduction)
         self.reg, self.gamma, self.reduction = reg, gamma, reduction
 
     def forward(self, theta: Tensor, target: Tensor, lengths_x=None, lengths_y=None) -> Tensor:
         loss = dtw_loss(theta, target, lengths_x, lengths_y, self.reg, 1.0 if self.gamma is None else self.gamma)
-        if self.reduction == "mean":
-            return loss.mean()
-        if self.reduction == "sum":
-            return loss.sum()
-        return loss
+        return _reduce(loss, self.reduction)
 
     def extra_repr(self) -> str:
         return f"reg={self.reg!r}, gamma={self.gamma}, reduction={self.reduction!r}"
@@ -666,17 +671,12 @@ class DTWAreaLoss(torch.nn.Module):
         if reg not in ("entropy", "l2"):
             raise ValueError(f"reg must be 'entropy' or 'l2', got {reg!r}")
         self.gamma = check_reg_gamma(reg, gamma)
-        if reduction not in ("mean", "sum", "none"):
-            raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+        _check_reduction(reduction)
         self.reg, self.reduction = reg, reduction
 
     def forward(self, theta: Tensor, target: Tensor, lengths_x=None, lengths_y=None) -> Tensor:
         loss = dtw_area_loss(theta, target, lengths_x, lengths_y, self.reg, self.gamma)
-        if self.reduction == "mean":
-            return loss.mean()
-        if self.reduction == "sum":
-            return loss.sum()
-        return loss
+        return _reduce(loss, self.reduction)
 
     def extra_repr(self) -> str:
         return f"reg={self.reg!r}, gamma={self.gamma}, reduction={self.reduction!r}"
