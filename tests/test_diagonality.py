@@ -324,6 +324,12 @@ def test_results_and_seed_tables_carry_the_columns(tmp_path):
     head = ["attention", "BLEU (r)", "chrF2 (r)", "updates", "epochs", "train time", "tokens/s", "exact zeros",
             "support/row", "segments/row", "EOS mass", "diagonality ρ", "top-fifth share"]
     assert dict(zip(head, cells))["diagonality ρ"] == "-0.02" and dict(zip(head, cells))["top-fifth share"] == "0.67"
+    # computed but nothing to measure (no sentence of 5 words): n/a; statistics written before the columns: –
+    cells = dict(zip(head, results_table._row_cells(
+        {"variant": "softmax", "stats": {"eos_mass": 0.1, "diagonality": None, "top_fifth_share": None}}, False)[0]))
+    assert cells["diagonality ρ"] == cells["top-fifth share"] == "n/a"
+    cells = dict(zip(head, results_table._row_cells({"variant": "softmax", "stats": {"eos_mass": 0.1}}, False)[0]))
+    assert cells["diagonality ρ"] == cells["top-fifth share"] == "–"
     # the seed table: both columns, and the per-seed verdict
     score = [{"name": "BLEU", "score": 5.0, "signature": "s"}, {"name": "chrF2", "score": 30.0, "signature": "c"}]
     works = []

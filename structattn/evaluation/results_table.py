@@ -501,6 +501,14 @@ def _table(rows, args, has_multi: bool) -> tuple[list[str], set]:
     return out, sigs
 
 
+def _measured(stats: dict, key: str, spec: str) -> str:
+    """A ``structattn-stats`` number: "–" when the file (or, for statistics older than the file, the key) is
+    missing, "n/a" when it was computed but has nothing to measure (null: e.g. no sentence long enough)."""
+    if not stats or key not in stats:
+        return "–"
+    return "n/a" if stats[key] is None else fmt(stats[key], spec)
+
+
 def _row_cells(r: dict, has_multi: bool, has_onmt: bool = False) -> tuple[list[str], set]:
     """One variant's cells, in the order of the table's head, and its sacrebleu signatures."""
     t, s = r.get("train", {}), r.get("stats", {})
@@ -525,7 +533,7 @@ def _row_cells(r: dict, has_multi: bool, has_onmt: bool = False) -> tuple[list[s
               fmt(t.get("tokens_per_s"), "{:.0f}"), fmt(s.get("zero_fraction"), "{:.3f}"),
               fmt(s.get("mean_support"), "{:.2f}"), fmt(s.get("mean_segments"), "{:.2f}"),
               "n/a" if s and s.get("eos_mass") is None else fmt(s.get("eos_mass"), "{:.3f}"),
-              fmt(s.get("diagonality"), "{:.2f}"), fmt(s.get("top_fifth_share"), "{:.2f}")]
+              _measured(s, "diagonality", "{:.2f}"), _measured(s, "top_fifth_share", "{:.2f}")]
     h, o = r.get("health") or {}, r.get("output") or {}
     kappa = kappa_of(h)
     cells += [fmt(h.get("fallback_fraction"), "{:.3f}"), fmt_transitions(h.get("T_over_gamma")),
