@@ -26,7 +26,7 @@ the stable form (prior τ = [[c, 0], [0, c]] at init, κ = 2c) the change from t
 
 Aligned or parked (any attention, from ``--dump`` alone: the dump's final hypotheses). A model can ignore the
 alignment by parking its attention on the source's ``</s>`` or on a fixed region of the source (a quickstart
-softmax model put 69 % of its target words' argmax in the last fifth of the source with only 0.17 of its weight
+softmax model put 70 % of its target words' argmax in the last fifth of the source with only 0.17 of its weight
 on ``</s>``). ``parked`` is :func:`structattn.report.diagonality.parked_verdict`: "parked on </s>" when the EOS
 mass exceeds :data:`~structattn.report.diagonality.EOS_MASS_PARKED` (0.5), else "parked on a source region" when
 the mean top-fifth share (share of a sentence's target rows whose argmax lies in its most visited source fifth)
