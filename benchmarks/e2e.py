@@ -7,7 +7,8 @@ with 2+2 layers of 256 dims and 8 heads on sources of 30–50 tokens) for the sa
 with ``device="cuda"``, on the GPU) with the same seed. wps is the median of fairseq's ``train_inner`` logs after
 the first interval (which includes start-up); peak memory is the child's maximum resident set size.
 
-``python benchmarks/e2e.py [--quick] [--transformer]`` prints the table (``benchmarks/run.py`` runs the LSTM one);
+``python benchmarks/e2e.py [--quick] [--transformer] [--attentions softmax,fusedmax,...] [--steps-only]`` prints the
+table (``benchmarks/run.py`` runs the LSTM one; ``--steps-only``: the in-process step timings alone, for either model);
 the Transformer's also times one training step per attention in-process, interleaved (:func:`step_times`), which
 says how much of a step the normaliser costs more robustly than wps under machine load.
 """
