@@ -7,7 +7,8 @@ with 2+2 layers of 256 dims and 8 heads on sources of 30–50 tokens) for the sa
 with ``device="cuda"``, on the GPU) with the same seed. wps is the median of fairseq's ``train_inner`` logs after
 the first interval (which includes start-up); peak memory is the child's maximum resident set size.
 
-``python benchmarks/e2e.py [--quick] [--transformer]`` prints the table (``benchmarks/run.py`` runs the LSTM one);
+``python benchmarks/e2e.py [--quick] [--transformer] [--attentions softmax,fusedmax,...] [--steps-only]`` prints the
+table (``benchmarks/run.py`` runs the LSTM one; ``--steps-only``: the in-process step timings alone, for either model);
 the Transformer's also times one training step per attention in-process, interleaved (:func:`step_times`), which
 says how much of a step the normaliser costs more robustly than wps under machine load.
 """
@@ -34,7 +35,13 @@ CONFIGS = [
     ("sparsemax", ["--attention", "sparsemax"]),
     ("viterbi -H", ["--attention", "viterbi", "--attention-reg", "entropy"]),
     ("viterbi l2", ["--attention", "viterbi", "--attention-reg", "l2"]),
+    # the structured sparsemaxes at their default λ and 1.5-entmax (only with --attentions, which names them)
+    ("fusedmax", ["--attention", "fusedmax"]),
+    ("oscarmax", ["--attention", "oscarmax"]),
+    ("entmax15", ["--attention", "entmax15"]),
 ]
+#: the rows run by default (the table of benchmarks/run.py); --attentions picks any of CONFIGS
+DEFAULT = ("softmax", "sparsemax", "viterbi -H", "viterbi l2")
 
 
 def _bin(name: str) -> str:
@@ -116,7 +123,7 @@ def train_once(data: str, extra: list[str], updates: int, threads: int, log_inte
     return {"wps": statistics.median(wps[1:]), "n_logs": len(wps) - 1, "maxrss_mb": maxrss[-1] / 1024}
 
 
-def step_times(data: str, model: str, reps: int, threads: int) -> dict:
+def step_times(data: str, model: str, reps: int, threads: int, names=DEFAULT) -> dict:
     """Median seconds of one training step (forward + backward of the loss on the same batch of ``--max-tokens
     1500``) of ``model`` with each attention, in this process on CPU, the variants interleaved so that machine load
     hits them alike. Everything but the normaliser is the same computation, so the time a variant adds to softmax's
@@ -126,8 +133,8 @@ def step_times(data: str, model: str, reps: int, threads: int) -> dict:
 
     torch.set_num_threads(threads)
     utils.import_user_module(argparse.Namespace(user_dir=os.path.join(ROOT, "structattn_fairseq")))
-    steps = {}
-    for name, extra in CONFIGS:
+    steps, tokens = {}, 0
+    for name, extra in [c for c in CONFIGS if c[0] in names]:
         parser = options.get_training_parser()
         args = options.parse_args_and_arch(parser, [data, "--user-dir", os.path.join(ROOT, "structattn_fairseq"),
                                                     *MODELS[model], "--criterion", "cross_entropy", "--cpu",
@@ -139,6 +146,7 @@ def step_times(data: str, model: str, reps: int, threads: int) -> dict:
         batches = task.get_batch_iterator(task.dataset("train"), max_tokens=1500, seed=1).next_epoch_itr(
             shuffle=False)
         sample = next(iter(batches))
+        tokens = int(sample["ntokens"])
 
         def step(net=net, criterion=criterion, sample=sample):
             net.zero_grad()
@@ -153,11 +161,13 @@ def step_times(data: str, model: str, reps: int, threads: int) -> dict:
             step()
             if rep:  # the first round warms up
                 times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) for name, t in times.items()}
+    out = {name: statistics.median(t) for name, t in times.items()}
+    step_times.tokens = tokens  # target tokens of the timed batch (the same batch for every attention)
+    return out
 
 
 def run(quick: bool = False, threads: int = 1, updates: int | None = None, workdir: str | None = None,
-        device: str = "cpu", model: str = "lstm") -> dict:
+        device: str = "cpu", model: str = "lstm", names=DEFAULT, steps_only: bool = False) -> dict:
     updates = updates or (60 if quick else 200)
     # wps is the median of the logs after the first, which includes start-up: keep ≥ 4 logs on short runs.
     log_interval = min(10 if quick else 20, max(1, updates // 4))
@@ -166,16 +176,19 @@ def run(quick: bool = False, threads: int = 1, updates: int | None = None, workd
     try:
         data = make_data(workdir, lengths=LENGTHS[model])
         res = {}
-        for name, extra in CONFIGS:
+        for name, extra in [c for c in CONFIGS if c[0] in names and not steps_only]:
             res[name] = train_once(data, extra, updates, threads, log_interval, device, model)
             r = res[name]
             print(f"  e2e {model} {name:12s} wps {r['wps']:8.0f}  peak RSS {r['maxrss_mb']:7.0f} MB  "
                   f"({r['n_logs']} log intervals)", flush=True)
         reps = 5 if quick else 15
-        steps = step_times(data, model, reps, threads) if model == "transformer" and device == "cpu" else None
+        timed = (model == "transformer" or steps_only) and device == "cpu"
+        steps = step_times(data, model, reps, threads, names) if timed else None
     finally:
         if own:
             shutil.rmtree(workdir, ignore_errors=True)
+    if steps_only:
+        return {"results": res, "steps": steps, "markdown": _steps_markdown(model, steps, reps, threads)}
     base = res["softmax"]
     if model == "lstm":
         setting = ("`fairseq-train --arch structattn_lstm` (1-layer biLSTM encoder 2×256, 1-layer 256 decoder with "
@@ -194,7 +207,7 @@ def run(quick: bool = False, threads: int = 1, updates: int | None = None, workd
     for name, r in res.items():
         lines.append(f"| {name} | {r['wps']:.0f} | {r['wps'] / base['wps']:.2f} | {r['maxrss_mb']:.0f} | "
                      f"{r['maxrss_mb'] / base['maxrss_mb']:.2f} |")
-    worst = min(res[n]["wps"] / base["wps"] for n in ("viterbi -H", "viterbi l2"))
+    worst = min([res[n]["wps"] / base["wps"] for n in ("viterbi -H", "viterbi l2") if n in res] or [float("nan")])
     if model == "lstm":
         lines += ["", f"Target ≥ 0.9× softmax tokens/s: worst Viterbi ratio {worst:.2f} → "
                       f"{'met' if worst >= 0.9 else 'MISSED'}."]
@@ -208,10 +221,32 @@ def run(quick: bool = False, threads: int = 1, updates: int | None = None, workd
     return {"results": res, "steps": steps, "markdown": "\n".join(lines)}
 
 
+def _steps_markdown(model: str, steps: dict, reps: int, threads: int) -> str:
+    """The in-process step table alone (``--steps-only``), with tokens/s = the batch's target tokens / step time."""
+    tokens = step_times.tokens
+    lines = [f"`{MODELS[model][1]}` ({model}, the model of the fairseq-train rows), one training step (forward + "
+             f"backward of the loss on the same batch of `--max-tokens 1500`, {tokens} target tokens), in-process, "
+             f"attentions interleaved, median of {reps}, {threads} thread(s); no optimiser step.", "",
+             "| attention | step (ms) | tokens/s | tokens/s / softmax |", "|---|---|---|---|"]
+    for name, t in steps.items():
+        lines.append(f"| {name} | {t * 1e3:.1f} | {tokens / t:.0f} | {steps['softmax'] / t:.2f} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="60 updates per run (default 200), fewer step timings")
     ap.add_argument("--transformer", action="store_true", help="the Transformer rows instead of the LSTM's")
     ap.add_argument("--updates", type=int, default=None, help="updates per fairseq-train run")
+    ap.add_argument("--attentions", default=",".join(DEFAULT),
+                    help=f"comma-separated rows, softmax first (default {','.join(DEFAULT)}; any of "
+                         f"{', '.join(n for n, _ in CONFIGS)})")
+    ap.add_argument("--steps-only", action="store_true",
+                    help="no fairseq-train runs: only the in-process training-step timings (tokens/s per attention)")
     cli = ap.parse_args()
-    print(run(quick=cli.quick, updates=cli.updates, model="transformer" if cli.transformer else "lstm")["markdown"])
+    names = tuple(n.strip() for n in cli.attentions.split(","))
+    unknown = [n for n in names if n not in dict(CONFIGS)]
+    if unknown or names[0] != "softmax":
+        ap.error(f"--attentions: softmax first, then any of {[n for n, _ in CONFIGS]}; got {list(names)}")
+    print(run(quick=cli.quick, updates=cli.updates, model="transformer" if cli.transformer else "lstm",
+              names=names, steps_only=cli.steps_only)["markdown"])

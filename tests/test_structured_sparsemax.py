@@ -502,10 +502,131 @@ def test_entmax15_attention_matches_entmax_and_its_sparsemax_matches_ours(record
     assert err_e <= 1e-12 and err_s <= 1e-12
 
 
-def test_entmax15_missing_package_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "entmax", None)
-    with pytest.raises(ImportError, match="pip install entmax"):
-        entmax15_attention(torch.randn(2, 3))
+def _entmax_rows(dtype, seed):
+    """(B, T) rows of every kind for 1.5-entmax: scales from 0.01 (full support) to 30 (one or two entries), rounded
+    rows (ties), all-equal rows, a row with one real entry, and the -inf layouts (right, left, holes) beside them."""
+    g = torch.Generator().manual_seed(seed)
+    B, T = 64, 23
+    scale = torch.logspace(-2, 1.5, B, dtype=torch.float64)[torch.randperm(B, generator=g)]
+    x = torch.randn(B, T, generator=g, dtype=torch.float64) * scale[:, None]
+    x[::5] = torch.round(x[::5] * 2) / 2  # ties
+    x[1] = 0.3  # all equal
+    x[2] = torch.full((T,), 2.0, dtype=torch.float64)
+    x[2, 7] = 2.0 + 1e-3  # nearly all equal
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for b in range(B):
+        layout = b % 4
+        if layout == 1:
+            mask[b, T - 1 - b % 11:] = True  # right
+        elif layout == 2:
+            mask[b, : 1 + b % 13] = True  # left
+        elif layout == 3:
+            mask[b, torch.randperm(T, generator=g)[: 1 + b % 17]] = True  # holes
+    mask[5, 1:] = True  # one real entry
+    return x.to(dtype), mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_entmax15_matches_the_entmax_package_with_inf_padding(dtype, record_property):
+    """Our exact 1.5-entmax (sort-free C kernel on CPU, and the tensor algorithm other devices use) against the
+    `entmax` package: -inf padding of any layout, the same rows with a mask, and each row with its padding removed;
+    weights and gradients, to 1e-6 (float32) / 1e-12 (float64)."""
+    entmax = _need("entmax")
+    from structattn.ops import entmax as E
+
+    record_property("oracle", f"entmax {getattr(entmax, '__version__', '?')} entmax15 (forward and its backward)")
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    x, mask = _entmax_rows(dtype, seed=31)
+    xinf = x.masked_fill(mask, float("-inf"))
+    gout = torch.randn(x.shape, generator=torch.Generator().manual_seed(32), dtype=torch.float64).to(dtype)
+
+    def value_grad(f, inp):
+        inp = inp.clone().requires_grad_(True)
+        w = f(inp)
+        (gx,) = torch.autograd.grad(w, inp, gout)
+        return w.detach(), gx
+
+    ref_w, ref_g = value_grad(lambda s: entmax.entmax15(s, dim=-1), xinf)
+    ref_g = ref_g.masked_fill(mask, 0.0)
+    assert bool(ref_w.isfinite().all()) and bool((ref_w[mask] == 0).all())
+    assert int((ref_w == 0).sum()) > int(mask.sum()) + 100  # sparse outputs, not only padding: supports are tested
+    assert int(((ref_w > 0).sum(-1) == 1).sum()) > 2  # and one-entry supports
+    kernel = E._kernel().available()
+    got = {
+        "-inf padding": value_grad(lambda s: E.entmax15(s), xinf),
+        "mask": value_grad(lambda s: entmax15_attention(s, mask), x),
+        "mask, NaN under the padding": value_grad(lambda s: entmax15_attention(s, mask), x.masked_fill(mask, float("nan"))),
+        "tensor algorithm (other devices)": (E._forward_tensor(xinf, None),
+                                             E._backward_tensor(gout, E._forward_tensor(xinf, None))),
+    }
+    err = 0.0
+    for name, (w, gx) in got.items():
+        torch.testing.assert_close(w, ref_w, atol=tol, rtol=0, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(gx.masked_fill(mask, 0.0), ref_g, atol=tol, rtol=0, msg=lambda m: f"{name}: {m}")
+        assert bool((w[mask] == 0).all())
+        err = max(err, float((w - ref_w).abs().max()), float((gx.masked_fill(mask, 0.0) - ref_g).abs().max()))
+    for b in range(x.shape[0]):  # the row with its padding removed: the same weights
+        real = ~mask[b]
+        torch.testing.assert_close(E.entmax15(x[b, real]), ref_w[b, real], atol=tol, rtol=0)
+    _report(f"entmax.entmax15 ({dtype}, C kernel: {kernel})", err)
+
+
+def test_entmax15_kernel_threshold_paths_and_degenerate_rows():
+    """The kernel's Newton search and its sorted finish give the package's weights on rows built to end in each
+    (ties at the threshold, huge and tiny spreads, long rows); +inf/NaN rows and all -inf rows are NaN (as
+    torch.softmax gives), rows without real positions all 0."""
+    entmax = _need("entmax")
+    from structattn.ops import entmax as E
+
+    g = torch.Generator().manual_seed(33)
+    rows = [torch.randn(500, generator=g, dtype=torch.float64) * s for s in (1e-8, 1e-3, 1.0, 3.0, 1e3)]
+    rows += [torch.tensor([0.0, 0.0, -2.0, -2.0, -2.0], dtype=torch.float64),  # entries exactly at z = -1
+             torch.tensor([1.0, 1.0 - 2 / 3 ** 0.5 * 2, 0.5], dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]
+    for r in rows:
+        for dt, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+            torch.testing.assert_close(E.entmax15(r.to(dt)), entmax.entmax15(r.to(dt), dim=-1), atol=tol, rtol=0)
+    x = torch.tensor([[1.0, float("inf"), 0.0], [1.0, float("nan"), 0.0], [float("-inf")] * 3, [1.0, 2.0, 3.0]])
+    m = torch.tensor([[False] * 3, [False] * 3, [False] * 3, [True] * 3])
+    w = entmax15_attention(x, m)
+    assert bool(w[:3].isnan().all()) and bool((w[3] == 0).all())
+    assert bool(E._forward_tensor(x, m)[:3].isnan().all()) and bool((E._forward_tensor(x, m)[3] == 0).all())
+    assert bool(torch.softmax(x[:3], -1).isnan().all())  # the same convention (the package raises on such rows)
+
+
+def test_entmax15_does_not_need_the_package_at_run_time():
+    """The package is the tests' oracle only: with it unimportable, entmax15_attention runs (forward, backward)."""
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        sys.modules["entmax"] = None  # import entmax now raises ImportError
+        from structattn.attention import entmax15_attention
+        x = torch.randn(3, 5, requires_grad=True)
+        w = entmax15_attention(x, torch.tensor([[False] * 5, [True, False, False, False, True], [True] * 5]))
+        w.pow(2).sum().backward()
+        print(round(float(w.sum()), 5), bool(x.grad.isfinite().all()))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["2.0", "True"], proc.stdout
+
+
+def test_entmax15_dim_and_bad_input():
+    from structattn.ops import entmax as E
+
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(34), dtype=torch.float64)
+    torch.testing.assert_close(E.entmax15(x, dim=1), E.entmax15(x.transpose(1, 2)).transpose(1, 2))
+    w = E.entmax15(x.to(torch.bfloat16), dim=0)
+    assert w.dtype == torch.bfloat16 and torch.allclose(w.double().sum(0), torch.ones(4, 5, dtype=torch.float64), atol=2e-2)
+    with pytest.raises(TypeError):
+        E.entmax15(torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="bool"):
+        E.entmax15(x, mask=torch.zeros(3, 4, 5))
+    with pytest.raises(ValueError, match="shape"):
+        E.entmax15(x, mask=torch.zeros(3, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="shape"):
+        entmax15_attention(x, None)
 
 
 def test_modules_and_top_level_names():

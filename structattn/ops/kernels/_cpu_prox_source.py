@@ -17,7 +17,14 @@ One call runs one pass over all rows of an (N, T) array, row by row (both proxes
 * ``psm_backward``: the vector-Jacobian product from (∂L/∂P, P, G): for kind ≥ 1, sparsemax's
   h = s ⊙ (g − mean_s g) with s = {P > 0}, then (every kind) the average of h over each group.
 
-Both are written once with ``real``/``SFX`` placeholders, instantiated for float and double.
+* ``entmax15_forward``: 1.5-entmax of each row over its real positions (mask False; −inf entries get weight 0 as
+  if padded): p = [z − τ]₊² with z = (x − max x)/2 and τ the exact threshold (closed form on the support, the
+  support found by Newton's method from below; see the routine). Returns the number of rows with a NaN or +inf real
+  entry, or whose real entries are all −inf (their real outputs are NaN, as torch.softmax gives).
+* ``entmax15_backward``: the vector-Jacobian product g ⊙ s − (⟨g, s⟩ / Σ s)·s with s = √p (Peters, Niculae &
+  Martins 2019, Prop. 2 at α = 1.5); 0 where p = 0 (padding included).
+
+All are written once with ``real``/``SFX`` placeholders, instantiated for float and double.
 """
 
 _HEADER = r"""
@@ -294,12 +301,132 @@ int psm_backward_SFX(int64_t N, int64_t T, const real *GO, const real *P, const 
     free(acc); free(cnt);
     return 0;
 }
+
+/* The exact 1.5-entmax threshold of c[0..k) (all c > -1, max c = 0, k >= 1): the tau with
+   f(tau) = sum_i [c_i - tau]_+^2 = 1. f is convex and decreasing below max c, and f(-1) >= (0 + 1)^2 - 1 = 0, so
+   tau* >= -1 and Newton's method started at -1 climbs to tau* from below without overshooting (the tangent of a
+   convex function lies under it), and its support S = {c > tau} only shrinks towards the true support. On a support
+   S, tau is a root of the quadratic sum_S (c_i - tau)^2 = 1: tau_S = mean_S - sqrt((1 - SS_S) / |S|), SS_S the
+   centred sum of squares (Peters, Niculae & Martins 2019, Alg. 2's closed form; the `entmax` package evaluates the
+   same expression on every prefix of a full sort). Once every entry of S is >= tau_S, S is the support (an S
+   larger than the support has tau_S >= tau* > its extra entries) and tau_S is returned exactly. Newton reaches that
+   S in a few steps on attention rows; if rounding stalls it (no progress) or 64 steps pass, the remaining
+   candidates are sorted and scanned exactly as the package does (the prefix rule tau_k <= c_(k)). c is scratch. */
+static real entmax15_tau_SFX(real *c, int64_t k)
+{
+    real tau = (real)-1.0;
+    for (int it = 0; it < 64; it++) {
+        real s = 0, mn = c[0];
+        for (int64_t i = 0; i < k; i++) { s += c[i]; if (c[i] < mn) mn = c[i]; }
+        const real mean = s / (real)k;
+        real ss = 0, f = 0, fp = 0;
+        for (int64_t i = 0; i < k; i++) {
+            const real d = c[i] - mean, e = c[i] - tau;
+            ss += d * d;
+            f += e * e;
+            fp += e;
+        }
+        real delta = ((real)1.0 - ss) / (real)k;
+        const real r = mean - (delta > (real)0.0 ? SQRT(delta) : (real)0.0);
+        if (mn >= r) return r;
+        /* Newton: tau + (f - 1) / (2 sum (c - tau)); every c here exceeds tau, so f is f(tau) */
+        const real t2 = tau + (f - (real)1.0) / ((real)2.0 * fp);
+        if (!(t2 > tau)) break;  /* stalled by rounding: finish by the sort */
+        tau = t2;
+        int64_t k2 = 0;
+        for (int64_t i = 0; i < k; i++) if (c[i] > tau) c[k2++] = c[i];
+        if (k2 == 0) break;  /* cannot happen (c = 0 stays above tau <= tau* < 0); a guard */
+        k = k2;
+    }
+    /* the package's rule on the (few) remaining candidates, sorted decreasingly by insertion */
+    for (int64_t i = 1; i < k; i++) {
+        real key = c[i];
+        int64_t j = i - 1;
+        while (j >= 0 && c[j] < key) { c[j + 1] = c[j]; j--; }
+        c[j + 1] = key;
+    }
+    real s = 0, q = 0, best = c[0] - (real)1.0;
+    for (int64_t i = 0; i < k; i++) {
+        s += c[i];
+        q += c[i] * c[i];
+        const real n = (real)(i + 1), mean = s / n, ssq = n * (q / n - mean * mean);
+        const real delta = ((real)1.0 - ssq) / n;
+        const real t = mean - (delta > (real)0.0 ? SQRT(delta) : (real)0.0);
+        if (t <= c[i]) best = t;
+    }
+    return best;
+}
+
+int64_t entmax15_forward_SFX(int64_t N, int64_t T, const real *X, const uint8_t *mask, real *P)
+{
+    if (T <= 0) return 0;
+    real *c = (real *)malloc((size_t)T * sizeof(real));
+    if (!c) return -1;
+    int64_t bad = 0;
+    for (int64_t b = 0; b < N; b++) {
+        const real *x = X + b * T;
+        const uint8_t *mk = mask ? mask + b * T : NULL;
+        real *Pb = P + b * T;
+        real m = -INFINITY;
+        int64_t nreal = 0;
+        int nonfinite = 0;
+        for (int64_t t = 0; t < T; t++) {
+            if (mk && mk[t]) continue;
+            const real v = x[t];
+            nreal++;
+            if (v != v || v == INFINITY) nonfinite = 1;
+            if (v > m) m = v;
+        }
+        if (nreal > 0 && (nonfinite || m == -INFINITY)) {
+            bad++;
+            for (int64_t t = 0; t < T; t++) Pb[t] = (mk && mk[t]) ? (real)0.0 : (real)NAN;
+            continue;
+        }
+        /* candidates: z = (x - m)/2 > -1, since tau >= -1 (no weight exceeds 1); -inf entries give z = -inf */
+        int64_t k = 0;
+        for (int64_t t = 0; t < T; t++) {
+            if (mk && mk[t]) continue;
+            const real z = (x[t] - m) * (real)0.5;
+            if (z > (real)-1.0) c[k++] = z;
+        }
+        if (k == 0) {  /* no real position: all 0 */
+            for (int64_t t = 0; t < T; t++) Pb[t] = 0;
+            continue;
+        }
+        const real tau = entmax15_tau_SFX(c, k);
+        for (int64_t t = 0; t < T; t++) {
+            const real e = (x[t] - m) * (real)0.5 - tau;
+            Pb[t] = ((mk && mk[t]) || !(e > (real)0.0)) ? (real)0.0 : e * e;
+        }
+    }
+    free(c);
+    return bad;
+}
+
+void entmax15_backward_SFX(int64_t N, int64_t T, const real *GO, const real *P, real *GI)
+{
+    for (int64_t b = 0; b < N; b++) {
+        const real *g = GO + b * T, *p = P + b * T;
+        real *out = GI + b * T;
+        real ss = 0, gs = 0;
+        for (int64_t t = 0; t < T; t++) {
+            const real s = SQRT(p[t]);
+            out[t] = s;
+            ss += s;
+            gs += g[t] * s;
+        }
+        const real q = ss > (real)0.0 ? gs / ss : (real)0.0;
+        for (int64_t t = 0; t < T; t++) out[t] = out[t] * (g[t] - q);
+    }
+}
 """
 
 
 def source() -> str:
     """The full C translation unit: the body instantiated for float (``_f32``) and double (``_f64``)."""
     parts = [_HEADER]
-    for real, sfx in (("float", "f32"), ("double", "f64")):
-        parts.append(f"#define real {real}\n{_BODY.replace('_SFX', '_' + sfx)}\n#undef real\n")
+    # SQRT: sqrtf for float (sqrt would round-trip through double)
+    for real, sqrt, sfx in (("float", "sqrtf", "f32"), ("double", "sqrt", "f64")):
+        parts.append(f"#define real {real}\n#define SQRT {sqrt}\n{_BODY.replace('_SFX', '_' + sfx)}\n"
+                     "#undef SQRT\n#undef real\n")
     return "".join(parts)

@@ -1,4 +1,4 @@
-"""CPU fast path of fusedmax / oscarmax: the C kernels of ``_cpu_prox_source`` loaded with ctypes.
+"""CPU fast path of fusedmax / oscarmax / 1.5-entmax: the C kernels of ``_cpu_prox_source`` loaded with ctypes.
 
 Compiled and cached exactly like the Viterbi kernels (:mod:`.cpu`: the system C compiler, a per-user cache keyed by a
 hash of source, flags and compiler, atomic install), as a separate small library so that neither invalidates the
@@ -28,8 +28,8 @@ from ...fileio import atomic_path
 from . import cpu as _cpu
 from ._cpu_prox_source import source
 
-__all__ = ["available", "unavailable_reason", "load", "library_path", "forward", "backward", "TV", "FUSEDMAX",
-           "OSCARMAX"]
+__all__ = ["available", "unavailable_reason", "load", "library_path", "forward", "backward", "entmax15_forward",
+           "entmax15_backward", "TV", "FUSEDMAX", "OSCARMAX"]
 
 #: Kinds of :func:`forward`: the TV prox alone, sparsemax ∘ prox_TV, the exact OSCAR argmin over the simplex.
 TV, FUSEDMAX, OSCARMAX = 0, 1, 2
@@ -69,6 +69,10 @@ def _declare(lib) -> None:
         f.argtypes, f.restype = [i64, i64, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr, ptr], i64
         f = getattr(lib, f"psm_backward_{sfx}")
         f.argtypes, f.restype = [i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr], ctypes.c_int
+        f = getattr(lib, f"entmax15_forward_{sfx}")
+        f.argtypes, f.restype = [i64, i64, ptr, ptr, ptr], i64
+        f = getattr(lib, f"entmax15_backward_{sfx}")
+        f.argtypes, f.restype = [i64, i64, ptr, ptr, ptr], None
 
 
 def load():
@@ -113,11 +117,17 @@ def unavailable_reason() -> str | None:
     return _error
 
 
+_fns: dict = {}  # (name, dtype) -> the ctypes function: a dict hit instead of load() and getattr on every call
+
+
 def _fn(name: str, dtype: torch.dtype):
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"the C fusedmax/oscarmax kernel is unavailable: {_error}")
-    return getattr(lib, f"psm_{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+    f = _fns.get((name, dtype))
+    if f is None:
+        lib = load()
+        if lib is None:
+            raise RuntimeError(f"the C fusedmax/oscarmax/entmax15 kernel is unavailable: {_error}")
+        f = _fns[(name, dtype)] = getattr(lib, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+    return f
 
 
 def forward(x: Tensor, mask: Tensor | None, kind: int, lam: float) -> tuple[int, Tensor, Tensor]:
@@ -125,7 +135,7 @@ def forward(x: Tensor, mask: Tensor | None, kind: int, lam: float) -> tuple[int,
     ``mask`` (N, T) contiguous bool (True at padding) or None."""
     N, T = x.shape
     P, G = torch.empty_like(x), torch.empty(N, T, dtype=torch.int32)
-    bad = _fn("forward", x.dtype)(N, T, x.data_ptr(), None if mask is None else mask.data_ptr(), kind, lam,
+    bad = _fn("psm_forward", x.dtype)(N, T, x.data_ptr(), None if mask is None else mask.data_ptr(), kind, lam,
                                   P.data_ptr(), G.data_ptr())
     if bad < 0:
         raise MemoryError("the fusedmax/oscarmax kernel could not allocate its workspace")
@@ -137,6 +147,26 @@ def backward(g: Tensor, P: Tensor, G: Tensor, sparse: bool) -> Tensor:
     (kinds 1, 2), so its Jacobian comes first."""
     N, T = P.shape
     out = torch.empty_like(P)
-    if _fn("backward", P.dtype)(N, T, g.data_ptr(), P.data_ptr(), G.data_ptr(), int(sparse), out.data_ptr()) < 0:
+    if _fn("psm_backward", P.dtype)(N, T, g.data_ptr(), P.data_ptr(), G.data_ptr(), int(sparse), out.data_ptr()) < 0:
         raise MemoryError("the fusedmax/oscarmax kernel could not allocate its workspace")
+    return out
+
+
+def entmax15_forward(x: Tensor, mask: Tensor | None) -> tuple[int, Tensor]:
+    """(number of rows with a NaN/+inf real entry or no finite one — their real outputs are NaN —, P (N, T)): 1.5-entmax
+    of each row of ``x`` (N, T) contiguous over its real positions (``mask`` (N, T) contiguous bool, True at padding,
+    or None); −inf entries get weight 0."""
+    N, T = x.shape
+    P = torch.empty_like(x)
+    bad = _fn("entmax15_forward", x.dtype)(N, T, x.data_ptr(), None if mask is None else mask.data_ptr(), P.data_ptr())
+    if bad < 0:
+        raise MemoryError("the entmax15 kernel could not allocate its workspace")
+    return bad, P
+
+
+def entmax15_backward(g: Tensor, P: Tensor) -> Tensor:
+    """∂L/∂x = g ⊙ s − (⟨g, s⟩ / Σ s)·s, s = √P, per row; ``g`` contiguous, of P's dtype."""
+    N, T = P.shape
+    out = torch.empty_like(P)
+    _fn("entmax15_backward", P.dtype)(N, T, g.data_ptr(), P.data_ptr(), out.data_ptr())
     return out
