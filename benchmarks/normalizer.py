@@ -33,8 +33,17 @@ def main():
     ap.add_argument("--reps", type=int, default=300)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sparsemap-reps", type=int, default=0,
-                    help="also time SparseMAP (issue 22) beside softmax, this many repetitions (0: skip)")
+                    help="also time SparseMAP beside softmax, this many repetitions (0: skip)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="SparseMAP block: wall time (perf_counter) or this thread's CPU time (thread_time), which a "
+                         "machine busy with other jobs inflates less for the long calls")
+    ap.add_argument("--sparsemap-only", action="store_true",
+                    help="only the SparseMAP block (needs --sparsemap-reps), not the main table")
+    ap.add_argument("--sparsemap-tensor", action="store_true",
+                    help="in the SparseMAP block, also time the tensor solver (the fallback) in the same loop")
     a = ap.parse_args()
+    if a.sparsemap_only and not a.sparsemap_reps:
+        ap.error("--sparsemap-only needs --sparsemap-reps N")
     if torch.device(a.device).type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
     cuda = torch.device(a.device).type == "cuda"
@@ -61,6 +70,9 @@ def main():
         "viterbi -H (γ=2)": lambda m: viterbi_attention(s, tr, m, "entropy", 2.0),
         "viterbi l2 (γ=10)": lambda m: viterbi_attention(s, tr, m, "l2", 10.0),
     }
+    if a.sparsemap_only:
+        sparsemap_block(s, pm, a.sparsemap_reps, sync, a.sparsemap_tensor, a.clock)
+        return
     res = {k: {"none": [], "pad": []} for k in fns}
     for _ in range(a.reps):
         for k, f in fns.items():
@@ -89,44 +101,58 @@ def main():
     r = statistics.median(ref)
     print(f"| viterbi -H, reference backend | | {r * 1e3:.3f} ms | {r / base:.1f}× |")
     if a.sparsemap_reps:
-        sparsemap_block(s, pm, a.sparsemap_reps, sync)
+        sparsemap_block(s, pm, a.sparsemap_reps, sync, a.sparsemap_tensor, a.clock)
 
 
-# ---- SparseMAP (issue 22): its own block, timed against softmax in the same loop ------------------------------------
+# ---- SparseMAP: its own block, timed against softmax in the same loop ------------------------------------
 
 
-def sparsemap_block(s, pm, reps, sync):
+def sparsemap_block(s, pm, reps, sync, tensor=False, clock="wall"):
     """SparseMAP segmentation attention, fwd + bwd, beside softmax measured in the same interleaved loop (SparseMAP
     is 10²–10³x slower, so it gets fewer repetitions than the main table), with T = 0 (SparsemapAttention's
     initialisation) and T = 3·I (a contiguity prior); then the mean number of active structures per row for score
-    scales std 1 and 2 and T ∈ {0, I, 3·I}."""
+    scales std 1 and 2 and T ∈ {0, I, 3·I}. The solver is the C one where it is available (else the tensor solver, and
+    the rows say so); ``tensor``: the tensor solver too, in the same loop."""
     from structattn.attention import sparsemap_attention
+    from structattn.ops import sparsemap as SM
+
+    kernel = SM._kernel
+    solver = "C" if s.device.type == "cpu" and kernel() is not None else "tensor"
 
     eye = torch.eye(2, device=s.device)
     fns = {"softmax": lambda m: softmax_attention(s, m),
-           "sparsemap, T = 0": lambda m: sparsemap_attention(s, 0 * eye, m),
-           "sparsemap, T = 3·I": lambda m: sparsemap_attention(s, 3 * eye, m)}
+           f"sparsemap ({solver} solver), T = 0": lambda m: sparsemap_attention(s, 0 * eye, m),
+           f"sparsemap ({solver} solver), T = 3·I": lambda m: sparsemap_attention(s, 3 * eye, m)}
+    if tensor and solver == "C":
+        fns["sparsemap (tensor solver), T = 0"] = lambda m: sparsemap_attention(s, 0 * eye, m)
+        fns["sparsemap (tensor solver), T = 3·I"] = lambda m: sparsemap_attention(s, 3 * eye, m)
+    now = time.thread_time if clock == "cpu" else time.perf_counter
     res = {k: [] for k in fns}
     for _ in range(reps):
         for k, f in fns.items():
+            SM._kernel = (lambda: None) if "tensor solver" in k else kernel  # forward and backward alike
             sync()
-            t0 = time.perf_counter()
+            t0 = now()
             f(pm).pow(2).sum().backward()
             sync()
-            res[k].append(time.perf_counter() - t0)
+            res[k].append(now() - t0)
+    SM._kernel = kernel
     base = statistics.median(res["softmax"])
     B, T = s.shape
-    print(f"\nSparseMAP block: B={B}, T={T}, left-padded, medians of {reps} interleaved repetitions\n")
+    print(f"\nSparseMAP block: B={B}, T={T}, left-padded, medians of {reps} interleaved repetitions, "
+          f"{'CPU time of the thread' if clock == 'cpu' else 'wall time'}\n")
     print("| normaliser (fwd + bwd) | left-padded | / softmax padded (same loop) | active structures / row |")
     print("|---|---|---|---|")
     for k, v in res.items():
         n = ""
         if k != "softmax":
             with torch.no_grad():
+                SM._kernel = (lambda: None) if "tensor solver" in k else kernel
                 _, info = sparsemap_attention(s, (0 if "= 0" in k else 3) * eye, pm, return_structures=True)
+                SM._kernel = kernel
             n = f"{info.num_structures.float().mean().item():.2f}"
         m = statistics.median(v)
-        print(f"| {k} | {m * 1e3:.3f} ms | {m / base:.0f}× | {n} |")
+        print(f"| {k} | {m * 1e3:.3f} ms | {m / base:.1f}× | {n} |")
     print("\nActive structures per row (mean, max), unpadded, s ~ N(0, std²):\n")
     print("| std | T = 0 | T = I | T = 3·I |")
     print("|---|---|---|---|")

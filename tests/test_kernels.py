@@ -258,6 +258,64 @@ def _run_py(code: str, env_extra: dict, timeout=240):
     )
 
 
+def test_every_c_library_warns_once_without_a_compiler(tmp_path):
+    """The one loader (cpu.CLibrary) behind every C kernel: without a compiler each library is unavailable with the
+    reason, warns exactly once with its own text, and its functions raise a RuntimeError saying why."""
+    proc = _run_py(
+        """
+        import warnings, torch
+        from structattn.ops.kernels import cpu, cpu_dtw, cpu_prox
+        texts = {cpu: "C Viterbi kernel is unavailable", cpu_dtw: "C DTW kernel is unavailable",
+                 cpu_prox: "C fusedmax/oscarmax kernel is unavailable"}
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            for m in texts:
+                assert not m.available() and not m.available()
+                assert "no C compiler" in m.unavailable_reason(), m.unavailable_reason()
+                assert m.library_path() is None
+        for m, text in texts.items():
+            msgs = [str(x.message) for x in w if text in str(x.message)]
+            assert len(msgs) == 1 and "no C compiler" in msgs[0], msgs
+        for m, fn in ((cpu, lambda: cpu._fn("forward", torch.float64)),
+                      (cpu_dtw, lambda: cpu_dtw._fn("forward", torch.float64)),
+                      (cpu_prox, lambda: cpu_prox._fn("forward", torch.float64))):
+            try:
+                fn()
+            except RuntimeError as e:
+                assert "unavailable" in str(e) and "no C compiler" in str(e), e
+            else:
+                raise AssertionError(m)
+        print("ok")
+        """,
+        {"PATH": "", "CC": "", "STRUCTATTN_KERNEL_CACHE": str(tmp_path / "cache")},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+
+
+@needs_c
+def test_a_corrupt_cached_library_is_rebuilt_once(tmp_path):
+    """A cached file that does not load (here: text) is removed and compiled again, for every C library."""
+    proc = _run_py(
+        """
+        from structattn.ops.kernels import cpu, cpu_dtw, cpu_prox
+        for m in (cpu, cpu_dtw, cpu_prox):
+            import os
+            path = m.library_path()
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                f.write("not a shared object")
+            assert m.available(), m.unavailable_reason()
+            assert os.path.getsize(path) > 1000
+        print("ok")
+        """,
+        {"STRUCTATTN_KERNEL_CACHE": str(tmp_path / "cache")},
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().endswith("ok")
+
+
 def test_env_var_forces_reference():
     proc = _run_py(
         """

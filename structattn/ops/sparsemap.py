@@ -36,9 +36,21 @@ set I, the KKT system [[G_I, 1], [1ᵀ, 0]]·[β; τ] = [s_I; 1], and either
   swaps it for one active structure, so that the KKT matrices stay nonsingular. (This degenerate case is our
   addition; without it such rows cycled or stopped early on small scores.)
 
-The iteration starts from the MAP structure of θ (α = 1). The oracle is a batched tensor Viterbi argmax (the
-project's kernels compute the smoothed passes only). All rows run together: each iteration solves the small KKT
-systems of the rows that have not converged yet as one batched solve (float64) and runs one oracle pass over them.
+The iteration starts from the oracle's structure at p = 0 (α = 1). Two implementations of this one algorithm:
+
+* **C** (``kernels/_cpu_sparsemap_source.py``, loaded by :mod:`.kernels.cpu_sparsemap`; CPU tensors, whenever a C
+  compiler works): row by row, the same steps, slots, tie rules, tolerance, cap and non-convergence report, with the
+  KKT systems solved through a Cholesky factor of G_I that is updated when a structure joins or leaves (O(K²) per
+  iteration) and the hard Viterbi oracle in the same loop. It returns the same p (to float rounding, ~1e-14) and,
+  where the row's optimum is not degenerate, the same structures and α; on degenerate rows (many structures tie at
+  the optimum, typical when T ≈ 0) rounding can make the two implementations pick different, equally optimal
+  decompositions of the same p (tests/test_sparsemap_c.py). Its backward is the one KKT solve below, in C.
+* **tensor** (:func:`_solve`, the reference, and the fallback when no compiler works or on other devices): the oracle
+  is a batched tensor Viterbi argmax; all rows run together: each iteration solves the small KKT systems of the rows
+  that have not converged yet as one batched solve (float64) and runs one oracle pass over them.
+
+Speed (benchmarks/RESULTS.md, "SparseMAP normaliser"): the C path is what makes SparseMAP usable in training; it does
+not reach the 2× softmax goal on CPU (measured ratios there): a row needs about one oracle pass per active structure.
 Rows that reach ``max_iter`` iterations keep their last α — a feasible point, not the optimum — and are reported
 (``converged`` False, and a RuntimeWarning); they are never silently returned as if solved.
 
@@ -307,6 +319,14 @@ def _solve(s: Tensor, trans: Tensor, lengths: Tensor, tol: float, max_iter: int)
 # ---- custom ops: forward and backward --------------------------------------------------------------------------------
 
 
+def _kernel():
+    """The C solver's module if it is compiled and loaded (first use compiles it), else None: the tensor solver then
+    runs (the reference). Imported on first use, so ``import structattn`` runs no compiler."""
+    from .kernels import cpu_sparsemap
+
+    return cpu_sparsemap if cpu_sparsemap.available() else None
+
+
 def _row_trans(trans: Tensor, N: int) -> Tensor:
     return (trans.expand(N, 2, 2) if trans.dim() == 2 else trans).to(torch.float64)
 
@@ -323,14 +343,19 @@ def _forward_impl(scores: Tensor, trans: Tensor, lengths: Tensor, tol: float,
     if bad:
         raise ValueError(f"{bad} non-finite (NaN or ±inf) score(s) at real (non-padded) positions or transition(s); "
                          "SparseMAP needs finite potentials (mark padding with padding_mask instead)")
-    with _one_thread():
-        alpha, Y, Y0, iters, converged = _solve(s, tr, lengths, tol, max_iter)
+    kernel = _kernel() if s.device.type == "cpu" else None
+    if kernel is not None:
+        alpha, Y, Y0, iters, converged, p = kernel.forward(s, trans.to(torch.float64), lengths, tol, max_iter,
+                                                           _slots(max_iter, T))
+    else:
+        with _one_thread():
+            alpha, Y, Y0, iters, converged = _solve(s, tr, lengths, tol, max_iter)
+        p = (alpha.unsqueeze(-1) * Y).sum(1)
     n_bad = int((~converged).sum())
     if n_bad:
         warnings.warn(f"sparsemap: {n_bad} of {N} row(s) did not converge (active set, tol={tol}, "
                       f"max_iter={max_iter}); their weights are a feasible but suboptimal point. Raise max_iter or "
                       "tol, or check the scores' scale", RuntimeWarning, stacklevel=3)
-    p = (alpha.unsqueeze(-1) * Y).sum(1)
     # α stays float64: the backward reads the support from α > 0, which a float32 rounding could change.
     return p.to(scores.dtype), alpha, Y.bool(), Y0.bool(), iters, converged
 
@@ -339,6 +364,11 @@ def _backward_impl(gp: Tensor, Y: Tensor, Y0: Tensor, alpha: Tensor, lengths: Te
                    trans: Tensor) -> tuple[Tensor, Tensor]:
     """(∂L/∂s (N, T), ∂L/∂T of ``trans``'s shape) from ∂L/∂p on compacted rows, by one KKT solve on the support."""
     N, T = gp.shape
+    kernel = _kernel() if gp.device.type == "cpu" else None
+    out = kernel.backward(gp, Y, Y0, alpha, lengths) if kernel is not None else None
+    if out is not None:
+        gs, gT = out
+        return gs.to(gp.dtype), (gT.sum(0) if trans.dim() == 2 else gT).to(trans.dtype)
     k = max(int((alpha > 0).sum(1).max()), 1) if N else 1  # slots are sorted by α: the support comes first
     a = alpha[:, :k].to(torch.float64)
     act = a > 0

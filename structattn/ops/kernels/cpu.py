@@ -6,7 +6,8 @@ A ~200-line C file compiles with the system C compiler in well under a second an
 torch headers and no build system (torch.utils.cpp_extension takes ~1 min). The shared object is cached per user
 under ``$XDG_CACHE_HOME/structattn/kernels`` (default ``~/.cache``), keyed by a hash of source, flags and
 compiler; ``STRUCTATTN_KERNEL_CACHE`` overrides the folder. If no compiler works, :func:`available` returns
-False, a one-time warning says why, and :mod:`structattn.ops.viterbi` uses the reference path.
+False, a one-time warning says why, and :mod:`structattn.ops.viterbi` uses the reference path. :class:`CLibrary`
+does this compile / cache / load / warn for every C kernel of the package (the other kernel modules call it).
 
 All functions take contiguous float32/float64 CPU tensors and return new tensors; they do not validate (the
 public functions in :mod:`structattn.ops.viterbi` do).
@@ -31,18 +32,14 @@ from torch import Tensor
 from ...fileio import atomic_path
 from ._cpu_source import CHAINS_PER_BLOCK, source
 
-__all__ = ["available", "unavailable_reason", "load", "forward", "marginals", "backward", "hvp", "segment_forward",
-           "segment_backward", "segment_workspace", "library_path"]
+__all__ = ["CLibrary", "c_library", "available", "unavailable_reason", "load", "forward", "marginals", "backward", "hvp",
+           "segment_forward", "segment_backward", "segment_workspace", "library_path"]
 
 _CFLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-pthread", "-fno-math-errno",
            "-Werror=implicit-function-declaration"]
 # Honour the `#pragma omp simd` loops (vectorised across chains) without OpenMP's runtime; a compiler that does not
 # know the flag gets a second try without it (same code, scalar loops).
 _SIMD_FLAGS = ["-fopenmp-simd"]
-_lock = threading.Lock()
-_lib = None
-_error: str | None = None
-_warned = False
 
 
 def _cache_dir() -> str:
@@ -60,34 +57,135 @@ def _compiler() -> str | None:
     return None
 
 
-def library_path() -> str | None:
-    """Where the compiled library is (or would be) cached; None if there is no C compiler."""
-    cc = _compiler()
-    if cc is None:
-        return None
-    key = hashlib.sha256(
-        "\0".join([source(), " ".join(_CFLAGS + _SIMD_FLAGS), cc, platform.machine(), sys.platform]).encode()
-    ).hexdigest()[:16]
-    return os.path.join(_cache_dir(), f"viterbi_{key}.so")
+class CLibrary:
+    """One C library of the package: compiled on first use, cached on disk, loaded with ctypes, once per process.
+
+    Every C kernel (Viterbi and segmentation here, DTW in :mod:`.cpu_dtw`, the proxes in :mod:`.cpu_prox`, SparseMAP
+    in :mod:`.cpu_sparsemap`) is one of these; they differ only in what the arguments say.
+
+    Args:
+        prefix: the file names: ``<prefix>_<hash>.so`` in the cache folder, ``<prefix>.c`` for the compiler.
+        what: the kernel's name in messages ("the C <what> kernel is unavailable …").
+        source: zero-argument callable returning the C source.
+        cflags: zero-argument callable returning (the flags always passed, the extra-flag sets tried in order until
+            one compiles). Called at build time, so a test can swap a module's flags. The cache key hashes the
+            always-passed flags with the first extra set (the preferred build).
+        timeout: seconds one compiler run may take (only a guard against a hung compiler).
+        declare: ``declare(lib)`` sets the ctypes argtypes/restypes of the library's functions.
+        fallback: what is used instead, for the warning ("the slower reference path").
+        hint: appended to the warning (how to enable the kernel), or "".
+
+    :meth:`load` returns the library, or None — after one RuntimeWarning per process that says why — when no
+    compiler works; the reason stays in :attr:`error`. A cached file that does not load (corrupt, foreign) is rebuilt once.
+    """
+
+    def __init__(self, prefix: str, what: str, source, cflags, timeout: float, declare, fallback: str,
+                 hint: str = "") -> None:
+        self.prefix, self.what, self._source, self._cflags = prefix, what, source, cflags
+        self.timeout, self._declare, self.fallback, self.hint = timeout, declare, fallback, hint
+        self._lock = threading.Lock()
+        self.lib = None
+        self.error: str | None = None
+        self._warned = False
+
+    def path(self) -> str | None:
+        """Where the compiled library is (or would be) cached; None if there is no C compiler."""
+        cc = _compiler()
+        if cc is None:
+            return None
+        base, extras = self._cflags()
+        key = hashlib.sha256(
+            "\0".join([self._source(), " ".join([*base, *extras[0]]), cc, platform.machine(), sys.platform]).encode()
+        ).hexdigest()[:16]
+        return os.path.join(_cache_dir(), f"{self.prefix}_{key}.so")
+
+    def _compile(self, path: str, cc: str) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        base, extras = self._cflags()
+        # The source in a private temp dir, the library under a temporary name then renamed (structattn.fileio):
+        # concurrent processes (several workers, pytest -n) never see a half-written library.
+        with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp, atomic_path(path) as out:
+            src = os.path.join(tmp, f"{self.prefix}.c")
+            with open(src, "w") as f:
+                f.write(self._source())
+            for extra in extras:
+                proc = subprocess.run([cc, *base, *extra, src, "-o", out, "-lm"], capture_output=True, text=True,
+                                      timeout=self.timeout)
+                if proc.returncode == 0:
+                    break
+            if proc.returncode != 0:
+                raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
+
+    def load(self, stacklevel: int = 3):
+        """Compile (first use only) and load the library. Returns it, or None (with a one-time warning) if that is
+        impossible. ``stacklevel`` as for :func:`warnings.warn`, counted from this method."""
+        if self.lib is not None or self.error is not None:
+            return self.lib
+        with self._lock:
+            if self.lib is not None or self.error is not None:
+                return self.lib
+            try:
+                path = self.path()
+                if path is None:
+                    raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
+                if not os.path.exists(path):
+                    self._compile(path, _compiler())
+                try:
+                    lib = ctypes.CDLL(path)
+                except OSError:
+                    # A corrupt or foreign cached file: rebuild once.
+                    os.remove(path)
+                    self._compile(path, _compiler())
+                    lib = ctypes.CDLL(path)
+                self._declare(lib)
+                self.lib = lib
+            except Exception as exc:  # noqa: BLE001 - any failure means: use the reference path
+                self.error = f"{type(exc).__name__}: {exc}"
+        if self.lib is None and not self._warned:
+            self._warned = True
+            warnings.warn(f"structattn: the C {self.what} kernel is unavailable ({self.error}); using "
+                          f"{self.fallback}.{' ' + self.hint if self.hint else ''}", RuntimeWarning,
+                          stacklevel=stacklevel)
+        return self.lib
+
+    def available(self) -> bool:
+        return self.load(stacklevel=4) is not None
+
+    def unavailable_reason(self) -> str | None:
+        self.load(stacklevel=4)
+        return self.error
+
+    def function(self, name: str, dtype: torch.dtype, check_dtype: bool = True):
+        """The library's ``<name>_f32`` or ``<name>_f64`` for ``dtype``: RuntimeError if the library is unavailable,
+        TypeError for another dtype (unless not ``check_dtype``: then float64 for anything but float32)."""
+        lib = self.load(stacklevel=4)
+        if lib is None:
+            raise RuntimeError(f"the C {self.what} kernel is unavailable: {self.error}")
+        if dtype == torch.float32:
+            return getattr(lib, f"{name}_f32")
+        if dtype == torch.float64 or not check_dtype:
+            return getattr(lib, f"{name}_f64")
+        raise TypeError(f"the C {self.what} kernel supports float32 and float64, got {dtype}")
 
 
-def _compile(path: str, cc: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    # The source in a private temp dir, the library under a temporary name then renamed (structattn.fileio):
-    # concurrent processes (several workers, pytest -n) never see a half-written library.
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp, atomic_path(path) as out:
-        src = os.path.join(tmp, "viterbi.c")
-        with open(src, "w") as f:
-            f.write(source())
-        # Fallbacks for older compilers: without the per-ISA clones of the vectorised loops (GCC's target_clones),
-        # then without -fopenmp-simd too (same code, scalar loops).
-        for extra in (_SIMD_FLAGS, [*_SIMD_FLAGS, "-DSTRUCTATTN_NO_CLONES"], ["-DSTRUCTATTN_NO_CLONES"]):
-            proc = subprocess.run([cc, *_CFLAGS, *extra, src, "-o", out, "-lm"], capture_output=True, text=True,
-                                  timeout=120)
-            if proc.returncode == 0:
-                break
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
+_LIBRARIES: dict[str, CLibrary] = {}
+_LIBRARIES_LOCK = threading.Lock()
+
+
+def c_library(prefix: str, *args, **kwargs) -> CLibrary:
+    """The one :class:`CLibrary` of this process named ``prefix``, created from the arguments on first call (later
+    calls return it unchanged): for a module that builds its loader on first use."""
+    with _LIBRARIES_LOCK:
+        lib = _LIBRARIES.get(prefix)
+        if lib is None:
+            lib = _LIBRARIES[prefix] = CLibrary(prefix, *args, **kwargs)
+        return lib
+
+
+def _flag_sets():
+    # Fallbacks for older compilers: without the per-ISA clones of the vectorised loops (GCC's target_clones), then
+    # without -fopenmp-simd too (same code, scalar loops). Read at build time: tests swap _SIMD_FLAGS.
+    return _CFLAGS, (_SIMD_FLAGS, [*_SIMD_FLAGS, "-DSTRUCTATTN_NO_CLONES"], ["-DSTRUCTATTN_NO_CLONES"])
 
 
 def _declare(lib) -> None:
@@ -107,62 +205,33 @@ def _declare(lib) -> None:
         getattr(lib, f"seg_backward_{sfx}").restype = c_int
 
 
+_LIB = c_library("viterbi", "Viterbi", source, _flag_sets, 120, _declare, "the slower reference path",
+                "Install a C compiler (gcc) or set CC to enable it.")
+
+
+def library_path() -> str | None:
+    """Where the compiled library is (or would be) cached; None if there is no C compiler."""
+    return _LIB.path()
+
+
 def load():
     """Compile (first use only) and load the library. Returns it, or None (with a one-time warning) if that is
     impossible."""
-    global _lib, _error, _warned
-    if _lib is not None or _error is not None:
-        return _lib
-    with _lock:
-        if _lib is not None or _error is not None:
-            return _lib
-        try:
-            path = library_path()
-            if path is None:
-                raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
-            if not os.path.exists(path):
-                _compile(path, _compiler())
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:
-                # A corrupt or foreign cached file: rebuild once.
-                os.remove(path)
-                _compile(path, _compiler())
-                lib = ctypes.CDLL(path)
-            _declare(lib)
-            _lib = lib
-        except Exception as exc:  # noqa: BLE001 - any failure means: use the reference path
-            _error = f"{type(exc).__name__}: {exc}"
-    if _lib is None and not _warned:
-        _warned = True
-        warnings.warn(
-            f"structattn: the C Viterbi kernel is unavailable ({_error}); using the slower reference path. "
-            "Install a C compiler (gcc) or set CC to enable it.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    return _lib
+    return _LIB.load(stacklevel=4)
 
 
 def available() -> bool:
     """True if the C kernels are compiled and loaded (compiling them on first call)."""
-    return load() is not None
+    return _LIB.load() is not None
 
 
 def unavailable_reason() -> str | None:
-    load()
-    return _error
+    _LIB.load()
+    return _LIB.error
 
 
 def _fn(name: str, dtype: torch.dtype, prefix: str = "vit"):
-    lib = load()
-    if lib is None:
-        raise RuntimeError(f"the C Viterbi kernel is unavailable: {_error}")
-    if dtype == torch.float32:
-        return getattr(lib, f"{prefix}_{name}_f32")
-    if dtype == torch.float64:
-        return getattr(lib, f"{prefix}_{name}_f64")
-    raise TypeError(f"the C Viterbi kernel supports float32 and float64, got {dtype}")
+    return _LIB.function(f"{prefix}_{name}", dtype)
 
 
 def _p(x: Tensor | None):

@@ -1,120 +1,72 @@
 """CPU DTW_Ω backend (``op="dtw"``, name ``"cpu"``): the C kernels of :mod:`._cpu_dtw_source` through ctypes.
 
-Compiled, cached and loaded exactly like the Viterbi C kernels (:mod:`.cpu`: same compiler search, flags, cache folder
-and fallbacks, a separate library file ``dtw_<hash>.so``). The forward (Alg. 5) saves the values W by anti-diagonals,
-(B, N·M + 2(N + M − 1) + 6): one number per cell and two guards per diagonal; the backward (Alg. 5) and the Hessian
-product (Alg. 6) recompute the weights q (and q̇) from W diagonal by diagonal. :func:`marginals` runs both sweeps in
-one call, pair by pair; for pairs up to 256 × 256 cells its forward also keeps the pair's q (3 numbers per cell, one
-pair at a time) for its backward sweep, three exponentials per cell fewer.
+Compiled, cached and loaded by the Viterbi C kernels' loader (:class:`.cpu.CLibrary`: same compiler search, flags,
+cache folder and fallbacks, a separate library file ``dtw_<hash>.so``). The forward (Alg. 5) saves the values W by
+anti-diagonals, (B, N·M + 2(N + M − 1) + 6): one number per cell and two guards per diagonal; the backward (Alg. 5)
+and the Hessian product (Alg. 6) recompute the weights q (and q̇) from W diagonal by diagonal. :func:`marginals` runs
+both sweeps in one call, pair by pair; for pairs up to 256 × 256 cells its forward also keeps the pair's q (3 numbers
+per cell, one pair at a time) for its backward sweep, three exponentials per cell fewer.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
-import sys
-import tempfile
-import threading
-import warnings
 
 import torch
 from torch import Tensor
 
-from ...fileio import atomic_path
 from . import cpu as _vcpu
 from ._cpu_dtw_source import source
 
 __all__ = ["available", "unavailable_reason", "forward", "backward", "marginals", "hvp", "library_path"]
 
-_lock = threading.Lock()
-_lib = None
-_error: str | None = None
-_warned = False
+
+def _flag_sets():
+    # The Viterbi kernels' flags and fallbacks, read at build time (tests swap cpu._SIMD_FLAGS).
+    return _vcpu._flag_sets()
+
+
+def _declare(lib) -> None:
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    for sfx in ("f32", "f64"):
+        f = getattr(lib, f"dtw_forward_{sfx}")
+        f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr, ptr]
+        f.restype = ctypes.c_int
+        f = getattr(lib, f"dtw_backward_{sfx}")
+        f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr]
+        f.restype = ctypes.c_int
+        f = getattr(lib, f"dtw_marginals_{sfx}")
+        f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr, ptr, ptr]
+        f.restype = ctypes.c_int
+        f = getattr(lib, f"dtw_hvp_{sfx}")
+        f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr, ptr]
+        f.restype = ctypes.c_int
+
+
+# One translation unit, two types × three target clones: over two minutes on a loaded 2-core machine (measured 130 s
+# at load 9); the 600 s limit only guards against a hung compiler.
+_LIB = _vcpu.c_library("dtw", "DTW", source, _flag_sets, 600, _declare, "the slower reference path")
 
 
 def library_path() -> str | None:
-    cc = _vcpu._compiler()
-    if cc is None:
-        return None
-    key = hashlib.sha256("\0".join([source(), " ".join(_vcpu._CFLAGS + _vcpu._SIMD_FLAGS), cc, platform.machine(),
-                                    sys.platform]).encode()).hexdigest()[:16]
-    return os.path.join(_vcpu._cache_dir(), f"dtw_{key}.so")
-
-
-def _compile(path: str, cc: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp, atomic_path(path) as out:
-        src = os.path.join(tmp, "dtw.c")
-        with open(src, "w") as f:
-            f.write(source())
-        for extra in (_vcpu._SIMD_FLAGS, [*_vcpu._SIMD_FLAGS, "-DSTRUCTATTN_NO_CLONES"], ["-DSTRUCTATTN_NO_CLONES"]):
-            # One translation unit, two types × three target clones: over two minutes on a loaded 2-core machine
-            # (measured 130 s at load 9); the limit only guards against a hung compiler.
-            proc = subprocess.run([cc, *_vcpu._CFLAGS, *extra, src, "-o", out, "-lm"], capture_output=True, text=True,
-                                  timeout=600)
-            if proc.returncode == 0:
-                break
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
+    return _LIB.path()
 
 
 def _load():
-    global _lib, _error, _warned
-    if _lib is not None or _error is not None:
-        return _lib
-    with _lock:
-        if _lib is not None or _error is not None:
-            return _lib
-        try:
-            path = library_path()
-            if path is None:
-                raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
-            if not os.path.exists(path):
-                _compile(path, _vcpu._compiler())
-            lib = ctypes.CDLL(path)
-            i64, ptr = ctypes.c_int64, ctypes.c_void_p
-            for sfx in ("f32", "f64"):
-                f = getattr(lib, f"dtw_forward_{sfx}")
-                f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr, ptr]
-                f.restype = ctypes.c_int
-                f = getattr(lib, f"dtw_backward_{sfx}")
-                f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr]
-                f.restype = ctypes.c_int
-                f = getattr(lib, f"dtw_marginals_{sfx}")
-                f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr, ptr, ptr]
-                f.restype = ctypes.c_int
-                f = getattr(lib, f"dtw_hvp_{sfx}")
-                f.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_double, ptr, ptr]
-                f.restype = ctypes.c_int
-            _lib = lib
-        except Exception as exc:  # noqa: BLE001 - any failure means: use the reference path
-            _error = f"{type(exc).__name__}: {exc}"
-    if _lib is None and not _warned:
-        _warned = True
-        warnings.warn(f"structattn: the C DTW kernel is unavailable ({_error}); using the slower reference path.",
-                      RuntimeWarning, stacklevel=3)
-    return _lib
+    return _LIB.load(stacklevel=4)
 
 
 def available() -> bool:
-    return _load() is not None
+    return _LIB.load() is not None
 
 
 def unavailable_reason() -> str | None:
-    _load()
-    return _error
+    _LIB.load()
+    return _LIB.error
 
 
 def _fn(name: str, dtype: torch.dtype):
-    lib = _load()
-    if lib is None:
-        raise RuntimeError(f"the C DTW kernel is unavailable: {_error}")
-    if dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"the C DTW kernel supports float32 and float64, got {dtype}")
-    return getattr(lib, f"dtw_{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+    return _LIB.function(f"dtw_{name}", dtype)
 
 
 def _lens(x: Tensor) -> Tensor:

@@ -77,33 +77,14 @@ def _declare(lib) -> None:
 
 def load():
     """Compile (first use only) and load the library; None (with a one-time warning) if impossible."""
-    global _lib, _error, _warned
-    if _lib is not None or _error is not None:
-        return _lib
-    with _lock:
-        if _lib is not None or _error is not None:
-            return _lib
-        try:
-            path = library_path()
-            if path is None:
-                raise RuntimeError("no C compiler found (tried $CC, cc, gcc, clang)")
-            if not os.path.exists(path):
-                _compile(path, _cpu._compiler())
-            try:
-                lib = ctypes.CDLL(path)
-            except OSError:  # a corrupt or foreign cached file: rebuild once
-                os.remove(path)
-                _compile(path, _cpu._compiler())
-                lib = ctypes.CDLL(path)
-            _declare(lib)
-            _lib = lib
-        except Exception as exc:  # noqa: BLE001 - any failure means: use the reference path
-            _error = f"{type(exc).__name__}: {exc}"
-    if _lib is None and not _warned:
-        _warned = True
-        warnings.warn(f"structattn: the C fusedmax/oscarmax kernel is unavailable ({_error}); using the slow "
-                      "plain-Python reference. Install a C compiler (gcc) or set CC to enable it.", RuntimeWarning,
-                      stacklevel=3)
+    # The one loader of the package's C kernels (cpu.CLibrary: lock, compile if missing, rebuild once if corrupt,
+    # warn once); this module's _lib / _error mirror it for the functions below.
+    global _lib, _error
+    if _lib is None and _error is None:
+        loader = _cpu.c_library("prox", "fusedmax/oscarmax", source, lambda: (_CFLAGS, ([],)), 120, _declare,
+                                "the slow plain-Python reference", "Install a C compiler (gcc) or set CC to enable it.")
+        _lib = loader.load(stacklevel=4)
+        _error = loader.error
     return _lib
 
 
