@@ -12,19 +12,10 @@ The functions take contiguous float32/float64 CPU tensors and do not validate (t
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import subprocess
-import sys
-import tempfile
-import threading
-import warnings
 
 import torch
 from torch import Tensor
 
-from ...fileio import atomic_path
 from . import cpu as _cpu
 from ._cpu_prox_source import source
 
@@ -35,31 +26,6 @@ __all__ = ["available", "unavailable_reason", "load", "library_path", "forward",
 TV, FUSEDMAX, OSCARMAX = 0, 1, 2
 
 _CFLAGS = ["-O3", "-std=c99", "-fPIC", "-shared", "-fno-math-errno", "-Werror=implicit-function-declaration"]
-_lock = threading.Lock()
-_lib = None
-_error: str | None = None
-_warned = False
-
-
-def library_path() -> str | None:
-    """Where the compiled library is (or would be) cached; None if there is no C compiler."""
-    cc = _cpu._compiler()
-    if cc is None:
-        return None
-    key = hashlib.sha256(
-        "\0".join([source(), " ".join(_CFLAGS), cc, platform.machine(), sys.platform]).encode()).hexdigest()[:16]
-    return os.path.join(_cpu._cache_dir(), f"prox_{key}.so")
-
-
-def _compile(path: str, cc: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp, atomic_path(path) as out:
-        src = os.path.join(tmp, "prox.c")
-        with open(src, "w") as f:
-            f.write(source())
-        proc = subprocess.run([cc, *_CFLAGS, src, "-o", out, "-lm"], capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[:2000]}")
 
 
 def _declare(lib) -> None:
@@ -75,17 +41,20 @@ def _declare(lib) -> None:
         f.argtypes, f.restype = [i64, i64, ptr, ptr, ptr], None
 
 
+# The one loader of the package's C kernels (cpu.CLibrary: lock, compile if missing, rebuild once if corrupt, warn
+# once); one flag set, no SIMD clones (the prox loops are sequential).
+_LIB = _cpu.c_library("prox", "fusedmax/oscarmax", source, lambda: (_CFLAGS, ([],)), 120, _declare,
+                      "the slow plain-Python reference", "Install a C compiler (gcc) or set CC to enable it.")
+
+
+def library_path() -> str | None:
+    """Where the compiled library is (or would be) cached; None if there is no C compiler."""
+    return _LIB.path()
+
+
 def load():
     """Compile (first use only) and load the library; None (with a one-time warning) if impossible."""
-    # The one loader of the package's C kernels (cpu.CLibrary: lock, compile if missing, rebuild once if corrupt,
-    # warn once); this module's _lib / _error mirror it for the functions below.
-    global _lib, _error
-    if _lib is None and _error is None:
-        loader = _cpu.c_library("prox", "fusedmax/oscarmax", source, lambda: (_CFLAGS, ([],)), 120, _declare,
-                                "the slow plain-Python reference", "Install a C compiler (gcc) or set CC to enable it.")
-        _lib = loader.load(stacklevel=4)
-        _error = loader.error
-    return _lib
+    return _LIB.load(stacklevel=4)
 
 
 def available() -> bool:
@@ -95,7 +64,7 @@ def available() -> bool:
 
 def unavailable_reason() -> str | None:
     load()
-    return _error
+    return _LIB.error
 
 
 _fns: dict = {}  # (name, dtype) -> the ctypes function: a dict hit instead of load() and getattr on every call
@@ -106,7 +75,7 @@ def _fn(name: str, dtype: torch.dtype):
     if f is None:
         lib = load()
         if lib is None:
-            raise RuntimeError(f"the C fusedmax/oscarmax/entmax15 kernel is unavailable: {_error}")
+            raise RuntimeError(f"the C fusedmax/oscarmax/entmax15 kernel is unavailable: {_LIB.error}")
         f = _fns[(name, dtype)] = getattr(lib, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
     return f
 
