@@ -90,13 +90,14 @@ check_variants() {
   done
 }
 # attention_load "A B ..." [TOOLKIT]: attention[V] = the attention flags of each variant (fairseq's, or with TOOLKIT
-# onmt structattn-onmt-train's), with γ $gamma_entropy / $gamma_l2 and, when set, the form $viterbi_form.
+# onmt structattn-onmt-train's), with γ $gamma_entropy / $gamma_l2 and, when set, the form $viterbi_form; the
+# fairseq architecture $arch, when set, decides whether the bilinear attentions' τ is spelt out (not for a Transformer).
 declare -A attention=()
 attention_load() {
   local v out lines i=0
   # shellcheck disable=SC2086  # $1: the variant names, one word each
   out="$("$py" -m structattn.evaluation.variants flags $1 --gamma-entropy "$gamma_entropy" --gamma-l2 "$gamma_l2" \
-    ${viterbi_form:+--form "$viterbi_form"} ${2:+--toolkit "$2"})" \
+    ${viterbi_form:+--form "$viterbi_form"} ${2:+--toolkit "$2"} ${arch:+--arch "$arch"})" \
     || die "no attention flags for the variants '$1' (structattn/evaluation/variants.py)"
   mapfile -t lines <<< "$out"
   for v in $1; do
