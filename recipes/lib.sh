@@ -67,11 +67,37 @@ parse_options() {
 # The table is structattn/evaluation/variants.py (names, labels, fairseq flags; the paper's γ from structattn).
 # variants_load: sets variants_all (every variant name), variants_main (the default set: the ablations are asked for
 # by name), variants_study (--size study's set) and paper_gamma_entropy, paper_gamma_l2.
+# The same Python start also reads what attention_load and plugin_load would (each start imports structattn, hence
+# torch: ~2 s of CPU, three of them were most of a --dry-run or --help and ~5 s of every recipe invocation): the
+# plugin folder, and the attention flags of every variant for the toolkit ($toolkit, default fairseq), γ
+# ($gamma_entropy, $gamma_l2; unset: the paper's) and form ($viterbi_form) set at this point. attention_load uses
+# them when those settings are still the same, and asks Python again otherwise.
+declare -A attention_cache=()
+attention_cache_key=""
 variants_load() {
   [ -z "${variants_all:-}" ] || return 0
   local defs
-  defs="$("$py" -m structattn.evaluation.variants shell)" \
-    || die "cannot read the variant table with $py -m structattn.evaluation.variants"
+  defs="$("$py" - "${toolkit:-fairseq}" "${gamma_entropy-}" "${gamma_l2-}" "${viterbi_form:-}" <<'EOF'
+import contextlib, io, shlex, sys
+from structattn.evaluation import variants as v
+toolkit, form, given = sys.argv[1], sys.argv[4], {"entropy": sys.argv[2], "l2": sys.argv[3]}
+v.main(["shell"])
+try:
+    from structattn.userdir import plugin_dir
+    print(f"plugin={shlex.quote(plugin_dir())}")
+except ModuleNotFoundError:
+    pass  # plugin_load says so, if the recipe needs the plugin
+if toolkit in v.TOOLKITS and set(v.REGULARISERS) == set(given):
+    gamma = {reg: given[reg] or format(v.paper_gamma()[reg], "g") for reg in v.REGULARISERS}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        v.main(["flags", *v.VARIANTS, "--toolkit", toolkit, *(f for reg in v.REGULARISERS for f in
+                (f"--gamma-{reg}", gamma[reg])), *(["--form", form] if form else [])])
+    for name, line in zip(v.VARIANTS, out.getvalue().splitlines()):
+        print(f"attention_cache[{shlex.quote(name)}]={shlex.quote(line)}")
+    print("attention_cache_key=" + shlex.quote("|".join([toolkit, gamma["entropy"], gamma["l2"], form])))
+EOF
+)" || die "cannot read the variant table with $py -m structattn.evaluation.variants"
   eval "$defs"
 }
 # plugin_load: plugin = the folder of the installed fairseq plugin (structattn_fairseq, what `structattn-user-dir`
@@ -95,6 +121,14 @@ check_variants() {
 declare -A attention=()
 attention_load() {
   local v out lines i=0
+  if [ -n "$attention_cache_key" ] \
+      && [ "$attention_cache_key" = "${2:-fairseq}|$gamma_entropy|$gamma_l2|${viterbi_form:-}" ]; then
+    for v in $1; do
+      [ -n "${attention_cache[$v]:-}" ] || die "no attention flags for variant '$v' (structattn/evaluation/variants.py)"
+      attention[$v]="${attention_cache[$v]}"
+    done
+    return 0
+  fi
   # shellcheck disable=SC2086  # $1: the variant names, one word each
   out="$("$py" -m structattn.evaluation.variants flags $1 --gamma-entropy "$gamma_entropy" --gamma-l2 "$gamma_l2" \
     ${viterbi_form:+--form "$viterbi_form"} ${2:+--toolkit "$2"} ${arch:+--arch "$arch"})" \

@@ -84,11 +84,34 @@ def pytest_configure(config):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workerinput.get("workercount", 1))))
 
 
+#: The modules of longest run time, longest first, with their rough worker-seconds in the CI (2-core VM, the
+#: --durations of 2026-12-03): they start first, one per worker, so that neither worker is left with a long module
+#: at the end while the other idles (longest-first scheduling). Only the order depends on these numbers.
+HEAVIEST_MODULES = (
+    "tests/test_fairseq_e2e.py",  # ~300 s: eight attentions trained and decoded with the fairseq CLIs
+    "tests/test_recipes_e2e.py",  # ~250 s: the Bible recipe, fairseq and OpenNMT-py
+    "tests/test_onmt_e2e.py",  # ~200 s
+    "tests/test_distributed.py",  # ~130 s
+    "tests/test_transformer_e2e.py",  # ~120 s
+    "tests/test_dump_fairseq.py",  # ~120 s
+    "tests/test_exit_abort.py",  # ~85 s
+)
+
+
 def _heavy_modules_first(items):
-    """Stable reorder: the modules holding ``slow`` tests (end-to-end trainings) first. loadscope hands whole modules
-    to the workers in collection order, so the long ones start first and the short ones fill the gaps at the end."""
+    """Stable reorder: :data:`HEAVIEST_MODULES` in that order, then the other modules holding ``slow`` tests
+    (end-to-end trainings), then the rest. scripts/test.sh runs xdist with --dist loadscope
+    --no-loadscope-reorder, which hands whole modules to the workers in this order (xdist's default reorder would
+    sort them by their number of tests, which put the long few-test modules last: one worker ran the Bible recipe
+    for minutes after the other had finished)."""
     slow = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow") is not None}
-    items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
+    rank = {module: i for i, module in enumerate(HEAVIEST_MODULES)}
+
+    def key(item):
+        module = item.nodeid.split("::")[0]
+        return (rank.get(module, len(rank)), module not in slow)
+
+    items.sort(key=key)
 
 
 # ---- CUDA tests ----------------------------------------------------------------------------------------------------

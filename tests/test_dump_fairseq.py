@@ -317,8 +317,13 @@ def test_attention_health_annotates_fallback_rows(toy, tmp_path):
     assert health["rows"] == n_rows
     assert health["fallback_fraction"] == health["fallback_rows"] / n_rows
     assert len(health["T_over_gamma"]) == 2 and isinstance(health["independent_positions"], bool)
+    from structattn.report.diagonality import VERDICTS, parked_verdict
     from structattn.report.stats import dump_stats
 
     st = dump_stats(records)
+    # the aligned-or-parked verdict of the dump's final hypotheses, from the numbers structattn-stats reports
+    assert health["parked"] in VERDICTS + (None,)
+    assert health["parked"] == parked_verdict(st["eos_mass"], st["top_fifth_share"])
+    assert health["alignment_sentences"] == st["alignment_sentences"]
     # known once annotated (NaN otherwise), and the same fraction the health check found over the same rows
     assert st["n_rows"] == n_rows and st["fallback_fraction"] == health["fallback_fraction"]

@@ -2,6 +2,7 @@
 significance over seeds and sentences)."""
 
 import json
+import os
 import random
 
 import pytest
@@ -79,10 +80,18 @@ def test_study_preset_dry_run_one_stopping_rule_three_seeds(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
+    # $PYTHON logs each start: a start imports structattn (torch), ~2 s of CPU, so the recipe reads the variant
+    # table, the attention flags and the plugin folder in one start per invocation (recipes/lib.sh: variants_load)
+    starts = tmp_path / "starts"
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/bash\necho start >> "{starts}"\nexec "{sys.executable}" "$@"\n')
+    python.chmod(0o755)
     out = subprocess.run(["bash", str(root / "recipes" / "offline_fr_en.sh"), "--size", "study", "--dry-run",
                           "--work", str(tmp_path / "w")], capture_output=True, text=True,
-                         env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": sys.executable})
+                         env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "PYTHON": str(python),
+                              **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}})
     assert out.returncode == 0, out.stderr
+    assert len(starts.read_text().splitlines()) == 4  # the --seeds driver, then one per seed (three)
     trains = [line for line in out.stdout.splitlines() if "fairseq-train" in line]
     assert len(trains) == 18  # 6 variants x 3 seeds
     for s in (1, 2, 3):

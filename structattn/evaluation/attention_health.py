@@ -24,9 +24,21 @@ earlier version flagged only max |T/γ| < 0.05, which missed every model whose T
 directions.) A chain-off model (``--attention-chain off``) has κ = 0 by construction (``chain`` false). For
 the stable form (prior τ = [[c, 0], [0, c]] at init, κ = 2c) the change from the initial value is reported too.
 
+Aligned or parked (any attention, from ``--dump`` alone: the dump's final hypotheses). A model can ignore the
+alignment by parking its attention on the source's ``</s>`` or on a fixed region of the source (a quickstart
+softmax model put 70 % of its target words' argmax in the last fifth of the source with only 0.17 of its weight
+on ``</s>``). ``parked`` is :func:`structattn.report.diagonality.parked_verdict`: "parked on </s>" when the EOS
+mass exceeds :data:`~structattn.report.diagonality.EOS_MASS_PARKED` (0.5), else "parked on a source region" when
+the mean top-fifth share (share of a sentence's target rows whose argmax lies in its most visited source fifth)
+exceeds :data:`~structattn.report.diagonality.PARKED_SHARE` (0.5: between 0.32–0.35 for the quickstart models that
+translate and 0.67 for the one that did not; docs/attention_maps.md), else "aligned"; the diagonality ρ
+(Spearman's correlation of target position and argmax source position) is reported beside it, not used by the
+verdict, because it also drops for language pairs that reorder.
+
 Output JSON: {"attention", "reg", "gamma", "form", "chain", "T_over_gamma", "T_over_gamma_init", "kappa",
 "coupling", "independent_positions", "T_over_gamma_moved", "rows", "fallback_rows", "fallback_fraction",
-"max_abs_diff"}; softmax/sparsemax models give only "attention" and nulls.
+"max_abs_diff", "eos_mass", "diagonality", "top_fifth_share", "alignment_sentences", "parked",
+"parked_thresholds"}; softmax/sparsemax models give "attention", the parked fields (with ``--dump``) and nulls.
 
 OpenNMT-py models (``--toolkit onmt --checkpoint RUN/model_best.pt --dump RUN/attention.jsonl``, no ``--data``: the
 vocabulary is in the checkpoint): the same report, with the model loaded as ``structattn-onmt-translate`` loads
@@ -63,6 +75,20 @@ def transitions_report(att) -> dict:
     }
 
 
+def parking_report(records, eos: str) -> dict:
+    """EOS mass, diagonality ρ, top-fifth share, counted sentences and the "parked" verdict of a dump's final
+    hypotheses (``structattn-stats``' numbers; see the module docstring), with the thresholds used."""
+    from structattn.report.diagonality import EOS_MASS_PARKED, PARKED_SHARE, parked_verdict
+    from structattn.report.stats import dump_stats
+
+    st = dump_stats(records, nbest_rank=0, eos=eos)
+    out = {k: (None if st[k] != st[k] else st[k])
+           for k in ("eos_mass", "diagonality", "top_fifth_share", "alignment_sentences")}
+    out["parked"] = parked_verdict(out["eos_mass"], out["top_fifth_share"])
+    out["parked_thresholds"] = {"eos_mass": EOS_MASS_PARKED, "top_fifth_share": PARKED_SHARE}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="structattn-health", description=__doc__.split("\n\n")[0])
     p.add_argument("--version", action="version", version=f"structattn {__version__}")
@@ -85,10 +111,13 @@ def main(argv=None) -> int:
     import torch
 
     from structattn.attention import ViterbiAttention
-    from structattn.export import read_dump, write_dump
+    from structattn.export import eos_symbol, read_dump, write_dump
 
     model, att, forward = (_load_onmt if args.toolkit == "onmt" else _load_fairseq)(args)
     report = {"checkpoint": args.checkpoint, "attention": type(att).__name__}
+    if args.dump:
+        metadata, records = read_dump(args.dump, sort=False)
+        report.update(parking_report(records, eos_symbol(metadata)))
     if not isinstance(att, ViterbiAttention):
         report.update(reg=None, gamma=None, form=None, T_over_gamma=None, kappa=None, coupling=None,
                       independent_positions=None,
@@ -98,7 +127,6 @@ def main(argv=None) -> int:
     report.update(reg=att.reg, gamma=att.gamma, form=att.form, contiguity=att.contiguity)
     report.update(transitions_report(att))
     if args.dump:
-        metadata, records = read_dump(args.dump, sort=False)
         rows = dead_total = 0
         max_diff = 0.0
         att.pop_fallback_counts()

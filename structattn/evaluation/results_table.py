@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..ops.segmentation import COUPLED_KAPPA, INDEPENDENT_KAPPA, coupling_verdict
+from ..report.diagonality import EOS_MASS_PARKED, PARKED_SHARE, VERDICTS, parked_verdict
 
 # the variant table (structattn/evaluation/variants.py): variant name → its label; toolkits and run folders
 from .variants import LABELS, TOOLKITS, run_label, run_name
@@ -59,8 +60,9 @@ REPEAT_RUN = 4
 #: him, and he said to him, and he said to him"), which the token count misses
 PHRASE_MAX, PHRASE_RUN = 4, 3
 #: a model whose target rows put more than this mean weight on the source's end-of-sentence column is flagged as
-#: parked on EOS (its decoder can ignore the alignment: the EOS state summarises the sentence)
-EOS_MASS_WARN = 0.5
+#: parked on EOS (its decoder can ignore the alignment: the EOS state summarises the sentence); one definition with
+#: structattn-health's verdict (:data:`structattn.report.diagonality.EOS_MASS_PARKED`)
+EOS_MASS_WARN = EOS_MASS_PARKED
 
 
 def looping(tokens) -> bool:
@@ -257,6 +259,13 @@ def health_warnings(rows) -> list[str]:
         if eos is not None and eos == eos and eos > EOS_MASS_WARN:
             warn.append(f"{label}: its target rows put {eos:.0%} of their attention on the source's end of sentence "
                         "on average: attention parked on EOS, not aligned.")
+        stats = r.get("stats") or {}
+        if parked_verdict(eos, stats.get("top_fifth_share")) == VERDICTS[2]:
+            rho = stats.get("diagonality")
+            warn.append(f"{label}: on an average sentence {stats['top_fifth_share']:.0%} of its target words attend "
+                        f"most to one fifth of the source (> {PARKED_SHARE:.0%}; diagonality ρ = "
+                        + ("n/a" if rho is None or rho != rho else f"{rho:.2f}")
+                        + "): attention parked on a source region, not aligned.")
         if o.get("empty_fraction", 0) > 0.05:
             warn.append(f"{label}: {o['empty_fraction']:.0%} of hypotheses are empty (the model does not translate).")
     return warn
@@ -481,7 +490,7 @@ def _table(rows, args, has_multi: bool) -> tuple[list[str], set]:
     head = ["attention"] + (["toolkit"] if has_onmt else []) + [f"BLEU ({r1})"] + (
         [f"BLEU ({r1}+{r2})"] if has_multi else []) + [f"chrF2 ({r1})"] + (["params"] if has_onmt else []) + [
         "updates", "epochs", "train time", "tokens/s", "exact zeros", "support/row",
-        "segments/row", "EOS mass", "fallback rows", "T/γ", "κ", "looping hyps", "distinct hyps"]
+        "segments/row", "EOS mass", "diagonality ρ", "top-fifth share", "fallback rows", "T/γ", "κ", "looping hyps", "distinct hyps"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     sigs = set()
     for r in rows:
@@ -490,6 +499,14 @@ def _table(rows, args, has_multi: bool) -> tuple[list[str], set]:
         out.append("| " + " | ".join(cells) + " |")
     out.append("")
     return out, sigs
+
+
+def _measured(stats: dict, key: str, spec: str) -> str:
+    """A ``structattn-stats`` number: "–" when the file (or, for statistics older than the file, the key) is
+    missing, "n/a" when it was computed but has nothing to measure (null: e.g. no sentence long enough)."""
+    if not stats or key not in stats:
+        return "–"
+    return "n/a" if stats[key] is None else fmt(stats[key], spec)
 
 
 def _row_cells(r: dict, has_multi: bool, has_onmt: bool = False) -> tuple[list[str], set]:
@@ -515,7 +532,8 @@ def _row_cells(r: dict, has_multi: bool, has_onmt: bool = False) -> tuple[list[s
               "–" if wall is None else f"{wall / 60:.1f} min",
               fmt(t.get("tokens_per_s"), "{:.0f}"), fmt(s.get("zero_fraction"), "{:.3f}"),
               fmt(s.get("mean_support"), "{:.2f}"), fmt(s.get("mean_segments"), "{:.2f}"),
-              "n/a" if s and s.get("eos_mass") is None else fmt(s.get("eos_mass"), "{:.3f}")]
+              "n/a" if s and s.get("eos_mass") is None else fmt(s.get("eos_mass"), "{:.3f}"),
+              _measured(s, "diagonality", "{:.2f}"), _measured(s, "top_fifth_share", "{:.2f}")]
     h, o = r.get("health") or {}, r.get("output") or {}
     kappa = kappa_of(h)
     cells += [fmt(h.get("fallback_fraction"), "{:.3f}"), fmt_transitions(h.get("T_over_gamma")),
@@ -533,7 +551,11 @@ COLUMN_NOTES = ("Columns: BLEU/chrF2 by sacrebleu on detokenised output (sentenc
     "*segments/row* = contiguous non-zero blocks per target token (`structattn-stats`, test set, EOS "
     "included); *EOS mass* = mean attention weight of a target row on the source's end-of-sentence column (the "
     "target's EOS row excluded; near 1: attention parked on EOS; n/a where the source has no EOS token, as in "
-    "OpenNMT-py). *fallback rows* = fraction of target rows where "
+    "OpenNMT-py); *diagonality ρ* = Spearman's correlation of target position and argmax source position, "
+    "*top-fifth share* = share of target rows whose argmax lies in the sentence's most visited fifth of the source "
+    "(both without the `</s>` row and column, sentences of < 5 words skipped, mean over sentences; ≈ 1 and ≈ 0.2 "
+    f"for a diagonal; > {PARKED_SHARE}: attention parked on a source region; `structattn-stats`, "
+    "docs/attention_maps.md). *fallback rows* = fraction of target rows where "
     "the Viterbi attention had p(y_t = 1) = 0 everywhere and fell back to softmax; *T/γ* = learned transitions on "
     "the temperature scale (T[i, j]: state j at t−1 → i at t) and *κ* = T₀₀ + T₁₁ − T₀₁ − T₁₀ on that scale, the "
     "one direction of T that couples neighbouring positions (the others only shift the scores; |κ| < "

@@ -212,12 +212,16 @@ def _run(prog: str, fn, argv) -> int:
 
 def _stats(argv) -> int:
     from ..export import eos_symbol
+    from .diagonality import parked_verdict
     from .stats import STAT_COLUMNS, dump_gamma, dump_head_count, dump_kappa, dump_stats, dump_structures, format_stat
 
     p = argparse.ArgumentParser(
         prog="structattn-stats",
         description="Sparsity statistics of attention dumps: fraction of exact zeros, mean support size and "
-        "mean number of contiguous non-zero segments per target row. Dumps of multi-head models written with "
+        "mean number of contiguous non-zero segments per target row; EOS mass, diagonality (Spearman's rho of "
+        "target position and argmax source position) and top-fifth share (target rows whose argmax lies in the "
+        "most visited fifth of the source), and the verdict 'aligned', 'parked on </s>' or 'parked on a source "
+        "region' (docs/attention_maps.md). Dumps of multi-head models written with "
         "every head (--dump-attention-heads all) get one more row per head, LABEL/hN.",
     )
     p.add_argument("dumps", nargs="+", metavar="[LABEL=]DUMP", help="attention dump(s) (fairseq-generate --dump-attention)")
@@ -240,6 +244,9 @@ def _stats(argv) -> int:
         structures = dump_structures(m.metadata)
         if structures == structures:  # SparseMAP dumps only: the column exists where some dump has it
             st["structures_per_row"] = structures
+        for stat in [st] + heads:
+            verdict = parked_verdict(stat["eos_mass"], stat["top_fifth_share"])
+            stat["parked"] = float("nan") if verdict is None else verdict
         for h, hs in enumerate(heads):
             hs["kappa"] = head_kappa[h] if head_kappa is not None and h < len(head_kappa) else float("nan")
             hs["gamma"] = head_gamma[h] if head_gamma is not None and h < len(head_gamma) else float("nan")
@@ -256,7 +263,7 @@ def _stats(argv) -> int:
         ]
         print(json.dumps(out, indent=2))
         return 0
-    columns = list(STAT_COLUMNS) + [("kappa", "κ", "{:.2f}")]
+    columns = list(STAT_COLUMNS) + [("parked", "verdict", "{}"), ("kappa", "κ", "{:.2f}")]
     if any("structures_per_row" in st for _, st, _ in rows):
         columns.append(("structures_per_row", "structures/row", "{:.2f}"))
         for _, st, heads in rows:

@@ -13,6 +13,14 @@ For a matrix A (target rows × source columns) we count, with *exact* zeros (A =
   summarises the whole sentence, so a decoder can ignore the alignment and behave like a language model — shows
   a mass near 1 (a quickstart softmax model once had 0.91 and wrote fluent text unrelated to the source); n/a when
   no record's source ends with the EOS symbol;
+* diagonality ρ and top-fifth share (:mod:`structattn.report.diagonality`): a model can also park its attention on
+  a fixed *region* of the source, which the EOS mass does not see. ρ = Spearman's correlation of target position
+  and argmax source position (near 1: the attention walks along the source; near 0: it does not move), the
+  top-fifth share = the share of target rows whose argmax lies in the most visited fifth of the source (≈ 0.2
+  for a diagonal, near 1 when parked). Both per sentence on the matrix without the source ``</s>`` column and
+  the target ``</s>`` row (whatever ``exclude_eos`` says, as the EOS mass ignores it), sentences with fewer than
+  5 usable rows or source columns skipped, then averaged over sentences (each weighing the same; how many
+  counted: ``alignment_sentences``);
 * fallback rows: the fraction of rows where the Viterbi attention had p(y_t = 1) = 0 for every t and fell back to
   softmax (:func:`structattn.attention.dead_rows`). A fallback row is a dense softmax row, which the matrix alone
   cannot tell from a live one, so this is read from the records' ``extra["fallback_rows"]`` (indices of the rows
@@ -46,6 +54,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..export import DEFAULT_EOS
+from .diagonality import aggregate_alignment, matrix_alignment
 
 __all__ = ["row_support", "row_segments", "matrix_stats", "dump_stats", "dump_head_count", "select_records",
            "record_fallback_rows", "eos_mass_rows", "dump_kappa", "dump_gamma", "dump_structures", "STAT_COLUMNS"]
@@ -61,6 +70,8 @@ STAT_COLUMNS = [
     ("empty_rows", "empty rows", "{:d}"),
     ("fallback_fraction", "fallback rows", "{:.3f}"),
     ("eos_mass", "EOS mass", "{:.3f}"),
+    ("diagonality", "diagonality ρ", "{:.2f}"),
+    ("top_fifth_share", "top-fifth share", "{:.2f}"),
 ]
 
 FALLBACK_KEY = "fallback_rows"
@@ -161,7 +172,9 @@ def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bo
     that head's matrices (records' ``heads[head]``) instead of ``attention``. Returns the keys of
     :data:`STAT_COLUMNS` plus ``n_records`` and ``n_cells``; means are NaN when there is no row, and
     ``fallback_fraction`` (fallback rows / rows) is NaN unless every chosen record says which of its rows fell
-    back (:func:`record_fallback_rows`). ``eos_mass`` is measured on the full matrices (before ``exclude_eos``).
+    back (:func:`record_fallback_rows`). ``eos_mass`` is measured on the full matrices (before ``exclude_eos``);
+    ``diagonality``, ``top_fifth_share`` and ``alignment_sentences`` (:mod:`.diagonality`) always without the EOS
+    row and column.
     """
     chosen = select_records(records, nbest_rank)
     if head is not None:
@@ -170,12 +183,13 @@ def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bo
             raise ValueError(f"head {head}: record {missing[0]} has no such head (dump without per-head attention?)")
     n_cells = zeros = 0
     n_fallback, fallback_known = 0, bool(chosen)
-    supports, rel_supports, segments, eos_masses = [], [], [], []
+    supports, rel_supports, segments, eos_masses, alignments = [], [], [], [], []
     for r in chosen:
         a = np.asarray(r.attention if head is None else r.heads[head])
         em = eos_mass_rows(a, r.src_tokens, r.tgt_tokens, eos)
         if em is not None:
             eos_masses.append(em)
+        alignments.append(matrix_alignment(a, r.src_tokens, r.tgt_tokens, eos))
         if exclude_eos:
             a = _trim_eos(a, r.src_tokens, r.tgt_tokens, eos)
         fb = record_fallback_rows(r, a.shape[0])
@@ -207,6 +221,7 @@ def dump_stats(records: Sequence, *, nbest_rank: int | None = 0, exclude_eos: bo
         "empty_rows": int((sup == 0).sum()),
         "fallback_fraction": n_fallback / sup.size if fallback_known and sup.size else nan,
         "eos_mass": float(em.mean()) if em.size else nan,
+        **aggregate_alignment(alignments),
     }
 
 
