@@ -1039,7 +1039,8 @@ check_variants "softmax nope"
     assert lines[0] == f"{' '.join(names)}|{PAPER_GAMMA['entropy']:g}|{PAPER_GAMMA['l2']:g}"
     gamma = {"entropy": f"{PAPER_GAMMA['entropy']:g}", "l2": "0.5"}
     assert lines[1:] == [variants.fairseq_flags(v, gamma, "paper") for v in names]
-    assert lines[4] == "--attention viterbi --attention-reg l2 --attention-gamma 0.5 --attention-form paper"
+    assert lines[1 + names.index("viterbi-l2")] == \
+        "--attention viterbi --attention-reg l2 --attention-gamma 0.5 --attention-form paper"
     assert r.stderr == f"error: unknown variant 'nope' (choose from: {' '.join(names)})\n"
     assert results_table.LABELS is variants.LABELS
 
