@@ -70,17 +70,17 @@ parse_options() {
 # The same Python start also reads what attention_load and plugin_load would (each start imports structattn, hence
 # torch: ~2 s of CPU, three of them were most of a --dry-run or --help and ~5 s of every recipe invocation): the
 # plugin folder, and the attention flags of every variant for the toolkit ($toolkit, default fairseq), γ
-# ($gamma_entropy, $gamma_l2; unset: the paper's) and form ($viterbi_form) set at this point. attention_load uses
+# ($gamma_entropy, $gamma_l2; unset: the paper's), form ($viterbi_form) and architecture ($arch) set at this point. attention_load uses
 # them when those settings are still the same, and asks Python again otherwise.
 declare -A attention_cache=()
 attention_cache_key=""
 variants_load() {
   [ -z "${variants_all:-}" ] || return 0
   local defs
-  defs="$("$py" - "${toolkit:-fairseq}" "${gamma_entropy-}" "${gamma_l2-}" "${viterbi_form:-}" <<'EOF'
+  defs="$("$py" - "${toolkit:-fairseq}" "${gamma_entropy-}" "${gamma_l2-}" "${viterbi_form:-}" "${arch:-}" <<'EOF'
 import contextlib, io, shlex, sys
 from structattn.evaluation import variants as v
-toolkit, form, given = sys.argv[1], sys.argv[4], {"entropy": sys.argv[2], "l2": sys.argv[3]}
+toolkit, form, given, arch = sys.argv[1], sys.argv[4], {"entropy": sys.argv[2], "l2": sys.argv[3]}, sys.argv[5]
 v.main(["shell"])
 try:
     from structattn.userdir import plugin_dir
@@ -92,10 +92,11 @@ if toolkit in v.TOOLKITS and set(v.REGULARISERS) == set(given):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         v.main(["flags", *v.VARIANTS, "--toolkit", toolkit, *(f for reg in v.REGULARISERS for f in
-                (f"--gamma-{reg}", gamma[reg])), *(["--form", form] if form else [])])
+                (f"--gamma-{reg}", gamma[reg])), *(["--form", form] if form else []),
+                *(["--arch", arch] if arch else [])])
     for name, line in zip(v.VARIANTS, out.getvalue().splitlines()):
         print(f"attention_cache[{shlex.quote(name)}]={shlex.quote(line)}")
-    print("attention_cache_key=" + shlex.quote("|".join([toolkit, gamma["entropy"], gamma["l2"], form])))
+    print("attention_cache_key=" + shlex.quote("|".join([toolkit, gamma["entropy"], gamma["l2"], form, arch])))
 EOF
 )" || die "cannot read the variant table with $py -m structattn.evaluation.variants"
   eval "$defs"
@@ -116,12 +117,13 @@ check_variants() {
   done
 }
 # attention_load "A B ..." [TOOLKIT]: attention[V] = the attention flags of each variant (fairseq's, or with TOOLKIT
-# onmt structattn-onmt-train's), with γ $gamma_entropy / $gamma_l2 and, when set, the form $viterbi_form.
+# onmt structattn-onmt-train's), with γ $gamma_entropy / $gamma_l2 and, when set, the form $viterbi_form; the
+# fairseq architecture $arch, when set, decides whether the bilinear attentions' τ is spelt out (not for a Transformer).
 declare -A attention=()
 attention_load() {
   local v out lines i=0
   if [ -n "$attention_cache_key" ] \
-      && [ "$attention_cache_key" = "${2:-fairseq}|$gamma_entropy|$gamma_l2|${viterbi_form:-}" ]; then
+      && [ "$attention_cache_key" = "${2:-fairseq}|$gamma_entropy|$gamma_l2|${viterbi_form:-}|${arch:-}" ]; then
     for v in $1; do
       [ -n "${attention_cache[$v]:-}" ] || die "no attention flags for variant '$v' (structattn/evaluation/variants.py)"
       attention[$v]="${attention_cache[$v]}"
@@ -130,7 +132,7 @@ attention_load() {
   fi
   # shellcheck disable=SC2086  # $1: the variant names, one word each
   out="$("$py" -m structattn.evaluation.variants flags $1 --gamma-entropy "$gamma_entropy" --gamma-l2 "$gamma_l2" \
-    ${viterbi_form:+--form "$viterbi_form"} ${2:+--toolkit "$2"})" \
+    ${viterbi_form:+--form "$viterbi_form"} ${2:+--toolkit "$2"} ${arch:+--arch "$arch"})" \
     || die "no attention flags for the variants '$1' (structattn/evaluation/variants.py)"
   mapfile -t lines <<< "$out"
   for v in $1; do

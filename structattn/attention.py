@@ -102,7 +102,8 @@ from .ops.segmentation import (
 )
 from .ops.smoothed_max import check_reg_gamma, sparsemax
 from .options import (ATTENTIONS, DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_GAMMA_MODE, DEFAULT_LAMBDA, DEFAULT_REG,
-                      GAMMA_MODES, PAPER_GAMMA, SPARSEMAP_GAMMA, VITERBI_FORMS, paper_gamma)
+                      DEFAULT_TEMPERATURE, GAMMA_MODES, PAPER_GAMMA, SPARSEMAP_GAMMA, TEMPERATURE_ATTENTIONS,
+                      VITERBI_FORMS, check_temperature, paper_gamma)
 from .ops.sparsemap import DEFAULT_MAX_ITER as SPARSEMAP_MAX_ITER
 from .ops.sparsemap import DEFAULT_TOL as SPARSEMAP_TOL
 from .ops.sparsemap import sparsemap_weights
@@ -415,52 +416,36 @@ class _BilinearAttention(nn.Module):
         return f"query_dim={self.query_dim}, source_dim={self.source_dim}"
 
 
-class SoftmaxAttention(_BilinearAttention):
-    """Bilinear softmax attention w = softmax(x_t·M·z) (fairseq's LSTM ``AttentionLayer`` scoring); see
-    :func:`softmax_attention`."""
+class _TemperedAttention(_BilinearAttention):
+    """A bilinear attention that normalises s/τ instead of s (softmax, sparsemax, fusedmax, oscarmax, 1.5-entmax):
+    τ = ``temperature`` > 0, default per attention in :data:`structattn.options.DEFAULT_TEMPERATURE` (one
+    definition for the library and every toolkit). τ is a persistent buffer of shape (1,) — not a 0-d tensor:
+    OpenNMT-py's checkpoint loader slices every buffer along its first dimension — so checkpoints record it; a
+    state dict without it (written before τ existed, when every one of these attentions normalised the raw scores)
+    loads with τ = 1, so old models keep the attention they were trained with in every toolkit.
 
-    def normalize(self, scores, padding_mask):
-        return softmax_attention(scores, padding_mask)
+    Why a temperature at all (docs/sparse_init.md): under Adam the bilinear scores' spread grows from ~0.01 at
+    initialisation to ~5–15 within 10–20 updates, before the alignment has formed; a sparse normaliser then has
+    a support of one or two positions and passes exactly zero gradient to every other score, and softmax saturates
+    the same way. Dividing by τ slows that: the raw scores must spread τ times further before the normaliser
+    closes. For softmax, s/τ is the max_Ω of Ω = −τ·H, i.e. the temperature γ = τ of the paper's negentropy
+    (§2); for sparsemax it is γ = τ of the squared ℓ2 Ω."""
 
-
-#: Temperature of :class:`SparsemaxAttention`: w = sparsemax(s/τ), i.e. the argmax of ⟨w, s⟩ − (τ/2)‖w‖² over △,
-#: the same Ω and scale as the paper's ℓ2 chain (γ = 10, :data:`PAPER_GAMMA`). Evidence in docs/sparse_init.md.
-SPARSEMAX_TEMPERATURE = 10.0
-
-
-class SparsemaxAttention(_BilinearAttention):
-    """Bilinear sparsemax attention w = sparsemax(s/τ), s_t = x_t·M·z; see :func:`sparsemax_attention`.
-
-    τ = ``temperature`` (default :data:`SPARSEMAX_TEMPERATURE` = 10; τ = 1 is plain sparsemax(s), the earlier
-    behaviour). τ is a persistent buffer, so checkpoints record it; a state dict without it — every checkpoint
-    written before τ existed, trained with plain sparsemax — loads with τ = 1, so old models keep the attention they
-    were trained with in every toolkit (tests/test_sparse_baselines.py). Why (a departure from Martins & Astudillo's
-    attention, which uses τ = 1): sparsemax passes exactly zero gradient to every score outside its support, and
-    under Adam the bilinear scores' spread grows from ~0.01 at initialisation to ~5–15 within 10–20 updates (the
-    whole network's states grow, not M alone: M = 0 at init changes nothing). At τ = 1 the support collapses to
-    ~1.7 positions by update 20 and 84–90 % of the score entries get zero gradient, so the attention learns the
-    alignment late (reversal toy, ``benchmarks/toy_alignment.py``, 504 updates: BLEU 66.5 / 85.4 for seeds 1 / 2
-    against softmax's 96.8 / 92.8). With τ = 10 the support at update 20 is still ~5.5 positions, 39 % of the
-    entries get zero gradient, and seed 1 reaches BLEU 96.9 in the same budget (docs/sparse_init.md). The
-    converged model is as sparse as before (support 1.02 per row)."""
-
-    def __init__(self, query_dim: int, source_dim: int, temperature: float = SPARSEMAX_TEMPERATURE):
+    def __init__(self, query_dim: int, source_dim: int, temperature: float | None = None):
         super().__init__(query_dim, source_dim)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        # shape (1,), not a 0-d tensor: OpenNMT-py's checkpoint loader slices every buffer along its first dimension
-        self.register_buffer("temperature", torch.tensor([float(temperature)]))
+        if temperature is None:
+            temperature = DEFAULT_TEMPERATURE[self.kind]
+        self.register_buffer("temperature", torch.tensor([check_temperature(temperature)]))
 
-    def normalize(self, scores, padding_mask):
-        # float16/bfloat16 scores are projected in float32 (as the Viterbi rows are): the threshold of a wide
-        # support is a sum of many scores, whose bf16 rounding would move every weight
+    def tempered(self, scores: Tensor) -> Tensor:
+        """s/τ, with float16/bfloat16 scores upcast to float32 (as the Viterbi rows are): the threshold of a wide
+        sparse support is a sum of many scores, whose bf16 rounding would move every weight."""
         s = _upcast_half(scores)
-        return sparsemax_attention(s / self.temperature.to(s.dtype), padding_mask).to(scores.dtype)
+        return s / self.temperature.to(s.dtype)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "temperature" not in state_dict:
-            # written before τ existed: that model was trained, and must be read, with plain sparsemax(s)
+            # written before τ existed: that model was trained, and must be read, with the raw scores (τ = 1)
             state_dict[prefix + "temperature"] = torch.tensor([1.0])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -468,35 +453,82 @@ class SparsemaxAttention(_BilinearAttention):
         return super().extra_repr() + f", temperature={float(self.temperature[0]):g}"
 
 
-class FusedmaxAttention(_BilinearAttention):
-    """Bilinear fusedmax attention w = fusedmax_λ(x_t·M·z); see :func:`fusedmax_attention`."""
+class SoftmaxAttention(_TemperedAttention):
+    """Bilinear softmax attention w = softmax(s/τ), s_t = x_t·M·z (fairseq's LSTM ``AttentionLayer`` scoring at
+    τ = 1); see :func:`softmax_attention` and :class:`_TemperedAttention` (default τ:
+    :data:`structattn.options.DEFAULT_TEMPERATURE`)."""
 
-    def __init__(self, query_dim: int, source_dim: int, lam: float = DEFAULT_FUSEDMAX_LAMBDA):
-        super().__init__(query_dim, source_dim)
+    kind = "softmax"
+
+    def normalize(self, scores, padding_mask):
+        return softmax_attention(self.tempered(scores), padding_mask).to(scores.dtype)
+
+
+#: Default temperature of :class:`SparsemaxAttention` (kept under this name for the code that imports it; the
+#: value lives in :data:`structattn.options.DEFAULT_TEMPERATURE`).
+SPARSEMAX_TEMPERATURE = DEFAULT_TEMPERATURE["sparsemax"]
+
+
+class SparsemaxAttention(_TemperedAttention):
+    """Bilinear sparsemax attention w = sparsemax(s/τ), s_t = x_t·M·z; see :func:`sparsemax_attention`.
+
+    τ = ``temperature`` (default :data:`SPARSEMAX_TEMPERATURE` = 10; τ = 1 is plain sparsemax(s), the earlier
+    behaviour, and what a checkpoint without τ loads with: :class:`_TemperedAttention`). Why (a departure from
+    Martins & Astudillo's attention, which uses τ = 1): sparsemax passes exactly zero gradient to every score
+    outside its support, and under Adam the bilinear scores' spread grows from ~0.01 at initialisation to ~5–15
+    within 10–20 updates (the whole network's states grow, not M alone: M = 0 at init changes nothing). At τ = 1 the
+    support collapses to ~1.7 positions by update 20 and 84–90 % of the score entries get zero gradient, so the
+    attention learns the alignment late (reversal toy, ``benchmarks/toy_alignment.py``, 504 updates: BLEU 66.5 /
+    85.4 for seeds 1 / 2 against softmax's 96.8 / 92.8). With τ = 10 the support at update 20 is still ~5.5
+    positions, 39 % of the entries get zero gradient, and seed 1 reaches BLEU 96.9 in the same budget
+    (docs/sparse_init.md). The converged model is as sparse as before (support 1.02 per row)."""
+
+    kind = "sparsemax"
+
+    def normalize(self, scores, padding_mask):
+        return sparsemax_attention(self.tempered(scores), padding_mask).to(scores.dtype)
+
+
+class FusedmaxAttention(_TemperedAttention):
+    """Bilinear fusedmax attention w = fusedmax_λ(s/τ), s_t = x_t·M·z; see :func:`fusedmax_attention` and
+    :class:`_TemperedAttention`."""
+
+    kind = "fusedmax"
+
+    def __init__(self, query_dim: int, source_dim: int, lam: float = DEFAULT_FUSEDMAX_LAMBDA,
+                 temperature: float | None = None):
+        super().__init__(query_dim, source_dim, temperature)
         self.lam = check_lambda(lam)
 
     def normalize(self, scores, padding_mask):
-        return fusedmax_attention(scores, padding_mask, self.lam)
+        return fusedmax_attention(self.tempered(scores), padding_mask, self.lam).to(scores.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, lam={self.lam}"
 
 
 class OscarmaxAttention(FusedmaxAttention):
-    """Bilinear oscarmax attention w = oscarmax_λ(x_t·M·z); see :func:`oscarmax_attention`."""
+    """Bilinear oscarmax attention w = oscarmax_λ(s/τ), s_t = x_t·M·z; see :func:`oscarmax_attention` and
+    :class:`_TemperedAttention`."""
 
-    def __init__(self, query_dim: int, source_dim: int, lam: float = DEFAULT_OSCARMAX_LAMBDA):
-        super().__init__(query_dim, source_dim, lam)
+    kind = "oscarmax"
 
-    def normalize(self, scores, padding_mask):
-        return oscarmax_attention(scores, padding_mask, self.lam)
-
-
-class Entmax15Attention(_BilinearAttention):
-    """Bilinear 1.5-entmax attention w = entmax15(x_t·M·z); see :func:`entmax15_attention`."""
+    def __init__(self, query_dim: int, source_dim: int, lam: float = DEFAULT_OSCARMAX_LAMBDA,
+                 temperature: float | None = None):
+        super().__init__(query_dim, source_dim, lam, temperature)
 
     def normalize(self, scores, padding_mask):
-        return entmax15_attention(scores, padding_mask)
+        return oscarmax_attention(self.tempered(scores), padding_mask, self.lam).to(scores.dtype)
+
+
+class Entmax15Attention(_TemperedAttention):
+    """Bilinear 1.5-entmax attention w = entmax15(s/τ), s_t = x_t·M·z; see :func:`entmax15_attention` and
+    :class:`_TemperedAttention`."""
+
+    kind = "entmax15"
+
+    def normalize(self, scores, padding_mask):
+        return entmax15_attention(self.tempered(scores), padding_mask).to(scores.dtype)
 
 
 class _ViterbiState:
@@ -658,25 +690,33 @@ class ViterbiAttention(_ViterbiState, _BilinearAttention):
 
 def build_attention(attention: str, query_dim: int, source_dim: int, reg: str = DEFAULT_REG,
                     gamma: float | None = None, form: str = DEFAULT_FORM, contiguity: float | None = None,
-                    chain: bool = True, lam: float | None = None):
+                    chain: bool = True, lam: float | None = None, temperature: float | None = None):
     """Factory: ``attention`` in :data:`ATTENTIONS` (the same word as the ``--attention`` flag of the plugins);
     ``reg``/``gamma``/``form``/``contiguity``/``chain`` are used by ``"viterbi"`` (and all but ``reg`` by
     ``"sparsemap"``, whose γ = None is :data:`SPARSEMAP_GAMMA`), with the defaults of
     :mod:`structattn.options` (γ = None takes the paper's value, :data:`PAPER_GAMMA`; ``form`` in
     :data:`VITERBI_FORMS`; contiguity None: the stable form's :data:`~structattn.options.DEFAULT_CONTIGUITY`);
-    ``lam`` = λ by ``"fusedmax"`` and ``"oscarmax"`` only (None: :data:`structattn.options.DEFAULT_LAMBDA`)."""
+    ``lam`` = λ by ``"fusedmax"`` and ``"oscarmax"`` only (None: :data:`structattn.options.DEFAULT_LAMBDA`);
+    ``temperature`` = τ by the attentions of :data:`~structattn.options.TEMPERATURE_ATTENTIONS` (None: their
+    :data:`~structattn.options.DEFAULT_TEMPERATURE`; ``ValueError`` for the Viterbi and SparseMAP attentions, whose
+    temperature is γ)."""
+    if temperature is not None and attention not in TEMPERATURE_ATTENTIONS:
+        raise ValueError(f"temperature is an option of {', '.join(TEMPERATURE_ATTENTIONS)}; the {attention} "
+                         "attention's temperature is gamma")
     if attention == "softmax":
-        return SoftmaxAttention(query_dim, source_dim)
+        return SoftmaxAttention(query_dim, source_dim, temperature)
     if attention == "sparsemax":
-        return SparsemaxAttention(query_dim, source_dim)
+        return SparsemaxAttention(query_dim, source_dim, temperature)
     if attention == "viterbi":
         return ViterbiAttention(query_dim, source_dim, reg, gamma, form, contiguity, chain)
     if attention == "fusedmax":
-        return FusedmaxAttention(query_dim, source_dim, DEFAULT_LAMBDA[attention] if lam is None else lam)
+        return FusedmaxAttention(query_dim, source_dim, DEFAULT_LAMBDA[attention] if lam is None else lam,
+                                 temperature)
     if attention == "oscarmax":
-        return OscarmaxAttention(query_dim, source_dim, DEFAULT_LAMBDA[attention] if lam is None else lam)
+        return OscarmaxAttention(query_dim, source_dim, DEFAULT_LAMBDA[attention] if lam is None else lam,
+                                 temperature)
     if attention == "entmax15":
-        return Entmax15Attention(query_dim, source_dim)
+        return Entmax15Attention(query_dim, source_dim, temperature)
     if attention == "sparsemap":
         return SparsemapAttention(query_dim, source_dim, gamma=gamma, form=form, contiguity=contiguity, chain=chain)
     raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")

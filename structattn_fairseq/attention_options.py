@@ -23,7 +23,7 @@ from structattn.attention import ATTENTIONS, DEFAULT_CONTIGUITY, PAPER_GAMMA, VI
 # The values, defaults and checks are toolkit-neutral and shared with the OpenNMT-py glue (structattn.options);
 # this module adds what is fairseq's: the flags, the architecture defaults, the metrics.
 from structattn.ops.segmentation import chain_coupling
-from structattn.options import (DEFAULT_FORM, DEFAULT_LAMBDA, DEFAULT_REG, DEFAULT_CHAIN, DEFAULT_GAMMA_MODE,
+from structattn.options import (DEFAULT_FORM, DEFAULT_LAMBDA, DEFAULT_TEMPERATURE, DEFAULT_REG, DEFAULT_CHAIN, DEFAULT_GAMMA_MODE,
                                 REGULARIZERS, SPARSEMAP_GAMMA, CHAIN_MODES, AttentionOptions, build_from_options,
                                 build_normalizer, nonnegative_float, positive_float, resolve_options)
 
@@ -85,6 +85,19 @@ def add_attention_args(parser) -> None:
     )
 
 
+def add_temperature_arg(parser) -> None:
+    """``--attention-temperature``: τ of the bilinear attentions (the LSTM's attention layer; the Transformer's
+    scaled dot products have none, so its parser does not offer the flag)."""
+    taus = ", ".join(f"{tau:g} for {name}" for name, tau in DEFAULT_TEMPERATURE.items())
+    parser.add_argument(
+        "--attention-temperature", type=positive_float, metavar="FLOAT",
+        help="temperature tau > 0 of softmax, sparsemax, fusedmax, oscarmax and entmax15: the attention normalises "
+             "the bilinear scores divided by tau (a larger tau keeps the attention open longer early in training; "
+             "docs/sparse_init.md); the Viterbi and SparseMAP attentions use --attention-gamma instead; the "
+             f"checkpoint records tau; default: {taus}",
+    )
+
+
 def attention_defaults(args) -> None:
     """Architecture defaults of the attention options (fills what the command line left unset)."""
     args.attention = getattr(args, "attention", DEFAULT_ATTENTION)
@@ -94,6 +107,8 @@ def attention_defaults(args) -> None:
     args.attention_contiguity = getattr(args, "attention_contiguity", DEFAULT_CONTIGUITY)
     args.attention_chain = getattr(args, "attention_chain", DEFAULT_CHAIN)
     args.attention_lambda = getattr(args, "attention_lambda", None)
+    # None: the attention's own τ (structattn.options.DEFAULT_TEMPERATURE); the LSTM's flag, None elsewhere
+    args.attention_temperature = getattr(args, "attention_temperature", None)
 
 
 def resolve_attention_args(args) -> AttentionOptions:
@@ -109,7 +124,10 @@ def resolve_attention_args(args) -> AttentionOptions:
                               chain=getattr(args, "attention_chain", None) or DEFAULT_CHAIN,
                               lam=getattr(args, "attention_lambda", None),
                               # --attention-gamma-mode is the Transformer's (its multi-head normaliser): fixed elsewhere
-                              gamma_mode=getattr(args, "attention_gamma_mode", None) or DEFAULT_GAMMA_MODE)
+                              gamma_mode=getattr(args, "attention_gamma_mode", None) or DEFAULT_GAMMA_MODE,
+                              # τ is not written back to args: the module's buffer records it in the checkpoint,
+                              # and a checkpoint without it loads with τ = 1 (structattn.attention._TemperedAttention)
+                              temperature=getattr(args, "attention_temperature", None))
     if options.attention in ("viterbi", "sparsemap") and getattr(args, "attention_gamma", None) is None:
         args.attention_gamma = options.gamma
     if options.lam is not None and getattr(args, "attention_lambda", None) is None:
@@ -209,6 +227,6 @@ def check_transition_keys(state_dict: dict, prefix: str, form: str) -> None:
 __all__ = [
     "AttentionOptions", "DEFAULT_ATTENTION", "DEFAULT_FORM", "DEFAULT_REG", "SPARSEMAP_MODULES", "VITERBI_MODULES",
     "add_attention_args",
-    "attention_defaults", "build_from_options", "build_normalizer", "check_transition_keys", "log_attention_metrics",
+    "add_temperature_arg", "attention_defaults", "build_from_options", "build_normalizer", "check_transition_keys", "log_attention_metrics",
     "positive_float", "resolve_attention_args",
 ]

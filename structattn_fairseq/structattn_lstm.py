@@ -28,8 +28,8 @@ from torch import Tensor, nn
 
 from structattn.attention import ViterbiAttention
 
-from .attention_options import (AttentionOptions, add_attention_args, attention_defaults, build_from_options,
-                                check_transition_keys, log_attention_metrics, resolve_attention_args)
+from .attention_options import (AttentionOptions, add_attention_args, add_temperature_arg, attention_defaults,
+                                build_from_options, check_transition_keys, log_attention_metrics, resolve_attention_args)
 from .distributed import check_data_parallel_launch
 
 
@@ -132,6 +132,7 @@ class StructAttnLSTMModel(LSTMModel):
     def add_args(parser):
         LSTMModel.add_args(parser)
         add_attention_args(parser)
+        add_temperature_arg(parser)
 
     @classmethod
     def build_model(cls, args, task):

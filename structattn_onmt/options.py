@@ -18,12 +18,16 @@ option                         values                          default
 ``attention_chain``            ``on``, ``off``                 ``on`` (``off``: the chain-off ablation)
 ``attention_lambda``           a finite number ≥ 0             per attention: 0.1 for fusedmax, 0.01 for
                                                                oscarmax
+``attention_temperature``      a finite number > 0             per attention: 10 for sparsemax, 1 for
+                                                               softmax, fusedmax, oscarmax, entmax15
 =============================  ==============================  ===========================================
 
 ``attention_reg``, ``attention_gamma``, ``attention_form``, ``attention_contiguity`` and ``attention_chain``
 are used by the Viterbi attention (all but ``attention_reg`` also by SparseMAP, whose transitions are parametrised
 as the Viterbi attention's), ``attention_lambda`` by fusedmax and oscarmax only (ignored otherwise, as
-in the fairseq plugin). The Viterbi and SparseMAP attentions need ``-global_attention general`` (their chain scores
+in the fairseq plugin), ``attention_temperature`` τ by the attentions without a chain on the bilinear ``general``
+score only (refused with the Viterbi and SparseMAP attentions, whose temperature is γ, and with ``dot``/``mlp``,
+whose scores are OpenNMT's and are normalised as they are). The Viterbi and SparseMAP attentions need ``-global_attention general`` (their chain scores
 the bilinear s_t = h_t·M q); the others also work with ``dot`` and ``mlp``. This module defines the options and reads option
 namespaces; putting the options on OpenNMT's parser (and ``viterbi`` among ``-global_attention_function``'s
 choices) is a change to OpenNMT and lives in ``patches.py`` (:func:`structattn_onmt.patches.add_train_options`).
@@ -32,6 +36,7 @@ choices) is a change to OpenNMT and lives in ``patches.py`` (:func:`structattn_o
 from __future__ import annotations
 
 from structattn.options import (ATTENTIONS, DEFAULT_CONTIGUITY, DEFAULT_FORM, DEFAULT_LAMBDA, DEFAULT_REG,
+                                DEFAULT_TEMPERATURE,
                                 DEFAULT_CHAIN, PAPER_GAMMA, REGULARIZERS, CHAIN_MODES, VITERBI_FORMS,
                                 AttentionOptions, nonnegative_float, resolve_options)
 
@@ -39,7 +44,7 @@ __all__ = ["OPTION_NAMES", "MARKER", "add_attention_options", "options_from_opt"
 
 #: the options this package adds to onmt_train's (``global_attention_function`` exists there already)
 OPTION_NAMES = ("attention_reg", "attention_gamma", "attention_form", "attention_contiguity", "attention_chain",
-                "attention_lambda")
+                "attention_lambda", "attention_temperature")
 
 #: the attentions whose chain scores the bilinear "general" score (their transitions live in the library module)
 CHAIN_ATTENTIONS = ("viterbi", "sparsemap")
@@ -55,7 +60,7 @@ def flag(name: str) -> str:
 
 
 def add_attention_options(group, positive_float, finite_float) -> None:
-    """Add the five Viterbi options and λ to an OpenNMT option group (``group.add`` of configargparse)."""
+    """Add the five Viterbi options, λ and τ to an OpenNMT option group (``group.add`` of configargparse)."""
     gammas = ", ".join(f"{g:g} for {reg}" for reg, g in PAPER_GAMMA.items())
     group.add("--attention_reg", "-attention_reg", type=str, default=DEFAULT_REG, choices=list(REGULARIZERS),
               help="structattn: regulariser of the smoothed max in the Viterbi attention: entropy (dense, CRF "
@@ -81,6 +86,13 @@ def add_attention_options(group, positive_float, finite_float) -> None:
               help="structattn: weight lambda >= 0 of the structured penalty of fusedmax (total variation) and "
                    f"oscarmax (OSCAR); 0 gives sparsemax; default: {lambdas}; only used with "
                    "-global_attention_function fusedmax/oscarmax")
+    taus = ", ".join(f"{tau:g} for {name}" for name, tau in DEFAULT_TEMPERATURE.items())
+    group.add("--attention_temperature", "-attention_temperature", type=positive_float, default=None,
+              metavar="FLOAT",
+              help="structattn: temperature tau > 0 of softmax, sparsemax, fusedmax, oscarmax and entmax15 on the "
+                   "bilinear (-global_attention general) score: the weights normalise s/tau (a larger tau keeps the "
+                   "attention open longer early in training); the checkpoint records tau; not with viterbi/sparsemap "
+                   f"(their temperature is -attention_gamma) nor with dot/mlp; default: {taus}")
 
 
 def options_from_opt(opt) -> AttentionOptions | None:
@@ -97,6 +109,9 @@ def options_from_opt(opt) -> AttentionOptions | None:
         flag=flag,
         chain=getattr(opt, "attention_chain", DEFAULT_CHAIN),
         lam=getattr(opt, "attention_lambda", None),  # None in checkpoints from before λ existed: the default
+        # None in checkpoints from before τ existed: the default here, and the module's buffer (τ = 1 when the
+        # checkpoint has none) decides what a loaded model uses
+        temperature=getattr(opt, "attention_temperature", None),
     )
 
 
@@ -118,6 +133,11 @@ def check_train_opt(opt) -> list[str]:
     elif attention in CHAIN_ATTENTIONS and getattr(opt, "global_attention", "general") != "general":
         problems.append(f"-global_attention_function {attention} needs -global_attention general (the bilinear "
                         f"score of the paper); got -global_attention {opt.global_attention}")
+    if getattr(opt, "attention_temperature", None) is not None and (
+            not rnn_decoder or getattr(opt, "global_attention", "general") != "general"):
+        problems.append("-attention_temperature applies to the RNN decoder's bilinear score (-decoder_type rnn, "
+                        f"-global_attention general); got -decoder_type {getattr(opt, 'decoder_type', 'rnn')}, "
+                        f"-global_attention {getattr(opt, 'global_attention', 'general')}")
     if rnn_decoder and getattr(opt, "global_attention", "general") != "none":
         if getattr(opt, "coverage_attn", False):
             problems.append("-coverage_attn is not supported by structattn-onmt-train (OpenNMT's coverage loss reads "

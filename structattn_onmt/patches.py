@@ -332,12 +332,12 @@ def _load_checkpoint(ckpt_path, *args, **kwargs):
 def _load_state_dict(orig, self, *args, **kwargs):
     checkpoint = args[0] if args else kwargs.get("checkpoint")
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("model"), dict):
-        from structattn.attention import SparsemaxAttention
+        from structattn.attention import _TemperedAttention
 
         for name, module in self.named_modules():
             key = f"{name}.temperature"
-            if isinstance(module, SparsemaxAttention) and key not in checkpoint["model"]:
-                # a model saved before the sparsemax temperature existed was trained with plain sparsemax (τ = 1)
+            if isinstance(module, _TemperedAttention) and key not in checkpoint["model"]:
+                # a model saved before the temperature existed normalised the raw scores (τ = 1)
                 checkpoint["model"][key] = torch.tensor([1.0])
     hidden = []
     for module in self.modules():

@@ -104,16 +104,20 @@ def test_same_sentence_left_and_right_padded_in_one_batch():
     assert attn[0, :, T - 4 :].amax() > attn[0, :, T - 4 :].amin(), "test needs non-uniform attention"
 
 
-def test_softmax_variant_equals_fairseq_lstm_with_realigned_attention():
+@pytest.mark.parametrize("tau", [1.0, 10.0])
+def test_softmax_variant_equals_fairseq_lstm_with_realigned_attention(tau):
     """With the same weights, --attention softmax computes exactly fairseq's `lstm` (same logits); fairseq's attn
-    columns follow its internal right padding (fairseq issue #3625), ours follow src_tokens."""
-    model, d = _model("softmax")
+    columns follow its internal right padding (fairseq issue #3625), ours follow src_tokens. At τ ≠ 1 it is fairseq's
+    `lstm` with M/τ: the temperature is a reparametrisation of M, the same model family."""
+    model, d = _model("softmax", attention_temperature=tau)
+    assert float(model.decoder.attention.attention.temperature[0]) == tau
     args = _args(**VARIANTS["softmax"])
     base_architecture(args)
     task = SimpleNamespace(source_dictionary=d, target_dictionary=d)
     ref = LSTMModel.build_model(args, task).double().eval()
     state = dict(model.state_dict())
-    state["decoder.attention.input_proj.weight"] = state.pop("decoder.attention.attention.proj.weight")
+    state["decoder.attention.input_proj.weight"] = state.pop("decoder.attention.attention.proj.weight") / tau
+    del state["decoder.attention.attention.temperature"]
     ref.load_state_dict(state)
     sents = random_sentences(d, [6, 5, 3, 2])  # fairseq's encoder wants lengths sorted, descending
     src, lengths = pad_batch(d, sents, "left")

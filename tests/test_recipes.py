@@ -503,9 +503,33 @@ def test_onmt_progress_and_detok_expected(tmp_path):
     assert r.returncode == 2 and "2 input lines, expected 3" in r.stderr and r.stdout == ""
 
 
+def test_variant_table_spells_the_bilinear_attentions_temperature():
+    """τ is written out (the variant's own, else the default), so that a change of the default changes the training
+    command and its stamp; not for a Transformer, whose parser has no τ."""
+    from structattn.options import DEFAULT_TEMPERATURE
+
+    gamma = {"entropy": "2", "l2": "10"}
+    for name in ("softmax", "sparsemax", "fusedmax", "oscarmax", "entmax15"):
+        tau = format(DEFAULT_TEMPERATURE[name], "g")
+        assert variants.fairseq_flags(name, gamma) == f"--attention {name} --attention-temperature {tau}", name
+        assert variants.attention_flags(name, gamma, temperature=False) == f"--attention {name}", name
+    assert variants.fairseq_flags("softmax-t1", gamma) == "--attention softmax --attention-temperature 1"
+    assert variants.onmt_flags("softmax-t1", gamma) == "-global_attention_function softmax -attention_temperature 1"
+    assert "softmax-t1" in variants.STUDY_VARIANTS and "softmax-t1" not in variants.MAIN_VARIANTS
+    assert "temperature" not in variants.fairseq_flags("viterbi-l2", gamma)
+    assert "temperature" not in variants.fairseq_flags("sparsemap", gamma)
+    r = subprocess.run([sys.executable, "-m", "structattn.evaluation.variants", "flags", "softmax", "viterbi-l2",
+                        "--arch", "structattn_transformer_tiny"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.splitlines() == [
+        "--attention softmax", "--attention viterbi --attention-reg l2 --attention-gamma 10"], r.stderr
+    r = subprocess.run([sys.executable, "-m", "structattn.evaluation.variants", "flags", "softmax"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.stdout.strip() == "--attention softmax --attention-temperature 10", r.stderr
+
+
 def test_variant_table_onmt_spelling():
     gamma = {"entropy": "2", "l2": "0.5"}
-    assert variants.onmt_flags("softmax", gamma) == "-global_attention_function softmax"
+    assert variants.onmt_flags("softmax", gamma) == "-global_attention_function softmax -attention_temperature 10"
     assert variants.onmt_flags("viterbi-l2", gamma, "paper") == \
         "-global_attention_function viterbi -attention_reg l2 -attention_gamma 0.5 -attention_form paper"
     assert variants.onmt_flags("viterbi-entropy", gamma) == \
@@ -631,6 +655,7 @@ def test_iwslt14_dry_run_with_a_transformer(arch):
     for line, flags in zip(trains, ("--attention softmax", "--attention viterbi --attention-reg entropy",
                                     "--attention viterbi --attention-reg l2")):
         assert f"--arch {arch} --share-all-embeddings --attention" in line and flags in line
+        assert "--attention-temperature" not in line  # the Transformer's scaled dot products have no τ
         assert "--lr 5e-4 --lr-scheduler inverse_sqrt --warmup-updates 4000" in line and "--max-epoch 50" in line
     assert f"--arch {arch} " in [line for line in out.splitlines() if "structattn.evaluation.results_table" in line][0]
 
@@ -694,7 +719,8 @@ def test_offline_dry_run_identical_budgets(tmp_path):
     assert len(trains) == 4
     import re
 
-    strip = [re.sub(r"--attention \S+( --attention-reg \S+ --attention-gamma \S+ --attention-form \S+)?|runs/\S+|--name \S+", "", t)
+    strip = [re.sub(r"--attention \S+( --attention-reg \S+ --attention-gamma \S+ --attention-form \S+)?"
+                    r"( --attention-temperature \S+)?|runs/\S+|--name \S+", "", t)
              for t in trains]
     assert len(set(strip)) == 1  # everything but the attention (and the run folder) is identical
     assert "--attention-reg entropy --attention-gamma 2 " in trains[2]
@@ -1013,7 +1039,8 @@ check_variants "softmax nope"
     assert lines[0] == f"{' '.join(names)}|{PAPER_GAMMA['entropy']:g}|{PAPER_GAMMA['l2']:g}"
     gamma = {"entropy": f"{PAPER_GAMMA['entropy']:g}", "l2": "0.5"}
     assert lines[1:] == [variants.fairseq_flags(v, gamma, "paper") for v in names]
-    assert lines[4] == "--attention viterbi --attention-reg l2 --attention-gamma 0.5 --attention-form paper"
+    assert lines[1 + names.index("viterbi-l2")] == \
+        "--attention viterbi --attention-reg l2 --attention-gamma 0.5 --attention-form paper"
     assert r.stderr == f"error: unknown variant 'nope' (choose from: {' '.join(names)})\n"
     assert results_table.LABELS is variants.LABELS
 

@@ -93,14 +93,17 @@ def test_study_preset_dry_run_one_stopping_rule_three_seeds(tmp_path):
     assert out.returncode == 0, out.stderr
     assert len(starts.read_text().splitlines()) == 4  # the --seeds driver, then one per seed (three)
     trains = [line for line in out.stdout.splitlines() if "fairseq-train" in line]
-    assert len(trains) == 18  # 6 variants x 3 seeds
+    assert len(trains) == 21  # 7 variants x 3 seeds
     for s in (1, 2, 3):
         mine = [t for t in trains if f"/w/seed{s}/" in t]
-        assert len(mine) == 6 and all(f"--seed {s} " in t for t in mine)
+        assert len(mine) == 7 and all(f"--seed {s} " in t for t in mine)
     assert not any("--stop-time-hours" in t for t in trains)
     rules = {re.sub(r".*(--patience \S+).*(--max-epoch \S+).*", r"\1 \2", t) for t in trains}
     assert rules == {"--patience 3 --max-epoch 40"}
     assert any("--attention-chain off" in t for t in trains)
     assert any("--attention-form paper" in t for t in trains)
+    # softmax at its default τ (10) and as published (τ = 1), side by side
+    assert sum("--attention softmax --attention-temperature 10 " in t for t in trains) == 3
+    assert sum("--attention softmax --attention-temperature 1 " in t for t in trains) == 3
     table = [line for line in out.stdout.splitlines() if line.startswith("structattn-seed-table")]
     assert len(table) == 1 and "--baseline softmax" in table[0] and f"{tmp_path}/w/seed3 " in table[0]

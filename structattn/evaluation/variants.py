@@ -41,11 +41,16 @@ class Variant(NamedTuple):
     reg: Optional[str] = None  # Viterbi regulariser (a key of PAPER_GAMMA): adds the γ (and form) flags
     form: Optional[str] = None  # a form of its own (ablations), whatever form the recipe sets for the others
     main: bool = True  # in the recipes' default set (the ablations are asked for by name)
+    temperature: Optional[float] = None  # τ of its own (ablations); else the attention's default, spelt out
 
 
 #: name → variant, in the order the recipes run and tabulate them.
 VARIANTS = {
     "softmax": Variant("softmax", "--attention softmax", "-global_attention_function softmax"),
+    # softmax on the raw bilinear scores (τ = 1), as published and as every softmax row was trained before the
+    # default became τ = 10 (docs/sparse_init.md): the study keeps it beside the default
+    "softmax-t1": Variant("softmax, τ = 1", "--attention softmax", "-global_attention_function softmax",
+                          main=False, temperature=1.0),
     "sparsemax": Variant("sparsemax", "--attention sparsemax", "-global_attention_function sparsemax"),
     "viterbi-entropy": Variant("Viterbi −H (negentropy)", "--attention viterbi --attention-reg entropy",
                                "-global_attention_function viterbi -attention_reg entropy", "entropy"),
@@ -75,7 +80,7 @@ LABELS = {name: v.label for name, v in VARIANTS.items()}
 MAIN_VARIANTS = tuple(name for name, v in VARIANTS.items() if v.main)
 #: the multi-seed study's variants (recipes/bible_fr_en/STUDY.md; the recipes' --size study): the main ones, what
 #: the chain buys (ℓ2 with the chain off) and the other form of ℓ2 (the paper's, beside the default stable form)
-STUDY_VARIANTS = MAIN_VARIANTS + ("viterbi-l2-nochain", "viterbi-l2-paper")
+STUDY_VARIANTS = MAIN_VARIANTS + ("softmax-t1", "viterbi-l2-nochain", "viterbi-l2-paper")
 REGULARISERS = tuple(dict.fromkeys(v.reg for v in VARIANTS.values() if v.reg))
 
 #: toolkit (the recipes' --toolkit) → its name in the result tables
@@ -84,6 +89,8 @@ TOOLKITS = {"fairseq": "fairseq", "onmt": "OpenNMT-py"}
 RUN_PREFIX = {"fairseq": "", "onmt": "onmt-"}
 #: toolkit → its spelling of the Viterbi variants' γ and form options
 _GAMMA_FORM = {"fairseq": ("--attention-gamma", "--attention-form"), "onmt": ("-attention_gamma", "-attention_form")}
+#: toolkit → its spelling of τ, the temperature of the bilinear attentions (softmax, sparsemax, fusedmax, ...)
+_TEMPERATURE = {"fairseq": "--attention-temperature", "onmt": "-attention_temperature"}
 
 
 def run_name(variant: str, toolkit: str = "fairseq") -> str:
@@ -113,12 +120,25 @@ def paper_gamma() -> dict:
     return dict(PAPER_GAMMA)
 
 
-def attention_flags(name: str, gamma: dict, form: str | None = None, toolkit: str = "fairseq") -> str:
+def _kind(v: Variant) -> str:
+    return v.flags.split()[1]  # "--attention KIND ..."
+
+
+def attention_flags(name: str, gamma: dict, form: str | None = None, toolkit: str = "fairseq",
+                    temperature: bool = True) -> str:
     """The attention flags of variant ``name`` for ``toolkit``; ``gamma`` maps each regulariser to its γ as written on
-    the command line (a string: the recipes' commands, hence their stamps, keep the user's spelling)."""
+    the command line (a string: the recipes' commands, hence their stamps, keep the user's spelling). The bilinear
+    attentions' τ is spelt out (the variant's own, else :data:`structattn.options.DEFAULT_TEMPERATURE`), so that a
+    change of the default changes the training command, hence its stamp, and a finished run of the old default is not
+    taken for one of the new; ``temperature=False`` leaves it out (the Transformer, whose scores have no τ)."""
     v = VARIANTS[name]
     flags = v.flags if toolkit == "fairseq" else v.onmt
     if not v.reg:
+        from structattn.options import DEFAULT_TEMPERATURE  # on demand: structattn brings torch
+
+        if temperature and _kind(v) in DEFAULT_TEMPERATURE:
+            tau = DEFAULT_TEMPERATURE[_kind(v)] if v.temperature is None else v.temperature
+            flags += f" {_TEMPERATURE[toolkit]} {_number(tau)}"
         return flags
     gamma_flag, form_flag = _GAMMA_FORM[toolkit]
     form = v.form or form
@@ -152,6 +172,9 @@ def main(argv=None) -> int:
     for reg in REGULARISERS:
         f.add_argument(f"--gamma-{reg}", metavar="G", help="γ of this regulariser (default: the paper's)")
     f.add_argument("--form", help="--attention-form of the Viterbi variants (default: none, the plugin's)")
+    f.add_argument("--arch", default="structattn_lstm",
+                   help="the fairseq architecture: a structattn_transformer* gets no τ flag (its scaled dot products "
+                        "have none); default structattn_lstm")
     args = p.parse_args(argv)
     if args.cmd == "shell":
         print(f"variants_all={shlex.quote(' '.join(VARIANTS))}")
@@ -165,7 +188,8 @@ def main(argv=None) -> int:
         if gamma[reg] is None:
             gamma[reg] = _number(paper_gamma()[reg])
     for name in args.variant:
-        print(attention_flags(name, gamma, args.form, args.toolkit))
+        print(attention_flags(name, gamma, args.form, args.toolkit,
+                              temperature=not (args.toolkit == "fairseq" and args.arch.startswith("structattn_transformer"))))
     return 0
 
 
