@@ -230,6 +230,18 @@ def check_temperature(value) -> float:
     return float(value)
 
 
+def _parsed(value, parse: Callable[[str], float], option: str, what: str) -> float:
+    """``value`` read as the command line would read it (``parse``: an argparse ``type`` above), for options given
+    in code or restored from a checkpoint; ``ValueError`` naming ``option`` otherwise (also for a bool, which
+    ``float`` would take for 0 or 1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"{option} must be {what}, got {value!r}")
+    try:
+        return parse(str(value))
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(f"{option} {exc}") from None
+
+
 def _dash(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -269,22 +281,12 @@ def resolve_options(attention: str, reg: str = DEFAULT_REG, gamma=None, form: st
         raise ValueError(f"{flag('attention_chain')} must be one of {', '.join(CHAIN_MODES)}; "
                          f"got {chain!r}")
     if lam is not None:
-        if isinstance(lam, bool):
-            raise ValueError(f"{flag('attention_lambda')} must be a number >= 0, got {lam!r}")
-        try:
-            lam = nonnegative_float(str(lam))
-        except argparse.ArgumentTypeError as exc:
-            raise ValueError(f"{flag('attention_lambda')} {exc}") from None
+        lam = _parsed(lam, nonnegative_float, flag("attention_lambda"), "a number >= 0")
     if gamma_mode not in GAMMA_MODES:
         raise ValueError(f"{flag('attention_gamma_mode')} must be one of {', '.join(GAMMA_MODES)}; "
                          f"got {gamma_mode!r}")
     if temperature is not None:
-        if isinstance(temperature, bool):
-            raise ValueError(f"{flag('attention_temperature')} must be a finite number > 0, got {temperature!r}")
-        try:
-            temperature = positive_float(str(temperature))
-        except argparse.ArgumentTypeError as exc:
-            raise ValueError(f"{flag('attention_temperature')} {exc}") from None
+        temperature = _parsed(temperature, positive_float, flag("attention_temperature"), "a finite number > 0")
         if attention not in DEFAULT_TEMPERATURE:
             raise ValueError(f"{flag('attention_temperature')} is an option of {', '.join(TEMPERATURE_ATTENTIONS)} "
                              f"(the LSTM's bilinear attention); the {attention} attention's temperature is "
