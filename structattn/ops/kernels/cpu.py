@@ -155,12 +155,19 @@ class CLibrary:
         self.load(stacklevel=4)
         return self.error
 
-    def function(self, name: str, dtype: torch.dtype, check_dtype: bool = True):
-        """The library's ``<name>_f32`` or ``<name>_f64`` for ``dtype``: RuntimeError if the library is unavailable,
-        TypeError for another dtype (unless not ``check_dtype``: then float64 for anything but float32)."""
-        lib = self.load(stacklevel=4)
+    def require(self, stacklevel: int = 3):
+        """The loaded library, or RuntimeError("the C <what> kernel is unavailable: <why>") — for a caller that has
+        no fallback at that point. ``stacklevel`` as for :meth:`load`'s warning, counted from this method."""
+        lib = self.load(stacklevel=stacklevel + 1)
         if lib is None:
             raise RuntimeError(f"the C {self.what} kernel is unavailable: {self.error}")
+        return lib
+
+    def function(self, name: str, dtype: torch.dtype, check_dtype: bool = True):
+        """The library's ``<name>_f32`` or ``<name>_f64`` for ``dtype``: RuntimeError if the library is unavailable
+        (:meth:`require`), TypeError for another dtype (unless not ``check_dtype``: then float64 for anything but
+        float32)."""
+        lib = self.require(stacklevel=4)
         if dtype == torch.float32:
             return getattr(lib, f"{name}_f32")
         if dtype == torch.float64 or not check_dtype:

@@ -67,16 +67,13 @@ def unavailable_reason() -> str | None:
     return _LIB.error
 
 
-_fns: dict = {}  # (name, dtype) -> the ctypes function: a dict hit instead of load() and getattr on every call
+_fns: dict = {}  # (name, dtype) -> the ctypes function: a dict hit instead of CLibrary.function on every call
 
 
 def _fn(name: str, dtype: torch.dtype):
     f = _fns.get((name, dtype))
     if f is None:
-        lib = load()
-        if lib is None:
-            raise RuntimeError(f"the C fusedmax/oscarmax/entmax15 kernel is unavailable: {_LIB.error}")
-        f = _fns[(name, dtype)] = getattr(lib, f"{name}_{'f32' if dtype == torch.float32 else 'f64'}")
+        f = _fns[(name, dtype)] = _LIB.function(name, dtype, check_dtype=False)
     return f
 
 

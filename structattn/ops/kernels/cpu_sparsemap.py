@@ -58,10 +58,7 @@ def unavailable_reason() -> str | None:
 
 
 def _lib():
-    lib = _LIB.load(stacklevel=5)
-    if lib is None:
-        raise RuntimeError(f"the C SparseMAP kernel is unavailable: {_LIB.error}")
-    return lib
+    return _LIB.require(stacklevel=5)
 
 
 def _lens(lengths: Tensor) -> Tensor:
