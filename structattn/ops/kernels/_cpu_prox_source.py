@@ -2,18 +2,21 @@
 
 One call runs one pass over all rows of an (N, T) array, row by row (both proxes are sequential within a row):
 
-* ``psm_forward``: per row, the real positions (``mask`` False) are compacted in order, then
+* ``psm_forward``: per row, the real positions (``mask`` False) are taken in order — read and written in place when
+  they form one block (no padding, left or right padding), else compacted into a buffer and scattered back —, then
 
   - kind 0, prox_TV: Condat's direct algorithm (L. Condat, "A direct algorithm for 1D total variation denoising",
     IEEE SPL 20(11), 2013), argmin_x ½‖x − y‖² + λ Σ|x_{i+1} − x_i|, written out by segments;
-  - kind 1, fusedmax = sparsemax(prox_TV(y));
+  - kind 1, fusedmax = sparsemax(prox_TV(y)), in the same pass over the row: the TV routine writes the group labels
+    and finds the maximum as it writes each segment, and sparsemax's threshold needs no sort (Michelot's iteration
+    from the entries within 1 of the maximum);
   - kind 2, oscarmax = sparsemax(v), v = the non-increasing isotonic regression (pool adjacent violators) of
     y_sorted − w, w_k = λ(n − 1 − k) (k = 0…n−1, y sorted decreasingly, stable), put back in the original order
     (:mod:`structattn.ops.structured_sparsemax` derives why this is the exact OSCAR argmin over the simplex);
 
   and writes P (the prox for kind 0, the weights otherwise; 0 on padding) and G, an int32 group label per position
   (−1 on padding): positions of one row with equal label form one fused group (a run of equal prox values for TV,
-  a pooled block for OSCAR). Returns the number of rows with a non-finite real entry (their outputs are garbage).
+  a pooled block for OSCAR). Returns the number of rows with a non-finite real entry (their outputs: 0, labels −1).
 * ``psm_backward``: the vector-Jacobian product from (∂L/∂P, P, G): for kind ≥ 1, sparsemax's
   h = s ⊙ (g − mean_s g) with s = {P > 0}, then (every kind) the average of h over each group.
 
@@ -38,36 +41,49 @@ _BODY = r"""
 /* Condat (2013), "A direct algorithm for 1D total variation denoising", the published C routine TV1D_denoise
    (objective 1/2 ||x - y||^2 + lambda sum |x_{k+1} - x_k|), with his variable names: u is the dual variable,
    [vmin, vmax] the bounds of the current segment's value, k0 the start of the current segment, kminus/kplus the
-   last positions where umin = lambda / umax = -lambda. Linear time in practice. */
-static void tv1d_SFX(const real *input, real *output, int64_t width, real lambda)
+   last positions where umin = lambda / umax = -lambda. Linear time in practice. Needs lambda > 0 and width >= 1.
+   Additions to the published routine, in EMIT, where it writes a finished segment's value to its positions: each
+   position also gets its group label (the compacted index where its group starts; groups = maximal runs of equal
+   prox value, so a segment whose value equals the previous one's exactly joins that group), and the largest value
+   is returned (sparsemax's maximum, one comparison per segment instead of a pass). The arithmetic is the
+   routine's: the values are bit for bit its. */
+#define EMIT(val, kend) do { \
+        const real v_ = (val); \
+        const int32_t l_ = (k0 > 0 && v_ == prev) ? plab : (int32_t)k0; \
+        do { output[k0] = v_; label[k0++] = l_; } while (k0 <= (kend)); \
+        prev = v_; \
+        plab = l_; \
+        if (v_ > top) top = v_; \
+    } while (0)
+static real tv1d_SFX(const real *input, real *output, int32_t *label, int64_t width, real lambda)
 {
-    if (width <= 0) return;
-    if (!(lambda > 0)) { memcpy(output, input, (size_t)width * sizeof(real)); return; }
     int64_t k = 0, k0 = 0, kplus = 0, kminus = 0;
     real umin = lambda, umax = -lambda;
     real vmin = input[0] - lambda, vmax = input[0] + lambda;
     const real twolambda = (real)2.0 * lambda, minlambda = -lambda;
+    real prev = 0, top = -INFINITY;
+    int32_t plab = 0;
     for (;;) {
         while (k == width - 1) {  /* the right boundary */
             if (umin < (real)0.0) {  /* vmin too high: negative jump */
-                do output[k0++] = vmin; while (k0 <= kminus);
+                EMIT(vmin, kminus);
                 umax = (vmin = input[kminus = k = k0]) + (umin = lambda) - vmax;
             } else if (umax > (real)0.0) {  /* vmax too low: positive jump */
-                do output[k0++] = vmax; while (k0 <= kplus);
+                EMIT(vmax, kplus);
                 umin = (vmax = input[kplus = k = k0]) + (umax = minlambda) - vmin;
             } else {
                 vmin += umin / (real)(k - k0 + 1);
-                do output[k0++] = vmin; while (k0 <= k);
-                return;
+                EMIT(vmin, k);
+                return top;
             }
         }
         if ((umin += input[k + 1] - vmin) < minlambda) {  /* negative jump */
-            do output[k0++] = vmin; while (k0 <= kminus);
+            EMIT(vmin, kminus);
             vmax = (vmin = input[kplus = kminus = k = k0]) + twolambda;
             umin = lambda;
             umax = minlambda;
         } else if ((umax += input[k + 1] - vmax) > lambda) {  /* positive jump */
-            do output[k0++] = vmax; while (k0 <= kplus);
+            EMIT(vmax, kplus);
             vmin = (vmax = input[kplus = kminus = k = k0]) - twolambda;
             umin = lambda;
             umax = minlambda;
@@ -84,6 +100,7 @@ static void tv1d_SFX(const real *input, real *output, int64_t width, real lambda
         }
     }
 }
+#undef EMIT
 
 typedef struct { real v; int64_t i; } pair_SFX;
 
@@ -112,59 +129,66 @@ static void sort_pairs_SFX(pair_SFX *a, pair_SFX *tmp, int64_t n)
     }
 }
 
-/* sparsemax of v[0..n) (any order) into p: threshold tau by Michelot's (1986) iteration on the shifted values
-   d = v - max(v). In exact arithmetic the support {d > tau} only shrinks from pass to pass; in floating point an
-   entry lying exactly at the threshold (a weight of 0) can re-enter when tau is recomputed with a rounding error
-   one ulp lower, and the plain iteration then cycles for ever (e.g. prox_TV of (.5, -.5, -2, -1.5, 0, -.5, 1, -1,
-   1.5, 0) at lambda = 0.3). So each pass filters only the survivors of the previous one (compacted into p, used as
-   scratch): the support size strictly decreases until it is stable, at most n passes, a handful in practice.
-   The max (d = 0) survives every pass: it exceeds tau < 0 (s <= 0). The final weights are nonzero exactly on the
-   final support, whose entries exceed every tau seen (tmax) while each dropped entry was <= the tau that dropped it:
-   max(d - tau, 0) alone would give a dropped entry lying at the threshold a weight of 1e-16 and put it into the
-   support that the backward pass reads from P > 0. */
-static void sparsemax_row_SFX(const real *v, real *p, int64_t n)
+/* sparsemax of v[0..n) in place, m = max v: threshold tau by Michelot's (1986) iteration on the shifted values
+   d = v - m. In exact arithmetic the support {d > tau} only shrinks from pass to pass; in floating point an entry
+   lying exactly at the threshold (a weight of 0) can re-enter when tau is recomputed with a rounding error one ulp
+   lower, and the plain iteration then cycles for ever (e.g. prox_TV of (.5, -.5, -2, -1.5, 0, -.5, 1, -1, 1.5, 0) at
+   lambda = 0.3). So each pass filters only the survivors of the previous one (compacted into the scratch c): the
+   support size strictly decreases until it is stable, at most n passes, a handful in practice. The max (d = 0)
+   survives every pass: it exceeds tau < 0 (s <= 0). The final weights are nonzero exactly on the final support, whose
+   entries exceed every tau seen (tmax) while each dropped entry was <= the tau that dropped it: max(d - tau, 0)
+   alone would give a dropped entry lying at the threshold a weight of 1e-16 and put it into the support that the
+   backward pass reads from P > 0. */
+static void sparsemax_row_SFX(real *v, int64_t n, real m, real *c)
 {
-    real m = v[0];
-    for (int64_t i = 1; i < n; i++) if (v[i] > m) m = v[i];
     /* tau >= -1 (no weight exceeds 1), so an entry with d <= -1 is never in the support: the first pass keeps
        only d > -1 (a few entries of an attention row), and Michelot's iteration started from any superset of the
-       support converges to the same tau (Condat, "Fast projection onto the simplex and the l1 ball", 2016). */
-    real s = 0;
+       support converges to the same tau (Condat, "Fast projection onto the simplex and the l1 ball", 2016).
+       Written without a branch (store every d, advance only past the kept ones): which entries are kept is random,
+       and a branch on it mispredicts; the sum runs over the kept ones afterwards, in row order. */
     int64_t k = 0;
     for (int64_t i = 0; i < n; i++) {
-        real d = v[i] - m;
-        if (d > (real)-1.0) { p[k++] = d; s += d; }
+        const real d = v[i] - m;
+        c[k] = d;
+        k += d > (real)-1.0;
     }
+    real s = 0;
+    for (int64_t i = 0; i < k; i++) s += c[i];
     real tau = (s - (real)1.0) / (real)k, tmax = tau > (real)-1.0 ? tau : (real)-1.0;
     for (;;) {
         real s2 = 0;
         int64_t k2 = 0;
         for (int64_t i = 0; i < k; i++) {
-            real d = p[i];
-            if (d > tau) { s2 += d; p[k2++] = d; }
+            real d = c[i];
+            if (d > tau) { s2 += d; c[k2++] = d; }
         }
         if (k2 == k || k2 == 0) break;  /* k2 = 0 cannot happen (the max survives); a guard, not a case */
         tau = (s2 - (real)1.0) / (real)k2;
         if (tau > tmax) tmax = tau;
         k = k2;
     }
-    for (int64_t i = 0; i < n; i++) {
-        real d = v[i] - m;
-        p[i] = d > tmax ? d - tau : (real)0.0;
+    for (int64_t i = 0; i < n; i++) {  /* both sides computed: a select the compiler vectorises, not a branch */
+        const real d = v[i] - m, w = d - tau;
+        v[i] = d > tmax ? w : (real)0.0;
     }
 }
 
 /* The same stable decreasing order for short rows by ranks: rank_i = #{j : y_j > y_i} + #{j < i : y_j = y_i}, then
    a[rank_i] = (y_i, i). O(n^2) comparisons, but branch-free loops the compiler vectorises: at attention lengths
-   (n <= RANK_SORT_MAX) several times faster than the merge sort, whose data-dependent branches mispredict. */
+   (n <= RANK_SORT_MAX) several times faster than the merge sort, whose data-dependent branches mispredict. The
+   count runs over the whole row for every i (the same trip count each time: its loop exit is predicted, and the
+   vectorised loop has no short remainders), and the ties come after: c_i = #{j : y_j > y_i} is equal for two entries
+   exactly when they are equal (y_i > y_j makes c_j >= c_i + 1), so the i-th entry of a tie class seen in row order
+   goes to c_i + (the number seen before it), counted in used[] (n ints of scratch). */
 #define RANK_SORT_MAX 96
-static void rank_sort_SFX(const real *y, pair_SFX *a, int64_t n)
+static void rank_sort_SFX(const real *y, pair_SFX *a, int32_t *used, int64_t n)
 {
+    for (int64_t i = 0; i < n; i++) used[i] = 0;
     for (int64_t i = 0; i < n; i++) {
         const real yi = y[i];
-        int64_t r = 0;
-        for (int64_t j = 0; j < i; j++) r += y[j] >= yi;
-        for (int64_t j = i + 1; j < n; j++) r += y[j] > yi;
+        int32_t r = 0;
+        for (int32_t j = 0; j < (int32_t)n; j++) r += y[j] > yi;
+        r += used[r]++;
         a[r].v = yi;
         a[r].i = i;
     }
@@ -175,51 +199,95 @@ int64_t psm_forward_SFX(int64_t N, int64_t T, const real *X, const uint8_t *mask
 {
     real lam = (real)lamd;
     if (T <= 0) return 0;
-    real *y = (real *)malloc((size_t)T * 3 * sizeof(real));
-    int64_t *idx = (int64_t *)malloc((size_t)T * sizeof(int64_t));
-    int32_t *grp = (int32_t *)malloc((size_t)T * sizeof(int32_t));
+    /* workspace: the compacted row y, its outputs pc/gc (rows whose real positions are not one block), sparsemax's
+       scratch c (also OSCAR's sorted fit v), the sort pairs, the real positions idx, the PAV blocks, the rank sort's
+       tie counts */
+    real *y = (real *)malloc((size_t)T * 4 * sizeof(real));
     pair_SFX *srt = (pair_SFX *)malloc((size_t)T * 2 * sizeof(pair_SFX));
-    int64_t *bstart = (int64_t *)malloc((size_t)T * sizeof(int64_t));
-    real *bsum = (real *)malloc((size_t)T * sizeof(real));
-    if (!y || !idx || !grp || !srt || !bstart || !bsum) {
-        free(y); free(idx); free(grp); free(srt); free(bstart); free(bsum);
+    int64_t *idx = (int64_t *)malloc((size_t)T * 2 * sizeof(int64_t));
+    int32_t *gc = (int32_t *)malloc((size_t)T * 2 * sizeof(int32_t));
+    if (!y || !srt || !idx || !gc) {
+        free(y); free(srt); free(idx); free(gc);
         return -1;
     }
-    real *v = y + T, *p = y + 2 * T;
+    real *pc = y + T, *c = y + 2 * T, *v = c, *bsum = y + 3 * T;
+    int64_t *bstart = idx + T;
+    int32_t *used = gc + T;
     int64_t bad = 0;
     for (int64_t b = 0; b < N; b++) {
         const real *x = X + b * T;
         const uint8_t *mk = mask ? mask + b * T : NULL;
         real *Pb = P + b * T;
         int32_t *Gb = G + b * T;
-        int64_t n = 0;
-        int finite = 1;
-        for (int64_t t = 0; t < T; t++) {
-            Pb[t] = 0;
-            Gb[t] = -1;
-            if (mk && mk[t]) continue;
-            if (!isfinite(x[t])) finite = 0;
-            idx[n] = t;
-            y[n++] = x[t];
-        }
-        if (n == 0) continue;
-        if (!finite) { bad++; continue; }
-        if (kind <= 1) {
-            tv1d_SFX(y, v, n, lam);
-            /* groups: maximal runs of equal prox value (Condat writes one value per segment). At lambda = 0 the
-               prox is the identity (Jacobian I), so every position is its own group even where inputs tie: else
-               fusedmax's gradient at lambda = 0 would average tied neighbours and differ from sparsemax's. */
-            int32_t g = 0;
-            for (int64_t i = 0; i < n; i++) {
-                if (i > 0 && (v[i] != v[i - 1] || !(lam > 0))) g = (int32_t)i;
-                grp[i] = g;
+        /* The real positions. When they are one block [first, first + n) (no padding, left or right padding: the
+           usual layouts) the row is read and the outputs written in place; otherwise the real entries are compacted
+           in order and the outputs scattered back. Either way the problem is solved on the same compacted row. */
+        int64_t n = T, first = 0, last = T - 1;
+        if (mk) {
+            int32_t pads = 0;  /* mask bytes are 0 or 1 (torch.bool): a plain sum the compiler vectorises */
+            for (int64_t t = 0; t < T; t++) pads += mk[t];
+            n = T - pads;
+            if (n > 0) {
+                while (mk[first]) first++;
+                while (mk[last]) last--;
             }
-            if (kind == 1) sparsemax_row_SFX(v, p, n);
-            else memcpy(p, v, (size_t)n * sizeof(real));
+        }
+        if (n == 0) {
+            for (int64_t t = 0; t < T; t++) { Pb[t] = 0; Gb[t] = -1; }
+            continue;
+        }
+        const int block = last - first + 1 == n;
+        const real *yr;
+        real *po;
+        int32_t *go;
+        if (block) {
+            yr = x + first;
+            po = Pb + first;
+            go = Gb + first;
+            for (int64_t t = 0; t < first; t++) { Pb[t] = 0; Gb[t] = -1; }
+            for (int64_t t = last + 1; t < T; t++) { Pb[t] = 0; Gb[t] = -1; }
         } else {
-            if (n <= RANK_SORT_MAX) rank_sort_SFX(y, srt, n);
+            int64_t k = 0;
+            for (int64_t t = 0; t < T; t++) {
+                Pb[t] = 0;
+                Gb[t] = -1;
+                if (!mk[t]) { idx[k] = t; y[k++] = x[t]; }
+            }
+            yr = y;
+            po = pc;
+            go = gc;
+        }
+        /* NaN or +-inf: the exponent bits all set (an integer test the compiler vectorises) */
+        int nonfinite = 0;
+        for (int64_t i = 0; i < n; i++) {
+            UINT u;
+            memcpy(&u, yr + i, sizeof u);
+            nonfinite |= (u & EXPMASK) == EXPMASK;
+        }
+        if (nonfinite) {
+            bad++;
+            if (block) for (int64_t i = 0; i < n; i++) { po[i] = 0; go[i] = -1; }
+            continue;
+        }
+        if (kind <= 1) {
+            real top;
+            if (lam > 0) top = tv1d_SFX(yr, po, go, n, lam);
             else {
-                for (int64_t i = 0; i < n; i++) { srt[i].v = y[i]; srt[i].i = i; }
+                /* lambda = 0: the prox is the identity (Jacobian I), so every position is its own group even where
+                   inputs tie: else fusedmax's gradient at lambda = 0 would average tied neighbours and differ from
+                   sparsemax's */
+                top = yr[0];
+                for (int64_t i = 0; i < n; i++) {
+                    po[i] = yr[i];
+                    go[i] = (int32_t)i;
+                    if (yr[i] > top) top = yr[i];
+                }
+            }
+            if (kind == 1) sparsemax_row_SFX(po, n, top, c);
+        } else {
+            if (n <= RANK_SORT_MAX) rank_sort_SFX(yr, srt, used, n);
+            else {
+                for (int64_t i = 0; i < n; i++) { srt[i].v = yr[i]; srt[i].i = i; }
                 sort_pairs_SFX(srt, srt + T, n);
             }
             /* PAV for a non-increasing fit of u_k = y_(k) - lam (n - 1 - k): blocks on a stack (start, sum);
@@ -245,7 +313,7 @@ int64_t psm_forward_SFX(int64_t N, int64_t T, const real *X, const uint8_t *mask
                 real mean = bsum[q] / (real)(e - bstart[q]);
                 for (int64_t k = bstart[q]; k < e; k++) {
                     v[k] = mean;
-                    grp[srt[k].i] = (int32_t)bstart[q];
+                    go[srt[k].i] = (int32_t)bstart[q];
                 }
             }
             real top = v[0];
@@ -260,15 +328,16 @@ int64_t psm_forward_SFX(int64_t N, int64_t T, const real *X, const uint8_t *mask
                weight and join the support that the backward pass reads from P > 0) */
             for (int64_t k = 0; k < n; k++) {
                 real d = v[k] - top - tau;
-                p[srt[k].i] = (k < ksup && d > (real)0.0) ? d : (real)0.0;
+                po[srt[k].i] = (k < ksup && d > (real)0.0) ? d : (real)0.0;
             }
         }
-        for (int64_t i = 0; i < n; i++) {
-            Pb[idx[i]] = p[i];
-            Gb[idx[i]] = grp[i];
-        }
+        if (!block)
+            for (int64_t i = 0; i < n; i++) {
+                Pb[idx[i]] = po[i];
+                Gb[idx[i]] = go[i];
+            }
     }
-    free(y); free(idx); free(grp); free(srt); free(bstart); free(bsum);
+    free(y); free(srt); free(idx); free(gc);
     return bad;
 }
 
@@ -425,8 +494,10 @@ void entmax15_backward_SFX(int64_t N, int64_t T, const real *GO, const real *P, 
 def source() -> str:
     """The full C translation unit: the body instantiated for float (``_f32``) and double (``_f64``)."""
     parts = [_HEADER]
-    # SQRT: sqrtf for float (sqrt would round-trip through double)
-    for real, sqrt, sfx in (("float", "sqrtf", "f32"), ("double", "sqrt", "f64")):
-        parts.append(f"#define real {real}\n#define SQRT {sqrt}\n{_BODY.replace('_SFX', '_' + sfx)}\n"
-                     "#undef SQRT\n#undef real\n")
+    # SQRT: sqrtf for float (sqrt would round-trip through double); UINT/EXPMASK: the unsigned integer of the same
+    # width and the exponent bits (the finiteness test)
+    for real, sqrt, uint, expmask, sfx in (("float", "sqrtf", "uint32_t", "0x7f800000u", "f32"),
+                                           ("double", "sqrt", "uint64_t", "0x7ff0000000000000ull", "f64")):
+        parts.append(f"#define real {real}\n#define SQRT {sqrt}\n#define UINT {uint}\n#define EXPMASK {expmask}\n"
+                     f"{_BODY.replace('_SFX', '_' + sfx)}\n#undef EXPMASK\n#undef UINT\n#undef SQRT\n#undef real\n")
     return "".join(parts)
