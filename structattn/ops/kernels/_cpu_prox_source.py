@@ -35,6 +35,17 @@ _HEADER = r"""
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+
+/* The rank sort's counting loop also as an AVX2 clone (GCC's target_clones, chosen at load time by the CPU; 8 floats
+   per comparison instead of 4; comparisons only, so the results are the same). As in the Viterbi kernels
+   (_cpu_source.py): GCC on x86-64 with glibc >= 2.35 only, and a compiler that refuses the attribute gets a second
+   try with -DSTRUCTATTN_NO_CLONES (kernels/cpu_prox.py). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__GLIBC__) && \
+    (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35)) && !defined(STRUCTATTN_NO_CLONES)
+#define RANK_CLONES __attribute__((target_clones("default", "avx2")))
+#else
+#define RANK_CLONES
+#endif
 """
 
 _BODY = r"""
@@ -181,13 +192,16 @@ static void sparsemax_row_SFX(real *v, int64_t n, real m, real *c)
    exactly when they are equal (y_i > y_j makes c_j >= c_i + 1), so the i-th entry of a tie class seen in row order
    goes to c_i + (the number seen before it), counted in used[] (n ints of scratch). */
 #define RANK_SORT_MAX 96
-static void rank_sort_SFX(const real *y, pair_SFX *a, int32_t *used, int64_t n)
+RANK_CLONES static void rank_sort_SFX(const real *y, pair_SFX *a, int32_t *used, real *ypad, int64_t n)
 {
-    for (int64_t i = 0; i < n; i++) used[i] = 0;
+    /* the row padded with -inf (never > a finite y_i) to a multiple of 8: the vectorised count has no remainder */
+    const int32_t np = (int32_t)((n + 7) & ~(int64_t)7);
+    for (int64_t i = 0; i < n; i++) { ypad[i] = y[i]; used[i] = 0; }
+    for (int64_t i = n; i < np; i++) ypad[i] = -INFINITY;
     for (int64_t i = 0; i < n; i++) {
         const real yi = y[i];
         int32_t r = 0;
-        for (int32_t j = 0; j < (int32_t)n; j++) r += y[j] > yi;
+        for (int32_t j = 0; j < np; j++) r += ypad[j] > yi;
         r += used[r]++;
         a[r].v = yi;
         a[r].i = i;
@@ -200,9 +214,9 @@ int64_t psm_forward_SFX(int64_t N, int64_t T, const real *X, const uint8_t *mask
     real lam = (real)lamd;
     if (T <= 0) return 0;
     /* workspace: the compacted row y, its outputs pc/gc (rows whose real positions are not one block), sparsemax's
-       scratch c (also OSCAR's sorted fit v), the sort pairs, the real positions idx, the PAV blocks, the rank sort's
-       tie counts */
-    real *y = (real *)malloc((size_t)T * 4 * sizeof(real));
+       scratch c (also OSCAR's sorted fit v), the PAV blocks, the rank sort's padded row; the sort pairs; the real
+       positions idx; the rank sort's tie counts */
+    real *y = (real *)malloc(((size_t)T * 5 + 8) * sizeof(real));
     pair_SFX *srt = (pair_SFX *)malloc((size_t)T * 2 * sizeof(pair_SFX));
     int64_t *idx = (int64_t *)malloc((size_t)T * 2 * sizeof(int64_t));
     int32_t *gc = (int32_t *)malloc((size_t)T * 2 * sizeof(int32_t));
@@ -210,7 +224,7 @@ int64_t psm_forward_SFX(int64_t N, int64_t T, const real *X, const uint8_t *mask
         free(y); free(srt); free(idx); free(gc);
         return -1;
     }
-    real *pc = y + T, *c = y + 2 * T, *v = c, *bsum = y + 3 * T;
+    real *pc = y + T, *c = y + 2 * T, *v = c, *bsum = y + 3 * T, *ypad = y + 4 * T;
     int64_t *bstart = idx + T;
     int32_t *used = gc + T;
     int64_t bad = 0;
@@ -285,7 +299,7 @@ int64_t psm_forward_SFX(int64_t N, int64_t T, const real *X, const uint8_t *mask
             }
             if (kind == 1) sparsemax_row_SFX(po, n, top, c);
         } else {
-            if (n <= RANK_SORT_MAX) rank_sort_SFX(yr, srt, used, n);
+            if (n <= RANK_SORT_MAX) rank_sort_SFX(yr, srt, used, ypad, n);
             else {
                 for (int64_t i = 0; i < n; i++) { srt[i].v = yr[i]; srt[i].i = i; }
                 sort_pairs_SFX(srt, srt + T, n);

@@ -46,9 +46,10 @@ def _declare(lib) -> None:
 
 
 # The one loader of the package's C kernels (cpu.CLibrary: lock, compile if missing, rebuild once if corrupt, warn
-# once); one flag set, no SIMD clones (the prox loops are sequential).
-_LIB = _cpu.c_library("prox", "fusedmax/oscarmax", source, lambda: (_CFLAGS, ([],)), 120, _declare,
-                      "the slow plain-Python reference", "Install a C compiler (gcc) or set CC to enable it.")
+# once). One function has an AVX2 clone (the rank sort's count); a compiler that refuses target_clones gets a second
+# try without it.
+_LIB = _cpu.c_library("prox", "fusedmax/oscarmax", source, lambda: (_CFLAGS, ([], ["-DSTRUCTATTN_NO_CLONES"])), 120,
+                      _declare, "the slow plain-Python reference", "Install a C compiler (gcc) or set CC to enable it.")
 
 
 def library_path() -> str | None:
