@@ -86,12 +86,19 @@ __all__ = ["prox_tv", "fusedmax", "oscarmax", "ProxTV", "Fusedmax", "Oscarmax", 
 TV, FUSEDMAX, OSCARMAX = 0, 1, 2
 
 
+_KERNEL = None
+
+
 def _kernel():
     """The C kernels' module, imported on first use: ``import structattn`` loads no backend module and runs no
-    compiler (tests/test_backends.py), exactly as the Viterbi kernels (``kernels/registry.py``) are found."""
-    from .kernels import cpu_prox
+    compiler (tests/test_backends.py), exactly as the Viterbi kernels (``kernels/registry.py``) are found. Kept in a
+    global after that: an import statement costs a few µs on every forward and backward."""
+    global _KERNEL
+    if _KERNEL is None:
+        from .kernels import cpu_prox
 
-    return cpu_prox
+        _KERNEL = cpu_prox
+    return _KERNEL
 
 #: Default λ of fusedmax. Attention scores are O(1) and prox_TV fuses neighbours whose scores differ by less than
 #: about 2λ, so λ = 0.1 fuses near-equal neighbours without flattening the row. (torchsparseattn's class default,
@@ -290,32 +297,33 @@ def _backward_tensor(g: Tensor, P: Tensor, G: Tensor, sparse: bool) -> Tensor:
 
 def _host(t: Tensor, dtype: torch.dtype | None = None) -> Tensor:
     """``t`` as a contiguous CPU tensor (of ``dtype``), without a call when it already is one: this runs on every
-    forward and backward, where each skipped no-op ``.to``/``.contiguous`` saves a few µs of a ~0.5 ms call."""
-    if t.device.type != "cpu" or (dtype is not None and t.dtype != dtype):
+    forward and backward, where each skipped no-op ``.to``/``.contiguous`` saves a few µs of a ~0.5 ms call
+    (``is_cpu``, not ``device.type``: no device object is built)."""
+    if not t.is_cpu or (dtype is not None and t.dtype != dtype):
         t = t.to("cpu", dtype)
     return t if t.is_contiguous() else t.contiguous()
 
 
 def _forward_impl(x: Tensor, mask: Tensor | None, kind: int, lam: float) -> tuple[Tensor, Tensor]:
-    """(P, groups) for x (N, T) float32/float64 on any device (computed on the host)."""
-    dev = x.device
-    xc = _host(x.detach())
+    """(P, groups) for x (N, T) float32/float64 on any device (computed on the host). ``x`` is read through its data
+    pointer only (no detach needed: this runs inside the autograd Function's forward or the custom op)."""
+    xc = _host(x)
     mc = None if mask is None else _host(mask)
     kernel = _kernel()
     bad, P, G = (kernel.forward if kernel.available() else _reference_forward)(xc, mc, kind, lam)
     if bad:
         raise ValueError(f"{bad} row(s) have non-finite (NaN or ±inf) entries at real (non-padded) positions; "
                          "mark padding with the mask instead")
-    return (P, G) if dev.type == "cpu" else (P.to(dev), G.to(dev))
+    return (P, G) if x.is_cpu else (P.to(x.device), G.to(x.device))
 
 
 def _backward_impl(g: Tensor, P: Tensor, G: Tensor, sparse: bool) -> Tensor:
     kernel = _kernel()
     if not kernel.available():
         return _backward_tensor(g, P, G, sparse)
-    dev = P.device
-    out = kernel.backward(_host(g.detach(), P.dtype), _host(P), _host(G), sparse)
-    return out if dev.type == "cpu" else out.to(dev)
+    if P.is_cpu:  # P and G as the forward made them (contiguous, on the host): only g needs a look
+        return kernel.backward(_host(g, P.dtype), P, G, sparse)
+    return kernel.backward(_host(g, P.dtype), _host(P), _host(G), sparse).to(P.device)
 
 
 _NS = "structattn"
@@ -379,8 +387,10 @@ def _apply(x: Tensor, mask: Tensor | None, kind: int, lam: float) -> Tensor:
     if x.numel() == 0:
         return x * 0  # empty rows: nothing to solve, still a function of x
     work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    rows = work.reshape(-1, T)
-    m = None if mask is None else mask.reshape(-1, T)
+    # (B, T), the common case, as it is: a reshape of a tensor that requires grad records a view node (~5 µs forward,
+    # more backward)
+    rows = work if work.dim() == 2 else work.reshape(-1, T)
+    m = mask if mask is None or mask.dim() == 2 else mask.reshape(-1, T)
     if torch.compiler.is_compiling():
         P = _forward_op(rows, m, kind, lam)[0]
     else:
