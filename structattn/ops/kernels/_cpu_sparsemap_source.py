@@ -195,6 +195,29 @@ static void chol_delete(double *Lc, int64_t n, int64_t K, int64_t j)
     }
 }
 
+/* The KKT solve on the active set, in slot space: out[a] = the solution's entry of slot a (0 off the active set) for
+   the right-hand side [v[ord[0..n-1]]; 1]. r, x, z: scratch of n entries. */
+static inline void active_kkt(const double *Lc, int64_t n, int64_t K, const int64_t *ord, const double *v, double *r,
+                              double *x, double *z, double *out)
+{
+    for (int64_t i = 0; i < n; ++i) r[i] = v[ord[i]];
+    kkt(Lc, n, K, r, 1.0, x, z);
+    for (int64_t a = 0; a < K; ++a) out[a] = 0.0;
+    for (int64_t i = 0; i < n; ++i) out[ord[i]] = x[i];
+}
+
+/* Slot a leaves the active set: its factor position is deleted, the later positions move up. Returns the new n. */
+static inline int64_t drop_active(double *Lc, int64_t n, int64_t K, int64_t *ord, unsigned char *act, double *alpha,
+                                  int64_t a)
+{
+    int64_t j = 0;
+    while (ord[j] != a) ++j;
+    chol_delete(Lc, n, K, j);
+    for (int64_t i = j; i < n - 1; ++i) ord[i] = ord[i + 1];
+    act[a] = 0; alpha[a] = 0.0;
+    return n - 1;
+}
+
 /* One compacted row. Outputs (sorted by decreasing alpha, stable): alpha (K), Y (K x T bytes), Y0 (K), p (T). */
 static void solve_row(ws_t *w, int64_t L, int64_t T, const double *s, const double *tr, double tol,
                       int64_t max_iter, double *alpha_out, unsigned char *Y_out, unsigned char *Y0_out, double *p_out,
@@ -226,10 +249,7 @@ static void solve_row(ws_t *w, int64_t L, int64_t T, const double *s, const doub
     for (int64_t it = 0; it < max_iter && !done; ++it) {
         ++iters;
         /* beta: the KKT solution on the active set */
-        for (int64_t i = 0; i < n; ++i) r[i] = S[ord[i]];
-        kkt(Lc, n, K, r, 1.0, x, z);
-        for (int64_t a = 0; a < K; ++a) beta[a] = 0.0;
-        for (int64_t i = 0; i < n; ++i) beta[ord[i]] = x[i];
+        active_kkt(Lc, n, K, ord, S, r, x, z, beta);
         /* 1. a negative entry: step towards beta until the first alpha_a hits 0, drop that structure */
         int blocked = 0;
         int64_t drop = -1;
@@ -247,12 +267,7 @@ static void solve_row(ws_t *w, int64_t L, int64_t T, const double *s, const doub
             alpha[a] = act[a] && v > 0 ? v : 0.0;
         }
         if (blocked) {
-            int64_t j = 0;
-            while (ord[j] != drop) ++j;
-            chol_delete(Lc, n, K, j);
-            for (int64_t i = j; i < n - 1; ++i) ord[i] = ord[i + 1];
-            --n;
-            act[drop] = 0; alpha[drop] = 0.0;
+            n = drop_active(Lc, n, K, ord, act, alpha, drop);
         }
         double tot = 0.0;
         for (int64_t a = 0; a < K; ++a) tot += alpha[a];
@@ -283,10 +298,7 @@ static void solve_row(ws_t *w, int64_t L, int64_t T, const double *s, const doub
             if (act[a] && col[a] == Ld && y0[a] == y0s) same = 1;
         }
         /* lambda: the projection of u* on the affine hull of the active unary vectors; r2 its squared distance */
-        for (int64_t i = 0; i < n; ++i) r[i] = col[ord[i]];
-        kkt(Lc, n, K, r, 1.0, x, z);
-        for (int64_t a = 0; a < K; ++a) lam[a] = 0.0;
-        for (int64_t i = 0; i < n; ++i) lam[ord[i]] = x[i];
+        active_kkt(Lc, n, K, ord, col, r, x, z, lam);
         double lc = 0.0, lgl = 0.0;
         for (int64_t i = 0; i < n; ++i) {
             double gi = 0.0;
@@ -315,12 +327,7 @@ static void solve_row(ws_t *w, int64_t L, int64_t T, const double *s, const doub
                 double v = alpha[a] - tp * lam[a];
                 alpha[a] = v > 0 ? v : 0.0;
             }
-            int64_t j = 0;
-            while (ord[j] != pd) ++j;
-            chol_delete(Lc, n, K, j);
-            for (int64_t i = j; i < n - 1; ++i) ord[i] = ord[i + 1];
-            --n;
-            act[pd] = 0; alpha[pd] = 0.0;
+            n = drop_active(Lc, n, K, ord, act, alpha, pd);
             target = pd;
         } else {
             for (int64_t a = 0; a < K; ++a)
