@@ -39,6 +39,7 @@ CONFIGS = [
     ("fusedmax", ["--attention", "fusedmax"]),
     ("oscarmax", ["--attention", "oscarmax"]),
     ("entmax15", ["--attention", "entmax15"]),
+    ("sparsemap", ["--attention", "sparsemap"]),
 ]
 #: the rows run by default (the table of benchmarks/run.py); --attentions picks any of CONFIGS
 DEFAULT = ("softmax", "sparsemax", "viterbi -H", "viterbi l2")

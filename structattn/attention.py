@@ -910,6 +910,21 @@ def _check_solver(tol, max_iter) -> tuple[float, int]:
     return float(tol), max_iter
 
 
+def _sparsemap_parts(scores, transitions, padding_mask, tol, max_iter, structures: bool):
+    """Checked arguments → :func:`sparsemap_weights` (w and p in the scores' dtype); the structures only if asked."""
+    padding_mask = _check_scores(scores, padding_mask)
+    trans = check_transitions(transitions, scores.shape[0])
+    tol, max_iter = _check_solver(tol, max_iter)
+    for name, x in (("transitions", trans), ("padding_mask", padding_mask)):
+        if x is not None and x.device != scores.device:
+            raise ValueError(f"{name} is on {x.device}, the scores on {scores.device}: put them on one device")
+    w, p, flags, alpha, ys, iters, conv = sparsemap_weights(_upcast_half(scores), trans, padding_mask, tol, max_iter,
+                                                           structures)
+    if w.dtype != scores.dtype:
+        w, p = w.to(scores.dtype), p.to(scores.dtype)
+    return w, p, flags, alpha, ys, iters, conv
+
+
 def sparsemap_attention(
     scores: Tensor,
     transitions: Tensor,
@@ -950,15 +965,8 @@ def sparsemap_attention(
         positions, exactly 0 on padding, all 0 on a row without real position. Differentiable w.r.t. ``scores``
         and ``transitions`` (once; not twice).
     """
-    padding_mask = _check_scores(scores, padding_mask)
-    trans = check_transitions(transitions, scores.shape[0])
-    tol, max_iter = _check_solver(tol, max_iter)
-    for name, x in (("transitions", trans), ("padding_mask", padding_mask)):
-        if x is not None and x.device != scores.device:
-            raise ValueError(f"{name} is on {x.device}, the scores on {scores.device}: put them on one device")
-    w, p, flags, alpha, ys, iters, conv = sparsemap_weights(_upcast_half(scores), trans, padding_mask, tol, max_iter)
-    if w.dtype != scores.dtype:
-        w, p = w.to(scores.dtype), p.to(scores.dtype)
+    w, p, flags, alpha, ys, iters, conv = _sparsemap_parts(scores, transitions, padding_mask, tol, max_iter,
+                                                           return_structures)
     if not return_structures:
         return w
     count = (alpha > 0).sum(1)
@@ -1007,15 +1015,18 @@ class _SparsemapState(_ViterbiState):
             scores = scores.masked_fill(padding_mask, 0.0)  # −inf on padding (fairseq): ignored, no NaN gradient
         if self.form == "stable":
             scores = centre_rows(scores, padding_mask)
-        w, info = sparsemap_attention(scores / self.gamma, trans / self.gamma, padding_mask, self.tol,
-                                      self.max_iter, return_structures=True)
-        self._count_rows(info.flags)
-        real = (info.flags & HAS_REAL) != 0
+        # the statistics need the support sizes, not the structures themselves (not scattered back: see
+        # sparsemap_weights)
+        w, _, flags, alpha, _, _, conv = _sparsemap_parts(scores / self.gamma, trans / self.gamma, padding_mask,
+                                                          self.tol, self.max_iter, False)
+        count = (alpha > 0).sum(1)
+        self._count_rows(flags)
+        real = (flags & HAS_REAL) != 0
         self._srows += real.sum()
-        self._structures += info.num_structures.sum()
-        self._unconverged += (~info.converged).sum()
+        self._structures += count.sum()
+        self._unconverged += (~conv).sum()
         self._total_rows += real.sum()
-        self._total_structures += info.num_structures.sum()
+        self._total_structures += count.sum()
         return w
 
     def _sparsemap_repr(self) -> str:

@@ -434,7 +434,7 @@ def sparsemap_chain(scores: Tensor, trans: Tensor, lengths: Tensor, tol: float =
 
 
 def sparsemap_weights(scores: Tensor, trans: Tensor, mask: Tensor | None, tol: float = DEFAULT_TOL,
-                      max_iter: int = DEFAULT_MAX_ITER):
+                      max_iter: int = DEFAULT_MAX_ITER, structures: bool = True):
     """(w, p, flags, α, structures, iterations, converged) of every row of ``scores`` (N, T) under the SparseMAP
     segmentation attention; arguments checked by :func:`structattn.attention.sparsemap_attention`.
 
@@ -443,7 +443,9 @@ def sparsemap_weights(scores: Tensor, trans: Tensor, mask: Tensor | None, tol: f
     their columns (0/False on padding). w = p / Σp; a row with Σp ≤ tiny (all mass on y = 0…0) falls back to
     softmax(s) over its real positions, as the Viterbi attention does; ``flags`` are :func:`row_flags` of p
     (dead = fell back; frozen = a single structure, whose Jacobian is 0). α (N, K) are the structures' probabilities
-    in decreasing order (0 on unused slots), structures (N, K, T) bool their masks y_t = 1."""
+    in decreasing order (0 on unused slots), structures (N, K, T) bool their masks y_t = 1 — or None with
+    ``structures=False``: scattering them back to their padded columns (an (N, K, T) gather and mask, K = min(max_iter
+    + 1, T + 2) slots) was most of the time around the C solver when the caller does not use them."""
     N, T = scores.shape
     if mask is None:
         lengths = torch.full((N,), T, dtype=torch.long, device=scores.device)
@@ -457,7 +459,10 @@ def sparsemap_weights(scores: Tensor, trans: Tensor, mask: Tensor | None, tol: f
         compact = torch.zeros_like(scores).scatter(1, dest, scores.masked_fill(mask, 0.0))
         p, alpha, Y, _, iters, conv = sparsemap_chain(compact, trans, lengths, tol, max_iter)
         p = p.gather(1, dest)
-        Y = Y.gather(2, dest.unsqueeze(1).expand_as(Y)) & real.unsqueeze(1)
+        if structures:
+            Y = Y.gather(2, dest.unsqueeze(1).expand_as(Y)) & real.unsqueeze(1)
+    if not structures:
+        Y = None
     total = p.sum(-1, keepdim=True)
     ok = total > torch.finfo(p.dtype).tiny
     w = p / torch.where(ok, total, torch.ones_like(total))

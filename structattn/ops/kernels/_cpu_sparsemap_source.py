@@ -148,16 +148,32 @@ static void chol_solve(const double *Lc, int64_t n, int64_t K, double *b)
     }
 }
 
-/* [[G_I, 1], [1^T, 0]] [out; tau] = [r; c] through the factor: out = x - tau z, x = G_I^{-1} r, z = G_I^{-1} 1. */
-static void kkt(const double *Lc, int64_t n, int64_t K, const double *r, double c, double *out, double *z)
+/* z := G_I^{-1} 1; returns 1^T z. Depends on the factor only: one solve serves every KKT system of one factor. */
+static double kkt_ones(const double *Lc, int64_t n, int64_t K, double *z)
 {
-    double sx = 0.0, sz = 0.0;
-    for (int64_t i = 0; i < n; ++i) { out[i] = r[i]; z[i] = 1.0; }
-    chol_solve(Lc, n, K, out);
+    double sz = 0.0;
+    for (int64_t i = 0; i < n; ++i) z[i] = 1.0;
     chol_solve(Lc, n, K, z);
-    for (int64_t i = 0; i < n; ++i) { sx += out[i]; sz += z[i]; }
+    for (int64_t i = 0; i < n; ++i) sz += z[i];
+    return sz;
+}
+
+/* [[G_I, 1], [1^T, 0]] [out; tau] = [r; c] through the factor: out = x - tau z, x = G_I^{-1} r, with z, sz from
+   kkt_ones on the same factor. */
+static void kkt_z(const double *Lc, int64_t n, int64_t K, const double *r, double c, double *out, const double *z,
+                  double sz)
+{
+    double sx = 0.0;
+    for (int64_t i = 0; i < n; ++i) out[i] = r[i];
+    chol_solve(Lc, n, K, out);
+    for (int64_t i = 0; i < n; ++i) sx += out[i];
     double tau = (sx - c) / sz;
     for (int64_t i = 0; i < n; ++i) out[i] -= tau * z[i];
+}
+
+static void kkt(const double *Lc, int64_t n, int64_t K, const double *r, double c, double *out, double *z)
+{
+    kkt_z(Lc, n, K, r, c, out, z, kkt_ones(Lc, n, K, z));
 }
 
 /* Append a row to the factor: g (n) the new structure's Gram entries with the active ones (factor order), d its
@@ -195,7 +211,34 @@ static void chol_delete(double *Lc, int64_t n, int64_t K, int64_t j)
     }
 }
 
-/* One compacted row. Outputs (sorted by decreasing alpha, stable): alpha (K), Y (K x T bytes), Y0 (K), p (T). */
+/* The KKT solve on the active set, in slot space: out[a] = the solution's entry of slot a (0 off the active set,
+   for the first `used` slots: no slot beyond them has ever been filled) for the right-hand side [v[ord[0..n-1]]; 1].
+   z, sz: kkt_ones of the factor; r, x: scratch of n entries. */
+static inline void active_kkt(const double *Lc, int64_t n, int64_t K, int64_t used, const int64_t *ord,
+                              const double *v, double *r, double *x, const double *z, double sz, double *out)
+{
+    for (int64_t i = 0; i < n; ++i) r[i] = v[ord[i]];
+    kkt_z(Lc, n, K, r, 1.0, x, z, sz);
+    for (int64_t a = 0; a < used; ++a) out[a] = 0.0;
+    for (int64_t i = 0; i < n; ++i) out[ord[i]] = x[i];
+}
+
+/* Slot a leaves the active set: its factor position is deleted, the later positions move up. Returns the new n. */
+static inline int64_t drop_active(double *Lc, int64_t n, int64_t K, int64_t *ord, unsigned char *act, double *alpha,
+                                  int64_t a)
+{
+    int64_t j = 0;
+    while (ord[j] != a) ++j;
+    chol_delete(Lc, n, K, j);
+    for (int64_t i = j; i < n - 1; ++i) ord[i] = ord[i + 1];
+    act[a] = 0; alpha[a] = 0.0;
+    return n - 1;
+}
+
+/* One compacted row. Outputs (sorted by decreasing alpha, stable): alpha (K), Y (K x T bytes), Y0 (K), p (T).
+   `used`: slots 0..used-1 are the only ones ever filled (a structure joins in the first free slot or a pivoted one),
+   so every per-slot loop stops there, in slot order as before (the slots beyond hold alpha = 0 and no structure:
+   the results are the same bits as with loops over all K slots). */
 static void solve_row(ws_t *w, int64_t L, int64_t T, const double *s, const double *tr, double tol,
                       int64_t max_iter, double *alpha_out, unsigned char *Y_out, unsigned char *Y0_out, double *p_out,
                       int32_t *iters_out, unsigned char *conv_out)
@@ -214,6 +257,7 @@ static void solve_row(ws_t *w, int64_t L, int64_t T, const double *s, const doub
     int32_t iters = 0;
     int conv = L == 0, done = conv;
     int64_t n = 0; /* active structures = factor size; ord[i] the slot of factor position i */
+    int64_t used = 0;
     if (!done) {
         int y0s = oracle(L, W, s, tr, NULL, Y, w->bp0, w->bp1);
         y0[0] = (unsigned char)y0s;
@@ -221,20 +265,18 @@ static void solve_row(ws_t *w, int64_t L, int64_t T, const double *s, const doub
         alpha[0] = 1.0; act[0] = 1;
         G[0] = Ld;
         Lc[0] = sqrt(Ld);
-        ord[0] = 0; n = 1;
+        ord[0] = 0; n = 1; used = 1;
     }
     for (int64_t it = 0; it < max_iter && !done; ++it) {
         ++iters;
-        /* beta: the KKT solution on the active set */
-        for (int64_t i = 0; i < n; ++i) r[i] = S[ord[i]];
-        kkt(Lc, n, K, r, 1.0, x, z);
-        for (int64_t a = 0; a < K; ++a) beta[a] = 0.0;
-        for (int64_t i = 0; i < n; ++i) beta[ord[i]] = x[i];
+        /* beta: the KKT solution on the active set (z = G_I^{-1} 1 serves the second solve below too) */
+        double sz = kkt_ones(Lc, n, K, z);
+        active_kkt(Lc, n, K, used, ord, S, r, x, z, sz, beta);
         /* 1. a negative entry: step towards beta until the first alpha_a hits 0, drop that structure */
         int blocked = 0;
         int64_t drop = -1;
         double best = INFINITY;
-        for (int64_t a = 0; a < K; ++a)
+        for (int64_t a = 0; a < used; ++a)
             if (act[a] && beta[a] < 0) {
                 double den = alpha[a] - beta[a];
                 double q = alpha[a] / (den > 1e-300 ? den : 1e-300);
@@ -242,55 +284,56 @@ static void solve_row(ws_t *w, int64_t L, int64_t T, const double *s, const doub
                 if (q < best) { best = q; drop = a; }
             }
         double step = blocked ? (best < 0 ? 0.0 : (best > 1 ? 1.0 : best)) : 1.0;
-        for (int64_t a = 0; a < K; ++a) {
+        for (int64_t a = 0; a < used; ++a) {
             double v = alpha[a] + step * (beta[a] - alpha[a]);
             alpha[a] = act[a] && v > 0 ? v : 0.0;
         }
-        if (blocked) {
-            int64_t j = 0;
-            while (ord[j] != drop) ++j;
-            chol_delete(Lc, n, K, j);
-            for (int64_t i = j; i < n - 1; ++i) ord[i] = ord[i + 1];
-            --n;
-            act[drop] = 0; alpha[drop] = 0.0;
-        }
+        if (blocked) n = drop_active(Lc, n, K, ord, act, alpha, drop);
         double tot = 0.0;
-        for (int64_t a = 0; a < K; ++a) tot += alpha[a];
-        for (int64_t a = 0; a < K; ++a) alpha[a] /= tot;
+        for (int64_t a = 0; a < used; ++a) tot += alpha[a];
+        for (int64_t a = 0; a < used; ++a) alpha[a] /= tot;
         if (blocked) { conv = 0; continue; }
         /* 2. alpha = beta: the oracle at u = sum_a alpha_a u_a, and the Frank-Wolfe gap */
+        /* p_t = sum_a alpha_a y_a,t in slot order, visiting the set bits only (the terms alpha_a * 0 add +0 to a
+           sum that is never -0: the same bits) */
         for (int64_t t = 0; t < L; ++t) p[t] = 0.0;
-        for (int64_t a = 0; a < K; ++a) {
+        for (int64_t a = 0; a < used; ++a) {
             if (!act[a]) continue;
             const uint64_t *ya = Y + a * W;
-            for (int64_t t = 0; t < L; ++t) p[t] += alpha[a] * (double)bit(ya, t);
+            const double al = alpha[a];
+            for (int64_t k = 0; k < W; ++k)
+                for (uint64_t m = ya[k]; m; m &= m - 1) p[64 * k + __builtin_ctzll(m)] += al;
         }
         int y0s = oracle(L, W, s, tr, p, ys, w->bp0, w->bp1);
         double ss = score(L, ys, y0s, s, tr);
         double val_new = ss - inner(L, ys, p);
-        double cur = 0.0;
-        for (int64_t a = 0; a < K; ++a)
-            if (act[a]) cur += alpha[a] * (S[a] - inner(L, Y + a * W, p));
+        /* cur = sum_a alpha_a (S_a - <u_a, u>) = sum_a alpha_a S_a - ||u||^2 (u = sum_a alpha_a u_a, sum alpha = 1):
+           O(L), not O(nL) (the dominant loop before); it differs from the per-structure sums by rounding (~1e-15
+           relative), far below the tolerance of the gap test, the only place it enters */
+        double cur = 0.0, uu = 0.0;
+        for (int64_t a = 0; a < used; ++a)
+            if (act[a]) cur += alpha[a] * S[a];
+        for (int64_t t = 0; t < L; ++t) uu += p[t] * p[t] + (1.0 - p[t]) * (1.0 - p[t]);
+        cur -= uu;
         double gap = val_new - cur;
         if (gap <= tol * (1.0 + fabs(cur))) { conv = 1; done = 1; break; }
         conv = 0;
         /* y* already active, or no free slot for an affinely independent y*: stop, not converged */
         int64_t ny = popc(ys, W);
         int same = 0;
-        for (int64_t a = 0; a < K; ++a) {
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t a = ord[i];
             const uint64_t *ya = Y + a * W;
             col[a] = Ld - (double)popc(ya, W) - (double)ny + 2.0 * (double)popc_and(ya, ys, W);
-            if (act[a] && col[a] == Ld && y0[a] == y0s) same = 1;
+            if (col[a] == Ld && y0[a] == y0s) same = 1;
         }
         /* lambda: the projection of u* on the affine hull of the active unary vectors; r2 its squared distance */
-        for (int64_t i = 0; i < n; ++i) r[i] = col[ord[i]];
-        kkt(Lc, n, K, r, 1.0, x, z);
-        for (int64_t a = 0; a < K; ++a) lam[a] = 0.0;
-        for (int64_t i = 0; i < n; ++i) lam[ord[i]] = x[i];
+        active_kkt(Lc, n, K, used, ord, col, r, x, z, sz, lam);
         double lc = 0.0, lgl = 0.0;
         for (int64_t i = 0; i < n; ++i) {
             double gi = 0.0;
-            for (int64_t k = 0; k < n; ++k) gi += G[ord[i] * K + ord[k]] * x[k];
+            const double *Gi = G + ord[i] * K;
+            for (int64_t k = 0; k < n; ++k) gi += Gi[ord[k]] * x[k];
             lc += x[i] * r[i];
             lgl += gi * x[i];
         }
@@ -304,60 +347,64 @@ static void solve_row(ws_t *w, int64_t L, int64_t T, const double *s, const doub
         if (dep) {
             double bt = INFINITY;
             int64_t pd = -1;
-            for (int64_t a = 0; a < K; ++a)
+            for (int64_t a = 0; a < used; ++a)
                 if (act[a] && lam[a] > 1e-12) {
                     double q = alpha[a] / lam[a];
                     if (q < bt) { bt = q; pd = a; }
                 }
             if (pd < 0) { done = 1; break; } /* cannot happen (sum lambda = 1); never add a singular structure */
             tp = bt;
-            for (int64_t a = 0; a < K; ++a) {
+            for (int64_t a = 0; a < used; ++a) {
                 double v = alpha[a] - tp * lam[a];
                 alpha[a] = v > 0 ? v : 0.0;
             }
-            int64_t j = 0;
-            while (ord[j] != pd) ++j;
-            chol_delete(Lc, n, K, j);
-            for (int64_t i = j; i < n - 1; ++i) ord[i] = ord[i + 1];
-            --n;
-            act[pd] = 0; alpha[pd] = 0.0;
+            n = drop_active(Lc, n, K, ord, act, alpha, pd);
             target = pd;
         } else {
             for (int64_t a = 0; a < K; ++a)
                 if (!act[a]) { target = a; break; }
         }
+        if (target >= used) used = target + 1;
         memcpy(Y + target * W, ys, (size_t)W * sizeof(uint64_t));
         y0[target] = (unsigned char)y0s;
         S[target] = ss;
         alpha[target] = tp;
-        for (int64_t a = 0; a < K; ++a) {
+        /* the new structure's Gram entries with the active ones (the only ones ever read) and itself */
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t a = ord[i];
             const uint64_t *ya = Y + a * W;
             double g = Ld - (double)popc(ya, W) - (double)ny + 2.0 * (double)popc_and(ya, ys, W);
             G[target * K + a] = g;
             G[a * K + target] = g;
         }
+        G[target * K + target] = Ld;
         for (int64_t i = 0; i < n; ++i) r[i] = G[target * K + ord[i]];
         if (chol_append(Lc, n, K, r, Ld) != 0) { alpha[target] = 0.0; done = 1; break; } /* numerically singular */
         act[target] = 1;
         ord[n++] = target;
     }
-    /* the slots by decreasing alpha (stable: insertion sort) */
-    for (int64_t a = 0; a < K; ++a) {
+    /* the filled slots by decreasing alpha (stable: insertion sort); the never-filled ones (alpha = 0, no structure)
+       stay after them in slot order, as a stable sort of all K slots puts them */
+    for (int64_t a = 0; a < used; ++a) {
         int64_t j = a;
         while (j > 0 && alpha[idx[j - 1]] < alpha[a]) { idx[j] = idx[j - 1]; --j; }
         idx[j] = a;
     }
     for (int64_t t = 0; t < T; ++t) p_out[t] = 0.0;
-    for (int64_t k = 0; k < K; ++k) {
+    for (int64_t k = 0; k < used; ++k) {
         int64_t a = idx[k];
         const uint64_t *ya = Y + a * W;
         unsigned char *yo = Y_out + k * T;
         alpha_out[k] = alpha[a];
         Y0_out[k] = y0[a];
-        for (int64_t t = 0; t < T; ++t) yo[t] = (unsigned char)(t < L ? bit(ya, t) : 0);
+        for (int64_t t = 0; t < L; ++t) yo[t] = (unsigned char)bit(ya, t);
+        memset(yo + L, 0, (size_t)(T - L));
         if (alpha[a] != 0.0)
             for (int64_t t = 0; t < L; ++t) p_out[t] += alpha[a] * (double)yo[t];
     }
+    for (int64_t k = used; k < K; ++k) alpha_out[k] = 0.0;
+    memset(Y0_out + used, 0, (size_t)(K - used));
+    memset(Y_out + used * T, 0, (size_t)((K - used) * T));
     *iters_out = iters;
     *conv_out = (unsigned char)conv;
 }
@@ -378,8 +425,10 @@ int sm_forward(int64_t N, int64_t T, int64_t K, const double *s, const double *t
 int sm_backward(int64_t N, int64_t T, int64_t K, const double *gp, const unsigned char *Y, const unsigned char *Y0,
                 const double *alpha, const int64_t *lengths, double *gs, double *gT)
 {
+    const int64_t W = T > 0 ? (T + 63) / 64 : 1;
     double *G = malloc((size_t)(K * K + 3 * K + 1) * sizeof(double));
-    if (!G) return -1;
+    uint64_t *Yb = malloc((size_t)(K * W) * sizeof(uint64_t)); /* the support's structures as bitsets */
+    if (!G || !Yb) { free(G); free(Yb); return -1; }
     double *r = G + K * K, *b = r + K, *z = b + K;
     int rc = 0;
     for (int64_t row = 0; row < N && rc == 0; ++row) {
@@ -392,17 +441,27 @@ int sm_backward(int64_t N, int64_t T, int64_t K, const double *gp, const unsigne
         for (int64_t t = 0; t < T; ++t) gsr[t] = 0.0;
         for (int i = 0; i < 4; ++i) gTr[i] = 0.0;
         if (k == 0 || L == 0) continue;
-        /* Gram matrix of the support, factorised in place (lower triangle) */
+        /* Gram matrix of the support, factorised in place (lower triangle): the agreement counts
+           #{t < L : y_a,t = y_c,t} = L - |y_a| - |y_c| + 2|y_a & y_c| by popcounts of bitsets (exact integers) */
         for (int64_t a = 0; a < k; ++a) {
             const unsigned char *ya = Yr + a * T;
-            double ra = 0.0;
-            for (int64_t t = 0; t < L; ++t) if (ya[t]) ra += g[t];
-            r[a] = ra;
+            uint64_t *ba = Yb + a * W;
+            memset(ba, 0, (size_t)W * sizeof(uint64_t));
+            for (int64_t t = 0; t < L; ++t) ba[t >> 6] |= (uint64_t)(ya[t] != 0) << (t & 63);
+            r[a] = 0.0;
+        }
+        /* r_a = sum_t y_a,t g_t, each in t order as before, the k sums advancing together (independent chains) and
+           without data-dependent branches; adding +0 to a sum that is never -0 changes no bit */
+        for (int64_t t = 0; t < L; ++t) {
+            const double gt = g[t];
+            for (int64_t a = 0; a < k; ++a) r[a] += Yr[a * T + t] ? gt : 0.0;
+        }
+        for (int64_t a = 0; a < k; ++a) {
+            const uint64_t *ba = Yb + a * W;
+            const int64_t na = popc(ba, W);
             for (int64_t c = 0; c <= a; ++c) {
-                const unsigned char *yc = Yr + c * T;
-                int64_t eq = 0;
-                for (int64_t t = 0; t < L; ++t) eq += ya[t] == yc[t];
-                G[a * K + c] = (double)eq;
+                const uint64_t *bc = Yb + c * W;
+                G[a * K + c] = (double)(L - na - popc(bc, W) + 2 * popc_and(ba, bc, W));
             }
         }
         for (int64_t j = 0; j < k && rc == 0; ++j) {
@@ -421,18 +480,29 @@ int sm_backward(int64_t N, int64_t T, int64_t K, const double *gp, const unsigne
         kkt(G, k, K, r, 0.0, b, z);
         for (int64_t a = 0; a < k; ++a) {
             const unsigned char *ya = Yr + a * T;
-            int prev = Y0r[a];
+            const double ba_ = b[a];
+            for (int64_t t = 0; t < L; ++t) gsr[t] += ya[t] ? ba_ : 0.0;
+            /* transition counts c4[2 y_t + y_{t-1}] by popcounts: v the bits y_t, u the bits y_{t-1} (y_{-1} the
+               start state), both over t < L */
+            const uint64_t *bv = Yb + a * W;
+            uint64_t carry = Y0r[a] ? 1u : 0u;
             int64_t c4[4] = {0, 0, 0, 0};
-            for (int64_t t = 0; t < L; ++t) {
-                int c = ya[t];
-                if (c) gsr[t] += b[a];
-                c4[2 * c + prev] += 1;
-                prev = c;
+            for (int64_t kw = 0; kw < W; ++kw) {
+                const int64_t left = L - 64 * kw;
+                if (left <= 0) break;
+                const uint64_t m = left >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << left) - 1);
+                const uint64_t v = bv[kw], u = ((v << 1) | carry) & m;
+                carry = v >> 63;
+                c4[3] += __builtin_popcountll(v & u);
+                c4[2] += __builtin_popcountll(v & ~u & m);
+                c4[1] += __builtin_popcountll(~v & u & m);
+                c4[0] += __builtin_popcountll(~v & ~u & m);
             }
-            for (int i = 0; i < 4; ++i) gTr[i] += b[a] * (double)c4[i];
+            for (int i = 0; i < 4; ++i) gTr[i] += ba_ * (double)c4[i];
         }
     }
     free(G);
+    free(Yb);
     return rc;
 }
 """
