@@ -63,7 +63,7 @@ def _rows(seed=0, B=6, T=9, scale=4.0, ties=True):
 
 
 def test_the_defaults_are_the_one_definition():
-    assert options.DEFAULT_TEMPERATURE == {"softmax": 10.0, "sparsemax": 10.0, "fusedmax": 1.0, "oscarmax": 1.0,
+    assert options.DEFAULT_TEMPERATURE == {"softmax": 10.0, "sparsemax": 10.0, "fusedmax": 10.0, "oscarmax": 1.0,
                                            "entmax15": 1.0}
     assert set(options.TEMPERATURE_ATTENTIONS) == set(KINDS) == set(options.ATTENTIONS) - {"viterbi", "sparsemap"}
     from structattn.attention import SPARSEMAX_TEMPERATURE
