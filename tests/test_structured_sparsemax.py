@@ -31,6 +31,7 @@ import pytest
 import torch
 
 import structattn
+from structattn.options import DEFAULT_TEMPERATURE
 from structattn.attention import (
     Entmax15Attention,
     FusedmaxAttention,
@@ -642,7 +643,10 @@ def test_modules_and_top_level_names():
         att = cls(4, 6).double()
         ctx, w = att(q, k, pm)
         scores = torch.bmm(k, att.proj(q).unsqueeze(2)).squeeze(2)
-        torch.testing.assert_close(w, fn(scores, pm), atol=1e-12, rtol=0)
+        tau = float(att.temperature[0])  # the module normalises s/τ (options.DEFAULT_TEMPERATURE: fusedmax 10)
+        name = {FusedmaxAttention: "fusedmax", OscarmaxAttention: "oscarmax", Entmax15Attention: "entmax15"}[cls]
+        assert tau == DEFAULT_TEMPERATURE[name]
+        torch.testing.assert_close(w, fn(scores / tau, pm), atol=1e-12, rtol=0)
         torch.testing.assert_close(ctx, torch.bmm(w.unsqueeze(1), k).squeeze(1))
     assert FusedmaxAttention(4, 6).lam == S.DEFAULT_FUSEDMAX_LAMBDA
     assert OscarmaxAttention(4, 6, lam=0.2).lam == 0.2
